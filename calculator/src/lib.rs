@@ -1,0 +1,9 @@
+//! Capacity model for VPC CNI clusters: EC2 instance limits, subnet arithmetic with AWS's
+//! rules, the warm-pool policy that ipamd runs, max pods, and the planner and simulator built
+//! on them.
+//!
+//! Everything here is pure: no IO beyond parsing inputs handed in by the caller, and time is
+//! always a parameter.
+
+pub mod limits;
+pub mod subnet;

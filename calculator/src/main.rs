@@ -1,0 +1,2 @@
+//! `subnet-calc`: placeholder replaced by the CLI module.
+fn main() {}

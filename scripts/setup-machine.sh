@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the build and the tests need on a fresh Debian 12 machine (run as root).
+# Idempotent: installs only what is missing. Used by the README's quick start and by .ci/run.
+set -euo pipefail
+
+apt_pkgs=()
+need() { command -v "$1" >/dev/null 2>&1 || apt_pkgs+=("$2"); }
+need rsvg-convert librsvg2-bin   # renders the calculator's SVG charts in tests
+need ip iproute2
+
+if [ "${#apt_pkgs[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup-machine: need root to install: ${apt_pkgs[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { echo "setup-machine: cargo (Rust) is required" >&2; exit 1; }
+cargo nextest --version >/dev/null 2>&1 || cargo install --locked cargo-nextest
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
