@@ -6,4 +6,6 @@
 //! always a parameter.
 
 pub mod limits;
+pub mod maxpods;
+pub mod policy;
 pub mod subnet;

@@ -1,0 +1,348 @@
+//! Max pods per node.
+//!
+//! Two formulas are in use on EKS nodes today:
+//! - the EKS AMI's `max-pods-calculator.sh` ([`Formula::Calculator`]): prefix delegation (Nitro
+//!   only, CNI 1.9.0 and later), custom networking (one ENI fewer), `MAX_ENI`, and a ceiling of
+//!   110 pods (30 vCPUs or fewer) or 250 pods (more than 30 vCPUs) unless `show_max_allowed`;
+//! - `eni-max-pods.txt` and AL2023's nodeadm ([`Formula::EniMaxPods`]):
+//!   `ENIs * (IPv4 per ENI - 1) + 2` on the default network card, no ceiling, no prefix term.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use crate::limits::{Hypervisor, InstanceLimits};
+
+/// Kubelet's recommended ceiling for instances with 30 vCPUs or fewer.
+pub const SMALL_INSTANCE_CEILING: u32 = 110;
+/// Kubelet's recommended ceiling for instances with more than 30 vCPUs.
+pub const LARGE_INSTANCE_CEILING: u32 = 250;
+/// Host-network pods the formula adds (aws-node and kube-proxy).
+pub const HOST_NETWORK_PODS: u32 = 2;
+/// The VPC CNI version assumed when none is given.
+pub const DEFAULT_CNI_VERSION: CniVersion = CniVersion {
+    major: 1,
+    minor: 23,
+    patch: 1,
+};
+
+/// A VPC CNI version `X.Y.Z` (a leading `v` is accepted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct CniVersion {
+    /// Major.
+    pub major: u32,
+    /// Minor.
+    pub minor: u32,
+    /// Patch.
+    pub patch: u32,
+}
+
+impl CniVersion {
+    /// Prefix delegation exists from 1.9.0 on.
+    pub fn supports_prefix_delegation(&self) -> bool {
+        self.major > 1 || (self.major == 1 && self.minor > 8)
+    }
+}
+
+impl fmt::Display for CniVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+impl FromStr for CniVersion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim().trim_start_matches('v');
+        let parts: Vec<&str> = t.split('.').collect();
+        let num = |i: usize| -> Result<u32, String> {
+            parts
+                .get(i)
+                .and_then(|p| p.split('-').next())
+                .ok_or_else(|| format!("`{s}` is not a version X.Y.Z"))?
+                .parse()
+                .map_err(|_| format!("`{s}` is not a version X.Y.Z"))
+        };
+        if parts.len() != 3 {
+            return Err(format!("`{s}` is not a version X.Y.Z"));
+        }
+        Ok(Self {
+            major: num(0)?,
+            minor: num(1)?,
+            patch: num(2)?,
+        })
+    }
+}
+
+/// Which max-pods formula to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Formula {
+    /// `max-pods-calculator.sh` of the EKS AMI.
+    Calculator,
+    /// `eni-max-pods.txt` / nodeadm: no ceiling, no prefix term.
+    EniMaxPods,
+}
+
+/// Inputs besides the instance limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxPodsOptions {
+    /// Formula.
+    pub formula: Formula,
+    /// `--cni-prefix-delegation-enabled`.
+    pub prefix_delegation: bool,
+    /// `--cni-custom-networking-enabled`.
+    pub custom_networking: bool,
+    /// `--cni-max-eni N`.
+    pub max_eni: Option<u32>,
+    /// `--cni-version`.
+    pub cni_version: CniVersion,
+    /// `--show-max-allowed`: no 110/250 ceiling.
+    pub show_max_allowed: bool,
+}
+
+impl Default for MaxPodsOptions {
+    fn default() -> Self {
+        Self {
+            formula: Formula::Calculator,
+            prefix_delegation: false,
+            custom_networking: false,
+            max_eni: None,
+            cni_version: DEFAULT_CNI_VERSION,
+            show_max_allowed: false,
+        }
+    }
+}
+
+/// The answer with the terms that produced it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MaxPods {
+    /// Instance type.
+    pub instance_type: String,
+    /// The recommended (or, with `show_max_allowed`, the uncapped) max pods.
+    pub max_pods: u32,
+    /// The formula's value before any ceiling.
+    pub max_allowed: u32,
+    /// The ceiling applied, if any.
+    pub ceiling: Option<u32>,
+    /// ENIs counted (after `MAX_ENI` and custom networking).
+    pub enis: u32,
+    /// IPv4 addresses per ENI.
+    pub ipv4_per_eni: u32,
+    /// Whether the prefix-delegation term was applied.
+    pub prefix_delegation_applied: bool,
+    /// vCPUs (chooses the ceiling).
+    pub vcpus: u32,
+    /// Why an option had no effect, or what to watch for.
+    pub notes: Vec<String>,
+}
+
+/// Computes max pods for `limits` under `opts`.
+pub fn max_pods(limits: &InstanceLimits, opts: &MaxPodsOptions) -> MaxPods {
+    let mut notes = Vec::new();
+    let mut enis = match opts.max_eni {
+        Some(m) => m.min(limits.max_enis),
+        None => limits.max_enis,
+    };
+    if opts.custom_networking {
+        enis = enis.saturating_sub(1);
+    }
+    let slots = limits.slots_per_eni();
+    let pd_requested = opts.prefix_delegation && opts.formula == Formula::Calculator;
+    let is_nitro = limits.hypervisor == Hypervisor::Nitro;
+    let pd = pd_requested && is_nitro && opts.cni_version.supports_prefix_delegation();
+    if pd_requested && !pd {
+        if !opts.cni_version.supports_prefix_delegation() {
+            notes.push(format!(
+                "prefix delegation ignored: CNI {} predates 1.9.0",
+                opts.cni_version
+            ));
+        } else if limits.bare_metal {
+            notes.push(
+                "prefix delegation ignored by the calculator script on bare metal (ipamd itself supports it)"
+                    .into(),
+            );
+        } else {
+            notes.push(format!(
+                "prefix delegation ignored: {} hypervisor is not Nitro",
+                limits.hypervisor
+            ));
+        }
+    }
+    if opts.prefix_delegation && opts.formula == Formula::EniMaxPods {
+        notes.push("eni-max-pods.txt and nodeadm have no prefix-delegation term".into());
+    }
+    let per_eni = if pd { slots * 16 } else { slots };
+    let max_allowed = enis * per_eni + HOST_NETWORK_PODS;
+    let ceiling = match (opts.formula, opts.show_max_allowed) {
+        (Formula::Calculator, false) if limits.vcpus > 30 => Some(LARGE_INSTANCE_CEILING),
+        (Formula::Calculator, false) => Some(SMALL_INSTANCE_CEILING),
+        _ => None,
+    };
+    let max_pods = ceiling.map_or(max_allowed, |c| c.min(max_allowed));
+    if opts.custom_networking && opts.formula == Formula::EniMaxPods {
+        notes.push(
+            "eni-max-pods.txt ignores custom networking; kubelet may schedule more pods than the node has IPs"
+                .into(),
+        );
+    }
+    MaxPods {
+        instance_type: limits.instance_type.clone(),
+        max_pods,
+        max_allowed,
+        ceiling: ceiling.filter(|c| *c < max_allowed),
+        enis,
+        ipv4_per_eni: limits.ipv4_per_eni,
+        prefix_delegation_applied: pd,
+        vcpus: limits.vcpus,
+        notes,
+    }
+}
+
+/// The `eni-max-pods.txt` value for `limits` (what ipamd uses without an API server).
+pub fn eni_max_pods(limits: &InstanceLimits) -> u32 {
+    limits.max_enis * limits.slots_per_eni() + HOST_NETWORK_PODS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::{Catalog, LimitOverrides};
+
+    fn limits(t: &str) -> InstanceLimits {
+        Catalog::embedded()
+            .lookup(t, &LimitOverrides::default())
+            .expect(t)
+    }
+
+    fn calc(t: &str, pd: bool, show: bool) -> u32 {
+        let opts = MaxPodsOptions {
+            prefix_delegation: pd,
+            show_max_allowed: show,
+            cni_version: "1.18.0".parse().expect("version"),
+            ..Default::default()
+        };
+        max_pods(&limits(t), &opts).max_pods
+    }
+
+    /// spec/calculator.md 2.4: eni-max-pods.txt, sec show-max, sec recommended, PD recommended,
+    /// PD show-max, for every documented type.
+    #[test]
+    fn documented_table_is_reproduced() {
+        let rows: [(&str, [u32; 5]); 14] = [
+            ("t3.small", [11, 11, 11, 110, 146]),
+            ("t3.medium", [17, 17, 17, 110, 242]),
+            ("m5.large", [29, 29, 29, 110, 434]),
+            ("m5.xlarge", [58, 58, 58, 110, 898]),
+            ("c5.2xlarge", [58, 58, 58, 110, 898]),
+            ("m5.8xlarge", [234, 234, 234, 250, 3714]),
+            ("m5.12xlarge", [234, 234, 234, 250, 3714]),
+            ("m5.24xlarge", [737, 737, 250, 250, 11762]),
+            ("c6in.32xlarge", [394, 394, 250, 250, 6274]),
+            ("p5.48xlarge", [100, 100, 100, 250, 1570]),
+            ("trn1.32xlarge", [247, 247, 247, 250, 3922]),
+            ("t2.micro", [4, 4, 4, 4, 4]),
+            ("m4.xlarge", [58, 58, 58, 58, 58]),
+            ("m5.metal", [737, 737, 250, 250, 737]),
+        ];
+        for (t, want) in rows {
+            let got = [
+                eni_max_pods(&limits(t)),
+                calc(t, false, true),
+                calc(t, false, false),
+                calc(t, true, false),
+                calc(t, true, true),
+            ];
+            assert_eq!(got, want, "{t}");
+        }
+    }
+
+    #[test]
+    fn flag_cases_of_the_calculator_script() {
+        let l = limits("m5.large");
+        let old = MaxPodsOptions {
+            prefix_delegation: true,
+            cni_version: "1.8.0".parse().expect("v"),
+            ..Default::default()
+        };
+        let r = max_pods(&l, &old);
+        assert_eq!(r.max_pods, 29);
+        assert!(r.notes[0].contains("1.9.0"), "{:?}", r.notes);
+        let cn = MaxPodsOptions {
+            custom_networking: true,
+            ..Default::default()
+        };
+        assert_eq!(max_pods(&l, &cn).max_pods, 20);
+        let x = limits("m5.xlarge");
+        let cn_show = MaxPodsOptions {
+            show_max_allowed: true,
+            ..cn
+        };
+        assert_eq!(max_pods(&x, &cn_show).max_pods, 44);
+        let eni2 = MaxPodsOptions {
+            max_eni: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(max_pods(&x, &eni2).max_pods, 30);
+        let eni2_pd = MaxPodsOptions {
+            prefix_delegation: true,
+            show_max_allowed: true,
+            ..eni2
+        };
+        assert_eq!(max_pods(&x, &eni2_pd).max_pods, 450);
+    }
+
+    #[test]
+    fn repository_test_expectations_hold() {
+        let v = |s: &str| s.parse::<CniVersion>().expect("v");
+        let o = |pd, show, ver| MaxPodsOptions {
+            prefix_delegation: pd,
+            show_max_allowed: show,
+            cni_version: v(ver),
+            ..Default::default()
+        };
+        assert_eq!(
+            max_pods(&limits("m5.8xlarge"), &o(false, false, "1.11.2")).max_pods,
+            234
+        );
+        assert_eq!(
+            max_pods(&limits("m5.8xlarge"), &o(true, false, "1.11.2")).max_pods,
+            250
+        );
+        assert_eq!(
+            max_pods(&limits("c6in.32xlarge"), &o(false, true, "1.18.0")).max_pods,
+            394
+        );
+        assert_eq!(
+            max_pods(&limits("m4.xlarge"), &o(false, false, "1.7.5")).max_pods,
+            58
+        );
+    }
+
+    #[test]
+    fn nodeadm_defaults_have_no_ceiling() {
+        let o = MaxPodsOptions {
+            formula: Formula::EniMaxPods,
+            ..Default::default()
+        };
+        for (t, want) in [
+            ("m5.large", 29),
+            ("m5.24xlarge", 737),
+            ("c6in.32xlarge", 394),
+            ("p5.48xlarge", 100),
+        ] {
+            assert_eq!(max_pods(&limits(t), &o).max_pods, want, "{t}");
+        }
+        assert_eq!(eni_max_pods(&limits("t3.nano")), 4);
+        assert_eq!(eni_max_pods(&limits("c5.18xlarge")), 737);
+        assert_eq!(eni_max_pods(&limits("p4d.24xlarge")), 737);
+    }
+
+    #[test]
+    fn versions_parse_with_or_without_v() {
+        assert_eq!("v1.23.1".parse::<CniVersion>(), Ok(DEFAULT_CNI_VERSION));
+        assert!("1.2".parse::<CniVersion>().is_err());
+        assert!("one.two.three".parse::<CniVersion>().is_err());
+    }
+}
