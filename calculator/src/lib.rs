@@ -5,7 +5,10 @@
 //! Everything here is pure: no IO beyond parsing inputs handed in by the caller, and time is
 //! always a parameter.
 
+pub mod exact;
 pub mod limits;
 pub mod maxpods;
+pub mod node;
+pub mod plan;
 pub mod policy;
 pub mod subnet;

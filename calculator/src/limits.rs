@@ -201,7 +201,9 @@ impl Catalog {
 
     /// Parses a table in the generated CSV format (comment lines start with `#`).
     pub fn parse(text: &str) -> Result<Catalog, String> {
-        let mut lines = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty());
+        let mut lines = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty());
         let header: Vec<&str> = lines.next().ok_or("empty table")?.split(',').collect();
         let col = |name: &str| {
             header
@@ -224,7 +226,11 @@ impl Catalog {
         let mut types = Vec::new();
         for (n, line) in lines.enumerate() {
             let f: Vec<&str> = line.split(',').collect();
-            let get = |i: usize| f.get(c[i]).copied().ok_or(format!("row {}: short row", n + 1));
+            let get = |i: usize| {
+                f.get(c[i])
+                    .copied()
+                    .ok_or(format!("row {}: short row", n + 1))
+            };
             let num = |i: usize| -> Result<u32, String> {
                 get(i)?
                     .parse()
@@ -392,10 +398,12 @@ pub fn workbook_instance(name: &str) -> Result<WorkbookInstance, LimitsError> {
         return Ok(*w);
     }
     let cat = Catalog::embedded();
-    let l = cat.get(name).ok_or_else(|| LimitsError::UnknownInstanceType {
-        name: name.to_owned(),
-        suggestions: cat.suggest(name, 3),
-    })?;
+    let l = cat
+        .get(name)
+        .ok_or_else(|| LimitsError::UnknownInstanceType {
+            name: name.to_owned(),
+            suggestions: cat.suggest(name, 3),
+        })?;
     Ok(WorkbookInstance {
         max_eni: l.max_enis_total,
         ipv4_addr: l.ipv4_per_eni,
@@ -433,9 +441,14 @@ mod tests {
         ];
         for (name, vcpus, hv, enis, ips) in rows {
             let l = Catalog::embedded().get(name).expect(name);
-            assert_eq!((l.vcpus, l.hypervisor, l.max_enis, l.ipv4_per_eni), (vcpus, hv, enis, ips));
+            assert_eq!(
+                (l.vcpus, l.hypervisor, l.max_enis, l.ipv4_per_eni),
+                (vcpus, hv, enis, ips)
+            );
         }
-        assert!(Catalog::embedded().get("m5.metal").is_some_and(|l| l.bare_metal));
+        assert!(Catalog::embedded()
+            .get("m5.metal")
+            .is_some_and(|l| l.bare_metal));
     }
 
     #[test]
@@ -450,7 +463,10 @@ mod tests {
 
     #[test]
     fn overrides_change_values_and_allow_unlisted_types() {
-        let o = LimitOverrides { max_enis: Some(2), ..Default::default() };
+        let o = LimitOverrides {
+            max_enis: Some(2),
+            ..Default::default()
+        };
         let l = Catalog::embedded().lookup("m5.xlarge", &o).expect("known");
         assert_eq!((l.max_enis, l.ipv4_per_eni), (2, 15));
         let custom = LimitOverrides {
@@ -459,9 +475,14 @@ mod tests {
             vcpus: Some(8),
             ..Default::default()
         };
-        let l = Catalog::embedded().lookup("zz9.future", &custom).expect("complete overrides");
+        let l = Catalog::embedded()
+            .lookup("zz9.future", &custom)
+            .expect("complete overrides");
         assert_eq!(l.slots_per_eni(), 14);
-        let bad = LimitOverrides { ipv4_per_eni: Some(1), ..Default::default() };
+        let bad = LimitOverrides {
+            ipv4_per_eni: Some(1),
+            ..Default::default()
+        };
         assert!(Catalog::embedded().lookup("m5.large", &bad).is_err());
     }
 
@@ -469,11 +490,24 @@ mod tests {
     fn workbook_rows_use_the_2022_whole_instance_totals() {
         assert_eq!(
             workbook_instance("m5.12xlarge").expect("known"),
-            WorkbookInstance { max_eni: 8, ipv4_addr: 30, max_pods: 234 }
+            WorkbookInstance {
+                max_eni: 8,
+                ipv4_addr: 30,
+                max_pods: 234
+            }
         );
-        assert_eq!(workbook_instance("p4d.24xlarge").expect("known").max_eni, 60);
-        assert_eq!(workbook_instance("p4d.24xlarge").expect("known").max_pods, 737);
-        assert_eq!(workbook_instance("g3s.xlarge").expect("retired").max_pods, 58);
+        assert_eq!(
+            workbook_instance("p4d.24xlarge").expect("known").max_eni,
+            60
+        );
+        assert_eq!(
+            workbook_instance("p4d.24xlarge").expect("known").max_pods,
+            737
+        );
+        assert_eq!(
+            workbook_instance("g3s.xlarge").expect("retired").max_pods,
+            58
+        );
         assert!(workbook_instance("nope.large").is_err());
     }
 }

@@ -54,7 +54,10 @@ impl Ipv4Cidr {
             return Err(CidrError::PrefixLength(format!("{addr}/{len}")));
         }
         let base = u32::from(addr);
-        let c = Self { base: base & mask(len), len };
+        let c = Self {
+            base: base & mask(len),
+            len,
+        };
         if c.base != base {
             return Err(CidrError::HostBits {
                 input: format!("{addr}/{len}"),
@@ -67,7 +70,10 @@ impl Ipv4Cidr {
     /// The CIDR of `len` bits that contains `addr` (host bits cleared).
     pub fn containing(addr: u32, len: u8) -> Self {
         let len = len.min(32);
-        Self { base: addr & mask(len), len }
+        Self {
+            base: addr & mask(len),
+            len,
+        }
     }
 
     /// Network address as an integer.
@@ -123,7 +129,10 @@ impl fmt::Display for Ipv4Cidr {
 impl FromStr for Ipv4Cidr {
     type Err = CidrError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (a, l) = s.trim().split_once('/').ok_or_else(|| CidrError::Syntax(s.to_owned()))?;
+        let (a, l) = s
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| CidrError::Syntax(s.to_owned()))?;
         let addr: Ipv4Addr = a.parse().map_err(|_| CidrError::Syntax(s.to_owned()))?;
         let len: u8 = l.parse().map_err(|_| CidrError::Syntax(s.to_owned()))?;
         Self::new(addr, len)
@@ -175,7 +184,11 @@ pub fn prefix_capacity(len: u8, singles: u32, prefixes_used: u32) -> Option<Pref
     let avail = blocks.saturating_sub(prefixes_used);
     // The first block has 12 non-reserved addresses and the last 15; singles packed there spoil
     // nothing else. A /28 subnet is one block with 11 non-reserved addresses.
-    let edge_slack = if len == MAX_SUBNET_PREFIX_LEN { 11 } else { 12 + 15 };
+    let edge_slack = if len == MAX_SUBNET_PREFIX_LEN {
+        11
+    } else {
+        12 + 15
+    };
     let spill = singles.saturating_sub(edge_slack);
     let best = avail.saturating_sub(spill.div_ceil(PREFIX_SIZE));
     let worst = avail.saturating_sub(singles);
@@ -218,7 +231,11 @@ impl SubnetAllocator {
     /// lengths are accepted for tests; /29 and smaller have no usable address).
     pub fn new(cidr: Ipv4Cidr) -> Self {
         let size = cidr.size() as usize;
-        let mut a = Self { cidr, used: vec![0; size.div_ceil(64)], free: size as u32 };
+        let mut a = Self {
+            cidr,
+            used: vec![0; size.div_ceil(64)],
+            free: size as u32,
+        };
         // Bits past the end of a small subnet are marked used so searches never return them.
         for off in size..a.used.len() * 64 {
             a.used[off / 64] |= 1 << (off % 64);
@@ -313,7 +330,9 @@ impl SubnetAllocator {
             Placement::Lowest => 0,
             Placement::From(o) => (o as usize / PREFIX_SIZE as usize) % blocks,
         };
-        let found = (start..blocks).chain(0..start).find(|&b| self.block_free(b));
+        let found = (start..blocks)
+            .chain(0..start)
+            .find(|&b| self.block_free(b));
         let b = found.ok_or_else(|| self.exhausted())?;
         for off in b * 16..b * 16 + 16 {
             self.set(off, true);
@@ -391,8 +410,14 @@ mod tests {
         assert_eq!(cidr("10.0.0.0/23").size(), 512);
         let e = "10.0.0.5/24".parse::<Ipv4Cidr>().unwrap_err();
         assert!(e.to_string().contains("10.0.0.0/24"), "{e}");
-        assert!(matches!("10.0.0/24".parse::<Ipv4Cidr>(), Err(CidrError::Syntax(_))));
-        assert!(matches!("10.0.0.0/33".parse::<Ipv4Cidr>(), Err(CidrError::PrefixLength(_))));
+        assert!(matches!(
+            "10.0.0/24".parse::<Ipv4Cidr>(),
+            Err(CidrError::Syntax(_))
+        ));
+        assert!(matches!(
+            "10.0.0.0/33".parse::<Ipv4Cidr>(),
+            Err(CidrError::PrefixLength(_))
+        ));
     }
 
     #[test]
@@ -425,7 +450,10 @@ mod tests {
         }
         assert_eq!(a.free_blocks(), 0);
         assert!(a.free_addresses() > 200);
-        assert!(matches!(a.allocate_prefix(Placement::Lowest), Err(AllocError::NoFreeBlock(_))));
+        assert!(matches!(
+            a.allocate_prefix(Placement::Lowest),
+            Err(AllocError::NoFreeBlock(_))
+        ));
         assert!(a.allocate_ip(Placement::Lowest).is_ok());
     }
 
@@ -435,16 +463,37 @@ mod tests {
         for _ in 0..11 {
             a.allocate_ip(Placement::Lowest).expect("usable");
         }
-        assert!(matches!(a.allocate_ip(Placement::Lowest), Err(AllocError::NoFreeAddress(_))));
+        assert!(matches!(
+            a.allocate_ip(Placement::Lowest),
+            Err(AllocError::NoFreeAddress(_))
+        ));
     }
 
     #[test]
     fn prefix_capacity_range_brackets_reality() {
         // /24: 14 inner blocks, 27 free addresses in the two edge blocks.
-        assert_eq!(prefix_capacity(24, 0, 0), Some(PrefixCapacity { best: 14, worst: 14 }));
-        assert_eq!(prefix_capacity(24, 27, 0), Some(PrefixCapacity { best: 14, worst: 0 }));
-        assert_eq!(prefix_capacity(24, 28, 2), Some(PrefixCapacity { best: 11, worst: 0 }));
-        assert_eq!(prefix_capacity(20, 3, 0), Some(PrefixCapacity { best: 254, worst: 251 }));
+        assert_eq!(
+            prefix_capacity(24, 0, 0),
+            Some(PrefixCapacity {
+                best: 14,
+                worst: 14
+            })
+        );
+        assert_eq!(
+            prefix_capacity(24, 27, 0),
+            Some(PrefixCapacity { best: 14, worst: 0 })
+        );
+        assert_eq!(
+            prefix_capacity(24, 28, 2),
+            Some(PrefixCapacity { best: 11, worst: 0 })
+        );
+        assert_eq!(
+            prefix_capacity(20, 3, 0),
+            Some(PrefixCapacity {
+                best: 254,
+                worst: 251
+            })
+        );
     }
 
     proptest! {
