@@ -12,3 +12,4 @@ pub mod node;
 pub mod plan;
 pub mod policy;
 pub mod subnet;
+pub mod workbook;
