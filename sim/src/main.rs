@@ -1,0 +1,3 @@
+//! `vpc-sim`: serves the VPC simulator (work in progress: see the crate README).
+
+fn main() {}
