@@ -12,4 +12,5 @@ pub mod node;
 pub mod plan;
 pub mod policy;
 pub mod subnet;
+pub mod timeline;
 pub mod workbook;
