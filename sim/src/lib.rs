@@ -15,5 +15,6 @@ pub mod ipv6;
 pub mod model;
 pub mod query;
 pub mod rng;
+pub mod server;
 pub mod sim;
 pub mod xml;
