@@ -11,6 +11,7 @@ pub mod maxpods;
 pub mod node;
 pub mod plan;
 pub mod policy;
+pub mod report;
 pub mod subnet;
 pub mod timeline;
 pub mod workbook;

@@ -137,14 +137,6 @@ struct Cidr {
 }
 
 impl Cidr {
-    fn size(&self) -> u32 {
-        if self.prefix {
-            IPS_PER_PREFIX
-        } else {
-            1
-        }
-    }
-
     fn full_mask(&self) -> u16 {
         if self.prefix {
             u16::MAX

@@ -571,7 +571,8 @@ fn grow(
         return None;
     }
     let candidate = input.enis.iter().position(|e| {
-        !e.trunk && !e.excluded && !(e.primary && cfg.custom_networking) && e.slots_used() < slots
+        let reserved = e.trunk || e.excluded || (e.primary && cfg.custom_networking);
+        !reserved && e.slots_used() < slots
     });
     if let Some(i) = candidate {
         let room = slots - input.enis[i].slots_used();

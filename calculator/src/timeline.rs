@@ -130,6 +130,8 @@ pub enum Load {
     },
     /// A step function of (seconds, pods) points, sorted by time.
     Trace(Vec<(u64, u32)>),
+    /// A CSV file of `seconds,pods` rows, read by [`TimelineInput::load_trace_files`].
+    TraceFile(String),
 }
 
 fn zero_span() -> Span {
@@ -165,6 +167,8 @@ struct LoadSpec {
     daily: Option<DailySpec>,
     #[serde(default)]
     trace: Option<Vec<(u64, u32)>>,
+    #[serde(default)]
+    trace_file: Option<String>,
 }
 
 impl TryFrom<LoadSpec> for Load {
@@ -195,9 +199,12 @@ impl TryFrom<LoadSpec> for Load {
             }
             v.push(Load::Trace(t));
         }
+        if let Some(f) = s.trace_file {
+            v.push(Load::TraceFile(f));
+        }
         match v.len() {
             1 => Ok(v.remove(0)),
-            _ => Err("give exactly one of constant, ramp, daily or trace".into()),
+            _ => Err("give exactly one of constant, ramp, daily, trace or trace_file".into()),
         }
     }
 }
@@ -227,6 +234,7 @@ impl Load {
                 let w = (1.0 + phase.cos()) / 2.0;
                 (f64::from(*min) + (f64::from(*max) - f64::from(*min)) * w).round() as u32
             }
+            Load::TraceFile(_) => 0,
             Load::Trace(points) => {
                 let i = points.partition_point(|p| p.0 <= t);
                 if i == 0 {
@@ -244,6 +252,7 @@ impl Load {
             Load::Ramp { from, to, .. } => (*from).max(*to),
             Load::Daily { min, max, .. } => (*min).max(*max),
             Load::Trace(p) => p.iter().map(|x| x.1).max().unwrap_or(0),
+            Load::TraceFile(_) => 0,
         }
     }
 }
@@ -347,6 +356,24 @@ impl TimelineInput {
     /// Parses YAML or JSON.
     pub fn parse(text: &str) -> Result<Self, InputError> {
         parse_document(text)
+    }
+
+    /// Replaces every `trace_file` load with the trace read through `read` (which maps the
+    /// file name as written to its text; the caller resolves relative paths).
+    pub fn load_trace_files(
+        &mut self,
+        mut read: impl FnMut(&str) -> Result<String, String>,
+    ) -> Result<(), InputError> {
+        for (i, g) in self.node_groups.iter_mut().enumerate() {
+            if let Load::TraceFile(name) = &g.pods {
+                let field = format!("node_groups[{i}].pods.trace_file");
+                let text = read(name).map_err(|e| InputError::new(&field, e))?;
+                let trace = parse_trace_csv(&text)
+                    .map_err(|e| InputError::new(&field, format!("{name}: {e}")))?;
+                g.pods = Load::Trace(trace);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -498,6 +525,12 @@ impl Timeline {
             let at = format!("node_groups[{gi}]");
             if !(0.0..1.0).contains(&g.spread) {
                 return Err(InputError::new(format!("{at}.spread"), "must be in [0, 1)"));
+            }
+            if let Load::TraceFile(f) = &g.pods {
+                return Err(InputError::new(
+                    format!("{at}.pods.trace_file"),
+                    format!("`{f}` was not loaded (call load_trace_files first)"),
+                ));
             }
             if let Load::Trace(p) = &g.pods {
                 if p.windows(2).any(|w| w[1].0 < w[0].0) {
