@@ -7,6 +7,9 @@ apt_pkgs=()
 need() { command -v "$1" >/dev/null 2>&1 || apt_pkgs+=("$2"); }
 need rsvg-convert librsvg2-bin   # renders the calculator's SVG charts in tests
 need ip iproute2
+need ping iputils-ping         # net/ tests ping through pod wiring inside test namespaces
+need iptables iptables          # net/ SNAT/connmark rules (iptables, iptables-save, iptables-restore)
+need nft nftables               # net/ nftables connmark backend
 
 if [ "${#apt_pkgs[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -1,0 +1,28 @@
+//! Netlink and network-namespace operations shared by the VPC CNI plugin and ipamd.
+//!
+//! - [`netns`]: open, enter (RAII guard) and run-inside network namespaces; named namespaces.
+//! - [`netlink`]: rtnetlink verbs in our own nouns (links, veth pairs, addresses, routes,
+//!   rules, neighbours), one socket per namespace.
+//! - [`sysctl`]: /proc/sys reads and writes inside a namespace.
+//! - [`names`]: the reference's veth names, table ids and gateways.
+//! - [`pod`]: the per-pod wiring ([`PodNetwork`]) with its netlink and in-memory implementations.
+//! - [`testing`]: self-deleting test namespaces.
+//!
+//! No netlink or SDK type crosses this crate's API.
+
+pub mod error;
+pub mod memory;
+pub mod names;
+pub mod netlink;
+pub mod netns;
+pub mod pod;
+pub mod sysctl;
+pub mod testing;
+pub mod types;
+
+pub use error::{NetError, Result};
+pub use memory::MemoryPodNetwork;
+pub use netlink::{Address, Link, Neighbour, Netlink, Route, Rule, RuleFilter, VethEnd};
+pub use netns::{Netns, NetnsGuard};
+pub use pod::{NetlinkPodNetwork, PodNetwork, PodSpec, PodTeardown, PodWiring};
+pub use types::{Family, IpCidr, MacAddr, Scope, MAIN_TABLE};

@@ -1,0 +1,715 @@
+//! Per-pod wiring (spec cni.md 2.2–2.4): the [`PodNetwork`] trait in our nouns, its netlink
+//! implementation [`NetlinkPodNetwork`], and the pure CHECK comparison both implementations use.
+//!
+//! ADD ([`PodNetwork::setup_pod`]) is transactional: whatever it did is undone when a step
+//! fails. DEL ([`PodNetwork::teardown_pod`]) works only on the host side, as the reference does,
+//! so it is idempotent and indifferent to a vanished pod namespace.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+use crate::error::{NetError, Result};
+use crate::names::{effective_host_table, pod_gateway_v4, pod_table, MAX_IFNAME_LEN};
+use crate::netlink::{Address, Link, Neighbour, Netlink, Route, Rule, RuleFilter, VethEnd};
+use crate::netns::Netns;
+use crate::sysctl;
+use crate::types::{Family, IpCidr, MacAddr, Scope, MAIN_TABLE};
+
+/// Rule priority of `from <podIP> lookup i` inside the pod, for interfaces i > 0.
+pub const FROM_INTERFACE_RULE_PRIORITY: u32 = 1;
+/// Rule priority of `to <podIP> lookup main` on the host.
+pub const TO_CONTAINER_RULE_PRIORITY: u32 = 512;
+/// Rule priority of `from <podIP> lookup <ENI table>` on the host.
+pub const FROM_POD_RULE_PRIORITY: u32 = 1536;
+
+/// The smallest MTU accepted for a pod interface (the IPv4 minimum).
+pub const MIN_MTU: u32 = 68;
+/// The largest MTU accepted (jumbo frames on EC2).
+pub const MAX_MTU: u32 = 9001;
+
+/// What to build for one pod interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodSpec {
+    /// The pod's network namespace (`CNI_NETNS`).
+    pub netns: PathBuf,
+    /// Host-side veth name ([`crate::names::host_veth_name`]).
+    pub host_veth: String,
+    /// Container-side interface name (`eth0`, `mNicIf<i>`).
+    pub container_ifname: String,
+    /// Interface index i (0 for the first): gateway `169.254.1.(i+1)`, pod table main or i.
+    pub index: u32,
+    /// The pod's IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// MTU of both veth ends (`POD_MTU`).
+    pub mtu: u32,
+    /// The host route table of the ENI that owns the address (`RouteTableId`); 0, 1 or 254 mean
+    /// main, anything else adds the from-pod rule at 1536.
+    pub route_table: u32,
+}
+
+impl PodSpec {
+    /// Checks names, MTU and index before anything is touched.
+    pub fn validate(&self) -> Result<()> {
+        for (what, n) in [
+            ("host veth name", &self.host_veth),
+            ("container interface name", &self.container_ifname),
+        ] {
+            if n.is_empty()
+                || n.len() > MAX_IFNAME_LEN
+                || n.contains(['/', ' ', '\0', ':'])
+                || n == "."
+                || n == ".."
+            {
+                return Err(NetError::invalid(format!("{what} {n:?}")));
+            }
+        }
+        if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
+            return Err(NetError::invalid(format!("MTU {}", self.mtu)));
+        }
+        if pod_gateway_v4(self.index).is_none() {
+            return Err(NetError::invalid(format!("interface index {}", self.index)));
+        }
+        if self.ipv4.is_unspecified() || self.ipv4.is_multicast() || self.ipv4.is_broadcast() {
+            return Err(NetError::invalid(format!("pod address {}", self.ipv4)));
+        }
+        Ok(())
+    }
+
+    /// The pod's gateway, `169.254.1.(index+1)`.
+    pub fn gateway(&self) -> Ipv4Addr {
+        pod_gateway_v4(self.index).unwrap_or(crate::names::POD_GATEWAY_V4)
+    }
+
+    /// The table used inside the pod (main for index 0, else the index).
+    pub fn pod_table(&self) -> u32 {
+        pod_table(self.index)
+    }
+
+    /// The host table of the from-pod rule (main when `route_table` ≤ 1).
+    pub fn host_table(&self) -> u32 {
+        effective_host_table(self.route_table)
+    }
+
+    /// The teardown request matching this spec.
+    pub fn teardown(&self) -> PodTeardown {
+        PodTeardown {
+            ipv4: self.ipv4,
+            route_table: self.route_table,
+        }
+    }
+}
+
+/// What was built, as reported by [`PodNetwork::setup_pod`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodWiring {
+    /// Host veth name.
+    pub host_veth: String,
+    /// Host veth index in the host namespace.
+    pub host_ifindex: u32,
+    /// Host veth MAC (also the pod's gateway neighbour entry).
+    pub host_mac: MacAddr,
+    /// Container interface name.
+    pub container_ifname: String,
+    /// Container interface index in the pod namespace.
+    pub container_ifindex: u32,
+    /// Container interface MAC.
+    pub container_mac: MacAddr,
+    /// The pod's address.
+    pub ipv4: Ipv4Addr,
+    /// The pod's gateway.
+    pub gateway: Ipv4Addr,
+    /// The host table of the from-pod rule (main when none was added).
+    pub host_table: u32,
+    /// MTU of both ends.
+    pub mtu: u32,
+}
+
+/// What DEL needs: the address and the ENI table it used (from ipamd or prevResult).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodTeardown {
+    /// The pod's address.
+    pub ipv4: Ipv4Addr,
+    /// The ENI route table (0 and 1 mean main, as for legacy state).
+    pub route_table: u32,
+}
+
+/// What DEL removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TeardownReport {
+    /// Host rules deleted (512 and 1536, including stale copies).
+    pub rules_deleted: usize,
+    /// Whether the host /32 route was still there and was deleted.
+    pub host_route_deleted: bool,
+}
+
+/// The steps of ADD, in order; failures can be injected at any of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetupStep {
+    /// Delete a leftover host veth of the same name (a re-created StatefulSet pod).
+    RemoveStaleHostVeth,
+    /// Create the veth pair from the pod namespace, host end placed in the host namespace.
+    CreateVeth,
+    /// Write the host veth's IPv6 sysctls (before link-up).
+    HostVethSysctls,
+    /// Set the host veth up.
+    HostVethUp,
+    /// Set the container interface up.
+    ContainerLinkUp,
+    /// Pod-side `from <podIP> lookup i` rule (interfaces i > 0).
+    PodRule,
+    /// Pod route `<gw>/32 dev <if> scope link`.
+    PodGatewayRoute,
+    /// Pod route `default via <gw> dev <if>`.
+    PodDefaultRoute,
+    /// Pod address `<podIP>/32`.
+    PodAddress,
+    /// Pod permanent neighbour `<gw> → host veth MAC`.
+    PodNeighbour,
+    /// Host route `<podIP>/32 dev <hostVeth> scope link` in main.
+    HostRoute,
+    /// Host rule `to <podIP> lookup main` at 512.
+    ToPodRule,
+    /// Host rule `from <podIP> lookup <table>` at 1536 (non-main tables).
+    FromPodRule,
+}
+
+impl SetupStep {
+    /// Every step in execution order.
+    pub const ALL: [SetupStep; 13] = [
+        SetupStep::RemoveStaleHostVeth,
+        SetupStep::CreateVeth,
+        SetupStep::HostVethSysctls,
+        SetupStep::HostVethUp,
+        SetupStep::ContainerLinkUp,
+        SetupStep::PodRule,
+        SetupStep::PodGatewayRoute,
+        SetupStep::PodDefaultRoute,
+        SetupStep::PodAddress,
+        SetupStep::PodNeighbour,
+        SetupStep::HostRoute,
+        SetupStep::ToPodRule,
+        SetupStep::FromPodRule,
+    ];
+}
+
+impl std::fmt::Display for SetupStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Which namespace a drift was found in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The host (node) namespace.
+    Host,
+    /// The pod's namespace.
+    Pod,
+}
+
+/// A difference between a pod's expected wiring and what is there (CHECK).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodDrift {
+    /// An interface is missing.
+    MissingLink {
+        /// Where.
+        side: Side,
+        /// Its name.
+        name: String,
+    },
+    /// An interface is down.
+    LinkDown {
+        /// Where.
+        side: Side,
+        /// Its name.
+        name: String,
+    },
+    /// An interface has another MTU.
+    WrongMtu {
+        /// Where.
+        side: Side,
+        /// Its name.
+        name: String,
+        /// Expected MTU.
+        expected: u32,
+        /// Actual MTU.
+        actual: u32,
+    },
+    /// The pod's /32 is not on its interface.
+    MissingAddress(IpCidr),
+    /// A route is missing.
+    MissingRoute {
+        /// Where.
+        side: Side,
+        /// The route, as text.
+        route: String,
+    },
+    /// A rule is missing.
+    MissingRule {
+        /// Where.
+        side: Side,
+        /// The rule, as text.
+        rule: String,
+    },
+    /// The gateway's permanent neighbour entry is missing or points elsewhere.
+    WrongNeighbour {
+        /// The host veth's MAC.
+        expected: MacAddr,
+        /// What the pod has (`None` when there is no permanent entry).
+        actual: Option<MacAddr>,
+    },
+}
+
+/// Everything of one namespace that CHECK looks at.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NsSnapshot {
+    /// Links.
+    pub links: Vec<Link>,
+    /// Addresses.
+    pub addresses: Vec<Address>,
+    /// IPv4 routes, all tables.
+    pub routes: Vec<Route>,
+    /// IPv4 rules.
+    pub rules: Vec<Rule>,
+    /// IPv4 neighbours.
+    pub neighbours: Vec<Neighbour>,
+}
+
+impl NsSnapshot {
+    /// Reads a namespace's state through `nl`.
+    pub async fn read(nl: &Netlink) -> Result<NsSnapshot> {
+        Ok(NsSnapshot {
+            links: nl.links().await?,
+            addresses: nl.addresses(None).await?,
+            routes: nl.routes(Family::V4, None).await?,
+            rules: nl.rules(Family::V4).await?,
+            neighbours: nl.neighbours(Family::V4, None).await?,
+        })
+    }
+
+    /// The link named `name`.
+    pub fn link(&self, name: &str) -> Option<&Link> {
+        self.links.iter().find(|l| l.name == name)
+    }
+}
+
+fn has_route(s: &NsSnapshot, want: &Route) -> bool {
+    s.routes.iter().any(|r| {
+        r.dst.trunc() == want.dst.trunc()
+            && r.table == want.table
+            && r.oif == want.oif
+            && r.gateway == want.gateway
+            && r.scope == want.scope
+    })
+}
+
+fn has_rule(s: &NsSnapshot, want: &Rule) -> bool {
+    s.rules.iter().any(|r| {
+        r.priority == want.priority
+            && r.table == want.table
+            && r.from == want.from
+            && r.to == want.to
+    })
+}
+
+fn check_link(
+    side: Side,
+    s: &NsSnapshot,
+    name: &str,
+    mtu: u32,
+    drift: &mut Vec<PodDrift>,
+) -> Option<Link> {
+    let Some(l) = s.link(name) else {
+        drift.push(PodDrift::MissingLink {
+            side,
+            name: name.to_string(),
+        });
+        return None;
+    };
+    if !l.up {
+        drift.push(PodDrift::LinkDown {
+            side,
+            name: name.to_string(),
+        });
+    }
+    if l.mtu != mtu {
+        drift.push(PodDrift::WrongMtu {
+            side,
+            name: name.to_string(),
+            expected: mtu,
+            actual: l.mtu,
+        });
+    }
+    Some(l.clone())
+}
+
+/// The expected host-side objects of a pod interface: route, to-pod rule, optional from-pod
+/// rule.
+pub fn expected_host_objects(spec: &PodSpec, host_ifindex: u32) -> (Route, Vec<Rule>) {
+    let ip = IpCidr::host_v4(spec.ipv4);
+    let route = Route::link_scope(ip, host_ifindex, MAIN_TABLE);
+    let mut rules = vec![Rule::new(Family::V4, TO_CONTAINER_RULE_PRIORITY, MAIN_TABLE).to(ip)];
+    if spec.host_table() != MAIN_TABLE {
+        rules.push(Rule::new(Family::V4, FROM_POD_RULE_PRIORITY, spec.host_table()).from(ip));
+    }
+    (route, rules)
+}
+
+/// Compares the wiring `spec` asks for with snapshots of the host and pod namespaces.
+/// Pure: both implementations of [`PodNetwork::check_pod`] call it.
+pub fn diff_pod(spec: &PodSpec, host: &NsSnapshot, pod: &NsSnapshot) -> Vec<PodDrift> {
+    let mut drift = Vec::new();
+    let host_link = check_link(Side::Host, host, &spec.host_veth, spec.mtu, &mut drift);
+    let cont_link = check_link(Side::Pod, pod, &spec.container_ifname, spec.mtu, &mut drift);
+    let ip = IpCidr::host_v4(spec.ipv4);
+    let gw = IpAddr::V4(spec.gateway());
+    if let Some(h) = &host_link {
+        let (route, rules) = expected_host_objects(spec, h.index);
+        if !has_route(host, &route) {
+            drift.push(PodDrift::MissingRoute {
+                side: Side::Host,
+                route: format!("{} dev {} scope link", ip, spec.host_veth),
+            });
+        }
+        for r in rules {
+            if !has_rule(host, &r) {
+                drift.push(PodDrift::MissingRule {
+                    side: Side::Host,
+                    rule: r.to_string(),
+                });
+            }
+        }
+    } else {
+        for r in expected_host_objects(spec, 0).1 {
+            if !has_rule(host, &r) {
+                drift.push(PodDrift::MissingRule {
+                    side: Side::Host,
+                    rule: r.to_string(),
+                });
+            }
+        }
+    }
+    if let Some(c) = &cont_link {
+        if !pod
+            .addresses
+            .iter()
+            .any(|a| a.index == c.index && a.cidr == ip)
+        {
+            drift.push(PodDrift::MissingAddress(ip));
+        }
+        let table = spec.pod_table();
+        let gw_route = Route::link_scope(IpCidr::host(gw), c.index, table);
+        if !has_route(pod, &gw_route) {
+            drift.push(PodDrift::MissingRoute {
+                side: Side::Pod,
+                route: format!("{gw}/32 dev {} scope link table {table}", c.name),
+            });
+        }
+        let mut def = Route::default_via(gw, c.index, table);
+        def.scope = Scope::Universe;
+        if !has_route(pod, &def) {
+            drift.push(PodDrift::MissingRoute {
+                side: Side::Pod,
+                route: format!("default via {gw} dev {} table {table}", c.name),
+            });
+        }
+        if spec.index > 0 {
+            let r = Rule::new(Family::V4, FROM_INTERFACE_RULE_PRIORITY, table).from(ip);
+            if !has_rule(pod, &r) {
+                drift.push(PodDrift::MissingRule {
+                    side: Side::Pod,
+                    rule: r.to_string(),
+                });
+            }
+        }
+        if let Some(h) = &host_link {
+            if let Some(expected) = h.mac {
+                let actual = pod
+                    .neighbours
+                    .iter()
+                    .find(|n| n.index == c.index && n.ip == gw && n.permanent)
+                    .and_then(|n| n.mac);
+                if actual != Some(expected) {
+                    drift.push(PodDrift::WrongNeighbour { expected, actual });
+                }
+            }
+        }
+    }
+    drift
+}
+
+/// The per-pod network verbs the plugin needs, in our own nouns.
+pub trait PodNetwork: Send + Sync {
+    /// ADD: builds the veth pair, pod addressing, routes, neighbour, host route and rules.
+    /// On failure everything this call created is removed again before the error returns.
+    fn setup_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<PodWiring>> + Send;
+
+    /// DEL: removes the host rules (512, and every 1536 copy for non-main tables) and the host
+    /// /32 route. Never enters the pod namespace; things already gone count as done.
+    fn teardown_pod(&self, t: &PodTeardown) -> impl Future<Output = Result<TeardownReport>> + Send;
+
+    /// CHECK: the differences between `spec` and what is there (empty when all is well).
+    fn check_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<Vec<PodDrift>>> + Send;
+}
+
+/// What a successful ADD step created and a rollback deletes.
+enum Undo {
+    HostVeth(String),
+    PodRule(Rule),
+    HostRoute(Route),
+    HostRule(Rule),
+}
+
+/// The real [`PodNetwork`]: netlink in the host namespace it was made for and in each pod's
+/// namespace.
+#[derive(Debug)]
+pub struct NetlinkPodNetwork {
+    host_ns: Netns,
+    host: Netlink,
+    fault: Option<SetupStep>,
+}
+
+impl NetlinkPodNetwork {
+    /// Wires pods into `host_ns` (the node's namespace in production; a test namespace in
+    /// tests). Must be called within a tokio runtime, which serves the netlink socket.
+    pub fn new(host_ns: Netns) -> Result<NetlinkPodNetwork> {
+        let host = Netlink::open(&host_ns)?;
+        Ok(NetlinkPodNetwork {
+            host_ns,
+            host,
+            fault: None,
+        })
+    }
+
+    /// Makes every later ADD fail at `step` (after the earlier steps ran), to test rollback.
+    pub fn with_fault(mut self, step: Option<SetupStep>) -> NetlinkPodNetwork {
+        self.fault = step;
+        self
+    }
+
+    /// The host namespace's netlink handle.
+    pub fn host(&self) -> &Netlink {
+        &self.host
+    }
+
+    fn step(&self, step: SetupStep) -> Result<()> {
+        tracing::trace!(%step, "pod setup step");
+        if self.fault == Some(step) {
+            return Err(NetError::Injected {
+                step: step.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn unique_host_mac(&self) -> Result<MacAddr> {
+        let used: Vec<Option<MacAddr>> = self
+            .host
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| l.mac)
+            .collect();
+        for _ in 0..10 {
+            let mac = MacAddr::random_local()?;
+            if !used.contains(&Some(mac)) {
+                return Ok(mac);
+            }
+        }
+        Err(NetError::invalid("no unused random MAC after 10 tries"))
+    }
+
+    async fn setup_steps(
+        &self,
+        spec: &PodSpec,
+        pod: &Netlink,
+        undo: &mut Vec<Undo>,
+    ) -> Result<PodWiring> {
+        let ip = IpCidr::host_v4(spec.ipv4);
+        let gw = IpAddr::V4(spec.gateway());
+        let table = spec.pod_table();
+
+        self.step(SetupStep::RemoveStaleHostVeth)?;
+        if self.host.delete_link_by_name(&spec.host_veth).await? {
+            tracing::info!(veth = %spec.host_veth, "deleted leftover host veth");
+        }
+
+        self.step(SetupStep::CreateVeth)?;
+        let host_mac = self.unique_host_mac().await?;
+        let cont = pod
+            .create_veth(
+                &VethEnd {
+                    name: spec.container_ifname.clone(),
+                    mtu: spec.mtu,
+                    mac: None,
+                    up: true,
+                },
+                &VethEnd {
+                    name: spec.host_veth.clone(),
+                    mtu: spec.mtu,
+                    mac: Some(host_mac),
+                    up: false,
+                },
+                Some(&self.host_ns),
+            )
+            .await?;
+        undo.push(Undo::HostVeth(spec.host_veth.clone()));
+        let host_link = self.host.require_link(&spec.host_veth).await?;
+
+        self.step(SetupStep::HostVethSysctls)?;
+        let v6 = |k: &str| format!("net/ipv6/conf/{}/{k}", spec.host_veth);
+        sysctl::write_all(
+            &self.host_ns,
+            &[
+                (v6("accept_ra"), "0".into()),
+                (v6("accept_redirects"), "1".into()),
+                (v6("forwarding"), "0".into()),
+            ],
+            true,
+        )?;
+
+        self.step(SetupStep::HostVethUp)?;
+        self.host.set_up(host_link.index).await?;
+
+        self.step(SetupStep::ContainerLinkUp)?;
+        pod.set_up(cont.index).await?;
+
+        self.step(SetupStep::PodRule)?;
+        if spec.index > 0 {
+            let r = Rule::new(Family::V4, FROM_INTERFACE_RULE_PRIORITY, table).from(ip);
+            if pod.rule_add(&r).await? {
+                undo.push(Undo::PodRule(r));
+            }
+        }
+
+        self.step(SetupStep::PodGatewayRoute)?;
+        pod.route_replace(&Route::link_scope(IpCidr::host(gw), cont.index, table))
+            .await?;
+
+        self.step(SetupStep::PodDefaultRoute)?;
+        pod.route_replace(&Route::default_via(gw, cont.index, table))
+            .await?;
+
+        self.step(SetupStep::PodAddress)?;
+        pod.add_address(cont.index, ip, Scope::Universe).await?;
+
+        self.step(SetupStep::PodNeighbour)?;
+        pod.neighbour_add_permanent(cont.index, gw, host_mac)
+            .await?;
+
+        let (host_route, host_rules) = expected_host_objects(spec, host_link.index);
+        self.step(SetupStep::HostRoute)?;
+        self.host.route_replace(&host_route).await?;
+        undo.push(Undo::HostRoute(host_route));
+
+        for (i, rule) in host_rules.into_iter().enumerate() {
+            self.step(if i == 0 {
+                SetupStep::ToPodRule
+            } else {
+                SetupStep::FromPodRule
+            })?;
+            if self.host.rule_add(&rule).await? {
+                undo.push(Undo::HostRule(rule));
+            }
+        }
+        if spec.host_table() == MAIN_TABLE {
+            self.step(SetupStep::FromPodRule)?;
+        }
+
+        Ok(PodWiring {
+            host_veth: spec.host_veth.clone(),
+            host_ifindex: host_link.index,
+            host_mac,
+            container_ifname: spec.container_ifname.clone(),
+            container_ifindex: cont.index,
+            container_mac: cont.mac.unwrap_or_default(),
+            ipv4: spec.ipv4,
+            gateway: spec.gateway(),
+            host_table: spec.host_table(),
+            mtu: spec.mtu,
+        })
+    }
+
+    async fn rollback(&self, pod: &Netlink, undo: Vec<Undo>) {
+        for u in undo.into_iter().rev() {
+            let r = match &u {
+                Undo::HostRule(rule) => self.host.rule_delete(rule).await.map(drop),
+                Undo::HostRoute(route) => self.host.route_delete(route).await.map(drop),
+                Undo::PodRule(rule) => pod.rule_delete(rule).await.map(drop),
+                Undo::HostVeth(name) => self.host.delete_link_by_name(name).await.map(drop),
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "rollback step failed");
+            }
+        }
+    }
+}
+
+impl PodNetwork for NetlinkPodNetwork {
+    async fn setup_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
+        spec.validate()?;
+        let pod_ns = Netns::open(&spec.netns)?;
+        let pod = Netlink::open(&pod_ns)?;
+        let mut undo = Vec::new();
+        match self.setup_steps(spec, &pod, &mut undo).await {
+            Ok(w) => {
+                tracing::info!(veth = %w.host_veth, ip = %w.ipv4, table = w.host_table, "pod wired");
+                Ok(w)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, veth = %spec.host_veth, "pod setup failed; rolling back");
+                self.rollback(&pod, undo).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn teardown_pod(&self, t: &PodTeardown) -> Result<TeardownReport> {
+        let ip = IpCidr::host_v4(t.ipv4);
+        let table = effective_host_table(t.route_table);
+        let mut report = TeardownReport::default();
+        report.rules_deleted += self
+            .host
+            .delete_rules(&RuleFilter {
+                priority: Some(TO_CONTAINER_RULE_PRIORITY),
+                to: Some(ip),
+                ..RuleFilter::any(Family::V4)
+            })
+            .await?;
+        if table != MAIN_TABLE {
+            report.rules_deleted += self
+                .host
+                .delete_rules(&RuleFilter {
+                    priority: Some(FROM_POD_RULE_PRIORITY),
+                    from: Some(ip),
+                    table: Some(table),
+                    ..RuleFilter::any(Family::V4)
+                })
+                .await?;
+        }
+        let route = Route {
+            dst: ip,
+            gateway: None,
+            oif: None,
+            table: MAIN_TABLE,
+            scope: Scope::Link,
+            pref_src: None,
+        };
+        match self.host.route_delete(&route).await {
+            Ok(deleted) => report.host_route_deleted = deleted,
+            Err(e) => tracing::warn!(error = %e, %ip, "deleting the host route failed"),
+        }
+        tracing::info!(%ip, table, rules = report.rules_deleted, "pod host wiring removed");
+        Ok(report)
+    }
+
+    async fn check_pod(&self, spec: &PodSpec) -> Result<Vec<PodDrift>> {
+        spec.validate()?;
+        let pod_ns = Netns::open(&spec.netns)?;
+        let pod = Netlink::open(&pod_ns)?;
+        let host = NsSnapshot::read(&self.host).await?;
+        let pod = NsSnapshot::read(&pod).await?;
+        Ok(diff_pod(spec, &host, &pod))
+    }
+}
