@@ -291,7 +291,7 @@ pub fn plan(input: &PlanInput, groups: &[ResolvedGroup]) -> Result<ExactReport, 
         if s.oscillates {
             w.push(format!(
                 "the {} policy never settles with these targets: it allocates and frees an ENI or prefix over and over (numbers show the upper state)",
-                policy_name(g.pool.flavour)
+                policy_name(g.pool.rules)
             ));
         }
         if s.pods_without_ip > 0 {
@@ -347,10 +347,11 @@ pub fn plan(input: &PlanInput, groups: &[ResolvedGroup]) -> Result<ExactReport, 
     })
 }
 
-fn policy_name(f: Flavour) -> &'static str {
-    match f {
-        Flavour::Reference => "reference",
-        Flavour::Ours => "ours",
+fn policy_name(r: crate::policy::Rules) -> &'static str {
+    match r.flavour() {
+        Some(Flavour::Reference) => "reference",
+        Some(Flavour::Ours) => "ours",
+        None => "configured",
     }
 }
 

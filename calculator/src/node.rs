@@ -443,10 +443,7 @@ impl ModelNode {
     }
 
     fn usable_kind(&self, prefix: bool) -> bool {
-        match self.cfg.flavour {
-            policy::Flavour::Reference => prefix == self.cfg.prefix_delegation,
-            policy::Flavour::Ours => true,
-        }
+        self.cfg.rules.prefix_fallback || prefix == self.cfg.prefix_delegation
     }
 
     fn place_pending(&mut self, now: Duration) {
@@ -602,7 +599,7 @@ impl ModelNode {
     }
 
     fn release(&mut self, subnet: &mut SubnetAllocator, releases: &[Release]) {
-        let ours = self.cfg.flavour == policy::Flavour::Ours;
+        let ours = self.cfg.rules.exclude_cooling;
         for r in releases {
             let mut want_ips = r.ips;
             let mut want_pfx = r.prefixes;
@@ -674,14 +671,16 @@ impl ModelNode {
     }
 
     /// One pool-manager tick at time `now`: expire cooldowns, decide and carry out at most one
-    /// change (ours: repeat while the pool is still low and growing succeeds, as the daemon
-    /// tops up at once), free at most one ENI, then place waiting pods.
+    /// change (with [`policy::Rules::immediate_top_up`]: repeat while the pool is still low and
+    /// growing succeeds, as the daemon tops up at once), free at most one ENI, then place
+    /// waiting pods.
     pub fn tick(&mut self, subnet: &mut SubnetAllocator, now: Duration) -> TickOutcome {
         self.expire_cooldowns(now);
         let mut out = TickOutcome::default();
-        let rounds = match self.cfg.flavour {
-            policy::Flavour::Reference => 1,
-            policy::Flavour::Ours => 8,
+        let rounds = if self.cfg.rules.immediate_top_up {
+            8
+        } else {
+            1
         };
         let mut free_phase = false;
         for round in 0..rounds {

@@ -156,7 +156,7 @@ impl PlanConfig {
             timers.ip_cooldown = std::time::Duration::from_secs(s);
         }
         PoolConfig {
-            flavour: self.policy,
+            rules: self.policy.rules(),
             prefix_delegation: self.prefix_delegation && instance.supports_prefix_delegation(),
             warm_eni_target: self.warm_eni_target,
             warm_ip_target: self.warm_ip_target,

@@ -23,6 +23,9 @@
 //!   grow with /32 secondary IPs instead of pausing; and addresses of the other kind (left over
 //!   after toggling prefix mode) count toward the pool.
 //!
+//! Each of our changes is a separate switch in [`Rules`], so the daemon can expose each as its
+//! own setting; [`Flavour`] names the two presets.
+//!
 //! ENIs are referred to by their index in the slice of [`EniView`]s the caller passes in.
 
 use std::time::Duration;
@@ -58,6 +61,65 @@ impl std::str::FromStr for Flavour {
     }
 }
 
+impl Flavour {
+    /// The rules this preset stands for.
+    pub fn rules(self) -> Rules {
+        match self {
+            Self::Reference => Rules::REFERENCE,
+            Self::Ours => Rules::OURS,
+        }
+    }
+}
+
+/// Where the policy departs from the reference daemon; every switch off is the reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Rules {
+    /// Addresses in cooldown are not counted as available when sizing the pool, and are not
+    /// released to EC2 while cooling.
+    pub exclude_cooling: bool,
+    /// Release addresses or an ENI only when the pool would not be low right after it, and not
+    /// at all while the node is paused (no oscillation).
+    pub stable_shrink: bool,
+    /// With IP targets and `WARM_IP_TARGET=0`, grow when no address is free, so pods beyond
+    /// `MINIMUM_IP_TARGET` get addresses.
+    pub grow_past_minimum: bool,
+    /// Prefix mode: after `InsufficientCidrBlocks`, grow with /32 secondary IPs instead of
+    /// pausing; addresses of both kinds count toward the pool and serve pods.
+    pub prefix_fallback: bool,
+    /// The executor repeats the decision within the same tick while the pool is low.
+    pub immediate_top_up: bool,
+}
+
+impl Rules {
+    /// The AWS VPC CNI's ipamd.
+    pub const REFERENCE: Rules = Rules {
+        exclude_cooling: false,
+        stable_shrink: false,
+        grow_past_minimum: false,
+        prefix_fallback: false,
+        immediate_top_up: false,
+    };
+    /// Ours: every improvement on.
+    pub const OURS: Rules = Rules {
+        exclude_cooling: true,
+        stable_shrink: true,
+        grow_past_minimum: true,
+        prefix_fallback: true,
+        immediate_top_up: true,
+    };
+
+    /// The preset these rules match, if any.
+    pub fn flavour(&self) -> Option<Flavour> {
+        if *self == Self::REFERENCE {
+            Some(Flavour::Reference)
+        } else if *self == Self::OURS {
+            Some(Flavour::Ours)
+        } else {
+            None
+        }
+    }
+}
+
 /// The policy's timers (reference defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timers {
@@ -87,7 +149,7 @@ impl Default for Timers {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolConfig {
     /// Decision rules.
-    pub flavour: Flavour,
+    pub rules: Rules,
     /// Effective prefix mode (requested and supported by the instance).
     pub prefix_delegation: bool,
     /// `WARM_ENI_TARGET`.
@@ -107,7 +169,7 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {
-            flavour: Flavour::Reference,
+            rules: Rules::REFERENCE,
             prefix_delegation: false,
             warm_eni_target: 1,
             warm_ip_target: 0,
@@ -221,25 +283,35 @@ impl EniView {
         self.ips_cooling + self.prefix_ips_cooling
     }
 
-    /// (total, assigned, cooling) addresses the flavour counts toward the pool.
+    /// (total, assigned, cooling) addresses the rules count toward the pool: only the current
+    /// mode's kind (reference), or both kinds.
     fn counted(&self, cfg: &PoolConfig) -> (u32, u32, u32) {
         let pfx = self.prefixes * IPS_PER_PREFIX;
-        match (cfg.flavour, cfg.prefix_delegation) {
-            (Flavour::Reference, true) => (pfx, self.prefix_ips_assigned, self.prefix_ips_cooling),
-            (Flavour::Reference, false) => (self.ips, self.ips_assigned, self.ips_cooling),
-            (Flavour::Ours, _) => (self.ips + pfx, self.assigned(), self.cooling()),
+        match (cfg.rules.prefix_fallback, cfg.prefix_delegation) {
+            (true, _) => (self.ips + pfx, self.assigned(), self.cooling()),
+            (false, true) => (pfx, self.prefix_ips_assigned, self.prefix_ips_cooling),
+            (false, false) => (self.ips, self.ips_assigned, self.ips_cooling),
         }
     }
 
-    /// Addresses this flavour may release: (/32s, prefixes).
+    /// Addresses the rules allow to release: (/32s, prefixes). In the reference, cooldown does
+    /// not protect an address from being released.
     fn releasable(&self, cfg: &PoolConfig) -> (u32, u32) {
-        match cfg.flavour {
-            // Cooldown does not protect an address from being released.
-            Flavour::Reference => (self.ips - self.ips_assigned, self.free_prefixes),
-            Flavour::Ours => (
+        if cfg.rules.exclude_cooling {
+            (
                 self.ips - self.ips_assigned - self.ips_cooling,
                 self.cold_free_prefixes,
-            ),
+            )
+        } else {
+            (self.ips - self.ips_assigned, self.free_prefixes)
+        }
+    }
+
+    fn free_prefixes_counted(&self, cfg: &PoolConfig) -> u32 {
+        if cfg.rules.exclude_cooling {
+            self.cold_free_prefixes
+        } else {
+            self.free_prefixes
         }
     }
 }
@@ -278,7 +350,7 @@ impl<'a> PoolInput<'a> {
     }
 }
 
-/// Pool totals as the flavour counts them.
+/// Pool totals as the rules count them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct PoolStats {
     /// Addresses in the pool.
@@ -287,7 +359,7 @@ pub struct PoolStats {
     pub assigned: u32,
     /// In cooldown.
     pub cooling: u32,
-    /// Free for sizing: reference `total - assigned`, ours `total - assigned - cooling`.
+    /// Free for sizing: `total - assigned`, less `cooling` under [`Rules::exclude_cooling`].
     pub available: u32,
     /// Prefixes on all ENIs.
     pub total_prefixes: u32,
@@ -305,10 +377,7 @@ pub fn stats(cfg: &PoolConfig, enis: &[EniView]) -> PoolStats {
     for e in enis {
         s.enis += 1;
         s.total_prefixes += e.prefixes;
-        s.free_prefixes += match cfg.flavour {
-            Flavour::Reference => e.free_prefixes,
-            Flavour::Ours => e.cold_free_prefixes,
-        };
+        s.free_prefixes += e.free_prefixes_counted(cfg);
         if e.excluded {
             s.excluded_enis += 1;
             continue;
@@ -318,11 +387,16 @@ pub fn stats(cfg: &PoolConfig, enis: &[EniView]) -> PoolStats {
         s.assigned += a;
         s.cooling += c;
     }
-    s.available = match cfg.flavour {
-        Flavour::Reference => s.total.saturating_sub(s.assigned),
-        Flavour::Ours => s.total.saturating_sub(s.assigned + s.cooling),
-    };
+    s.available = available(cfg, &s);
     s
+}
+
+fn available(cfg: &PoolConfig, s: &PoolStats) -> u32 {
+    if cfg.rules.exclude_cooling {
+        s.total.saturating_sub(s.assigned + s.cooling)
+    } else {
+        s.total.saturating_sub(s.assigned)
+    }
 }
 
 /// The kind of address a change is about.
@@ -415,7 +489,7 @@ fn target_state(cfg: &PoolConfig, s: &PoolStats) -> (i64, i64) {
         i64::from(s.assigned),
     );
     let mut short = (w - avail).max(0).max(m - total);
-    if cfg.flavour == Flavour::Ours && w == 0 && avail == 0 {
+    if cfg.rules.grow_past_minimum && w == 0 && avail == 0 {
         // Pods beyond MINIMUM_IP_TARGET still need addresses.
         short = short.max(1);
     }
@@ -486,12 +560,10 @@ pub fn decide(
         let backoff = cfg.timers.insufficient_capacity_backoff;
         let no_addresses = within(now, input.last_insufficient_addresses, backoff);
         let no_blocks = within(now, input.last_insufficient_cidr, backoff);
-        let fallback = match cfg.flavour {
-            Flavour::Reference if no_addresses || no_blocks => return done(None, Reason::Backoff),
-            Flavour::Ours if no_addresses => return done(None, Reason::Backoff),
-            Flavour::Ours => no_blocks && cfg.prefix_delegation,
-            Flavour::Reference => false,
-        };
+        let fallback = cfg.rules.prefix_fallback && no_blocks && cfg.prefix_delegation;
+        if no_addresses || (no_blocks && !fallback) {
+            return done(None, Reason::Backoff);
+        }
         return match grow(cfg, limits, input, &s, fallback) {
             Some(c) => done(Some(c), Reason::Low),
             None => done(None, Reason::AtCapacity),
@@ -500,7 +572,7 @@ pub fn decide(
     if limits.max_pods.is_some_and(|mp| s.total >= mp) && !is_high(cfg, &s) {
         return done(None, Reason::MaxPods);
     }
-    if cfg.flavour == Flavour::Ours && input.paused {
+    if cfg.rules.stable_shrink && input.paused {
         return done(None, Reason::Steady);
     }
     if is_high(cfg, &s) {
@@ -631,10 +703,8 @@ fn shrink(
                     break;
                 }
                 let mut next = after;
-                let counted = match kind {
-                    AddressKind::Ip => cfg.flavour == Flavour::Ours || !cfg.prefix_delegation,
-                    AddressKind::Prefix => cfg.flavour == Flavour::Ours || cfg.prefix_delegation,
-                };
+                let counted = cfg.rules.prefix_fallback
+                    || (kind == AddressKind::Prefix) == cfg.prefix_delegation;
                 if !e.excluded && counted {
                     let size = if kind == AddressKind::Ip {
                         1
@@ -648,7 +718,7 @@ fn shrink(
                     next.total_prefixes -= 1;
                     next.free_prefixes = next.free_prefixes.saturating_sub(1);
                 }
-                if cfg.flavour == Flavour::Ours && is_low(cfg, limits, &next) {
+                if cfg.rules.stable_shrink && is_low(cfg, limits, &next) {
                     over = 0;
                     break;
                 }
@@ -734,18 +804,10 @@ pub fn choose_eni_to_free(
         others.total -= t;
         others.assigned -= a;
         others.cooling -= c;
-        others.available = match cfg.flavour {
-            Flavour::Reference => others.total - others.assigned,
-            Flavour::Ours => others
-                .total
-                .saturating_sub(others.assigned + others.cooling),
-        };
+        others.available = available(cfg, &others);
         others.enis -= 1;
         others.total_prefixes -= e.prefixes;
-        others.free_prefixes -= match cfg.flavour {
-            Flavour::Reference => e.free_prefixes,
-            Flavour::Ours => e.cold_free_prefixes,
-        };
+        others.free_prefixes -= e.free_prefixes_counted(cfg);
         if w > 0 && others.available < round_up(w, unit) {
             return false;
         }
@@ -756,7 +818,7 @@ pub fn choose_eni_to_free(
             return false;
         }
         // Ours: never free an ENI the next tick would have to replace.
-        !(cfg.flavour == Flavour::Ours && is_low(cfg, limits, &others))
+        !(cfg.rules.stable_shrink && is_low(cfg, limits, &others))
     })
 }
 
@@ -957,7 +1019,7 @@ mod tests {
             None
         );
         let ours = PoolConfig {
-            flavour: Flavour::Ours,
+            rules: Rules::OURS,
             ..reference
         };
         let d = decide(&ours, &l, &PoolInput::new(&enis), T0);
@@ -981,7 +1043,7 @@ mod tests {
         let d = decide(&base, &l, &input, secs(150));
         assert_eq!((d.change, d.reason), (None, Reason::Backoff));
         let ours = PoolConfig {
-            flavour: Flavour::Ours,
+            rules: Rules::OURS,
             ..base
         };
         let d = decide(&ours, &l, &input, secs(150));
@@ -997,6 +1059,75 @@ mod tests {
         input.last_insufficient_addresses = Some(secs(100));
         assert_eq!(decide(&ours, &l, &input, secs(150)).reason, Reason::Backoff);
         assert_eq!(decide(&ours, &l, &input, secs(221)).reason, Reason::Low);
+    }
+
+    #[test]
+    fn each_rule_alone_makes_its_own_difference() {
+        let only = |f: fn(&mut Rules)| {
+            let mut r = Rules::REFERENCE;
+            f(&mut r);
+            r
+        };
+        let l = limits(3, 10);
+        // exclude_cooling: cooling IPs no longer hide a shortage.
+        let mut cooling = eni(true, 9, 0);
+        cooling.ips_cooling = 9;
+        let enis = [cooling, eni(false, 9, 9)];
+        let cfg = PoolConfig {
+            rules: only(|r| r.exclude_cooling = true),
+            ..Default::default()
+        };
+        assert!(decide(&cfg, &l, &PoolInput::new(&enis), T0)
+            .change
+            .is_some());
+        // stable_shrink: no ENI freed into a low pool.
+        let enis = [eni(true, 9, 9), eni(false, 9, 0)];
+        let cfg = PoolConfig {
+            warm_eni_target: 0,
+            rules: only(|r| r.stable_shrink = true),
+            ..Default::default()
+        };
+        assert_eq!(
+            choose_eni_to_free(&cfg, &l, &PoolInput::new(&enis), secs(100)),
+            None
+        );
+        // grow_past_minimum: MINIMUM_IP_TARGET alone no longer caps the pool.
+        let enis = [eni(true, 5, 5)];
+        let cfg = PoolConfig {
+            minimum_ip_target: 5,
+            rules: only(|r| r.grow_past_minimum = true),
+            ..Default::default()
+        };
+        assert!(decide(&cfg, &l, &PoolInput::new(&enis), T0)
+            .change
+            .is_some());
+        let reference = PoolConfig {
+            minimum_ip_target: 5,
+            ..Default::default()
+        };
+        assert!(decide(&reference, &l, &PoolInput::new(&enis), T0)
+            .change
+            .is_none());
+        // prefix_fallback: /32s instead of a pause after InsufficientCidrBlocks.
+        let enis = [pfx_eni(true, &[16])];
+        let mut input = PoolInput::new(&enis);
+        input.last_insufficient_cidr = Some(T0);
+        let cfg = PoolConfig {
+            prefix_delegation: true,
+            warm_prefix_target: 1,
+            rules: only(|r| r.prefix_fallback = true),
+            ..Default::default()
+        };
+        let d = decide(&cfg, &l, &input, secs(10));
+        assert!(matches!(
+            d.change,
+            Some(PoolChange::Assign {
+                kind: AddressKind::Ip,
+                ..
+            })
+        ));
+        assert_eq!(Rules::OURS.flavour(), Some(Flavour::Ours));
+        assert_eq!(only(|r| r.stable_shrink = true).flavour(), None);
     }
 
     #[test]
@@ -1063,7 +1194,7 @@ mod tests {
             Some(1)
         );
         let ours = PoolConfig {
-            flavour: Flavour::Ours,
+            rules: Rules::OURS,
             ..reference
         };
         assert_eq!(choose_eni_to_free(&ours, &l, &input, secs(100)), None);

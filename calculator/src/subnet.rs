@@ -343,7 +343,7 @@ impl SubnetAllocator {
     /// Takes a specific aligned /28 whose addresses are all free.
     pub fn allocate_specific_prefix(&mut self, base: u32) -> Result<(), AllocError> {
         let ok = self.cidr.contains(base)
-            && (base - self.cidr.base) % PREFIX_SIZE == 0
+            && (base - self.cidr.base).is_multiple_of(PREFIX_SIZE)
             && self.block_free(((base - self.cidr.base) / PREFIX_SIZE) as usize);
         if !ok {
             return Err(AllocError::Unavailable(Ipv4Addr::from(base), self.cidr));

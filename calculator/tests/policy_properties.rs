@@ -51,7 +51,7 @@ fn config_strategy() -> impl Strategy<Value = (PoolConfig, usize, Option<u32>)> 
             "prefix mode needs a target",
             |(f, pd, we, wi, mi, wp, cn, ty, me)| {
                 let cfg = PoolConfig {
-                    flavour: f,
+                    rules: f.rules(),
                     prefix_delegation: pd,
                     warm_eni_target: we,
                     warm_ip_target: wi,
@@ -153,7 +153,7 @@ fn ours_always_converges_and_the_reference_flaps_only_where_documented() {
             for &(we, wi, mi, wp) in &targets {
                 for flavour in [Flavour::Reference, Flavour::Ours] {
                     let cfg = PoolConfig {
-                        flavour,
+                        rules: flavour.rules(),
                         prefix_delegation: pd,
                         warm_eni_target: we,
                         warm_ip_target: wi,
