@@ -1,0 +1,5 @@
+//! ipamd: the node IP address management daemon.
+//!
+//! It keeps a warm pool of VPC secondary IPs or /28 prefixes on the node's ENIs, hands
+//! addresses to the CNI plugin over gRPC on a unix socket, and records every assignment in a
+//! checkpoint compatible with the reference daemon (`vpc-cni-ipam/1`).
