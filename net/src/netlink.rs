@@ -629,7 +629,9 @@ impl Netlink {
     /// Creates a veth pair in one request: `local` in this socket's namespace and `peer`
     /// directly in `peer_ns` (no later move), each with its explicit MAC and MTU.
     ///
-    /// Returns the local end as created.
+    /// The peer cannot be brought up inside the creating request (the kernel refuses to open a
+    /// veth end before its pair is complete), so `peer.up` is applied right after, through a
+    /// socket in the peer's namespace. Returns the local end as created.
     pub async fn create_veth(
         &self,
         local: &VethEnd,
@@ -642,9 +644,6 @@ impl Netlink {
             .mtu(peer.mtu);
         if let Some(mac) = peer.mac {
             p = p.address(mac.octets().to_vec());
-        }
-        if peer.up {
-            p = p.up();
         }
         if let Some(ns) = peer_ns {
             p = p.setns_by_fd(ns.as_fd().as_raw_fd());
@@ -667,6 +666,18 @@ impl Netlink {
             .map_err(|e| {
                 NetError::netlink(format!("create veth {} <-> {}", local.name, peer.name), e)
             })?;
+        if peer.up {
+            let other;
+            let nl = match peer_ns {
+                Some(ns) => {
+                    other = Netlink::open(ns)?;
+                    &other
+                }
+                None => self,
+            };
+            let l = nl.require_link(&peer.name).await?;
+            nl.set_up(l.index).await?;
+        }
         self.require_link(&local.name).await
     }
 
