@@ -104,6 +104,19 @@ pub trait HostNetwork: Send + Sync {
 
     /// Names of host links (for checkpoint pruning by veth hash suffix).
     fn link_names(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    /// `configureIPRulesForPods` for one allocated pod address: when `from <ip>/32` rules exist,
+    /// replaces them all with a single `from <ip>/32 lookup <table>` at 1536, keeping the first
+    /// one's table. Returns that table, or `None` when there was no such rule (nothing done).
+    fn normalize_pod_rules(&self, ip: Ipv4Addr)
+        -> impl Future<Output = Result<Option<u32>>> + Send;
+}
+
+fn normalized_from_rule(ip: Ipv4Addr, existing: &[Rule]) -> Option<Rule> {
+    let from = Some(IpCidr::host_v4(ip));
+    existing.iter().find(|r| r.from == from).map(|r| {
+        Rule::new(Family::V4, crate::pod::FROM_POD_RULE_PRIORITY, r.table).from(IpCidr::host_v4(ip))
+    })
 }
 
 /// The real [`HostNetwork`], working in one namespace (the node's, or a test's).
@@ -266,6 +279,20 @@ impl HostNetwork for NetlinkHostNetwork {
     async fn link_names(&self) -> Result<Vec<String>> {
         Ok(self.nl.links().await?.into_iter().map(|l| l.name).collect())
     }
+
+    async fn normalize_pod_rules(&self, ip: Ipv4Addr) -> Result<Option<u32>> {
+        let Some(rule) = normalized_from_rule(ip, &self.nl.rules(Family::V4).await?) else {
+            return Ok(None);
+        };
+        self.nl
+            .delete_rules(&RuleFilter {
+                from: rule.from,
+                ..RuleFilter::any(Family::V4)
+            })
+            .await?;
+        self.nl.rule_add(&rule).await?;
+        Ok(Some(rule.table))
+    }
 }
 
 /// Recorded host state of [`MemoryHostNetwork`].
@@ -393,6 +420,17 @@ impl HostNetwork for MemoryHostNetwork {
     async fn link_names(&self) -> Result<Vec<String>> {
         Ok(self.lock().0.links.iter().map(|l| l.name.clone()).collect())
     }
+
+    async fn normalize_pod_rules(&self, ip: Ipv4Addr) -> Result<Option<u32>> {
+        let mut g = self.lock();
+        let Some(rule) = normalized_from_rule(ip, &g.0.rules) else {
+            return Ok(None);
+        };
+        g.0.rules.retain(|r| r.from != rule.from);
+        let table = rule.table;
+        g.0.rules.push(rule);
+        Ok(Some(table))
+    }
 }
 
 #[cfg(test)]
@@ -460,5 +498,42 @@ mod tests {
             .block_on(h.setup_eni(&bad))
             .expect_err("no link")
             .is_not_found());
+    }
+
+    #[test]
+    fn pod_rules_are_normalized_to_one_1536_rule_keeping_the_table() {
+        let ip = Ipv4Addr::new(10, 0, 2, 33);
+        let from = IpCidr::host_v4(ip);
+        let old = vec![
+            Rule::new(Family::V4, 1536, 3)
+                .from(from)
+                .to("10.0.0.0/16".parse().expect("c")),
+            Rule::new(Family::V4, 1535, 3).from(from),
+            Rule::new(Family::V4, 512, 254).to(from),
+        ];
+        assert_eq!(
+            normalized_from_rule(ip, &old),
+            Some(Rule::new(Family::V4, 1536, 3).from(from))
+        );
+        assert_eq!(
+            normalized_from_rule(Ipv4Addr::new(10, 0, 2, 34), &old),
+            None
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        let h = MemoryHostNetwork::new();
+        h.lock().0.rules = old;
+        assert_eq!(
+            rt.block_on(h.normalize_pod_rules(ip)).expect("norm"),
+            Some(3)
+        );
+        assert_eq!(
+            h.state().rules,
+            vec![
+                Rule::new(Family::V4, 512, 254).to(from),
+                Rule::new(Family::V4, 1536, 3).from(from)
+            ]
+        );
     }
 }

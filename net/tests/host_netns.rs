@@ -337,3 +337,48 @@ async fn the_nftables_connmark_backend_installs_the_aws_cni_table() {
     net.apply_snat(&ext).await.expect("external");
     assert!(snat::nft_list(&host).expect("nft").is_none());
 }
+
+#[tokio::test]
+async fn pod_rules_are_normalized_after_a_restart() {
+    if skip_netns_test("pod_rules_are_normalized_after_a_restart") {
+        return;
+    }
+    let host = TestNetns::new("host").expect("host");
+    let net = NetlinkHostNetwork::new(host.try_clone().expect("dup")).expect("net");
+    let h = net.netlink();
+    let ip = Ipv4Addr::new(10, 0, 2, 33);
+    let from = IpCidr::host_v4(ip);
+    let to_pod = Rule::new(Family::V4, 512, 254).to(from);
+    for r in [
+        Rule::new(Family::V4, 1536, 3)
+            .from(from)
+            .to("10.0.0.0/16".parse().expect("c")),
+        Rule::new(Family::V4, 1536, 3)
+            .from(from)
+            .to("10.1.0.0/16".parse().expect("c")),
+        to_pod.clone(),
+    ] {
+        assert!(h.rule_add(&r).await.expect("seed"));
+    }
+    assert_eq!(
+        net.normalize_pod_rules(ip).await.expect("normalize"),
+        Some(3)
+    );
+    let mine: Vec<Rule> = h
+        .rules(Family::V4)
+        .await
+        .expect("rules")
+        .into_iter()
+        .filter(|r| r.from == Some(from) || r.to == Some(from))
+        .collect();
+    assert_eq!(
+        mine,
+        vec![to_pod, Rule::new(Family::V4, 1536, 3).from(from)]
+    );
+    assert_eq!(
+        net.normalize_pod_rules(Ipv4Addr::new(10, 0, 2, 34))
+            .await
+            .expect("none"),
+        None
+    );
+}
