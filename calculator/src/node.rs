@@ -207,6 +207,8 @@ pub struct ModelNode {
     next_id: u32,
     next_gen: u32,
     rng: Option<u64>,
+    cooling_peaks: [u32; 10],
+    peak_slot: u64,
     calls: Ec2Calls,
     primary_in_subnet: bool,
 }
@@ -248,6 +250,8 @@ impl ModelNode {
                 AddressPlacement::Packed => None,
                 AddressPlacement::Scattered(seed) => Some(seed),
             },
+            cooling_peaks: [0; 10],
+            peak_slot: 0,
             calls: Ec2Calls::default(),
             primary_in_subnet,
         };
@@ -658,6 +662,22 @@ impl ModelNode {
         }
     }
 
+    /// Records the addresses in cooldown now in a ring of ten buckets spanning the churn
+    /// window, and returns the most seen at once over the window.
+    fn note_cooling(&mut self, now: Duration) {
+        let width = (self.cfg.timers.churn_window.as_secs() / 10).max(1);
+        let slot = now.as_secs() / width;
+        if slot > self.peak_slot {
+            for k in 1..=(slot - self.peak_slot).min(10) {
+                self.cooling_peaks[((self.peak_slot + k) % 10) as usize] = 0;
+            }
+            self.peak_slot = slot;
+        }
+        let cooling: u32 = self.views.iter().map(|v| v.cooling()).sum();
+        let b = &mut self.cooling_peaks[(self.peak_slot % 10) as usize];
+        *b = (*b).max(cooling);
+    }
+
     fn input(&self) -> PoolInput<'_> {
         PoolInput {
             enis: &self.views,
@@ -667,6 +687,7 @@ impl ModelNode {
             last_insufficient_addresses: self.last_no_addresses,
             last_insufficient_cidr: self.last_no_blocks,
             paused: false,
+            recent_cooling_peak: self.cooling_peaks.iter().copied().max().unwrap_or(0),
         }
     }
 
@@ -676,6 +697,7 @@ impl ModelNode {
     /// waiting pods.
     pub fn tick(&mut self, subnet: &mut SubnetAllocator, now: Duration) -> TickOutcome {
         self.expire_cooldowns(now);
+        self.note_cooling(now);
         let mut out = TickOutcome::default();
         let rounds = if self.cfg.rules.immediate_top_up {
             8

@@ -75,7 +75,9 @@ impl Flavour {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Rules {
     /// Addresses in cooldown are not counted as available when sizing the pool, and are not
-    /// released to EC2 while cooling.
+    /// released to EC2 while cooling. So that steady pod churn does not turn into an
+    /// assign/release cycle, shrinking keeps room for as many cooling addresses as the recent
+    /// peak ([`PoolInput::recent_cooling_peak`]).
     pub exclude_cooling: bool,
     /// Release addresses or an ENI only when the pool would not be low right after it, and not
     /// at all while the node is paused (no oscillation).
@@ -132,6 +134,14 @@ pub struct Timers {
     /// Growth pauses this long after the subnet ran out of addresses (or, in the reference, of
     /// aligned /28 blocks).
     pub insufficient_capacity_backoff: Duration,
+    /// Window over which the executor reports the most addresses in cooldown at once
+    /// ([`PoolInput::recent_cooling_peak`]); used with [`Rules::exclude_cooling`].
+    #[serde(default = "default_churn_window")]
+    pub churn_window: Duration,
+}
+
+fn default_churn_window() -> Duration {
+    Duration::from_secs(600)
 }
 
 impl Default for Timers {
@@ -141,6 +151,7 @@ impl Default for Timers {
             decrease_interval: Duration::from_secs(30),
             min_eni_age: Duration::from_secs(60),
             insufficient_capacity_backoff: Duration::from_secs(120),
+            churn_window: default_churn_window(),
         }
     }
 }
@@ -333,6 +344,9 @@ pub struct PoolInput<'a> {
     pub last_insufficient_cidr: Option<Duration>,
     /// No growth and no ENI release (terminating, or node unschedulable).
     pub paused: bool,
+    /// Most addresses in cooldown at once over the last [`Timers::churn_window`] (0 without
+    /// history).
+    pub recent_cooling_peak: u32,
 }
 
 impl<'a> PoolInput<'a> {
@@ -346,6 +360,7 @@ impl<'a> PoolInput<'a> {
             last_insufficient_addresses: None,
             last_insufficient_cidr: None,
             paused: false,
+            recent_cooling_peak: 0,
         }
     }
 }
@@ -369,6 +384,24 @@ pub struct PoolStats {
     pub enis: u32,
     /// Of those, excluded from pod addresses.
     pub excluded_enis: u32,
+    /// Addresses a shrink must leave for churn: the recent cooling peak less what is cooling
+    /// now (only with [`Rules::exclude_cooling`]).
+    pub headroom: u32,
+}
+
+impl PoolStats {
+    /// The totals with the churn headroom taken out of `available`, for judging a shrink.
+    fn less_headroom(&self) -> PoolStats {
+        PoolStats { available: self.available.saturating_sub(self.headroom), ..*self }
+    }
+}
+
+fn headroom(cfg: &PoolConfig, input: &PoolInput<'_>, s: &PoolStats) -> u32 {
+    if cfg.rules.exclude_cooling {
+        input.recent_cooling_peak.saturating_sub(s.cooling)
+    } else {
+        0
+    }
 }
 
 /// Pool totals over `enis`.
@@ -545,7 +578,8 @@ pub fn decide(
     input: &PoolInput<'_>,
     now: Duration,
 ) -> Decision {
-    let s = stats(cfg, input.enis);
+    let mut s = stats(cfg, input.enis);
+    s.headroom = headroom(cfg, input, &s);
     let free_eni_phase = !input.paused && should_free_enis(cfg, limits, input, &s);
     let done = |change, reason| Decision {
         change,
@@ -718,7 +752,7 @@ fn shrink(
                     next.total_prefixes -= 1;
                     next.free_prefixes = next.free_prefixes.saturating_sub(1);
                 }
-                if cfg.rules.stable_shrink && is_low(cfg, limits, &next) {
+                if cfg.rules.stable_shrink && is_low(cfg, limits, &next.less_headroom()) {
                     over = 0;
                     break;
                 }
@@ -779,7 +813,8 @@ pub fn choose_eni_to_free(
     }
     let pd = cfg.prefix_delegation;
     let unit = if pd { IPS_PER_PREFIX } else { 1 };
-    let all = stats(cfg, input.enis);
+    let mut all = stats(cfg, input.enis);
+    all.headroom = headroom(cfg, input, &all);
     let (w, m, wpt) = (
         cfg.warm_ip_target,
         cfg.minimum_ip_target,
@@ -818,7 +853,7 @@ pub fn choose_eni_to_free(
             return false;
         }
         // Ours: never free an ENI the next tick would have to replace.
-        !(cfg.rules.stable_shrink && is_low(cfg, limits, &others))
+        !(cfg.rules.stable_shrink && is_low(cfg, limits, &others.less_headroom()))
     })
 }
 
@@ -1128,6 +1163,24 @@ mod tests {
         ));
         assert_eq!(Rules::OURS.flavour(), Some(Flavour::Ours));
         assert_eq!(only(|r| r.stable_shrink = true).flavour(), None);
+    }
+
+    #[test]
+    fn ours_keeps_room_for_recent_churn_when_shrinking() {
+        let cfg = PoolConfig { warm_ip_target: 2, rules: Rules::OURS, ..Default::default() };
+        let l = limits(3, 10);
+        // 6 free, target 2: 4 over. Four addresses were cooling a moment ago.
+        let enis = [eni(true, 9, 3)];
+        let mut input = PoolInput::new(&enis);
+        let d = decide(&cfg, &l, &input, secs(100));
+        assert!(matches!(d.change, Some(PoolChange::Release(_))), "{d:?}");
+        input.recent_cooling_peak = 4;
+        let d = decide(&cfg, &l, &input, secs(100));
+        assert_eq!(d.change, None, "the churn headroom keeps the surplus");
+        input.recent_cooling_peak = 2;
+        let d = decide(&cfg, &l, &input, secs(100));
+        let Some(PoolChange::Release(r)) = d.change else { panic!("{d:?}") };
+        assert_eq!(r[0].ips, 2);
     }
 
     #[test]

@@ -306,6 +306,10 @@ pub struct TimelineGroup {
     /// `[1 - spread, 1 + spread]`.
     #[serde(default)]
     pub spread: f64,
+    /// Pods replaced per hour, as a fraction of the node's pods (rollouts, jobs): each
+    /// replacement deletes a pod (its address cools down) and creates a new one in the same tick.
+    #[serde(default)]
+    pub churn_per_hour: f64,
     /// Override: ENIs on the default network card.
     #[serde(default)]
     pub max_enis: Option<u32>,
@@ -459,6 +463,7 @@ struct SimNode {
     group: usize,
     subnet: usize,
     factor: f64,
+    churn_debt: f64,
     node: ModelNode,
 }
 
@@ -525,6 +530,12 @@ impl Timeline {
             let at = format!("node_groups[{gi}]");
             if !(0.0..1.0).contains(&g.spread) {
                 return Err(InputError::new(format!("{at}.spread"), "must be in [0, 1)"));
+            }
+            if !(0.0..=3600.0).contains(&g.churn_per_hour) {
+                return Err(InputError::new(
+                    format!("{at}.churn_per_hour"),
+                    "must be between 0 and 3600",
+                ));
             }
             if let Load::TraceFile(f) = &g.pods {
                 return Err(InputError::new(
@@ -606,6 +617,7 @@ impl Timeline {
                     group: gi,
                     subnet: si,
                     factor,
+                    churn_debt: 0.0,
                     node,
                 });
             }
@@ -649,6 +661,15 @@ impl Timeline {
             let mut pending = 0u64;
             for n in &mut self.nodes {
                 let want = (f64::from(self.loads[n.group].at(t)) * n.factor).round() as u32;
+                let churn = self.input.node_groups[n.group].churn_per_hour;
+                if churn > 0.0 {
+                    n.churn_debt += f64::from(n.node.pods()) * churn * tick as f64 / 3600.0;
+                    let replace = n.churn_debt.floor();
+                    n.churn_debt -= replace;
+                    let replace = (replace as u32).min(n.node.pods());
+                    n.node.remove_pods(replace, now);
+                    n.node.add_pods(replace, now);
+                }
                 n.node.set_pods(want, now);
                 let out = n.node.tick(&mut self.subnets[n.subnet].1, now);
                 if let Some(e) = out.error {
@@ -846,6 +867,27 @@ node_groups: [{instance_type: m5.xlarge, count: 5, spread: 0.3, pods: {daily: {m
             pending(&ours),
             pending(&reference)
         );
+    }
+
+    #[test]
+    fn churn_makes_the_reference_wait_on_cooling_addresses_and_ours_not() {
+        let base = "subnet: {cidr: 10.0.0.0/20}
+config: {warm_ip_target: 3, minimum_ip_target: 8, policy: POLICY}
+duration: 3h
+seed: 5
+node_groups: [{instance_type: m5.large, count: 4, churn_per_hour: 1.5, pods: {constant: 20}}]";
+        let reference = run(&base.replace("POLICY", "reference"));
+        let ours = run(&base.replace("POLICY", "ours"));
+        assert!(reference.pending_pod_seconds > 0, "churn through a 2-address warm pool");
+        assert!(
+            ours.pending_pod_seconds * 2 < reference.pending_pod_seconds,
+            "ours {} vs reference {}",
+            ours.pending_pod_seconds,
+            reference.pending_pod_seconds
+        );
+        // Keeping room for the churn must not turn it into an assign/release cycle.
+        let (o, r) = (mutating_calls(&ours), mutating_calls(&reference));
+        assert!(o <= 2 * r + 20, "ours made {o} mutating EC2 calls, the reference {r}");
     }
 
     #[test]
