@@ -392,7 +392,10 @@ pub struct PoolStats {
 impl PoolStats {
     /// The totals with the churn headroom taken out of `available`, for judging a shrink.
     fn less_headroom(&self) -> PoolStats {
-        PoolStats { available: self.available.saturating_sub(self.headroom), ..*self }
+        PoolStats {
+            available: self.available.saturating_sub(self.headroom),
+            ..*self
+        }
     }
 }
 
@@ -1167,7 +1170,11 @@ mod tests {
 
     #[test]
     fn ours_keeps_room_for_recent_churn_when_shrinking() {
-        let cfg = PoolConfig { warm_ip_target: 2, rules: Rules::OURS, ..Default::default() };
+        let cfg = PoolConfig {
+            warm_ip_target: 2,
+            rules: Rules::OURS,
+            ..Default::default()
+        };
         let l = limits(3, 10);
         // 6 free, target 2: 4 over. Four addresses were cooling a moment ago.
         let enis = [eni(true, 9, 3)];
@@ -1179,7 +1186,9 @@ mod tests {
         assert_eq!(d.change, None, "the churn headroom keeps the surplus");
         input.recent_cooling_peak = 2;
         let d = decide(&cfg, &l, &input, secs(100));
-        let Some(PoolChange::Release(r)) = d.change else { panic!("{d:?}") };
+        let Some(PoolChange::Release(r)) = d.change else {
+            panic!("{d:?}")
+        };
         assert_eq!(r[0].ips, 2);
     }
 

@@ -878,7 +878,10 @@ seed: 5
 node_groups: [{instance_type: m5.large, count: 4, churn_per_hour: 1.5, pods: {constant: 20}}]";
         let reference = run(&base.replace("POLICY", "reference"));
         let ours = run(&base.replace("POLICY", "ours"));
-        assert!(reference.pending_pod_seconds > 0, "churn through a 2-address warm pool");
+        assert!(
+            reference.pending_pod_seconds > 0,
+            "churn through a 2-address warm pool"
+        );
         assert!(
             ours.pending_pod_seconds * 2 < reference.pending_pod_seconds,
             "ours {} vs reference {}",
@@ -887,7 +890,10 @@ node_groups: [{instance_type: m5.large, count: 4, churn_per_hour: 1.5, pods: {co
         );
         // Keeping room for the churn must not turn it into an assign/release cycle.
         let (o, r) = (mutating_calls(&ours), mutating_calls(&reference));
-        assert!(o <= 2 * r + 20, "ours made {o} mutating EC2 calls, the reference {r}");
+        assert!(
+            o <= 2 * r + 20,
+            "ours made {o} mutating EC2 calls, the reference {r}"
+        );
     }
 
     #[test]
