@@ -13,5 +13,6 @@ pub mod plan;
 pub mod policy;
 pub mod report;
 pub mod subnet;
+pub mod svg;
 pub mod timeline;
 pub mod workbook;
