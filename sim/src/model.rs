@@ -2401,7 +2401,7 @@ fn encode_token(key: &str) -> String {
 }
 
 fn decode_token(tok: &str) -> Option<String> {
-    if tok.len() % 2 != 0 {
+    if !tok.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..tok.len())
