@@ -3,3 +3,7 @@
 //! It keeps a warm pool of VPC secondary IPs or /28 prefixes on the node's ENIs, hands
 //! addresses to the CNI plugin over gRPC on a unix socket, and records every assignment in a
 //! checkpoint compatible with the reference daemon (`vpc-cni-ipam/1`).
+
+pub mod config;
+pub mod ec2;
+pub mod types;
