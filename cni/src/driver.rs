@@ -1,0 +1,954 @@
+//! The CNI commands over three narrow dependencies: ipamd ([`Ipam`]), the pod network
+//! ([`PodNetwork`] from `vpc-cni-net`) and the network policy agent ([`PolicyAgent`]).
+//!
+//! - ADD asks ipamd for the address (waiting a bounded time while the pool is empty), wires
+//!   every interface, and on any failure undoes what it did and releases the address with
+//!   reason `SetupNSFailed`.
+//! - DEL is idempotent and best-effort: an unknown pod is success; an unreachable ipamd still
+//!   gets the host rules and routes removed, from `prevResult`.
+//! - CHECK rebuilds what ADD built from `prevResult` and compares it with the namespaces.
+
+use std::net::Ipv4Addr;
+
+use tokio::time::{sleep, Instant};
+use vpc_cni_net::names::{container_ifname, dummy_interface_name, host_veth_name};
+use vpc_cni_net::pod::{PodDrift, Side};
+use vpc_cni_net::{NetError, PodNetwork, PodSpec, PodTeardown};
+use vpc_cni_rpc::{
+    is_unknown_pod, AddNetworkReply, AddNetworkRequest, DelNetworkRequest, DeleteNpRequest,
+    EnforceNpRequest, IpAllocationMetadata, REASON_POD_DELETED, REASON_SETUP_NS_FAILED,
+};
+
+use crate::backend::{BackendError, Ipam, PolicyAgent};
+use crate::config::NetConf;
+use crate::env::Invocation;
+use crate::error::CniError;
+use crate::result::{AddResult, DummyInfo, PodAttachment, PrevResult};
+
+/// The plugin's logic, generic over its side effects.
+#[derive(Debug)]
+pub struct Driver<I, N, P> {
+    ipam: I,
+    net: N,
+    policy: P,
+    client_version: String,
+}
+
+fn ipam_error(op: &'static str, e: BackendError) -> CniError {
+    match e {
+        BackendError::Unreachable { socket, source } => {
+            CniError::IpamdUnreachable { socket, source }
+        }
+        BackendError::Rpc { source, .. } => CniError::Ipamd { op, source },
+    }
+}
+
+fn route_table(meta: &IpAllocationMetadata) -> u32 {
+    u32::try_from(meta.route_table_id).unwrap_or(0)
+}
+
+impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
+    /// A driver sending `client_version` as `ClientVersion` (the workspace version in the
+    /// binary; ipamd must have the same).
+    pub fn new(ipam: I, net: N, policy: P, client_version: impl Into<String>) -> Self {
+        Driver {
+            ipam,
+            net,
+            policy,
+            client_version: client_version.into(),
+        }
+    }
+
+    /// The ipamd client.
+    pub fn ipam(&self) -> &I {
+        &self.ipam
+    }
+
+    /// The pod network.
+    pub fn net(&self) -> &N {
+        &self.net
+    }
+
+    /// The policy agent.
+    pub fn policy(&self) -> &P {
+        &self.policy
+    }
+
+    /// AddNetwork, retried every `pool_retry` while ipamd has no free address (or cannot be
+    /// reached) until `pool_wait` has passed.
+    async fn assign(
+        &self,
+        req: &AddNetworkRequest,
+        conf: &NetConf,
+    ) -> Result<AddNetworkReply, CniError> {
+        let start = Instant::now();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let last = match self.ipam.add_network(req.clone()).await {
+                Ok(r) if r.success => {
+                    if attempts > 1 {
+                        tracing::info!(attempts, waited = ?start.elapsed(), "ipamd assigned an address after waiting");
+                    }
+                    return Ok(r);
+                }
+                Ok(_) if conf.pool_wait.is_zero() => {
+                    return Err(CniError::AssignFailed { op: "add cmd" })
+                }
+                Ok(_) => "ipamd answered Success=false (no free address)".to_string(),
+                Err(BackendError::Rpc { source, .. })
+                    if source.code() == tonic::Code::ResourceExhausted
+                        && !conf.pool_wait.is_zero() =>
+                {
+                    format!("ipamd: {}", source.message())
+                }
+                Err(e @ BackendError::Unreachable { .. }) if !conf.pool_wait.is_zero() => {
+                    crate::error::CniError::details(&ipam_error("AddNetwork", e))
+                }
+                Err(e) => return Err(ipam_error("AddNetwork", e)),
+            };
+            let waited = start.elapsed();
+            if waited + conf.pool_retry > conf.pool_wait {
+                tracing::warn!(attempts, ?waited, %last, "giving up waiting for ipamd");
+                return Err(CniError::TryAgainLater { waited, last });
+            }
+            tracing::debug!(attempts, %last, "no address yet; retrying");
+            sleep(conf.pool_retry).await;
+        }
+    }
+
+    async fn release(&self, inv: &Invocation, conf: &NetConf, reason: &str) {
+        let req = self.del_request(inv, conf, reason);
+        match self.ipam.del_network(req).await {
+            Ok(r) if r.success => tracing::info!(reason, "address released"),
+            Ok(_) => tracing::warn!(reason, "ipamd answered Success=false to the release"),
+            Err(e) => {
+                tracing::warn!(reason, error = %CniError::details(&ipam_error("DelNetwork", e)), "release failed")
+            }
+        }
+    }
+
+    fn del_request(&self, inv: &Invocation, conf: &NetConf, reason: &str) -> DelNetworkRequest {
+        DelNetworkRequest {
+            client_version: self.client_version.clone(),
+            k8s_pod_name: inv.args.pod_name().to_string(),
+            k8s_pod_namespace: inv.args.pod_namespace().to_string(),
+            k8s_pod_infra_container_id: inv.args.infra_container_id().to_string(),
+            reason: reason.to_string(),
+            container_id: inv.container_id.clone(),
+            if_name: inv.ifname.clone(),
+            network_name: conf.name.clone(),
+            k8s_pod_uid: inv.args.pod_uid().to_string(),
+        }
+    }
+
+    fn spec(
+        &self,
+        inv: &Invocation,
+        conf: &NetConf,
+        index: u32,
+        ipv4: Ipv4Addr,
+        table: u32,
+    ) -> PodSpec {
+        let (ns, name) = (inv.args.pod_namespace(), inv.args.pod_name());
+        PodSpec {
+            netns: inv.netns.clone().into(),
+            host_veth: host_veth_name(&conf.veth_prefix, ns, name, index),
+            container_ifname: container_ifname(&inv.ifname, index),
+            index,
+            ipv4,
+            mtu: conf.mtu,
+            route_table: table,
+        }
+    }
+
+    /// Validates ipamd's reply and turns it into one spec per interface.
+    fn specs(
+        &self,
+        inv: &Invocation,
+        conf: &NetConf,
+        reply: &AddNetworkReply,
+    ) -> Result<Vec<PodSpec>, CniError> {
+        if reply.pod_vlan_id != 0 {
+            return Err(CniError::Unsupported {
+                what: format!(
+                    "branch-ENI (security groups for pods) pod with VLAN {}",
+                    reply.pod_vlan_id
+                ),
+            });
+        }
+        if reply.ip_allocation_metadata.is_empty() {
+            return Err(CniError::AssignFailed { op: "add cmd" });
+        }
+        let mut specs = Vec::new();
+        for (i, meta) in reply.ip_allocation_metadata.iter().enumerate() {
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            if meta.i_pv4_addr.is_empty() && !meta.i_pv6_addr.is_empty() {
+                return Err(CniError::Unsupported {
+                    what: format!("IPv6 pod address {}", meta.i_pv6_addr),
+                });
+            }
+            let ipv4: Ipv4Addr = meta.i_pv4_addr.parse().map_err(|_| CniError::Ipamd {
+                op: "AddNetwork",
+                source: tonic::Status::internal(format!(
+                    "ipamd returned the invalid IPv4 address {:?}",
+                    meta.i_pv4_addr
+                )),
+            })?;
+            let spec = self.spec(inv, conf, index, ipv4, route_table(meta));
+            spec.validate().map_err(|source| CniError::Setup {
+                interface: spec.container_ifname.clone(),
+                source,
+            })?;
+            specs.push(spec);
+        }
+        Ok(specs)
+    }
+
+    /// ADD.
+    pub async fn add(&self, inv: &Invocation, conf: &NetConf) -> Result<AddResult, CniError> {
+        let req = AddNetworkRequest {
+            client_version: self.client_version.clone(),
+            k8s_pod_name: inv.args.pod_name().to_string(),
+            k8s_pod_namespace: inv.args.pod_namespace().to_string(),
+            k8s_pod_infra_container_id: inv.args.infra_container_id().to_string(),
+            container_id: inv.container_id.clone(),
+            if_name: inv.ifname.clone(),
+            network_name: conf.name.clone(),
+            netns: inv.netns.clone(),
+            requires_multi_nic_attachment: conf.requires_multi_nic,
+        };
+        let reply = self.assign(&req, conf).await?;
+        let specs = match self.specs(inv, conf, &reply) {
+            Ok(s) => s,
+            Err(e) => {
+                self.release(inv, conf, REASON_SETUP_NS_FAILED).await;
+                return Err(e);
+            }
+        };
+        let mut done: Vec<&PodSpec> = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            if let Err(source) = self.net.setup_pod(spec).await {
+                // setup_pod undid its own steps; undo the interfaces wired before it.
+                for d in done.iter().rev() {
+                    if let Err(e) = self.net.teardown_pod(&d.teardown()).await {
+                        tracing::warn!(error = %e, veth = %d.host_veth, "undoing an earlier interface failed");
+                    }
+                }
+                self.release(inv, conf, REASON_SETUP_NS_FAILED).await;
+                return Err(CniError::Setup {
+                    interface: spec.container_ifname.clone(),
+                    source,
+                });
+            }
+            done.push(spec);
+        }
+        if !reply.network_policy_mode.is_empty() {
+            let req = EnforceNpRequest {
+                k8s_pod_name: inv.args.pod_name().to_string(),
+                k8s_pod_namespace: inv.args.pod_namespace().to_string(),
+                network_policy_mode: reply.network_policy_mode.clone(),
+                interface_count: i32::try_from(specs.len()).unwrap_or(i32::MAX),
+            };
+            // As the reference: no cleanup here; the runtime follows a failed ADD with DEL.
+            self.policy
+                .enforce(req)
+                .await
+                .map_err(|e| CniError::NetworkPolicy {
+                    op: "setup",
+                    source: Box::new(e),
+                })?;
+        }
+        let attachments: Vec<PodAttachment> = specs
+            .iter()
+            .map(|s| PodAttachment {
+                host_veth: Some(s.host_veth.clone()),
+                container_ifname: s.container_ifname.clone(),
+                sandbox: inv.netns.clone(),
+                ipv4: s.ipv4,
+                route_table: s.route_table,
+            })
+            .collect();
+        let device_number = reply
+            .ip_allocation_metadata
+            .first()
+            .map(|m| m.device_number)
+            .unwrap_or(0);
+        let dummy = dummy_interface_name(inv.args.pod_namespace(), inv.args.pod_name());
+        for s in &specs {
+            tracing::info!(ip = %s.ipv4, veth = %s.host_veth, table = s.route_table, "pod added");
+        }
+        Ok(AddResult::build(
+            &attachments,
+            &dummy,
+            DummyInfo::Normal { device_number },
+        ))
+    }
+
+    async fn teardown_all(&self, items: &[PodTeardown]) -> Result<(), NetError> {
+        let mut first_err = None;
+        for t in items {
+            if let Err(e) = self.net.teardown_pod(t).await {
+                tracing::warn!(error = %e, ip = %t.ipv4, "host teardown failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// DEL.
+    pub async fn del(&self, inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
+        let prev = match conf.prev_result.as_ref().map(PrevResult::parse) {
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "ignoring an unreadable prevResult");
+                None
+            }
+            None => None,
+        };
+        let prev_teardown: Vec<PodTeardown> = prev
+            .as_ref()
+            .map(|p| {
+                p.attachments()
+                    .iter()
+                    .map(|a| PodTeardown {
+                        ipv4: a.ipv4,
+                        route_table: a.route_table,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(DummyInfo::Branch { vlan_id }) = prev.as_ref().and_then(PrevResult::dummy) {
+            // Branch-ENI pods are handled locally, without ipamd, as the reference does.
+            if inv.netns.is_empty() {
+                tracing::info!(
+                    vlan_id,
+                    "branch-ENI pod DEL with empty netns: nothing to do"
+                );
+                return Ok(());
+            }
+            return self
+                .teardown_all(&prev_teardown)
+                .await
+                .map_err(|source| CniError::Teardown { source });
+        }
+        let req = self.del_request(inv, conf, REASON_POD_DELETED);
+        let reply = match self.ipam.del_network(req).await {
+            Ok(r) => r,
+            Err(BackendError::Rpc { source, .. }) if is_unknown_pod(&source) => {
+                tracing::info!("ipamd does not know the pod: already released");
+                return Ok(());
+            }
+            Err(e) => {
+                let err = ipam_error("DelNetwork", e);
+                tracing::warn!(error = %err, details = %err.details(), rules = prev_teardown.len(), "ipamd unavailable for DEL; removing host wiring from prevResult");
+                if let Err(e) = self.teardown_all(&prev_teardown).await {
+                    tracing::warn!(error = %e, "prevResult teardown incomplete");
+                }
+                return Ok(());
+            }
+        };
+        if !reply.success {
+            return Err(CniError::ReleaseFailed);
+        }
+        let table_of = |m: &IpAllocationMetadata| {
+            if reply.pod_vlan_id != 0 {
+                u32::try_from(reply.pod_vlan_id).unwrap_or(0) + 100
+            } else {
+                route_table(m)
+            }
+        };
+        if reply.pod_vlan_id != 0 && inv.netns.is_empty() {
+            return Ok(());
+        }
+        let items: Vec<PodTeardown> = reply
+            .ip_allocation_metadata
+            .iter()
+            .filter_map(|m| {
+                Some(PodTeardown {
+                    ipv4: m.i_pv4_addr.parse().ok()?,
+                    route_table: table_of(m),
+                })
+            })
+            .collect();
+        self.teardown_all(&items)
+            .await
+            .map_err(|source| CniError::Teardown { source })?;
+        if !reply.network_policy_mode.is_empty() {
+            let req = DeleteNpRequest {
+                k8s_pod_name: inv.args.pod_name().to_string(),
+                k8s_pod_namespace: inv.args.pod_namespace().to_string(),
+            };
+            match self.policy.delete(req).await {
+                Ok(()) => {}
+                Err(e @ BackendError::Unreachable { .. }) => {
+                    return Err(CniError::NetworkPolicy {
+                        op: "delete",
+                        source: Box::new(e),
+                    })
+                }
+                Err(e) => tracing::warn!(error = %e, "DeletePodNp failed"),
+            }
+        }
+        for t in &items {
+            tracing::info!(ip = %t.ipv4, table = t.route_table, "pod deleted");
+        }
+        Ok(())
+    }
+
+    /// CHECK: the wiring described by `prevResult` must be there, as ADD built it.
+    pub async fn check(&self, inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
+        if !conf.cni_version.has_check() {
+            return Err(CniError::IncompatibleVersion {
+                version: conf.cni_version.to_string(),
+                reason: "config version does not allow CHECK".into(),
+            });
+        }
+        let prev = conf
+            .prev_result
+            .as_ref()
+            .ok_or_else(|| CniError::config("CHECK needs prevResult"))?;
+        let prev = PrevResult::parse(prev)?;
+        let ours: Vec<PodAttachment> = prev
+            .attachments()
+            .into_iter()
+            .filter(|a| a.sandbox == inv.netns)
+            .collect();
+        if ours.is_empty() {
+            return Err(CniError::config(format!(
+                "prevResult has no interface in sandbox {}",
+                inv.netns
+            )));
+        }
+        let mut drift_lines = Vec::new();
+        let mut missing = Vec::new();
+        for (i, a) in ours.iter().enumerate() {
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            let mut spec = self.spec(inv, conf, index, a.ipv4, a.route_table);
+            spec.container_ifname = a.container_ifname.clone();
+            if let Some(h) = &a.host_veth {
+                spec.host_veth = h.clone();
+            }
+            let drift = match self.net.check_pod(&spec).await {
+                Ok(d) => d,
+                Err(e @ NetError::Netns { .. }) => {
+                    return Err(CniError::UnknownContainer {
+                        what: format!("network namespace {}", inv.netns),
+                        source: Some(e),
+                    })
+                }
+                Err(e) => {
+                    return Err(CniError::Net {
+                        what: "reading the pod's network state".into(),
+                        source: e,
+                    })
+                }
+            };
+            for d in drift {
+                match &d {
+                    PodDrift::MissingLink {
+                        side: Side::Pod,
+                        name,
+                    } => missing.push(format!("interface {name}")),
+                    _ => drift_lines.push(describe(&d)),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            return Err(CniError::UnknownContainer {
+                what: missing.join(", "),
+                source: None,
+            });
+        }
+        if !drift_lines.is_empty() {
+            return Err(CniError::Drift { drift: drift_lines });
+        }
+        Ok(())
+    }
+
+    /// STATUS: ready when ipamd's health service says SERVING.
+    pub async fn status(&self) -> Result<(), CniError> {
+        self.ipam.ready().await.map_err(|e| CniError::NotAvailable {
+            reason: crate::error::CniError::details(&ipam_error("health", e)),
+        })
+    }
+}
+
+/// One line of text for a drift.
+pub fn describe(d: &PodDrift) -> String {
+    let side = |s: &Side| match s {
+        Side::Host => "host",
+        Side::Pod => "pod",
+    };
+    match d {
+        PodDrift::MissingLink { side: s, name } => format!("{} link {name} missing", side(s)),
+        PodDrift::LinkDown { side: s, name } => format!("{} link {name} is down", side(s)),
+        PodDrift::WrongMtu {
+            side: s,
+            name,
+            expected,
+            actual,
+        } => format!(
+            "{} link {name} has MTU {actual}, expected {expected}",
+            side(s)
+        ),
+        PodDrift::MissingAddress(a) => format!("pod address {a} missing"),
+        PodDrift::MissingRoute { side: s, route } => format!("{} route {route} missing", side(s)),
+        PodDrift::MissingRule { side: s, rule } => format!("{} rule {rule} missing", side(s)),
+        PodDrift::WrongNeighbour { expected, actual } => match actual {
+            Some(a) => format!("gateway neighbour is {a}, expected {expected}"),
+            None => format!("permanent gateway neighbour {expected} missing"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::{CniArgs, Command};
+    use crate::error::code;
+    use crate::memory::{IpamCall, MemoryIpam, MemoryPolicyAgent, PolicyCall};
+    use crate::version::CniVersion;
+    use std::time::Duration;
+    use vpc_cni_net::pod::SetupStep;
+    use vpc_cni_net::MemoryPodNetwork;
+
+    type TestDriver = Driver<MemoryIpam, MemoryPodNetwork, MemoryPolicyAgent>;
+
+    const NETNS: &str = "/var/run/netns/pod-1";
+
+    fn driver(n: u32, table: i32) -> TestDriver {
+        let ipam = MemoryIpam::new(
+            CLIENT,
+            MemoryIpam::pool(Ipv4Addr::new(10, 0, 1, 10), n, 2, table),
+        );
+        let net = MemoryPodNetwork::new();
+        net.add_netns(NETNS);
+        Driver::new(ipam, net, MemoryPolicyAgent::default(), CLIENT)
+    }
+
+    const CLIENT: &str = "test-1.0";
+
+    fn inv(command: Command, container: &str, netns: &str) -> Invocation {
+        Invocation {
+            command,
+            container_id: container.into(),
+            netns: netns.into(),
+            ifname: "eth0".into(),
+            // Key order differs from what ADD used; CNI_ARGS is a set.
+            args: CniArgs::parse(&format!(
+                "K8S_POD_UID=uid-{container};K8S_POD_NAME=web-{container};IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_INFRA_CONTAINER_ID={container}"
+            ))
+            .expect("args"),
+            path: "/opt/cni/bin".into(),
+        }
+    }
+
+    fn conf() -> NetConf {
+        let mut c = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"aws-cni","type":"aws-cni","mtu":"1500","pluginLogFile":"stderr"}"#,
+        )
+        .expect("conf");
+        c.pool_wait = Duration::from_secs(2);
+        c.pool_retry = Duration::from_millis(100);
+        c
+    }
+
+    fn with_prev(mut c: NetConf, r: &AddResult) -> NetConf {
+        c.prev_result = Some(r.render(c.cni_version));
+        c
+    }
+
+    fn dels(d: &TestDriver) -> Vec<DelNetworkRequest> {
+        d.ipam()
+            .calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                IpamCall::Del(r) => Some(r),
+                IpamCall::Add(_) => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn add_wires_the_pod_and_answers_the_reference_layout() {
+        let d = driver(4, 3);
+        let r = d
+            .add(&inv(Command::Add, "c1", NETNS), &conf())
+            .await
+            .expect("add");
+        let veth = host_veth_name("eni", "default", "web-c1", 0);
+        let j = r.render(CniVersion::V1_0_0);
+        assert_eq!(j["interfaces"][0]["name"], veth.as_str());
+        assert_eq!(j["interfaces"][1]["name"], "eth0");
+        assert_eq!(j["interfaces"][1]["mac"], "3");
+        assert_eq!(j["interfaces"][1]["sandbox"], NETNS);
+        assert_eq!(j["interfaces"][2]["sandbox"], "2");
+        assert_eq!(j["ips"][0]["address"], "10.0.1.10/32");
+        let st = d.net().state();
+        let prios: Vec<u32> = st.host.rules.iter().map(|r| r.priority).collect();
+        assert_eq!(prios, vec![512, 1536]);
+        assert_eq!(st.host.link(&veth).expect("host veth").mtu, 1500);
+        let IpamCall::Add(req) = &d.ipam().calls()[0] else {
+            panic!("first call is AddNetwork")
+        };
+        assert_eq!(req.client_version, CLIENT);
+        assert_eq!(req.k8s_pod_name, "web-c1");
+        assert_eq!(req.k8s_pod_namespace, "default");
+        assert_eq!(req.network_name, "aws-cni");
+        assert_eq!(req.netns, NETNS);
+        assert!(!req.requires_multi_nic_attachment);
+    }
+
+    #[tokio::test]
+    async fn a_pod_on_the_primary_eni_gets_no_from_pod_rule() {
+        let d = driver(1, 254);
+        d.add(&inv(Command::Add, "c1", NETNS), &conf())
+            .await
+            .expect("add");
+        let prios: Vec<u32> = d
+            .net()
+            .state()
+            .host
+            .rules
+            .iter()
+            .map(|r| r.priority)
+            .collect();
+        assert_eq!(prios, vec![512]);
+    }
+
+    #[tokio::test]
+    async fn a_failure_at_any_step_undoes_everything_and_releases_with_setup_ns_failed() {
+        for step in SetupStep::ALL {
+            let d = driver(1, 3);
+            d.net().fail_at(Some(step));
+            let before = d.net().state();
+            let e = d
+                .add(&inv(Command::Add, "c1", NETNS), &conf())
+                .await
+                .expect_err("must fail");
+            assert_eq!(e.code(), code::SETUP_FAILED, "{step}");
+            assert_eq!(d.net().state().host.rules, before.host.rules, "{step}");
+            assert_eq!(d.net().state().host.links, before.host.links, "{step}");
+            assert_eq!(d.ipam().assigned(), 0, "{step}: address released");
+            let del = dels(&d);
+            assert_eq!(del.len(), 1);
+            assert_eq!(del[0].reason, "SetupNSFailed");
+            assert_eq!(del[0].container_id, "c1");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn add_waits_for_a_warming_pool_within_the_bound() {
+        let d = driver(1, 3);
+        d.ipam().set_warming(5);
+        let start = Instant::now();
+        d.add(&inv(Command::Add, "c1", NETNS), &conf())
+            .await
+            .expect("add after waiting");
+        assert_eq!(d.ipam().calls().len(), 6);
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_pool_fails_with_try_again_later_after_the_bound() {
+        let d = driver(0, 3);
+        let start = Instant::now();
+        let e = d
+            .add(&inv(Command::Add, "c1", NETNS), &conf())
+            .await
+            .expect_err("empty pool");
+        assert_eq!(e.code(), code::TRY_AGAIN_LATER);
+        assert!(start.elapsed() <= Duration::from_secs(2));
+        assert!(start.elapsed() >= Duration::from_millis(1900));
+        assert!(e.details().contains("Success=false"), "{}", e.details());
+        assert!(d.net().state().host.links.is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_a_wait_an_empty_pool_fails_at_once_as_the_reference() {
+        let d = driver(0, 3);
+        let mut c = conf();
+        c.pool_wait = Duration::ZERO;
+        let e = d
+            .add(&inv(Command::Add, "c1", NETNS), &c)
+            .await
+            .expect_err("empty");
+        assert_eq!(e.code(), code::ASSIGN_FAILED);
+        assert_eq!(
+            e.to_string(),
+            "add cmd: failed to assign an IP address to container"
+        );
+        assert_eq!(d.ipam().calls().len(), 1);
+        d.ipam().set_unreachable(true);
+        let e = d
+            .add(&inv(Command::Add, "c1", NETNS), &c)
+            .await
+            .expect_err("down");
+        assert_eq!(e.code(), code::IPAMD_UNREACHABLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_ipamd_is_waited_for_too() {
+        let d = driver(1, 3);
+        d.ipam().set_unreachable(true);
+        let e = d
+            .add(&inv(Command::Add, "c1", NETNS), &conf())
+            .await
+            .expect_err("down");
+        assert_eq!(e.code(), code::TRY_AGAIN_LATER);
+        assert!(
+            e.details().contains("connection refused"),
+            "{}",
+            e.details()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_version_mismatch_is_not_retried() {
+        let d = driver(1, 3);
+        let d = Driver::new(
+            MemoryIpam::new(
+                "other",
+                MemoryIpam::pool(Ipv4Addr::new(10, 0, 0, 1), 1, 0, 254),
+            ),
+            d.net,
+            MemoryPolicyAgent::default(),
+            CLIENT,
+        );
+        let e = d
+            .add(&inv(Command::Add, "c1", NETNS), &conf())
+            .await
+            .expect_err("mismatch");
+        assert_eq!(e.code(), code::IPAMD_ERROR);
+        assert!(e.details().contains("wrong client version"));
+        assert_eq!(d.ipam().calls().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn del_releases_and_removes_host_wiring_and_is_idempotent() {
+        let d = driver(2, 3);
+        let r = d
+            .add(&inv(Command::Add, "c1", NETNS), &conf())
+            .await
+            .expect("add");
+        let c = with_prev(conf(), &r);
+        d.del(&inv(Command::Del, "c1", NETNS), &c)
+            .await
+            .expect("del");
+        assert!(d.net().state().host.rules.is_empty());
+        assert!(d.net().state().host.routes.is_empty());
+        assert_eq!(d.ipam().assigned(), 0);
+        let del = &dels(&d)[0];
+        assert_eq!(del.reason, "PodDeleted");
+        assert_eq!(del.k8s_pod_uid, "uid-c1");
+        // Second DEL, as containerd sends, with an empty netns: unknown pod -> success.
+        d.del(&inv(Command::Del, "c1", ""), &c)
+            .await
+            .expect("del twice");
+        // And with the netns gone.
+        d.net().remove_netns(std::path::Path::new(NETNS));
+        d.del(&inv(Command::Del, "c1", NETNS), &c)
+            .await
+            .expect("del thrice");
+    }
+
+    #[tokio::test]
+    async fn del_with_ipamd_down_tears_down_from_prev_result_and_succeeds() {
+        let d = driver(1, 3);
+        let r = d
+            .add(&inv(Command::Add, "c1", NETNS), &conf())
+            .await
+            .expect("add");
+        assert_eq!(d.net().state().host.rules.len(), 2);
+        d.ipam().set_unreachable(true);
+        for v in [CniVersion::V0_4_0, CniVersion::V1_1_0] {
+            let mut c = conf();
+            c.cni_version = v;
+            let c = with_prev(c, &r);
+            d.del(&inv(Command::Del, "c1", NETNS), &c)
+                .await
+                .expect("del");
+            assert!(d.net().state().host.rules.is_empty(), "{v}");
+            assert!(d.net().state().host.routes.is_empty(), "{v}");
+        }
+        // Without prevResult there is nothing to go on, but DEL still succeeds.
+        d.del(&inv(Command::Del, "c1", NETNS), &conf())
+            .await
+            .expect("del");
+    }
+
+    #[tokio::test]
+    async fn check_passes_after_add_and_reports_drift_and_missing_containers() {
+        let d = driver(1, 3);
+        let r = d
+            .add(&inv(Command::Add, "c1", NETNS), &conf())
+            .await
+            .expect("add");
+        let c = with_prev(conf(), &r);
+        d.check(&inv(Command::Check, "c1", NETNS), &c)
+            .await
+            .expect("check");
+        // Host rules and route flushed behind our back (NetworkManager, systemd-networkd).
+        let ip = Ipv4Addr::new(10, 0, 1, 10);
+        d.net()
+            .teardown_pod(&PodTeardown {
+                ipv4: ip,
+                route_table: 3,
+            })
+            .await
+            .expect("flush");
+        let e = d
+            .check(&inv(Command::Check, "c1", NETNS), &c)
+            .await
+            .expect_err("drift");
+        assert_eq!(e.code(), code::DRIFT);
+        let msg = e.to_string();
+        assert!(msg.contains("512") && msg.contains("1536"), "{msg}");
+        d.net().remove_netns(std::path::Path::new(NETNS));
+        let e = d
+            .check(&inv(Command::Check, "c1", NETNS), &c)
+            .await
+            .expect_err("gone");
+        assert_eq!(e.code(), code::UNKNOWN_CONTAINER);
+    }
+
+    #[tokio::test]
+    async fn check_needs_0_4_0_and_a_prev_result() {
+        let d = driver(1, 3);
+        let mut c = conf();
+        c.cni_version = CniVersion::V0_3_1;
+        let e = d
+            .check(&inv(Command::Check, "c1", NETNS), &c)
+            .await
+            .expect_err("0.3.1");
+        assert_eq!(e.code(), code::INCOMPATIBLE_VERSION);
+        let e = d
+            .check(&inv(Command::Check, "c1", NETNS), &conf())
+            .await
+            .expect_err("no prev");
+        assert_eq!(e.code(), code::INVALID_NETWORK_CONFIG);
+    }
+
+    #[tokio::test]
+    async fn many_pods_get_distinct_addresses_and_veths_and_leave_nothing_behind() {
+        let d = driver(20, 3);
+        let mut results = Vec::new();
+        for i in 0..20 {
+            let ns = format!("/var/run/netns/p{i}");
+            d.net().add_netns(&ns);
+            let inv = inv(Command::Add, &format!("c{i}"), &ns);
+            results.push((inv.clone(), d.add(&inv, &conf()).await.expect("add")));
+        }
+        assert_eq!(d.ipam().assigned(), 20);
+        assert_eq!(d.net().state().host.rules.len(), 40);
+        let mut no_wait = conf();
+        no_wait.pool_wait = Duration::ZERO;
+        let e = d.add(&inv(Command::Add, "c99", NETNS), &no_wait).await;
+        assert_eq!(e.expect_err("pool exhausted").code(), code::ASSIGN_FAILED);
+        for (mut inv, r) in results {
+            inv.command = Command::Del;
+            d.del(&inv, &with_prev(conf(), &r)).await.expect("del");
+        }
+        assert!(d.net().state().host.rules.is_empty());
+        assert!(d.net().state().host.routes.is_empty());
+        assert_eq!(d.ipam().free(), 20);
+    }
+
+    #[tokio::test]
+    async fn multi_nic_pods_get_one_interface_per_card() {
+        let d = driver(4, 3);
+        d.ipam().set_cards(2);
+        let mut c = conf();
+        c.requires_multi_nic = true;
+        let r = d
+            .add(&inv(Command::Add, "c1", NETNS), &c)
+            .await
+            .expect("add");
+        let j = r.render(CniVersion::V1_1_0);
+        assert_eq!(j["interfaces"][3]["name"], "mNicIf1");
+        assert_eq!(j["ips"][1]["interface"], 3);
+        assert_eq!(
+            j["interfaces"][2]["name"],
+            host_veth_name("eni", "default", "web-c1", 1).as_str()
+        );
+        d.check(&inv(Command::Check, "c1", NETNS), &with_prev(c.clone(), &r))
+            .await
+            .expect("check");
+        d.del(&inv(Command::Del, "c1", NETNS), &with_prev(c, &r))
+            .await
+            .expect("del");
+        assert!(d.net().state().host.rules.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_policy_agent_is_called_when_ipamd_names_a_mode() {
+        let d = driver(2, 3);
+        d.ipam().set_policy_mode("standard");
+        let r = d
+            .add(&inv(Command::Add, "c1", NETNS), &conf())
+            .await
+            .expect("add");
+        d.del(&inv(Command::Del, "c1", NETNS), &with_prev(conf(), &r))
+            .await
+            .expect("del");
+        let calls = d.policy().calls();
+        assert!(
+            matches!(&calls[0], PolicyCall::Enforce(e) if e.network_policy_mode == "standard" && e.interface_count == 1 && e.k8s_pod_name == "web-c1")
+        );
+        assert!(matches!(&calls[1], PolicyCall::Delete(x) if x.k8s_pod_namespace == "default"));
+        d.policy().set_unreachable(true);
+        d.net().add_netns("/var/run/netns/pod-2");
+        let e = d
+            .add(&inv(Command::Add, "c2", "/var/run/netns/pod-2"), &conf())
+            .await;
+        assert_eq!(e.expect_err("agent down").code(), code::NETWORK_POLICY);
+    }
+
+    struct V6Ipam;
+    impl Ipam for V6Ipam {
+        async fn add_network(&self, _: AddNetworkRequest) -> Result<AddNetworkReply, BackendError> {
+            Ok(AddNetworkReply {
+                success: true,
+                ip_allocation_metadata: vec![IpAllocationMetadata {
+                    i_pv6_addr: "2001:db8::5".into(),
+                    ..IpAllocationMetadata::default()
+                }],
+                ..AddNetworkReply::default()
+            })
+        }
+        async fn del_network(
+            &self,
+            _: DelNetworkRequest,
+        ) -> Result<vpc_cni_rpc::DelNetworkReply, BackendError> {
+            Ok(vpc_cni_rpc::DelNetworkReply {
+                success: true,
+                ..Default::default()
+            })
+        }
+        async fn ready(&self) -> Result<(), BackendError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn ipv6_pods_are_refused_cleanly() {
+        let net = MemoryPodNetwork::new();
+        net.add_netns(NETNS);
+        let d = Driver::new(V6Ipam, net, MemoryPolicyAgent::default(), CLIENT);
+        let e = d
+            .add(&inv(Command::Add, "c1", NETNS), &conf())
+            .await
+            .expect_err("v6");
+        assert_eq!(e.code(), code::UNSUPPORTED);
+        assert!(d.net().state().host.links.is_empty());
+    }
+
+    #[tokio::test]
+    async fn status_follows_ipamd_health() {
+        let d = driver(1, 3);
+        d.status().await.expect("ready");
+        d.ipam().set_ready(false);
+        assert_eq!(d.status().await.expect_err("not ready").code(), 50);
+    }
+}

@@ -1,0 +1,52 @@
+//! Logging: `tracing` as JSON lines to `pluginLogFile` (appended) or stderr. Never stdout,
+//! which carries the CNI result.
+
+use std::fs::OpenOptions;
+use std::sync::Mutex;
+
+use tracing::Level;
+
+use crate::config::{LogLevel, LogTarget};
+
+fn level(l: LogLevel) -> Level {
+    match l {
+        LogLevel::Trace => Level::TRACE,
+        LogLevel::Debug => Level::DEBUG,
+        LogLevel::Info => Level::INFO,
+        LogLevel::Warn => Level::WARN,
+        LogLevel::Error => Level::ERROR,
+    }
+}
+
+/// Installs the global subscriber. A log file that cannot be opened falls back to stderr
+/// (logging never fails a pod). Does nothing if a subscriber is already installed.
+pub fn init(target: &LogTarget, l: LogLevel) {
+    let builder = tracing_subscriber::fmt()
+        .json()
+        .with_max_level(level(l))
+        .with_ansi(false)
+        .with_current_span(false)
+        .with_span_list(false);
+    let file = match target {
+        LogTarget::Stderr => None,
+        LogTarget::File(path) => {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            match OpenOptions::new().create(true).append(true).open(path) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    eprintln!(
+                        "aws-cni: cannot open log file {}: {e}; logging to stderr",
+                        path.display()
+                    );
+                    None
+                }
+            }
+        }
+    };
+    let _ = match file {
+        Some(f) => builder.with_writer(Mutex::new(f)).try_init(),
+        None => builder.with_writer(std::io::stderr).try_init(),
+    };
+}
