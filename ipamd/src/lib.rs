@@ -4,6 +4,8 @@
 //! addresses to the CNI plugin over gRPC on a unix socket, and records every assignment in a
 //! checkpoint compatible with the reference daemon (`vpc-cni-ipam/1`).
 
+pub mod checkpoint;
 pub mod config;
+pub mod datastore;
 pub mod ec2;
 pub mod types;

@@ -1,0 +1,368 @@
+//! The checkpoint: the reference daemon's `vpc-cni-ipam/1` JSON file of assigned addresses
+//! (spec/ipamd.md 3.4), written atomically before an assignment is acknowledged.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// The only version this daemon (and the reference) reads and writes.
+pub const VERSION: &str = "vpc-cni-ipam/1";
+
+/// Pod metadata of an assignment (all fields omitted when empty, as the reference does).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct IpamMetadata {
+    /// Pod namespace.
+    #[serde(
+        rename = "k8sPodNamespace",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub pod_namespace: String,
+    /// Pod name.
+    #[serde(
+        rename = "k8sPodName",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub pod_name: String,
+    /// Interfaces the pod got (multi-NIC); 0 means 1.
+    #[serde(rename = "interfacesCount", default, skip_serializing_if = "is_zero")]
+    pub interfaces_count: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// One assigned address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// CNI network name (`aws-cni`).
+    #[serde(rename = "networkName")]
+    pub network_name: String,
+    /// Sandbox container id.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// Interface name in the pod (`eth0`).
+    #[serde(rename = "ifName")]
+    pub if_name: String,
+    /// IPv4 address (empty when IPv6).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ipv4: String,
+    /// IPv6 address (empty when IPv4).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ipv6: String,
+    /// Unix nanoseconds of the assignment.
+    #[serde(rename = "allocationTimestamp", default)]
+    pub allocation_timestamp: i64,
+    /// Pod metadata.
+    #[serde(default)]
+    pub metadata: IpamMetadata,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointFile {
+    /// Must be [`VERSION`].
+    pub version: String,
+    /// Assigned addresses.
+    pub allocations: Vec<Allocation>,
+}
+
+impl CheckpointFile {
+    /// An empty checkpoint of the current version.
+    pub fn new(allocations: Vec<Allocation>) -> Self {
+        Self {
+            version: VERSION.into(),
+            allocations,
+        }
+    }
+}
+
+/// A checkpoint read or write failure.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The file could not be read.
+    #[error("reading checkpoint {path}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid checkpoint JSON; it is kept as it is.
+    #[error(
+        "checkpoint {path} is corrupt (kept untouched; move it away to start from an empty pool)"
+    )]
+    Corrupt {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The file has another version; it is kept as it is.
+    #[error("checkpoint {path} has version {found:?}, expected {VERSION:?} (kept untouched)")]
+    Foreign {
+        /// File.
+        path: PathBuf,
+        /// The version found.
+        found: String,
+    },
+    /// The file could not be written.
+    #[error("writing checkpoint {path}")]
+    Write {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where checkpoints go.
+pub trait CheckpointStore: Send + Sync {
+    /// Reads the checkpoint; `None` when there is none (fresh node).
+    fn read(&self) -> Result<Option<CheckpointFile>, CheckpointError>;
+    /// Replaces the checkpoint durably.
+    fn write(&self, file: &CheckpointFile) -> Result<(), CheckpointError>;
+}
+
+/// The checkpoint as a file: temp file in the same directory, fsync, rename, fsync directory.
+#[derive(Debug)]
+pub struct FileStore {
+    path: PathBuf,
+    seq: AtomicU64,
+}
+
+impl FileStore {
+    /// A store at `path` (its directory is created on first write).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// The file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Parses checkpoint bytes read from `path`.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<CheckpointFile, CheckpointError> {
+    // Check the version first, so that a file of another version is "foreign" even when its
+    // allocations have another shape.
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|source| CheckpointError::Corrupt {
+            path: path.to_owned(),
+            source,
+        })?;
+    let found = v.get("version").and_then(|v| v.as_str()).unwrap_or("");
+    if found != VERSION {
+        return Err(CheckpointError::Foreign {
+            path: path.to_owned(),
+            found: found.to_owned(),
+        });
+    }
+    serde_json::from_value(v).map_err(|source| CheckpointError::Corrupt {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl CheckpointStore for FileStore {
+    fn read(&self) -> Result<Option<CheckpointFile>, CheckpointError> {
+        match fs::read(&self.path) {
+            Ok(b) => parse(&self.path, &b).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(CheckpointError::Read {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    fn write(&self, file: &CheckpointFile) -> Result<(), CheckpointError> {
+        let werr = |source| CheckpointError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(werr)?;
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "ipam.json".into());
+        let tmp = dir.join(format!(
+            "{name}.tmp{}-{}",
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut bytes = serde_json::to_vec(file).map_err(|e| werr(e.into()))?;
+        bytes.push(b'\n');
+        let res = (|| {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            drop(f);
+            fs::rename(&tmp, &self.path)?;
+            fs::File::open(dir)?.sync_all()
+        })();
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res.map_err(werr)
+    }
+}
+
+/// An in-memory store; writes can be made to fail.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<(Option<CheckpointFile>, bool, u64)>,
+}
+
+impl MemoryStore {
+    /// A store holding `file`.
+    pub fn with(file: Option<CheckpointFile>) -> Self {
+        Self {
+            state: Mutex::new((file, false, 0)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<CheckpointFile>, bool, u64)> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Makes every following write fail (or succeed again).
+    pub fn set_failing(&self, failing: bool) {
+        self.lock().1 = failing;
+    }
+
+    /// The last written file.
+    pub fn current(&self) -> Option<CheckpointFile> {
+        self.lock().0.clone()
+    }
+
+    /// Successful writes so far.
+    pub fn writes(&self) -> u64 {
+        self.lock().2
+    }
+}
+
+impl CheckpointStore for MemoryStore {
+    fn read(&self) -> Result<Option<CheckpointFile>, CheckpointError> {
+        Ok(self.lock().0.clone())
+    }
+
+    fn write(&self, file: &CheckpointFile) -> Result<(), CheckpointError> {
+        let mut g = self.lock();
+        if g.1 {
+            return Err(CheckpointError::Write {
+                path: PathBuf::from("<memory>"),
+                source: std::io::Error::other("injected write failure"),
+            });
+        }
+        g.0 = Some(file.clone());
+        g.2 += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file as the reference daemon writes it (Go `encoding/json`, compact, trailing newline).
+    const REFERENCE: &str = concat!(
+        r#"{"version":"vpc-cni-ipam/1","allocations":["#,
+        r#"{"networkName":"aws-cni","containerID":"4c1d5bd1c2a3","ifName":"eth0","ipv4":"10.0.1.23","allocationTimestamp":1700000000000000000,"metadata":{"k8sPodNamespace":"default","k8sPodName":"web-0","interfacesCount":1}},"#,
+        r#"{"networkName":"_migrated-from-cri","containerID":"9f00","ifName":"unknown","ipv4":"10.0.1.24","allocationTimestamp":1700000000000000001,"metadata":{}}"#,
+        "]}\n"
+    );
+
+    #[test]
+    fn reads_the_reference_format_and_writes_it_back_byte_for_byte() {
+        let f = parse(Path::new("x"), REFERENCE.as_bytes()).unwrap();
+        assert_eq!(f.allocations.len(), 2);
+        assert_eq!(f.allocations[0].metadata.pod_name, "web-0");
+        assert_eq!(
+            f.allocations[0].allocation_timestamp,
+            1_700_000_000_000_000_000
+        );
+        assert_eq!(f.allocations[1].metadata, IpamMetadata::default());
+        let mut out = serde_json::to_string(&f).unwrap();
+        out.push('\n');
+        assert_eq!(out, REFERENCE);
+    }
+
+    #[test]
+    fn foreign_and_corrupt_files_are_errors() {
+        let p = Path::new("/x/ipam.json");
+        assert!(matches!(
+            parse(p, br#"{"version":"vpc-cni-ipam/2","allocations":[]}"#),
+            Err(CheckpointError::Foreign { .. })
+        ));
+        assert!(matches!(
+            parse(p, br#"{"allocations":[]}"#),
+            Err(CheckpointError::Foreign { .. })
+        ));
+        assert!(matches!(
+            parse(p, b"{\"version\":\"vpc-cni-ipam/1\",\"allocations\":[{"),
+            Err(CheckpointError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            parse(
+                p,
+                br#"{"version":"vpc-cni-ipam/1","allocations":[{"ipv4":"10.0.0.1"}]}"#
+            ),
+            Err(CheckpointError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn file_store_round_trip_and_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStore::new(dir.path().join("sub/ipam.json"));
+        assert!(s.read().unwrap().is_none());
+        let f = parse(Path::new("x"), REFERENCE.as_bytes()).unwrap();
+        s.write(&f).unwrap();
+        assert_eq!(s.read().unwrap(), Some(f.clone()));
+        assert_eq!(
+            fs::read_to_string(s.path()).unwrap(),
+            REFERENCE,
+            "same bytes as the reference"
+        );
+        // No temp files left behind.
+        let names: Vec<_> = fs::read_dir(dir.path().join("sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_kept_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ipam.json");
+        fs::write(&p, b"garbage").unwrap();
+        let s = FileStore::new(&p);
+        let e = s.read().unwrap_err();
+        assert!(e.to_string().contains("corrupt"), "{e}");
+        assert_eq!(fs::read(&p).unwrap(), b"garbage");
+    }
+}

@@ -1,0 +1,1015 @@
+//! The datastore: ENIs, their /32s and /28s, and which pod holds which address
+//! (spec/ipamd.md 3.1-3.4). Pure and synchronous: time is a parameter (a [`Duration`] since the
+//! Unix epoch), and persistence is the caller's job (see [`crate::state`]), which writes the
+//! checkpoint after every change and undoes the change if that fails.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use subnet_calc::policy::{EniView, IPS_PER_PREFIX};
+
+use crate::checkpoint::{Allocation, CheckpointFile, IpamMetadata};
+use crate::types::Ipv4Net;
+
+/// The network name of entries migrated from the CRI checkpoint.
+pub const MIGRATED_NETWORK: &str = "_migrated-from-cri";
+/// The interface name of entries migrated from the CRI checkpoint.
+pub const MIGRATED_IFNAME: &str = "unknown";
+
+/// The assignment key, per the CNI spec: (network name, container id, interface).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IpamKey {
+    /// CNI network name.
+    #[serde(rename = "networkName")]
+    pub network_name: String,
+    /// Sandbox container id.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// Interface name in the pod.
+    #[serde(rename = "ifName")]
+    pub if_name: String,
+}
+
+impl IpamKey {
+    /// A key.
+    pub fn new(network: &str, container: &str, ifname: &str) -> Self {
+        Self {
+            network_name: network.into(),
+            container_id: container.into(),
+            if_name: ifname.into(),
+        }
+    }
+}
+
+/// One address's bookkeeping (exists once the address was assigned at least once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressInfo {
+    /// The pod holding it.
+    pub key: Option<IpamKey>,
+    /// Pod metadata.
+    pub metadata: IpamMetadata,
+    /// When it was assigned.
+    pub assigned_at: Duration,
+    /// When it was last unassigned (cooldown starts).
+    pub unassigned_at: Option<Duration>,
+}
+
+/// A /32 or /28 on an ENI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CidrInfo {
+    /// The network.
+    pub cidr: Ipv4Net,
+    /// A /28 prefix (else a /32 secondary IP).
+    pub is_prefix: bool,
+    /// Addresses with bookkeeping.
+    pub addresses: BTreeMap<Ipv4Addr, AddressInfo>,
+}
+
+impl CidrInfo {
+    fn assigned(&self) -> usize {
+        self.addresses.values().filter(|a| a.key.is_some()).count()
+    }
+
+    fn cooling(&self, now: Duration, cooldown: Duration) -> usize {
+        self.addresses
+            .values()
+            .filter(|a| is_cooling(a, now, cooldown))
+            .count()
+    }
+}
+
+fn is_cooling(a: &AddressInfo, now: Duration, cooldown: Duration) -> bool {
+    a.key.is_none()
+        && a.unassigned_at
+            .is_some_and(|t| now.saturating_sub(t) <= cooldown)
+}
+
+/// What the datastore knows about one ENI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Eni {
+    /// ENI id.
+    pub id: String,
+    /// MAC address.
+    pub mac: String,
+    /// The instance's primary ENI.
+    pub is_primary: bool,
+    /// Trunk ENI (never allocated from).
+    pub is_trunk: bool,
+    /// EFA ENI (never freed).
+    pub is_efa: bool,
+    /// Device number.
+    pub device_number: u32,
+    /// The ENI's primary IP.
+    pub primary_ip: Ipv4Addr,
+    /// Subnet.
+    pub subnet_id: String,
+    /// Subnet CIDR.
+    pub subnet_cidr: Ipv4Net,
+    /// Excluded from pod addresses (subnet tagged `kubernetes.io/role/cni=0`).
+    pub excluded: bool,
+    /// Route table id (254 for the primary ENI, device number + 1 otherwise).
+    pub route_table_id: u32,
+    /// When the datastore learnt of the ENI.
+    pub created_at: Duration,
+    /// /32s and /28s.
+    pub cidrs: BTreeMap<Ipv4Net, CidrInfo>,
+}
+
+/// A new ENI for [`DataStore::add_eni`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EniSpec {
+    /// ENI id.
+    pub id: String,
+    /// MAC.
+    pub mac: String,
+    /// Primary ENI.
+    pub is_primary: bool,
+    /// Trunk.
+    pub is_trunk: bool,
+    /// EFA.
+    pub is_efa: bool,
+    /// Device number.
+    pub device_number: u32,
+    /// Primary IP.
+    pub primary_ip: Ipv4Addr,
+    /// Subnet.
+    pub subnet_id: String,
+    /// Subnet CIDR.
+    pub subnet_cidr: Ipv4Net,
+    /// Excluded subnet.
+    pub excluded: bool,
+}
+
+/// Datastore failures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DsError {
+    /// No free address (`AssignPodIPAddress: no available IP/Prefix addresses`).
+    #[error("AssignPodIPAddress: no available IP/Prefix addresses")]
+    NoAvailableIp,
+    /// DEL of a key that holds nothing. The text is a contract with the CNI plugin.
+    #[error("datastore: unknown pod")]
+    UnknownPod,
+    /// No such ENI.
+    #[error("datastore: unknown ENI {0}")]
+    UnknownEni(String),
+    /// The ENI or CIDR still has pods.
+    #[error("datastore: {0} has assigned addresses")]
+    InUse(String),
+    /// Two checkpoint allocations name the same address.
+    #[error("checkpoint: address {0} is allocated twice")]
+    DuplicateIp(Ipv4Addr),
+    /// A checkpoint allocation with an unparsable address.
+    #[error("checkpoint: bad address {0:?}")]
+    BadAddress(String),
+}
+
+/// A successful assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    /// The address.
+    pub ip: Ipv4Addr,
+    /// Its ENI.
+    pub eni_id: String,
+    /// The ENI's device number.
+    pub device_number: u32,
+    /// The ENI's route table.
+    pub route_table_id: u32,
+    /// False when the key already held this address (idempotent repeat; nothing changed).
+    pub fresh: bool,
+}
+
+/// A successful unassignment (enough to undo it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unassignment {
+    /// The address.
+    pub ip: Ipv4Addr,
+    /// Its ENI.
+    pub eni_id: String,
+    /// The ENI's device number.
+    pub device_number: u32,
+    /// The ENI's route table.
+    pub route_table_id: u32,
+    /// The key that held it.
+    pub key: IpamKey,
+    /// Its metadata.
+    pub metadata: IpamMetadata,
+    /// When it had been assigned.
+    pub assigned_at: Duration,
+    /// When it was unassigned before (for undo).
+    pub previous_unassigned_at: Option<Duration>,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Allocations restored.
+    pub restored: usize,
+    /// Allocations dropped because the pod's host veth is gone (their ip rules should go too).
+    pub dropped_stale: Vec<(Ipv4Addr, IpamKey)>,
+    /// Allocations dropped because no known CIDR holds the address.
+    pub dropped_unknown: Vec<(Ipv4Addr, IpamKey)>,
+}
+
+/// Totals (for metrics and introspection).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Addresses of every CIDR of every ENI (prefixes count 16).
+    pub total: u64,
+    /// Assigned addresses.
+    pub assigned: u64,
+    /// /28 prefixes.
+    pub prefixes: u64,
+    /// ENIs.
+    pub enis: u64,
+}
+
+/// The datastore of one network card.
+#[derive(Debug, Clone)]
+pub struct DataStore {
+    enis: BTreeMap<String, Eni>,
+    by_key: HashMap<IpamKey, (String, Ipv4Net, Ipv4Addr)>,
+    prefix_mode: bool,
+    both_kinds: bool,
+    skip_primary: bool,
+    cooldown: Duration,
+}
+
+impl DataStore {
+    /// An empty datastore. `both_kinds`: addresses of both kinds serve pods (our prefix
+    /// fallback); otherwise only the current mode's kind does. `skip_primary`: custom
+    /// networking (the primary ENI carries no pods).
+    pub fn new(
+        prefix_mode: bool,
+        both_kinds: bool,
+        skip_primary: bool,
+        cooldown: Duration,
+    ) -> Self {
+        Self {
+            enis: BTreeMap::new(),
+            by_key: HashMap::new(),
+            prefix_mode,
+            both_kinds,
+            skip_primary,
+            cooldown,
+        }
+    }
+
+    /// Prefix mode.
+    pub fn prefix_mode(&self) -> bool {
+        self.prefix_mode
+    }
+
+    /// The ENIs, by id.
+    pub fn enis(&self) -> &BTreeMap<String, Eni> {
+        &self.enis
+    }
+
+    /// One ENI.
+    pub fn eni(&self, id: &str) -> Option<&Eni> {
+        self.enis.get(id)
+    }
+
+    /// ENI ids in policy order: primary first, then by device number.
+    pub fn ordered_ids(&self) -> Vec<String> {
+        let mut v: Vec<&Eni> = self.enis.values().collect();
+        v.sort_by_key(|e| (!e.is_primary, e.device_number, e.id.clone()));
+        v.into_iter().map(|e| e.id.clone()).collect()
+    }
+
+    /// Adds an ENI (idempotent: an existing ENI is left as it is).
+    pub fn add_eni(&mut self, spec: EniSpec, now: Duration) {
+        let route_table_id = if spec.is_primary {
+            254
+        } else {
+            spec.device_number + 1
+        };
+        self.enis.entry(spec.id.clone()).or_insert(Eni {
+            id: spec.id,
+            mac: spec.mac,
+            is_primary: spec.is_primary,
+            is_trunk: spec.is_trunk,
+            is_efa: spec.is_efa,
+            device_number: spec.device_number,
+            primary_ip: spec.primary_ip,
+            subnet_id: spec.subnet_id,
+            subnet_cidr: spec.subnet_cidr,
+            excluded: spec.excluded,
+            route_table_id,
+            created_at: now,
+            cidrs: BTreeMap::new(),
+        });
+    }
+
+    /// Adds a /32 or /28 to an ENI (idempotent).
+    pub fn add_cidr(&mut self, eni: &str, cidr: Ipv4Net, is_prefix: bool) -> Result<(), DsError> {
+        let e = self
+            .enis
+            .get_mut(eni)
+            .ok_or_else(|| DsError::UnknownEni(eni.into()))?;
+        let cidr = cidr.trunc();
+        e.cidrs.entry(cidr).or_insert(CidrInfo {
+            cidr,
+            is_prefix,
+            addresses: BTreeMap::new(),
+        });
+        Ok(())
+    }
+
+    /// Removes a CIDR. Unforced, it fails if an address is assigned; forced, it returns the
+    /// keys that lost their address.
+    pub fn remove_cidr(
+        &mut self,
+        eni: &str,
+        cidr: Ipv4Net,
+        force: bool,
+    ) -> Result<Vec<IpamKey>, DsError> {
+        let e = self
+            .enis
+            .get_mut(eni)
+            .ok_or_else(|| DsError::UnknownEni(eni.into()))?;
+        let Some(c) = e.cidrs.get(&cidr) else {
+            return Ok(Vec::new());
+        };
+        if !force && c.assigned() > 0 {
+            return Err(DsError::InUse(cidr.to_string()));
+        }
+        let lost: Vec<IpamKey> = c.addresses.values().filter_map(|a| a.key.clone()).collect();
+        e.cidrs.remove(&cidr);
+        for k in &lost {
+            self.by_key.remove(k);
+        }
+        Ok(lost)
+    }
+
+    /// Removes an ENI. Unforced, it fails if an address is assigned.
+    pub fn remove_eni(&mut self, eni: &str, force: bool) -> Result<Vec<IpamKey>, DsError> {
+        let e = self
+            .enis
+            .get(eni)
+            .ok_or_else(|| DsError::UnknownEni(eni.into()))?;
+        let lost: Vec<IpamKey> = e
+            .cidrs
+            .values()
+            .flat_map(|c| c.addresses.values().filter_map(|a| a.key.clone()))
+            .collect();
+        if !force && !lost.is_empty() {
+            return Err(DsError::InUse(eni.into()));
+        }
+        self.enis.remove(eni);
+        for k in &lost {
+            self.by_key.remove(k);
+        }
+        Ok(lost)
+    }
+
+    fn usable(&self, c: &CidrInfo) -> bool {
+        self.both_kinds || c.is_prefix == self.prefix_mode
+    }
+
+    fn eni_serves_pods(&self, e: &Eni) -> bool {
+        !(e.excluded || e.is_trunk || (self.skip_primary && e.is_primary))
+    }
+
+    /// The address `key` holds, if any.
+    pub fn lookup(&self, key: &IpamKey) -> Option<Ipv4Addr> {
+        self.by_key.get(key).map(|(_, _, ip)| *ip)
+    }
+
+    /// Assigns an address to `key`, or returns the one it already holds.
+    ///
+    /// Choice: a never-used address first (walking each CIDR from its base), else the address
+    /// whose cooldown ended longest ago; addresses in cooldown are never chosen.
+    pub fn assign(
+        &mut self,
+        key: &IpamKey,
+        metadata: &IpamMetadata,
+        now: Duration,
+    ) -> Result<Assignment, DsError> {
+        if let Some((eni, _, ip)) = self.by_key.get(key) {
+            let e = &self.enis[eni];
+            return Ok(Assignment {
+                ip: *ip,
+                eni_id: eni.clone(),
+                device_number: e.device_number,
+                route_table_id: e.route_table_id,
+                fresh: false,
+            });
+        }
+        let mut reuse: Option<(Duration, String, Ipv4Net, Ipv4Addr)> = None;
+        let mut fresh: Option<(String, Ipv4Net, Ipv4Addr)> = None;
+        'outer: for id in self.ordered_ids() {
+            let e = &self.enis[&id];
+            if !self.eni_serves_pods(e) {
+                continue;
+            }
+            for c in e.cidrs.values().filter(|c| self.usable(c)) {
+                if let Some(ip) = c.cidr.hosts().find(|ip| !c.addresses.contains_key(ip)) {
+                    fresh = Some((id.clone(), c.cidr, ip));
+                    break 'outer;
+                }
+                for (ip, a) in &c.addresses {
+                    if a.key.is_none() && !is_cooling(a, now, self.cooldown) {
+                        let t = a.unassigned_at.unwrap_or_default();
+                        if reuse.as_ref().is_none_or(|r| t < r.0) {
+                            reuse = Some((t, id.clone(), c.cidr, *ip));
+                        }
+                    }
+                }
+            }
+        }
+        let (eni, cidr, ip) = fresh
+            .or(reuse.map(|(_, e, c, i)| (e, c, i)))
+            .ok_or(DsError::NoAvailableIp)?;
+        let e = self
+            .enis
+            .get_mut(&eni)
+            .ok_or_else(|| DsError::UnknownEni(eni.clone()))?;
+        let c = e
+            .cidrs
+            .get_mut(&cidr)
+            .ok_or_else(|| DsError::UnknownEni(eni.clone()))?;
+        c.addresses.insert(
+            ip,
+            AddressInfo {
+                key: Some(key.clone()),
+                metadata: metadata.clone(),
+                assigned_at: now,
+                unassigned_at: None,
+            },
+        );
+        let out = Assignment {
+            ip,
+            eni_id: eni.clone(),
+            device_number: e.device_number,
+            route_table_id: e.route_table_id,
+            fresh: true,
+        };
+        self.by_key.insert(key.clone(), (eni, cidr, ip));
+        Ok(out)
+    }
+
+    /// Undoes a fresh [`assign`](Self::assign) (the checkpoint write failed).
+    pub fn undo_assign(&mut self, key: &IpamKey) {
+        if let Some((eni, cidr, ip)) = self.by_key.remove(key) {
+            if let Some(c) = self.enis.get_mut(&eni).and_then(|e| e.cidrs.get_mut(&cidr)) {
+                c.addresses.remove(&ip);
+            }
+        }
+    }
+
+    /// Releases the address `key` holds (with the reference's CRI-migration fallback key).
+    pub fn unassign(&mut self, key: &IpamKey, now: Duration) -> Result<Unassignment, DsError> {
+        let key = if self.by_key.contains_key(key) {
+            key.clone()
+        } else {
+            let migrated = IpamKey::new(MIGRATED_NETWORK, &key.container_id, MIGRATED_IFNAME);
+            if !self.by_key.contains_key(&migrated) {
+                return Err(DsError::UnknownPod);
+            }
+            migrated
+        };
+        let (eni, cidr, ip) = self.by_key.remove(&key).ok_or(DsError::UnknownPod)?;
+        let e = self
+            .enis
+            .get_mut(&eni)
+            .ok_or_else(|| DsError::UnknownEni(eni.clone()))?;
+        let a = e
+            .cidrs
+            .get_mut(&cidr)
+            .and_then(|c| c.addresses.get_mut(&ip))
+            .ok_or(DsError::UnknownPod)?;
+        let out = Unassignment {
+            ip,
+            eni_id: eni.clone(),
+            device_number: e.device_number,
+            route_table_id: e.route_table_id,
+            key: key.clone(),
+            metadata: std::mem::take(&mut a.metadata),
+            assigned_at: a.assigned_at,
+            previous_unassigned_at: a.unassigned_at,
+        };
+        a.key = None;
+        a.unassigned_at = Some(now);
+        Ok(out)
+    }
+
+    /// Undoes an [`unassign`](Self::unassign) (the checkpoint write failed).
+    pub fn undo_unassign(&mut self, u: &Unassignment) {
+        let Some(e) = self.enis.get_mut(&u.eni_id) else {
+            return;
+        };
+        for (cidr, c) in e.cidrs.iter_mut() {
+            if let Some(a) = c.addresses.get_mut(&u.ip) {
+                a.key = Some(u.key.clone());
+                a.metadata = u.metadata.clone();
+                a.assigned_at = u.assigned_at;
+                a.unassigned_at = u.previous_unassigned_at;
+                self.by_key
+                    .insert(u.key.clone(), (u.eni_id.clone(), *cidr, u.ip));
+                return;
+            }
+        }
+    }
+
+    /// The checkpoint of the current assignments (sorted by address).
+    pub fn checkpoint(&self) -> CheckpointFile {
+        let mut allocs: Vec<(Ipv4Addr, Allocation)> = Vec::with_capacity(self.by_key.len());
+        for e in self.enis.values() {
+            for c in e.cidrs.values() {
+                for (ip, a) in &c.addresses {
+                    if let Some(k) = &a.key {
+                        allocs.push((
+                            *ip,
+                            Allocation {
+                                network_name: k.network_name.clone(),
+                                container_id: k.container_id.clone(),
+                                if_name: k.if_name.clone(),
+                                ipv4: ip.to_string(),
+                                ipv6: String::new(),
+                                allocation_timestamp: a.assigned_at.as_nanos() as i64,
+                                metadata: a.metadata.clone(),
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        allocs.sort_by_key(|(ip, _)| *ip);
+        CheckpointFile::new(allocs.into_iter().map(|(_, a)| a).collect())
+    }
+
+    /// Restores a checkpoint over the ENIs and CIDRs already loaded (spec 3.4): drops
+    /// allocations whose pod's host veth is gone (`veth_exists(namespace, name)`) and those
+    /// in no known CIDR; a duplicate address is an error.
+    pub fn restore(
+        &mut self,
+        file: &CheckpointFile,
+        veth_exists: &dyn Fn(&str, &str) -> bool,
+    ) -> Result<RestoreReport, DsError> {
+        let mut report = RestoreReport::default();
+        let mut seen = std::collections::HashSet::new();
+        for a in &file.allocations {
+            if a.ipv4.is_empty() {
+                continue;
+            }
+            let ip: Ipv4Addr = a
+                .ipv4
+                .parse()
+                .map_err(|_| DsError::BadAddress(a.ipv4.clone()))?;
+            if !seen.insert(ip) {
+                return Err(DsError::DuplicateIp(ip));
+            }
+            let key = IpamKey::new(&a.network_name, &a.container_id, &a.if_name);
+            let md = &a.metadata;
+            if !md.pod_namespace.is_empty()
+                && !md.pod_name.is_empty()
+                && !veth_exists(&md.pod_namespace, &md.pod_name)
+            {
+                report.dropped_stale.push((ip, key));
+                continue;
+            }
+            let place = self.enis.iter().find_map(|(id, e)| {
+                e.cidrs
+                    .keys()
+                    .find(|c| c.contains(ip))
+                    .map(|c| (id.clone(), *c))
+            });
+            let Some((eni, cidr)) = place else {
+                report.dropped_unknown.push((ip, key));
+                continue;
+            };
+            if let Some(c) = self.enis.get_mut(&eni).and_then(|e| e.cidrs.get_mut(&cidr)) {
+                c.addresses.insert(
+                    ip,
+                    AddressInfo {
+                        key: Some(key.clone()),
+                        metadata: md.clone(),
+                        assigned_at: Duration::from_nanos(a.allocation_timestamp.max(0) as u64),
+                        unassigned_at: None,
+                    },
+                );
+                self.by_key.insert(key, (eni, cidr, ip));
+                report.restored += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// The policy's view of every ENI, in [`ordered_ids`](Self::ordered_ids) order. Times are
+    /// the datastore's (since the Unix epoch).
+    pub fn views(&self, now: Duration) -> (Vec<String>, Vec<EniView>) {
+        let ids = self.ordered_ids();
+        let views = ids
+            .iter()
+            .map(|id| {
+                let e = &self.enis[id];
+                let mut v = EniView {
+                    primary: e.is_primary,
+                    excluded: e.excluded,
+                    trunk: e.is_trunk,
+                    efa: e.is_efa,
+                    created_at: e.created_at,
+                    ..Default::default()
+                };
+                for c in e.cidrs.values() {
+                    let (a, k) = (c.assigned() as u32, c.cooling(now, self.cooldown) as u32);
+                    if c.is_prefix {
+                        v.prefixes += 1;
+                        v.prefix_ips_assigned += a;
+                        v.prefix_ips_cooling += k;
+                        if a == 0 {
+                            v.free_prefixes += 1;
+                            if k == 0 {
+                                v.cold_free_prefixes += 1;
+                            }
+                        }
+                    } else {
+                        v.ips += 1;
+                        v.ips_assigned += a;
+                        v.ips_cooling += k;
+                    }
+                }
+                v
+            })
+            .collect();
+        (ids, views)
+    }
+
+    /// Unassigned CIDRs of one kind on `eni` that may be released (`cold_only`: none of their
+    /// addresses in cooldown), up to `n`, highest first.
+    pub fn releasable(
+        &self,
+        eni: &str,
+        prefixes: bool,
+        n: usize,
+        now: Duration,
+        cold_only: bool,
+    ) -> Vec<Ipv4Net> {
+        let Some(e) = self.enis.get(eni) else {
+            return Vec::new();
+        };
+        e.cidrs
+            .values()
+            .rev()
+            .filter(|c| c.is_prefix == prefixes && c.assigned() == 0)
+            .filter(|c| !cold_only || c.cooling(now, self.cooldown) == 0)
+            .take(n)
+            .map(|c| c.cidr)
+            .collect()
+    }
+
+    /// Totals over every ENI.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals {
+            enis: self.enis.len() as u64,
+            ..Default::default()
+        };
+        for e in self.enis.values() {
+            for c in e.cidrs.values() {
+                t.total += c.cidr.size();
+                t.assigned += c.assigned() as u64;
+                if c.is_prefix {
+                    t.prefixes += 1;
+                }
+            }
+        }
+        t
+    }
+
+    /// Every assigned address with its key (for checks and introspection).
+    pub fn assignments(&self) -> Vec<(Ipv4Addr, IpamKey)> {
+        let mut v: Vec<_> = self
+            .by_key
+            .iter()
+            .map(|(k, (_, _, ip))| (*ip, k.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Addresses in the pool of usable kinds, for sizing reports.
+    pub fn usable_total(&self) -> u64 {
+        self.enis
+            .values()
+            .filter(|e| self.eni_serves_pods(e))
+            .flat_map(|e| e.cidrs.values())
+            .filter(|c| self.usable(c))
+            .map(|c| {
+                if c.is_prefix {
+                    u64::from(IPS_PER_PREFIX)
+                } else {
+                    1
+                }
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn spec(id: &str, dev: u32) -> EniSpec {
+        EniSpec {
+            id: id.into(),
+            mac: format!("02:00:00:00:00:{dev:02x}"),
+            is_primary: dev == 0,
+            is_trunk: false,
+            is_efa: false,
+            device_number: dev,
+            primary_ip: Ipv4Addr::new(10, 0, 0, 10 + dev as u8),
+            subnet_id: "subnet-1".into(),
+            subnet_cidr: "10.0.0.0/16".parse().unwrap(),
+            excluded: false,
+        }
+    }
+
+    fn ip(s: &str) -> Ipv4Net {
+        Ipv4Net::host(s.parse().unwrap())
+    }
+
+    fn key(c: &str) -> IpamKey {
+        IpamKey::new("aws-cni", c, "eth0")
+    }
+
+    fn sip_store() -> DataStore {
+        let mut ds = DataStore::new(false, false, false, s(30));
+        ds.add_eni(spec("eni-0", 0), s(0));
+        ds.add_eni(spec("eni-1", 1), s(0));
+        for a in ["10.0.1.1", "10.0.1.2"] {
+            ds.add_cidr("eni-0", ip(a), false).unwrap();
+        }
+        ds.add_cidr("eni-1", ip("10.0.2.1"), false).unwrap();
+        ds
+    }
+
+    #[test]
+    fn assign_is_idempotent_per_key_and_prefers_the_primary() {
+        let mut ds = sip_store();
+        let md = IpamMetadata::default();
+        let a = ds.assign(&key("c1"), &md, s(1)).unwrap();
+        assert_eq!(
+            (a.ip.to_string(), a.eni_id.as_str(), a.route_table_id),
+            ("10.0.1.1".into(), "eni-0", 254)
+        );
+        assert!(a.fresh);
+        let again = ds.assign(&key("c1"), &md, s(2)).unwrap();
+        assert_eq!(again.ip, a.ip);
+        assert!(!again.fresh);
+        let other_if = ds
+            .assign(&IpamKey::new("aws-cni", "c1", "eth1"), &md, s(2))
+            .unwrap();
+        assert_ne!(other_if.ip, a.ip);
+        let third = ds.assign(&key("c3"), &md, s(2)).unwrap();
+        assert_eq!(
+            (
+                third.eni_id.as_str(),
+                third.route_table_id,
+                third.device_number
+            ),
+            ("eni-1", 2, 1)
+        );
+        assert_eq!(
+            ds.assign(&key("c4"), &md, s(2)),
+            Err(DsError::NoAvailableIp)
+        );
+    }
+
+    #[test]
+    fn unknown_pod_and_cooldown() {
+        let mut ds = sip_store();
+        let md = IpamMetadata::default();
+        assert_eq!(ds.unassign(&key("nope"), s(0)), Err(DsError::UnknownPod));
+        assert_eq!(DsError::UnknownPod.to_string(), "datastore: unknown pod");
+        for c in ["a", "b", "c"] {
+            ds.assign(&key(c), &md, s(0)).unwrap();
+        }
+        let u = ds.unassign(&key("b"), s(10)).unwrap();
+        assert_eq!(u.ip.to_string(), "10.0.1.2");
+        // In cooldown until 40 s: not handed out.
+        assert_eq!(
+            ds.assign(&key("d"), &md, s(40)),
+            Err(DsError::NoAvailableIp)
+        );
+        assert_eq!(ds.views(s(40)).1[0].ips_cooling, 1);
+        let d = ds.assign(&key("d"), &md, s(41)).unwrap();
+        assert_eq!(d.ip, u.ip);
+    }
+
+    #[test]
+    fn migrated_keys_are_found_by_container_id() {
+        let mut ds = sip_store();
+        let k = IpamKey::new(MIGRATED_NETWORK, "c1", MIGRATED_IFNAME);
+        ds.assign(&k, &IpamMetadata::default(), s(0)).unwrap();
+        let u = ds.unassign(&key("c1"), s(1)).unwrap();
+        assert_eq!(u.key, k);
+    }
+
+    #[test]
+    fn undo_restores_the_previous_state() {
+        let mut ds = sip_store();
+        let md = IpamMetadata {
+            pod_namespace: "ns".into(),
+            pod_name: "p".into(),
+            interfaces_count: 1,
+        };
+        let before = ds.checkpoint();
+        ds.assign(&key("a"), &md, s(0)).unwrap();
+        ds.undo_assign(&key("a"));
+        assert_eq!(ds.checkpoint(), before);
+        ds.assign(&key("a"), &md, s(0)).unwrap();
+        let with = ds.checkpoint();
+        let u = ds.unassign(&key("a"), s(5)).unwrap();
+        ds.undo_unassign(&u);
+        assert_eq!(ds.checkpoint(), with);
+        assert_eq!(ds.lookup(&key("a")), Some(u.ip));
+    }
+
+    #[test]
+    fn prefix_mode_uses_only_prefixes_unless_both_kinds() {
+        let mut ds = DataStore::new(true, false, false, s(30));
+        ds.add_eni(spec("eni-0", 0), s(0));
+        ds.add_cidr("eni-0", ip("10.0.1.1"), false).unwrap();
+        ds.add_cidr("eni-0", "10.0.3.16/28".parse().unwrap(), true)
+            .unwrap();
+        let a = ds
+            .assign(&key("a"), &IpamMetadata::default(), s(0))
+            .unwrap();
+        assert_eq!(
+            a.ip.to_string(),
+            "10.0.3.16",
+            "a /28 yields its network address too"
+        );
+        let v = &ds.views(s(0)).1[0];
+        assert_eq!(
+            (v.ips, v.prefixes, v.prefix_ips_assigned, v.free_prefixes),
+            (1, 1, 1, 0)
+        );
+        for n in 0..15 {
+            ds.assign(&key(&format!("p{n}")), &IpamMetadata::default(), s(0))
+                .unwrap();
+        }
+        assert_eq!(
+            ds.assign(&key("x"), &IpamMetadata::default(), s(0)),
+            Err(DsError::NoAvailableIp)
+        );
+        let mut both = ds.clone();
+        both.both_kinds = true;
+        assert_eq!(
+            both.assign(&key("x"), &IpamMetadata::default(), s(0))
+                .unwrap()
+                .ip
+                .to_string(),
+            "10.0.1.1"
+        );
+    }
+
+    #[test]
+    fn custom_networking_and_excluded_enis_get_no_pods() {
+        let mut ds = DataStore::new(false, false, true, s(30));
+        ds.add_eni(spec("eni-0", 0), s(0));
+        ds.add_cidr("eni-0", ip("10.0.1.1"), false).unwrap();
+        let mut x = spec("eni-1", 1);
+        x.excluded = true;
+        ds.add_eni(x, s(0));
+        ds.add_cidr("eni-1", ip("10.0.2.1"), false).unwrap();
+        assert_eq!(
+            ds.assign(&key("a"), &IpamMetadata::default(), s(0)),
+            Err(DsError::NoAvailableIp)
+        );
+    }
+
+    #[test]
+    fn removal_refuses_in_use_unless_forced() {
+        let mut ds = sip_store();
+        ds.assign(&key("a"), &IpamMetadata::default(), s(0))
+            .unwrap();
+        assert!(ds.remove_cidr("eni-0", ip("10.0.1.1"), false).is_err());
+        assert!(ds.remove_eni("eni-0", false).is_err());
+        assert_eq!(ds.remove_eni("eni-0", true).unwrap(), vec![key("a")]);
+        assert_eq!(ds.lookup(&key("a")), None);
+        assert_eq!(
+            ds.releasable("eni-1", false, 5, s(0), true),
+            vec![ip("10.0.2.1")]
+        );
+    }
+
+    #[test]
+    fn restore_normalises() {
+        let mut ds = sip_store();
+        let alloc = |ip: &str, c: &str, ns: &str, name: &str| Allocation {
+            network_name: "aws-cni".into(),
+            container_id: c.into(),
+            if_name: "eth0".into(),
+            ipv4: ip.into(),
+            ipv6: String::new(),
+            allocation_timestamp: 1_700_000_000_000_000_000,
+            metadata: IpamMetadata {
+                pod_namespace: ns.into(),
+                pod_name: name.into(),
+                interfaces_count: 1,
+            },
+        };
+        let file = CheckpointFile::new(vec![
+            alloc("10.0.1.1", "live", "default", "web-0"),
+            alloc("10.0.1.2", "gone", "default", "dead-0"),
+            alloc("10.9.9.9", "elsewhere", "default", "web-1"),
+            alloc("10.0.2.1", "nometa", "", ""),
+        ]);
+        let r = ds.restore(&file, &|_, name| name != "dead-0").unwrap();
+        assert_eq!(r.restored, 2);
+        assert_eq!(r.dropped_stale.len(), 1);
+        assert_eq!(r.dropped_unknown.len(), 1);
+        assert_eq!(ds.lookup(&key("live")).unwrap().to_string(), "10.0.1.1");
+        let cp = ds.checkpoint();
+        assert_eq!(
+            cp.allocations[0].allocation_timestamp,
+            1_700_000_000_000_000_000
+        );
+        let dup = CheckpointFile::new(vec![
+            alloc("10.0.1.1", "a", "", ""),
+            alloc("10.0.1.1", "b", "", ""),
+        ]);
+        assert_eq!(
+            sip_store().restore(&dup, &|_, _| true),
+            Err(DsError::DuplicateIp("10.0.1.1".parse().unwrap()))
+        );
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Add(u8, u8),
+        Del(u8, u8),
+        Tick(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..40, 0u8..2).prop_map(|(c, i)| Op::Add(c, i)),
+            (0u8..40, 0u8..2).prop_map(|(c, i)| Op::Del(c, i)),
+            (1u8..40).prop_map(Op::Tick),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn no_address_is_ever_held_twice_and_checkpoints_round_trip(ops in proptest::collection::vec(op(), 1..300)) {
+            let mut ds = DataStore::new(true, true, false, s(30));
+            ds.add_eni(spec("eni-0", 0), s(0));
+            ds.add_eni(spec("eni-1", 1), s(0));
+            ds.add_cidr("eni-0", "10.0.3.0/28".parse().unwrap(), true).unwrap();
+            ds.add_cidr("eni-1", "10.0.3.16/28".parse().unwrap(), true).unwrap();
+            ds.add_cidr("eni-1", ip("10.0.4.1"), false).unwrap();
+            let mut now = s(0);
+            let mut model: HashMap<IpamKey, Ipv4Addr> = HashMap::new();
+            for o in ops {
+                match o {
+                    Op::Add(c, i) => {
+                        let k = IpamKey::new("aws-cni", &format!("c{c}"), &format!("eth{i}"));
+                        match ds.assign(&k, &IpamMetadata::default(), now) {
+                            Ok(a) => {
+                                if let Some(prev) = model.get(&k) { prop_assert_eq!(*prev, a.ip); }
+                                model.insert(k, a.ip);
+                            }
+                            Err(DsError::NoAvailableIp) => prop_assert!(!model.contains_key(&k)),
+                            Err(e) => prop_assert!(false, "{e}"),
+                        }
+                    }
+                    Op::Del(c, i) => {
+                        let k = IpamKey::new("aws-cni", &format!("c{c}"), &format!("eth{i}"));
+                        match ds.unassign(&k, now) {
+                            Ok(u) => prop_assert_eq!(model.remove(&k), Some(u.ip)),
+                            Err(e) => { prop_assert_eq!(e, DsError::UnknownPod); prop_assert!(!model.contains_key(&k)); }
+                        }
+                    }
+                    Op::Tick(n) => now += s(u64::from(n)),
+                }
+                let held: Vec<Ipv4Addr> = model.values().copied().collect();
+                let mut uniq = held.clone();
+                uniq.sort();
+                uniq.dedup();
+                prop_assert_eq!(uniq.len(), held.len(), "an address held twice");
+            }
+            // Round trip through the file format onto a fresh datastore with the same CIDRs.
+            let cp = ds.checkpoint();
+            let json = serde_json::to_vec(&cp).unwrap();
+            let back = crate::checkpoint::parse(std::path::Path::new("x"), &json).unwrap();
+            let mut fresh = DataStore::new(true, true, false, s(30));
+            fresh.add_eni(spec("eni-0", 0), s(0));
+            fresh.add_eni(spec("eni-1", 1), s(0));
+            fresh.add_cidr("eni-0", "10.0.3.0/28".parse().unwrap(), true).unwrap();
+            fresh.add_cidr("eni-1", "10.0.3.16/28".parse().unwrap(), true).unwrap();
+            fresh.add_cidr("eni-1", ip("10.0.4.1"), false).unwrap();
+            let r = fresh.restore(&back, &|_, _| true).unwrap();
+            prop_assert_eq!(r.restored, model.len());
+            prop_assert_eq!(fresh.checkpoint(), cp);
+        }
+    }
+}
