@@ -8,4 +8,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod datastore;
 pub mod ec2;
+pub mod server;
+pub mod state;
 pub mod types;

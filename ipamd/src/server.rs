@@ -1,0 +1,383 @@
+//! The gRPC services on the unix socket: `CNIBackend` (AddNetwork, DelNetwork with the
+//! reference semantics, spec/ipamd.md 4.4-4.5), `ConfigServerBackend` and gRPC health.
+
+use std::sync::Arc;
+
+use subnet_calc::policy;
+use tonic::{Request, Response, Status};
+use vpc_cni_rpc::{
+    AddNetworkReply, AddNetworkRequest, CniBackend, ConfigServerBackend, DelNetworkReply,
+    DelNetworkRequest, IpAllocationMetadata, NetworkPolicyAgentConfigReply,
+};
+
+use crate::checkpoint::IpamMetadata;
+use crate::datastore::{DsError, IpamKey};
+use crate::state::{PoolState, StateError};
+
+/// The build version the plugin must send (`ClientVersion`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What replies carry besides addresses.
+#[derive(Debug, Clone, Default)]
+pub struct ReplySettings {
+    /// VPC IPv4 CIDRs (from instance metadata), plus SNAT exclusions when SNAT is ours.
+    pub vpc_cidrs: Vec<String>,
+    /// `AWS_VPC_K8S_CNI_EXTERNALSNAT`.
+    pub external_snat: bool,
+    /// `NETWORK_POLICY_ENFORCING_MODE`.
+    pub network_policy_mode: String,
+    /// Node primary IP.
+    pub node_ip: String,
+    /// Instance id.
+    pub instance_id: String,
+    /// Region.
+    pub region: String,
+}
+
+/// Called after each successful assignment to say whether the pool is now below target.
+pub type LowCheck = Arc<dyn Fn(&PoolState) -> bool + Send + Sync>;
+
+/// The gRPC backend.
+#[derive(Clone)]
+pub struct Backend {
+    state: Arc<PoolState>,
+    reply: ReplySettings,
+    version: String,
+    low_check: Option<LowCheck>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("reply", &self.reply)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backend {
+    /// A backend over `state`.
+    pub fn new(state: Arc<PoolState>, reply: ReplySettings) -> Self {
+        Self {
+            state,
+            reply,
+            version: VERSION.into(),
+            low_check: None,
+        }
+    }
+
+    /// Wakes the pool manager when an assignment takes the pool below target.
+    pub fn with_low_check(mut self, f: LowCheck) -> Self {
+        self.low_check = Some(f);
+        self
+    }
+
+    /// Overrides the version handshake string (tests).
+    pub fn with_version(mut self, v: &str) -> Self {
+        self.version = v.into();
+        self
+    }
+}
+
+/// Whether the pool is low per the policy (for [`Backend::with_low_check`]).
+pub fn pool_is_low(cfg: policy::PoolConfig, limits: policy::NodeLimits) -> LowCheck {
+    Arc::new(move |st: &PoolState| {
+        let now = st.now();
+        let (_, views) = st.lock().views(now);
+        policy::is_low(&cfg, &limits, &policy::stats(&cfg, &views))
+    })
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))
+}
+
+#[tonic::async_trait]
+impl CniBackend for Backend {
+    async fn add_network(
+        &self,
+        request: Request<AddNetworkRequest>,
+    ) -> Result<Response<AddNetworkReply>, Status> {
+        let r = request.into_inner();
+        vpc_cni_rpc::check_client_version(&r.client_version, &self.version)?;
+        let fail = || AddNetworkReply {
+            success: false,
+            network_policy_mode: self.reply.network_policy_mode.clone(),
+            ..Default::default()
+        };
+        if r.container_id.is_empty() || r.if_name.is_empty() || r.network_name.is_empty() {
+            tracing::warn!(pod = %r.k8s_pod_name, "AddNetwork without container id, interface or network name");
+            return Ok(Response::new(fail()));
+        }
+        if r.requires_multi_nic_attachment {
+            tracing::warn!(pod = %r.k8s_pod_name, "multi-NIC attachment requested but ENABLE_MULTI_NIC is off");
+            return Ok(Response::new(fail()));
+        }
+        let key = IpamKey::new(&r.network_name, &r.container_id, &r.if_name);
+        let md = IpamMetadata {
+            pod_namespace: r.k8s_pod_namespace.clone(),
+            pod_name: r.k8s_pod_name.clone(),
+            interfaces_count: 1,
+        };
+        let st = self.state.clone();
+        let res = blocking(move || st.assign(&key, &md)).await?;
+        let a = match res {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(pod = %r.k8s_pod_name, namespace = %r.k8s_pod_namespace, error = %e, "AddNetwork failed");
+                if matches!(e, StateError::Datastore(DsError::NoAvailableIp)) {
+                    self.state.low.notify_one();
+                }
+                return Ok(Response::new(fail()));
+            }
+        };
+        if a.fresh {
+            if let Some(check) = &self.low_check {
+                if check(&self.state) {
+                    self.state.low.notify_one();
+                }
+            }
+        }
+        tracing::info!(ip = %a.ip, eni = %a.eni_id, pod = %r.k8s_pod_name, namespace = %r.k8s_pod_namespace, "assigned");
+        Ok(Response::new(AddNetworkReply {
+            success: true,
+            ip_allocation_metadata: vec![IpAllocationMetadata {
+                i_pv4_addr: a.ip.to_string(),
+                i_pv6_addr: String::new(),
+                device_number: a.device_number as i32,
+                route_table_id: a.route_table_id as i32,
+            }],
+            use_external_snat: self.reply.external_snat,
+            vp_cv4_cid_rs: self.reply.vpc_cidrs.clone(),
+            network_policy_mode: self.reply.network_policy_mode.clone(),
+            ..Default::default()
+        }))
+    }
+
+    async fn del_network(
+        &self,
+        request: Request<DelNetworkRequest>,
+    ) -> Result<Response<DelNetworkReply>, Status> {
+        let r = request.into_inner();
+        vpc_cni_rpc::check_client_version(&r.client_version, &self.version)?;
+        let key = IpamKey::new(&r.network_name, &r.container_id, &r.if_name);
+        let st = self.state.clone();
+        match blocking(move || st.unassign(&key)).await? {
+            Ok(u) => {
+                tracing::info!(ip = %u.ip, pod = %r.k8s_pod_name, reason = %r.reason, "released");
+                Ok(Response::new(DelNetworkReply {
+                    success: true,
+                    ip_allocation_metadata: vec![IpAllocationMetadata {
+                        i_pv4_addr: u.ip.to_string(),
+                        i_pv6_addr: String::new(),
+                        device_number: u.device_number as i32,
+                        route_table_id: u.route_table_id as i32,
+                    }],
+                    network_policy_mode: self.reply.network_policy_mode.clone(),
+                    ..Default::default()
+                }))
+            }
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ConfigServerBackend for Backend {
+    async fn get_network_policy_configs(
+        &self,
+        _request: Request<()>,
+    ) -> Result<Response<NetworkPolicyAgentConfigReply>, Status> {
+        Ok(Response::new(NetworkPolicyAgentConfigReply {
+            network_policy_mode: self.reply.network_policy_mode.clone(),
+            multi_nic_enabled: false,
+            node_i_pv4: self.reply.node_ip.clone(),
+            node_i_pv6: String::new(),
+            instance_id: self.reply.instance_id.clone(),
+            region: self.reply.region.clone(),
+        }))
+    }
+}
+
+/// The routes to serve: CNIBackend, ConfigServerBackend and health.
+pub fn routes(backend: Backend, health: vpc_cni_rpc::HealthServer) -> tonic::service::Routes {
+    tonic::service::Routes::new(vpc_cni_rpc::CniBackendServer::new(backend.clone()))
+        .add_service(vpc_cni_rpc::ConfigServerBackendServer::new(backend))
+        .add_service(health)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::{CheckpointStore, FileStore};
+    use crate::datastore::{DataStore, EniSpec};
+    use crate::state::TokioClock;
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    fn datastore(n: u8) -> DataStore {
+        let mut ds = DataStore::new(false, false, false, Duration::from_secs(30));
+        ds.add_eni(
+            EniSpec {
+                id: "eni-0".into(),
+                mac: String::new(),
+                is_primary: true,
+                is_trunk: false,
+                is_efa: false,
+                device_number: 0,
+                primary_ip: "10.0.0.5".parse().unwrap(),
+                subnet_id: "s".into(),
+                subnet_cidr: "10.0.0.0/24".parse().unwrap(),
+                excluded: false,
+            },
+            Duration::ZERO,
+        );
+        for i in 0..n {
+            ds.add_cidr(
+                "eni-0",
+                format!("10.0.0.{}/32", 10 + i).parse().unwrap(),
+                false,
+            )
+            .unwrap();
+        }
+        ds
+    }
+
+    fn add(c: &str) -> AddNetworkRequest {
+        AddNetworkRequest {
+            client_version: VERSION.into(),
+            k8s_pod_name: format!("pod-{c}"),
+            k8s_pod_namespace: "default".into(),
+            container_id: c.into(),
+            if_name: "eth0".into(),
+            network_name: "aws-cni".into(),
+            ..Default::default()
+        }
+    }
+
+    fn del(c: &str) -> DelNetworkRequest {
+        DelNetworkRequest {
+            client_version: VERSION.into(),
+            container_id: c.into(),
+            if_name: "eth0".into(),
+            network_name: "aws-cni".into(),
+            reason: vpc_cni_rpc::REASON_POD_DELETED.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn over_the_unix_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("ipamd.sock");
+        let ckpt = dir.path().join("ipam.json");
+        let st = Arc::new(PoolState::new(
+            datastore(40),
+            Box::new(FileStore::new(&ckpt)),
+            Arc::new(TokioClock::new()),
+        ));
+        let backend = Backend::new(
+            st.clone(),
+            ReplySettings {
+                vpc_cidrs: vec!["10.0.0.0/16".into()],
+                network_policy_mode: "standard".into(),
+                ..Default::default()
+            },
+        );
+        let (health, health_srv) = vpc_cni_rpc::health_service().await;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(vpc_cni_rpc::serve_unix(
+            sock.clone(),
+            routes(backend, health_srv),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let mut c = loop {
+            match vpc_cni_rpc::connect_unix(&sock, Duration::from_secs(5)).await {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        let status = vpc_cni_rpc::check_health(&sock, "", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(status, vpc_cni_rpc::ServingStatus::NotServing);
+        health.set_serving().await;
+        assert_eq!(
+            vpc_cni_rpc::check_health(&sock, "", Duration::from_secs(5))
+                .await
+                .unwrap(),
+            vpc_cni_rpc::ServingStatus::Serving
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+            0o660
+        );
+
+        // Version handshake.
+        let mut bad = add("x");
+        bad.client_version = "0.0.0-other".into();
+        let e = c.add_network(bad).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+
+        // 200 ADD/DEL, no address held twice, idempotent ADD.
+        let mut held = std::collections::HashMap::new();
+        for round in 0..5 {
+            for i in 0..40 {
+                let id = format!("c{round}-{i}");
+                let r = c.add_network(add(&id)).await.unwrap().into_inner();
+                assert!(r.success, "add {id}");
+                assert_eq!(r.vp_cv4_cid_rs, vec!["10.0.0.0/16".to_string()]);
+                assert_eq!(r.network_policy_mode, "standard");
+                let ip = r.ip_allocation_metadata[0].i_pv4_addr.clone();
+                assert_eq!(r.ip_allocation_metadata[0].route_table_id, 254);
+                let again = c.add_network(add(&id)).await.unwrap().into_inner();
+                assert_eq!(again.ip_allocation_metadata[0].i_pv4_addr, ip, "idempotent");
+                held.insert(id, ip);
+                let distinct: HashSet<_> = held.values().collect();
+                assert_eq!(distinct.len(), held.len(), "an address handed out twice");
+            }
+            // Full: a 41st pod gets Success=false, no gRPC error.
+            let full = c.add_network(add("overflow")).await.unwrap().into_inner();
+            assert!(!full.success);
+            // The checkpoint on disk lists every assignment.
+            let disk = FileStore::new(&ckpt).read().unwrap().unwrap();
+            assert_eq!(disk.allocations.len(), 40);
+            for i in 0..40 {
+                let id = format!("c{round}-{i}");
+                let r = c.del_network(del(&id)).await.unwrap().into_inner();
+                assert!(r.success);
+                assert_eq!(r.ip_allocation_metadata[0].i_pv4_addr, held[&id]);
+                held.remove(&id);
+            }
+            // Cooldown (30 s) keeps released addresses out: let the next round run on a
+            // datastore whose addresses have cooled.
+            let mut ds = st.lock();
+            *ds = {
+                let cp = ds.checkpoint();
+                let mut fresh = datastore(40);
+                fresh.restore(&cp, &|_, _| true).unwrap();
+                fresh
+            };
+        }
+        // DEL of an unknown pod: a gRPC error carrying the marker.
+        let e = c.del_network(del("never")).await.unwrap_err();
+        assert!(vpc_cni_rpc::is_unknown_pod(&e), "{e:?}");
+
+        let cfgs = vpc_cni_rpc::ConfigServerBackendClient::new(
+            vpc_cni_rpc::connect_channel(&sock, Duration::from_secs(5))
+                .await
+                .unwrap(),
+        )
+        .get_network_policy_configs(())
+        .await
+        .unwrap()
+        .into_inner();
+        assert_eq!(cfgs.network_policy_mode, "standard");
+        let _ = stop_tx.send(());
+        server.await.unwrap().unwrap();
+    }
+}
