@@ -1,0 +1,537 @@
+//! The plugin in real network namespaces (root only; skipped otherwise): the built binary run
+//! as a process inside a test "host" namespace, an in-process ipamd on a unix socket, and every
+//! address, route, rule and neighbour read back with netlink.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use common::*;
+use serde_json::json;
+use vpc_cni_net::names::host_veth_name;
+use vpc_cni_net::pod::SetupStep;
+use vpc_cni_net::testing::{skip_netns_test, TestNetns};
+use vpc_cni_net::{Family, IpCidr, Netlink, NetlinkPodNetwork, Netns, Scope, MAIN_TABLE};
+use vpc_cni_plugin::driver::Driver;
+use vpc_cni_plugin::memory::{IpamCall, MemoryIpam, MemoryPolicyAgent};
+
+fn ns_path(ns: &TestNetns) -> String {
+    ns.path().display().to_string()
+}
+
+/// Reads back everything ADD must have built for one pod and compares it with the spec.
+fn assert_wired(host: &Netns, pod: &Netns, veth: &str, ip: Ipv4Addr, table: u32, mtu: u32) {
+    rt().block_on(async {
+        let h = Netlink::open(host).expect("host netlink");
+        let p = Netlink::open(pod).expect("pod netlink");
+        let hl = h
+            .link_by_name(veth)
+            .await
+            .expect("links")
+            .expect("host veth exists");
+        assert!(hl.up, "host veth up");
+        assert_eq!(hl.mtu, mtu);
+        let host_mac = hl.mac.expect("host mac");
+        assert!(
+            host_mac.is_local_unicast(),
+            "host MAC is set explicitly (local unicast)"
+        );
+        let eth0 = p.link_by_name("eth0").await.expect("links").expect("eth0");
+        assert!(eth0.up);
+        assert_eq!(eth0.mtu, mtu);
+        let cidr = IpCidr::host_v4(ip);
+        let addrs = p.addresses(Some(eth0.index)).await.expect("addrs");
+        assert!(
+            addrs.iter().any(|a| a.cidr == cidr),
+            "eth0 has {cidr}: {addrs:?}"
+        );
+        let gw = IpAddr::V4(Ipv4Addr::new(169, 254, 1, 1));
+        let routes = p
+            .routes(Family::V4, Some(MAIN_TABLE))
+            .await
+            .expect("routes");
+        assert!(routes.iter().any(|r| r.dst == IpCidr::host(gw)
+            && r.oif == Some(eth0.index)
+            && r.scope == Scope::Link));
+        assert!(routes
+            .iter()
+            .any(|r| r.dst.prefix_len == 0 && r.gateway == Some(gw) && r.oif == Some(eth0.index)));
+        let neigh = p
+            .neighbours(Family::V4, Some(eth0.index))
+            .await
+            .expect("neigh");
+        assert!(
+            neigh
+                .iter()
+                .any(|n| n.ip == gw && n.permanent && n.mac == Some(host_mac)),
+            "permanent 169.254.1.1 -> host veth MAC: {neigh:?}"
+        );
+        let hroutes = h
+            .routes(Family::V4, Some(MAIN_TABLE))
+            .await
+            .expect("routes");
+        assert!(hroutes
+            .iter()
+            .any(|r| r.dst == cidr && r.oif == Some(hl.index) && r.scope == Scope::Link));
+        let rules = h.rules(Family::V4).await.expect("rules");
+        assert!(rules.iter().any(|r| r.priority == 512
+            && r.to == Some(cidr)
+            && r.from.is_none()
+            && r.table == MAIN_TABLE));
+        let from_rule = rules
+            .iter()
+            .any(|r| r.priority == 1536 && r.from == Some(cidr) && r.table == table);
+        assert_eq!(
+            from_rule,
+            table != MAIN_TABLE,
+            "1536 rule only for secondary ENIs"
+        );
+    });
+}
+
+/// The pod rules (512/1536) left in `host`.
+fn pod_rules(host: &Netns) -> Vec<String> {
+    rt().block_on(async {
+        let h = Netlink::open(host).expect("netlink");
+        h.rules(Family::V4)
+            .await
+            .expect("rules")
+            .into_iter()
+            .filter(|r| r.priority == 512 || r.priority == 1536)
+            .map(|r| r.to_string())
+            .collect()
+    })
+}
+
+fn host_links(host: &Netns) -> Vec<String> {
+    rt().block_on(async {
+        let h = Netlink::open(host).expect("netlink");
+        h.links()
+            .await
+            .expect("links")
+            .into_iter()
+            .map(|l| l.name)
+            .filter(|n| n != "lo")
+            .collect()
+    })
+}
+
+fn ping(from: &str, to: Ipv4Addr) -> bool {
+    sh_in(from, &["ping", "-c", "1", "-W", "2", &to.to_string()])
+        .status
+        .success()
+}
+
+#[test]
+fn many_pods_add_check_ping_del_with_the_binary_and_leave_nothing_behind() {
+    if skip_netns_test("many_pods") {
+        return;
+    }
+    let host = TestNetns::new("host").expect("host ns");
+    // The node: forwarding on (pod to pod), an address to ping from.
+    assert!(
+        sh_in(host.name(), &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            .status
+            .success()
+    );
+    assert!(sh_in(host.name(), &["ip", "link", "set", "lo", "up"])
+        .status
+        .success());
+    assert!(sh_in(
+        host.name(),
+        &["ip", "addr", "add", "192.168.255.1/32", "dev", "lo"]
+    )
+    .status
+    .success());
+    let ipamd = TestIpamd::with_pool(Ipv4Addr::new(10, 0, 1, 10), 8, 2, 3);
+    let mut pods = Vec::new();
+    for (i, version) in ["0.4.0", "1.0.0", "1.1.0", "0.4.0", "1.0.0", "1.1.0"]
+        .iter()
+        .enumerate()
+    {
+        let ns = TestNetns::new("pod").expect("pod ns");
+        let name = format!("web-{i}");
+        let container = format!("c{i}");
+        let conf = conf(version, &ipamd.socket);
+        let r = plugin(
+            &host,
+            &cni_env("ADD", &container, &ns_path(&ns), &name),
+            &conf,
+        );
+        assert_eq!(r.code, 0, "ADD {i}: {} {}", r.stdout, r.stderr);
+        let res = r.json.expect("result");
+        assert_eq!(res["cniVersion"], *version);
+        let veth = host_veth_name("eni", "default", &name, 0);
+        assert_eq!(res["interfaces"][0]["name"], veth.as_str());
+        assert_eq!(
+            res["interfaces"][1],
+            json!({"name": "eth0", "mac": "3", "sandbox": ns_path(&ns)})
+        );
+        assert_eq!(res["interfaces"][2]["sandbox"], "2");
+        let addr = res["ips"][0]["address"]
+            .as_str()
+            .expect("address")
+            .to_string();
+        let ip: Ipv4Addr = addr.trim_end_matches("/32").parse().expect("ip");
+        assert_eq!(version == &"0.4.0", res["ips"][0].get("version").is_some());
+        assert_wired(&host, &ns, &veth, ip, 3, 9001);
+        let chk = plugin(
+            &host,
+            &cni_env("CHECK", &container, &ns_path(&ns), &name),
+            &with_prev(conf.clone(), &res),
+        );
+        assert_eq!(
+            (chk.code, chk.json.clone()),
+            (0, None),
+            "CHECK {i}: {}",
+            chk.stderr
+        );
+        pods.push((ns, name, container, ip, conf, res));
+    }
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.3).collect();
+    let mut unique = ips.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ips.len(), "distinct addresses");
+    for (ns, _, _, ip, _, _) in &pods {
+        assert!(ping(host.name(), *ip), "node -> pod {ip}");
+        let other = ips.iter().find(|o| *o != ip).expect("another pod");
+        assert!(ping(ns.name(), *other), "pod {ip} -> pod {other}");
+    }
+    for (ns, name, container, _, conf, res) in &pods {
+        let del = plugin(
+            &host,
+            &cni_env("DEL", container, &ns_path(ns), name),
+            &with_prev(conf.clone(), res),
+        );
+        assert_eq!(
+            (del.code, del.json.clone()),
+            (0, None),
+            "DEL: {}",
+            del.stderr
+        );
+        // DEL twice, the second time with an empty netns, as containerd does.
+        let again = plugin(
+            &host,
+            &cni_env("DEL", container, "", name),
+            &with_prev(conf.clone(), res),
+        );
+        assert_eq!(again.code, 0, "second DEL: {}", again.stdout);
+    }
+    assert!(
+        pod_rules(&host).is_empty(),
+        "no pod rules left: {:?}",
+        pod_rules(&host)
+    );
+    assert_eq!(ipamd.ipam.assigned(), 0);
+    let reasons: Vec<String> = ipamd
+        .ipam
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            IpamCall::Del(d) => Some(d.reason),
+            IpamCall::Add(_) => None,
+        })
+        .collect();
+    assert!(reasons.iter().all(|r| r == "PodDeleted"));
+    drop(pods);
+    eventually("host veths to die with their pod namespaces", || {
+        host_links(&host).is_empty()
+    });
+}
+
+#[test]
+fn a_pod_on_the_primary_eni_gets_only_the_512_rule_and_check_reports_flushed_rules() {
+    if skip_netns_test("primary_eni") {
+        return;
+    }
+    let host = TestNetns::new("host").expect("host ns");
+    let pod = TestNetns::new("pod").expect("pod ns");
+    let ipamd = TestIpamd::with_pool(Ipv4Addr::new(10, 0, 2, 10), 1, 0, 254);
+    let mut conf = conf("1.0.0", &ipamd.socket);
+    conf["mtu"] = json!("1500");
+    let env = cni_env("ADD", "c1", &ns_path(&pod), "db-0");
+    let r = plugin(&host, &env, &conf);
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    let res = r.json.expect("result");
+    let veth = host_veth_name("eni", "default", "db-0", 0);
+    assert_wired(
+        &host,
+        &pod,
+        &veth,
+        Ipv4Addr::new(10, 0, 2, 10),
+        MAIN_TABLE,
+        1500,
+    );
+    // Something flushes the pod's rule on the node: CHECK must say so.
+    assert!(sh_in(host.name(), &["ip", "rule", "del", "pref", "512"])
+        .status
+        .success());
+    let chk = plugin(
+        &host,
+        &cni_env("CHECK", "c1", &ns_path(&pod), "db-0"),
+        &with_prev(conf.clone(), &res),
+    );
+    assert_eq!(chk.code, 1);
+    let err = chk.json.expect("error JSON");
+    assert_eq!(err["code"], 104, "{err}");
+    assert!(err["msg"].as_str().expect("msg").contains("512"), "{err}");
+    let del = plugin(
+        &host,
+        &cni_env("DEL", "c1", &ns_path(&pod), "db-0"),
+        &with_prev(conf, &res),
+    );
+    assert_eq!(del.code, 0);
+    assert!(pod_rules(&host).is_empty());
+}
+
+#[test]
+fn del_without_ipamd_removes_host_rules_from_prev_result_and_succeeds() {
+    if skip_netns_test("del_without_ipamd") {
+        return;
+    }
+    let host = TestNetns::new("host").expect("host ns");
+    let pod = TestNetns::new("pod").expect("pod ns");
+    let ipamd = TestIpamd::with_pool(Ipv4Addr::new(10, 0, 3, 10), 1, 1, 2);
+    let conf = conf("0.4.0", &ipamd.socket);
+    let r = plugin(&host, &cni_env("ADD", "c1", &ns_path(&pod), "api-0"), &conf);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let res = r.json.expect("result");
+    assert_eq!(pod_rules(&host).len(), 2);
+    let socket = ipamd.socket.clone();
+    drop(ipamd);
+    assert!(!socket.exists() || std::os::unix::net::UnixStream::connect(&socket).is_err());
+    // The namespace is gone too, and the runtime sends an empty CNI_NETNS.
+    drop(pod);
+    let del = plugin(
+        &host,
+        &cni_env("DEL", "c1", "", "api-0"),
+        &with_prev(conf.clone(), &res),
+    );
+    assert_eq!((del.code, del.json), (0, None), "{}", del.stderr);
+    assert!(pod_rules(&host).is_empty(), "{:?}", pod_rules(&host));
+    // No prevResult and no ipamd: still success.
+    let del = plugin(&host, &cni_env("DEL", "c1", "", "api-0"), &conf);
+    assert_eq!(del.code, 0);
+}
+
+#[test]
+fn add_waits_for_the_pool_then_gives_up_with_code_11() {
+    if skip_netns_test("pool_wait") {
+        return;
+    }
+    let host = TestNetns::new("host").expect("host ns");
+    let pod = TestNetns::new("pod").expect("pod ns");
+    let ipamd = TestIpamd::with_pool(Ipv4Addr::new(10, 0, 4, 10), 1, 1, 2);
+    ipamd.ipam.set_warming(4);
+    let conf = conf("1.1.0", &ipamd.socket);
+    let r = plugin(&host, &cni_env("ADD", "c1", &ns_path(&pod), "w-0"), &conf);
+    assert_eq!(
+        r.code, 0,
+        "a warming pool is waited for: {} {}",
+        r.stdout, r.stderr
+    );
+    assert_eq!(ipamd.ipam.calls().len(), 5);
+    let pod2 = TestNetns::new("pod").expect("pod ns");
+    let start = std::time::Instant::now();
+    let r = plugin(&host, &cni_env("ADD", "c2", &ns_path(&pod2), "w-1"), &conf);
+    assert_eq!(r.code, 1);
+    let err = r.json.expect("error");
+    assert_eq!(err["code"], 11, "{err}");
+    assert_eq!(err["cniVersion"], "1.1.0");
+    let took = start.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(900) && took < std::time::Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(
+        host_links(&host).len() == 1,
+        "the failed ADD built nothing: {:?}",
+        host_links(&host)
+    );
+}
+
+#[test]
+fn a_failure_in_the_middle_of_add_is_rolled_back_and_the_address_released() {
+    if skip_netns_test("rollback") {
+        return;
+    }
+    for step in [
+        SetupStep::HostVethUp,
+        SetupStep::PodNeighbour,
+        SetupStep::HostRoute,
+        SetupStep::FromPodRule,
+    ] {
+        let host = TestNetns::new("host").expect("host ns");
+        let pod = TestNetns::new("pod").expect("pod ns");
+        let rt = rt();
+        let ipam = MemoryIpam::new("v", MemoryIpam::pool(Ipv4Addr::new(10, 0, 5, 10), 1, 1, 2));
+        let net = rt
+            .block_on(async { NetlinkPodNetwork::new(host.try_clone().expect("dup")) })
+            .expect("netlink")
+            .with_fault(Some(step));
+        let d = Driver::new(ipam, net, MemoryPolicyAgent::default(), "v");
+        let inv = vpc_cni_plugin::env::Invocation {
+            command: vpc_cni_plugin::env::Command::Add,
+            container_id: "c1".into(),
+            netns: ns_path(&pod),
+            ifname: "eth0".into(),
+            args: vpc_cni_plugin::env::CniArgs::parse("K8S_POD_NAMESPACE=default;K8S_POD_NAME=rb")
+                .expect("args"),
+            path: "/usr/lib/cni".into(),
+        };
+        let conf = vpc_cni_plugin::config::NetConf::parse(
+            conf("1.0.0", std::path::Path::new("/nonexistent"))
+                .to_string()
+                .as_bytes(),
+        )
+        .expect("conf");
+        let e = rt
+            .block_on(d.add(&inv, &conf))
+            .expect_err("injected failure");
+        assert_eq!(e.code(), 103, "{step}");
+        assert!(
+            host_links(&host).is_empty(),
+            "{step}: host veth removed: {:?}",
+            host_links(&host)
+        );
+        assert!(
+            pod_rules(&host).is_empty(),
+            "{step}: {:?}",
+            pod_rules(&host)
+        );
+        let pod_links = rt.block_on(async {
+            Netlink::open(&pod)
+                .expect("nl")
+                .links()
+                .await
+                .expect("links")
+        });
+        assert!(
+            pod_links.iter().all(|l| l.name == "lo"),
+            "{step}: {pod_links:?}"
+        );
+        assert_eq!(d.ipam().assigned(), 0, "{step}");
+        assert!(
+            matches!(d.ipam().calls().last(), Some(IpamCall::Del(r)) if r.reason == "SetupNSFailed")
+        );
+        let routes = rt.block_on(async {
+            Netlink::open(&host)
+                .expect("nl")
+                .routes(Family::V4, Some(MAIN_TABLE))
+                .await
+                .expect("routes")
+        });
+        assert!(routes.is_empty(), "{step}: {routes:?}");
+    }
+}
+
+#[test]
+fn version_status_gc_and_bad_input_answer_one_json_document() {
+    if skip_netns_test("misc") {
+        return;
+    }
+    let host = TestNetns::new("host").expect("host ns");
+    let ipamd = TestIpamd::with_pool(Ipv4Addr::new(10, 0, 6, 10), 2, 1, 2);
+    let v = plugin(&host, &[("CNI_COMMAND", "VERSION".into())], &json!({}));
+    assert_eq!(v.code, 0);
+    assert_eq!(v.json.expect("version")["supportedVersions"][6], "1.1.0");
+    let about = plugin(&host, &[], &json!({}));
+    assert_eq!((about.code, about.stdout.as_str()), (0, ""));
+    assert!(about.stderr.contains("CNI protocol versions supported"));
+    let conf11 = conf("1.1.0", &ipamd.socket);
+    let st = plugin(&host, &[("CNI_COMMAND", "STATUS".into())], &conf11);
+    assert_eq!((st.code, st.json), (0, None), "{}", st.stderr);
+    let mut down = conf11.clone();
+    down["ipamdSocket"] = json!("/nonexistent/ipamd.sock");
+    let st = plugin(&host, &[("CNI_COMMAND", "STATUS".into())], &down);
+    assert_eq!(st.json.expect("error")["code"], 50);
+    let st = plugin(
+        &host,
+        &[("CNI_COMMAND", "STATUS".into())],
+        &conf("1.0.0", &ipamd.socket),
+    );
+    assert_eq!(st.json.expect("error")["code"], 1, "STATUS needs 1.1.0");
+    // GC removes a leaked pod rule and keeps a live pod's.
+    let pod = TestNetns::new("pod").expect("pod ns");
+    let r = plugin(
+        &host,
+        &cni_env("ADD", "c1", &ns_path(&pod), "gc-0"),
+        &conf11,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(sh_in(
+        host.name(),
+        &[
+            "ip",
+            "rule",
+            "add",
+            "pref",
+            "512",
+            "to",
+            "10.9.9.9/32",
+            "lookup",
+            "main"
+        ]
+    )
+    .status
+    .success());
+    assert!(sh_in(
+        host.name(),
+        &[
+            "ip",
+            "rule",
+            "add",
+            "pref",
+            "1536",
+            "from",
+            "10.9.9.9/32",
+            "lookup",
+            "7"
+        ]
+    )
+    .status
+    .success());
+    assert_eq!(pod_rules(&host).len(), 4);
+    let mut gc = conf11.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "c1", "ifname": "eth0"}]);
+    let g = plugin(&host, &[("CNI_COMMAND", "GC".into())], &gc);
+    assert_eq!((g.code, g.json), (0, None), "{}", g.stderr);
+    let left = pod_rules(&host);
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.iter().all(|r| r.contains("10.0.6.10")), "{left:?}");
+    // Bad input: exactly one error JSON on stdout, with the spec's codes.
+    let bad = plugin(
+        &host,
+        &cni_env("ADD", "c2", &ns_path(&pod), "x"),
+        &json!("nope"),
+    );
+    assert_eq!(bad.json.expect("error")["code"], 6);
+    let mut long = conf11.clone();
+    long["vethPrefix"] = json!("toolong");
+    let bad = plugin(&host, &cni_env("ADD", "c2", &ns_path(&pod), "x"), &long);
+    assert_eq!(bad.json.expect("error")["code"], 7);
+    let bad = plugin(
+        &host,
+        &cni_env("ADD", "c2", "/var/run/netns/does-not-exist", "x"),
+        &conf11,
+    );
+    assert_eq!(bad.json.expect("error")["code"], 3);
+    let own = "/proc/self/ns/net".to_string();
+    let bad = plugin(&host, &cni_env("ADD", "c2", &own, "x"), &conf11);
+    assert_eq!(
+        bad.json.expect("error")["code"],
+        4,
+        "the plugin's own netns is refused"
+    );
+    let mut env = cni_env("ADD", "c2", &ns_path(&pod), "x");
+    env.retain(|(k, _)| *k != "CNI_IFNAME");
+    let bad = plugin(&host, &env, &conf11);
+    assert_eq!(bad.json.expect("error")["code"], 4);
+    let del = plugin(
+        &host,
+        &cni_env("DEL", "c1", &ns_path(&pod), "gc-0"),
+        &with_prev(conf11, &r.json.expect("res")),
+    );
+    assert_eq!(del.code, 0);
+}
