@@ -189,58 +189,60 @@ fn policy_name(r: &ExactReport) -> &'static str {
     }
 }
 
+const BASIS_HEAD: [&str; 9] = [
+    "A instance type",
+    "B instances",
+    "C pods/node",
+    "D max ENIs",
+    "E IPs/ENI",
+    "F max pods",
+    "G max IPv4",
+    "H raw ENIs",
+    "I in-use ENIs",
+];
+
+fn basis_cells(b: &crate::workbook::RowBasis) -> Vec<String> {
+    vec![
+        b.instance_type.clone(),
+        b.instances.to_string(),
+        b.pods_per_node.to_string(),
+        b.max_enis_per_instance.to_string(),
+        b.ips_per_eni.to_string(),
+        b.max_pods.to_string(),
+        b.max_ipv4.to_string(),
+        format!("{:.4}", b.raw_enis_needed),
+        b.in_use_enis.to_string(),
+    ]
+}
+
 fn workbook_table(r: &WorkbookReport) -> Table {
-    match &r.rows {
-        Rows::WarmEni(rows) => {
-            let mut t = Table::new(&[
-                "A instance type",
-                "B instances",
-                "C pods/node",
-                "D max ENIs",
-                "E IPs/ENI",
-                "F max pods",
-                "G max IPv4",
-                "H raw ENIs",
-                "I in-use ENIs",
+    let (rest_head, rows): (&[&str], Vec<Vec<String>>) = match &r.rows {
+        Rows::WarmEni(rows) => (
+            &[
                 "J with warm ENI",
                 "K actual IPs",
                 "L used IPs",
                 "M total pods",
                 "N IPs total",
                 "O pods total",
-            ]);
-            for x in rows {
-                t.row(vec![
-                    x.instance_type.clone(),
-                    x.instances.to_string(),
-                    x.pods_per_node.to_string(),
-                    x.max_enis_per_instance.to_string(),
-                    x.ips_per_eni.to_string(),
-                    x.max_pods.to_string(),
-                    x.max_ipv4.to_string(),
-                    format!("{:.4}", x.raw_enis_needed),
-                    x.in_use_enis.to_string(),
-                    x.with_warm_eni.to_string(),
-                    x.actual_ips.to_string(),
-                    x.used_ips.to_string(),
-                    x.total_pods.to_string(),
-                    x.ips_total.to_string(),
-                    x.pods_total.to_string(),
-                ]);
-            }
-            t
-        }
-        Rows::WarmIp(rows) => {
-            let mut t = Table::new(&[
-                "A instance type",
-                "B instances",
-                "C pods/node",
-                "D max ENIs",
-                "E IPs/ENI",
-                "F max pods",
-                "G max IPv4",
-                "H raw ENIs",
-                "I in-use ENIs",
+            ],
+            rows.iter()
+                .map(|x| {
+                    let mut cells = basis_cells(&x.basis);
+                    cells.extend([
+                        x.with_warm_eni.to_string(),
+                        x.actual_ips.to_string(),
+                        x.used_ips.to_string(),
+                        x.total_pods.to_string(),
+                        x.ips_total.to_string(),
+                        x.pods_total.to_string(),
+                    ]);
+                    cells
+                })
+                .collect(),
+        ),
+        Rows::WarmIp(rows) => (
+            &[
                 "J actual IPs*",
                 "K used IPs*",
                 "L warm ENIs",
@@ -249,31 +251,31 @@ fn workbook_table(r: &WorkbookReport) -> Table {
                 "O used IPs -",
                 "P total pods",
                 "Q IPs total",
-            ]);
-            for x in rows {
-                t.row(vec![
-                    x.instance_type.clone(),
-                    x.instances.to_string(),
-                    x.pods_per_node.to_string(),
-                    x.max_enis_per_instance.to_string(),
-                    x.ips_per_eni.to_string(),
-                    x.max_pods.to_string(),
-                    x.max_ipv4.to_string(),
-                    format!("{:.4}", x.raw_enis_needed),
-                    x.in_use_enis.to_string(),
-                    x.actual_ips.to_string(),
-                    x.used_ips.to_string(),
-                    x.warm_enis_needed.to_string(),
-                    x.in_use_enis_with_warm.to_string(),
-                    x.actual_ips_shown.to_string(),
-                    x.used_ips_shown.to_string(),
-                    x.total_pods.to_string(),
-                    x.ips_total.to_string(),
-                ]);
-            }
-            t
-        }
+            ],
+            rows.iter()
+                .map(|x| {
+                    let mut cells = basis_cells(&x.basis);
+                    cells.extend([
+                        x.actual_ips.to_string(),
+                        x.used_ips.to_string(),
+                        x.warm_enis_needed.to_string(),
+                        x.in_use_enis_with_warm.to_string(),
+                        x.actual_ips_shown.to_string(),
+                        x.used_ips_shown.to_string(),
+                        x.total_pods.to_string(),
+                        x.ips_total.to_string(),
+                    ]);
+                    cells
+                })
+                .collect(),
+        ),
+    };
+    let head: Vec<&str> = BASIS_HEAD.iter().chain(rest_head).copied().collect();
+    let mut t = Table::new(&head);
+    for row in rows {
+        t.row(row);
     }
+    t
 }
 
 /// Renders a workbook-mode report.

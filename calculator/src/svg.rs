@@ -1172,9 +1172,9 @@ fn wb_rows(r: &WorkbookReport) -> Vec<WbRow<'_>> {
         Rows::WarmEni(rows) => rows
             .iter()
             .map(|x| WbRow {
-                instance_type: &x.instance_type,
-                instances: x.instances,
-                pods_per_node: x.pods_per_node,
+                instance_type: &x.basis.instance_type,
+                instances: x.basis.instances,
+                pods_per_node: x.basis.pods_per_node,
                 used_ips: x.used_ips,
                 enis: x.with_warm_eni,
                 ips_total: x.ips_total,
@@ -1183,9 +1183,9 @@ fn wb_rows(r: &WorkbookReport) -> Vec<WbRow<'_>> {
         Rows::WarmIp(rows) => rows
             .iter()
             .map(|x| WbRow {
-                instance_type: &x.instance_type,
-                instances: x.instances,
-                pods_per_node: x.pods_per_node,
+                instance_type: &x.basis.instance_type,
+                instances: x.basis.instances,
+                pods_per_node: x.basis.pods_per_node,
                 used_ips: x.used_ips,
                 enis: x.in_use_enis_with_warm,
                 ips_total: x.ips_total,
@@ -2511,7 +2511,7 @@ node_groups: [{{instance_type: {:?}, count: 1, pods_per_node: 5, max_enis: 3, ip
         assert_eq!(r.node_groups[0].instance_type, HOSTILE);
         let mut wb = workbook_of(CLUSTER, Sheet::WarmEni);
         if let Rows::WarmEni(rows) = &mut wb.rows {
-            rows[0].instance_type = HOSTILE.to_owned();
+            rows[0].basis.instance_type = HOSTILE.to_owned();
         }
         for svg in [exact_chart(&r), workbook_chart(&wb), compare_chart(&wb, &r)] {
             assert!(

@@ -10,7 +10,7 @@
 use serde::Serialize;
 
 use crate::limits::workbook_instance;
-use crate::plan::{InputError, PlanInput};
+use crate::plan::{InputError, NodeGroupSpec, PlanInput};
 
 /// Which calculator sheet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -35,9 +35,10 @@ impl std::str::FromStr for Sheet {
     }
 }
 
-/// One row of sheet `WarmENI` (table `Table3`, columns A..O).
+/// Columns A to I of an instance row: the inputs, the instance lookups and the in-use ENIs,
+/// identical on both sheets.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct WarmEniRow {
+pub struct RowBasis {
     /// A: instance type.
     pub instance_type: String,
     /// B: # of Instances.
@@ -56,6 +57,34 @@ pub struct WarmEniRow {
     pub raw_enis_needed: f64,
     /// I: in use ENIs PI.
     pub in_use_enis: u32,
+}
+
+impl RowBasis {
+    fn compute(i: usize, g: &NodeGroupSpec) -> Result<Self, InputError> {
+        let w = workbook_instance(&g.instance_type).map_err(|e| {
+            InputError::new(format!("node_groups[{i}].instance_type"), e.to_string())
+        })?;
+        let (d, e, c) = (w.max_eni, w.ipv4_addr, g.pods_per_node);
+        Ok(Self {
+            instance_type: g.instance_type.clone(),
+            instances: g.count,
+            pods_per_node: c,
+            max_enis_per_instance: d,
+            ips_per_eni: e,
+            max_pods: w.max_pods,
+            max_ipv4: d * e,
+            raw_enis_needed: f64::from(c) / f64::from(e),
+            in_use_enis: c.div_ceil(e),
+        })
+    }
+}
+
+/// One row of sheet `WarmENI` (table `Table3`, columns A..O).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WarmEniRow {
+    /// Columns A to I, shared by both sheets.
+    #[serde(flatten)]
+    pub basis: RowBasis,
     /// J: with warm ENI PI.
     pub with_warm_eni: u32,
     /// K: Actual IPs PI.
@@ -73,24 +102,9 @@ pub struct WarmEniRow {
 /// One row of sheet `WarmIP` (table `Table36`, columns A..Q; I, J, K hidden in the sheet).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WarmIpRow {
-    /// A: instance type.
-    pub instance_type: String,
-    /// B: # of Instances.
-    pub instances: u32,
-    /// C: Target Workload Pods per Node.
-    pub pods_per_node: u32,
-    /// D: Max ENIs per Instance (PI).
-    pub max_enis_per_instance: u32,
-    /// E: IPs per ENI PI.
-    pub ips_per_eni: u32,
-    /// F: Max Pods PI.
-    pub max_pods: u32,
-    /// G: Max IPv4 PI.
-    pub max_ipv4: u32,
-    /// H: Raw ENIs needed PI.
-    pub raw_enis_needed: f64,
-    /// I: in use ENIs PI.
-    pub in_use_enis: u32,
+    /// Columns A to I, shared by both sheets.
+    #[serde(flatten)]
+    pub basis: RowBasis,
     /// J (hidden): Actual IPs PI.
     pub actual_ips: u32,
     /// K (hidden): Used IPs PI.
@@ -161,29 +175,18 @@ pub fn compute(input: &PlanInput, sheet: Sheet) -> Result<WorkbookReport, InputE
             let t = input.config.warm_eni_target;
             let mut rows = Vec::new();
             for (i, g) in input.node_groups.iter().enumerate() {
-                let w = workbook_instance(&g.instance_type).map_err(|e| {
-                    InputError::new(format!("node_groups[{i}].instance_type"), e.to_string())
-                })?;
-                let (d, e, c, b) = (w.max_eni, w.ipv4_addr, g.pods_per_node, g.count);
-                let in_use = c.div_ceil(e);
-                let j = in_use + t;
+                let basis = RowBasis::compute(i, g)?;
+                let (e, c, b) = (basis.ips_per_eni, basis.pods_per_node, u64::from(g.count));
+                let j = basis.in_use_enis + t;
                 let l = j * e + host;
                 let row = WarmEniRow {
-                    instance_type: g.instance_type.clone(),
-                    instances: b,
-                    pods_per_node: c,
-                    max_enis_per_instance: d,
-                    ips_per_eni: e,
-                    max_pods: w.max_pods,
-                    max_ipv4: d * e,
-                    raw_enis_needed: f64::from(c) / f64::from(e),
-                    in_use_enis: in_use,
+                    basis,
                     with_warm_eni: j,
                     actual_ips: c + host,
                     used_ips: l,
-                    total_pods: u64::from(c) * u64::from(b),
-                    ips_total: u64::from(l) * u64::from(b),
-                    pods_total: u64::from(c) * u64::from(b),
+                    total_pods: u64::from(c) * b,
+                    ips_total: u64::from(l) * b,
+                    pods_total: u64::from(c) * b,
                 };
                 pods_hosted += row.pods_total;
                 ips_used += row.ips_total;
@@ -195,33 +198,23 @@ pub fn compute(input: &PlanInput, sheet: Sheet) -> Result<WorkbookReport, InputE
             let t = input.config.warm_ip_target;
             let mut rows = Vec::new();
             for (i, g) in input.node_groups.iter().enumerate() {
-                let w = workbook_instance(&g.instance_type).map_err(|e| {
-                    InputError::new(format!("node_groups[{i}].instance_type"), e.to_string())
-                })?;
-                let (d, e, c, b) = (w.max_eni, w.ipv4_addr, g.pods_per_node, g.count);
-                let in_use = c.div_ceil(e);
+                let basis = RowBasis::compute(i, g)?;
+                let (e, c, b) = (basis.ips_per_eni, basis.pods_per_node, u64::from(g.count));
+                let in_use = basis.in_use_enis;
                 let actual = c + host;
                 let used = in_use * e + host;
                 let warm = u32::from(i64::from(used) - i64::from(actual) < i64::from(t));
                 let m = in_use + warm;
                 let row = WarmIpRow {
-                    instance_type: g.instance_type.clone(),
-                    instances: b,
-                    pods_per_node: c,
-                    max_enis_per_instance: d,
-                    ips_per_eni: e,
-                    max_pods: w.max_pods,
-                    max_ipv4: d * e,
-                    raw_enis_needed: f64::from(c) / f64::from(e),
-                    in_use_enis: in_use,
+                    basis,
                     actual_ips: actual,
                     used_ips: used,
                     warm_enis_needed: warm,
                     in_use_enis_with_warm: m,
                     actual_ips_shown: actual,
                     used_ips_shown: m * e,
-                    total_pods: u64::from(c) * u64::from(b),
-                    ips_total: u64::from(used) * u64::from(b),
+                    total_pods: u64::from(c) * b,
+                    ips_total: u64::from(used) * b,
                 };
                 pods_hosted += row.total_pods;
                 ips_used += row.ips_total;
@@ -279,32 +272,42 @@ node_groups:
         let a = &rows[0];
         assert_eq!(
             (
-                a.max_enis_per_instance,
-                a.ips_per_eni,
-                a.max_pods,
-                a.max_ipv4
+                a.basis.max_enis_per_instance,
+                a.basis.ips_per_eni,
+                a.basis.max_pods,
+                a.basis.max_ipv4
             ),
             (8, 30, 234, 240)
         );
-        assert!((a.raw_enis_needed - 3.333_333_333_333_333_5).abs() < 1e-12);
+        assert!((a.basis.raw_enis_needed - 3.333_333_333_333_333_5).abs() < 1e-12);
         assert_eq!(
-            (a.in_use_enis, a.with_warm_eni, a.actual_ips, a.used_ips),
+            (
+                a.basis.in_use_enis,
+                a.with_warm_eni,
+                a.actual_ips,
+                a.used_ips
+            ),
             (4, 5, 102, 152)
         );
         assert_eq!((a.total_pods, a.ips_total, a.pods_total), (200, 304, 200));
         let b = &rows[1];
         assert_eq!(
             (
-                b.max_enis_per_instance,
-                b.ips_per_eni,
-                b.max_pods,
-                b.max_ipv4
+                b.basis.max_enis_per_instance,
+                b.basis.ips_per_eni,
+                b.basis.max_pods,
+                b.basis.max_ipv4
             ),
             (4, 15, 58, 60)
         );
-        assert!((b.raw_enis_needed - 2.0).abs() < 1e-12);
+        assert!((b.basis.raw_enis_needed - 2.0).abs() < 1e-12);
         assert_eq!(
-            (b.in_use_enis, b.with_warm_eni, b.actual_ips, b.used_ips),
+            (
+                b.basis.in_use_enis,
+                b.with_warm_eni,
+                b.actual_ips,
+                b.used_ips
+            ),
             (2, 3, 32, 47)
         );
         assert_eq!((b.total_pods, b.ips_total, b.pods_total), (30, 47, 30));
@@ -327,7 +330,10 @@ node_groups:
             panic!("sheet")
         };
         let a = &rows[0];
-        assert_eq!((a.in_use_enis, a.actual_ips, a.used_ips), (4, 102, 122));
+        assert_eq!(
+            (a.basis.in_use_enis, a.actual_ips, a.used_ips),
+            (4, 102, 122)
+        );
         assert_eq!(
             (
                 a.warm_enis_needed,
@@ -339,7 +345,7 @@ node_groups:
         );
         assert_eq!((a.total_pods, a.ips_total), (200, 244));
         let b = &rows[1];
-        assert_eq!((b.in_use_enis, b.actual_ips, b.used_ips), (2, 32, 32));
+        assert_eq!((b.basis.in_use_enis, b.actual_ips, b.used_ips), (2, 32, 32));
         assert_eq!(
             (
                 b.warm_enis_needed,
@@ -374,7 +380,7 @@ node_groups: [{instance_type: m5.large, count: 3, pods_per_node: 0}]";
         let Rows::WarmEni(rows) = &r.rows else {
             panic!("sheet")
         };
-        assert_eq!(rows[0].in_use_enis, 0);
+        assert_eq!(rows[0].basis.in_use_enis, 0);
         assert_eq!(r.total_available_ips, 14);
         assert_eq!(r.ips_used, 3 * 12);
         assert_eq!(r.ips_remaining, 14 - 36);
