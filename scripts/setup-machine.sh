@@ -7,6 +7,11 @@ apt_pkgs=()
 need() { command -v "$1" >/dev/null 2>&1 || apt_pkgs+=("$2"); }
 need rsvg-convert librsvg2-bin   # renders the calculator's SVG charts in tests
 need ip iproute2
+# The CNI plugin's real-client tests: reference plugins, containerd + runc, a busybox rootfs.
+[ -x /usr/lib/cni/portmap ] || apt_pkgs+=(containernetworking-plugins)
+need containerd containerd
+need runc runc
+[ -x /bin/busybox ] || apt_pkgs+=(busybox-static)
 need ping iputils-ping         # net/ tests ping through pod wiring inside test namespaces
 need iptables iptables          # net/ SNAT/connmark rules (iptables, iptables-save, iptables-restore)
 need nft nftables               # net/ nftables connmark backend
