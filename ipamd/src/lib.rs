@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod datastore;
 pub mod ec2;
+pub mod pool;
 pub mod server;
 pub mod state;
 pub mod types;
