@@ -45,6 +45,8 @@ pub const GET_TIMEOUT: Duration = Duration::from_secs(3);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts of the optimistic-lock clear of the pod IP annotation on `409 Conflict`.
 pub const CONFLICT_RETRIES: usize = 5;
+/// An identical Warning event (same reason and message) is posted at most once per this long.
+pub const EVENT_REPEAT_INTERVAL: Duration = Duration::from_secs(300);
 
 /// One kind of resource request the client makes: the RBAC triple it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -387,7 +389,11 @@ pub struct K8s {
     annotation_key: String,
     label_key: String,
     own_pod_uid: std::sync::Arc<OnceCell<Option<String>>>,
+    recent_events: std::sync::Arc<std::sync::Mutex<RecentEvents>>,
 }
+
+/// When each (reason, message) event was last posted.
+type RecentEvents = std::collections::HashMap<(String, String), tokio::time::Instant>;
 
 impl std::fmt::Debug for K8s {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -417,6 +423,7 @@ impl K8s {
             annotation_key: DEFAULT_ENI_CONFIG_KEY.to_owned(),
             label_key: DEFAULT_ENI_CONFIG_KEY.to_owned(),
             own_pod_uid: std::sync::Arc::new(OnceCell::new()),
+            recent_events: std::sync::Arc::default(),
         }
     }
 
@@ -621,8 +628,25 @@ impl K8s {
 
     /// Posts an `events.k8s.io/v1` Warning on the aws-node pod, reporter `aws-node`, e.g.
     /// [`REASON_MISSING_IAM_PERMISSIONS`] or [`REASON_SUBNET_EXHAUSTED`]. The first call reads
-    /// the pod once for its uid.
-    pub async fn warn(&self, reason: &str, message: &str) -> Result<(), K8sError> {
+    /// the pod once for its uid. The same reason and message are posted at most once per
+    /// [`EVENT_REPEAT_INTERVAL`] (a retry loop does not flood the API server); returns whether
+    /// the event was posted.
+    pub async fn warn(&self, reason: &str, message: &str) -> Result<bool, K8sError> {
+        let key = (reason.to_owned(), message.to_owned());
+        let now = tokio::time::Instant::now();
+        {
+            let recent = self
+                .recent_events
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if recent
+                .get(&key)
+                .is_some_and(|at| now.saturating_duration_since(*at) < EVENT_REPEAT_INTERVAL)
+            {
+                tracing::debug!(reason, message, "repeated warning event suppressed");
+                return Ok(false);
+            }
+        }
         let uid = self.own_pod_uid().await;
         let event = self.warning_event(reason, message, uid, SystemTime::now());
         let api: Api<Event> = Api::namespaced(self.client.clone(), &self.pod_namespace);
@@ -632,8 +656,14 @@ impl K8s {
             reason,
             api.create(&PostParams::default(), &event),
         )
-        .await
-        .map(|_| ())
+        .await?;
+        let mut recent = self
+            .recent_events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        recent.retain(|_, at| now.saturating_duration_since(*at) < EVENT_REPEAT_INTERVAL);
+        recent.insert(key, now);
+        Ok(true)
     }
 }
 

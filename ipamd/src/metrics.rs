@@ -647,8 +647,8 @@ impl Metrics {
         encode(&self.registry)
     }
 
-    /// Pre-creates the `awscni_ec2_calls_total`, `awscni_ec2_throttled_total` and
-    /// `awscni_ec2api_req_count` series at 0 for these EC2 actions (operation names), so that
+    /// Pre-creates the `awscni_ec2_calls_total`, `awscni_ec2_throttled_total`,
+    /// `awscni_ec2api_req_count` and `awscni_ec2_call_duration_seconds` series at 0 for these EC2 actions (operation names), so that
     /// dashboards see them before the first call. Error series are not pre-created: their
     /// `code` label is unknown in advance.
     pub fn precreate_ec2_actions(&self, actions: &[&str]) {
@@ -656,6 +656,7 @@ impl Metrics {
             self.ec2_calls_total.with_label_values(&[*action]);
             self.ec2_throttled_total.with_label_values(&[*action]);
             self.ec2api_req_count.with_label_values(&[*action]);
+            self.ec2_call_duration_seconds.with_label_values(&[*action]);
         }
     }
 
@@ -981,6 +982,7 @@ mod tests {
             r#"awscni_ipamd_action_inprogress{fn="nodeInit"}"#,
             r#"awscni_ec2_calls_total{action="AssignPrivateIpAddresses"}"#,
             r#"awscni_ec2_throttled_total{action="AssignPrivateIpAddresses"}"#,
+            r#"awscni_ec2_call_duration_seconds_count{action="AssignPrivateIpAddresses"}"#,
         ] {
             assert_eq!(scrape_value(&text, series), Some(0.0), "{series}");
         }

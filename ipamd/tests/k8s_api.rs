@@ -43,10 +43,11 @@ impl ApiServer {
     /// Takes the next request, asserts method, path and query (kube writes an empty query,
     /// `Some("")`, on writes), records its RBAC need.
     async fn expect(&mut self, method: &str, path: &str, query: Option<&str>) -> Seen {
-        let (req, send) = tokio::time::timeout(Duration::from_secs(10), self.handle.next_request())
+        let (req, send) = self
+            .handle
+            .next_request()
             .await
-            .unwrap_or_else(|_| panic!("no {method} {path} request"))
-            .unwrap_or_else(|| panic!("client gone before {method} {path}"));
+            .unwrap_or_else(|| panic!("the client was dropped before sending {method} {path}"));
         assert_eq!(req.method().as_str(), method, "method of {}", req.uri());
         assert_eq!(req.uri().path(), path);
         assert_eq!(req.uri().query(), query, "query of {method} {path}");
@@ -219,6 +220,7 @@ async fn scenario_eni_config(log: &Log) {
         matches!(&err, K8sError::EniConfigNotFound { name } if name == "missing"),
         "{err:?}"
     );
+    drop(k8s);
     server.await.expect("verifier");
 }
 
@@ -261,6 +263,7 @@ async fn scenario_set_pod_ip(log: &Log) {
         .await
         .expect_err("forbidden");
     assert!(matches!(err, K8sError::Request { .. }), "{err:?}");
+    drop(k8s);
     server.await.expect("verifier");
 }
 
@@ -329,6 +332,7 @@ async fn scenario_clear_pod_ip(log: &Log) {
         .clear_pod_ip_annotation("default", "gone", "10.0.0.17")
         .await
         .expect("gone"));
+    drop(k8s);
     server.await.expect("verifier");
 }
 
@@ -379,19 +383,69 @@ async fn scenario_warning_event(log: &Log) {
             reply(seen.send, StatusCode::CREATED, &created);
         }
     });
-    k8s.warn(
-        REASON_MISSING_IAM_PERMISSIONS,
-        "ec2:AssignPrivateIpAddresses: UnauthorizedOperation",
-    )
-    .await
-    .expect("event");
+    let iam = "ec2:AssignPrivateIpAddresses: UnauthorizedOperation";
+    assert!(k8s
+        .warn(REASON_MISSING_IAM_PERMISSIONS, iam)
+        .await
+        .expect("event"));
     // The pod's uid is read once.
-    k8s.warn(
-        k8s::REASON_SUBNET_EXHAUSTED,
-        "ec2:CreateNetworkInterface: InsufficientFreeAddressesInSubnet in subnet-0aa",
-    )
-    .await
-    .expect("event");
+    assert!(k8s
+        .warn(
+            k8s::REASON_SUBNET_EXHAUSTED,
+            "ec2:CreateNetworkInterface: InsufficientFreeAddressesInSubnet in subnet-0aa",
+        )
+        .await
+        .expect("event"));
+    // The same warning again soon after is not posted.
+    assert!(!k8s
+        .warn(REASON_MISSING_IAM_PERMISSIONS, iam)
+        .await
+        .expect("suppressed"));
+    drop(k8s);
+    server.await.expect("verifier");
+}
+
+async fn scenario_warning_repeats_after_the_interval(log: &Log) {
+    let (k8s, _, mut api) = setup(log);
+    let server = tokio::spawn(async move {
+        let seen = api
+            .expect(
+                "GET",
+                &format!("/api/v1/namespaces/{POD_NS}/pods/{POD}"),
+                None,
+            )
+            .await;
+        reply(seen.send, StatusCode::NOT_FOUND, &not_found("pods", POD));
+        for _ in 0..2 {
+            let seen = api
+                .expect(
+                    "POST",
+                    &format!("/apis/events.k8s.io/v1/namespaces/{POD_NS}/events"),
+                    Some(""),
+                )
+                .await;
+            let ev = seen.body.expect("event body");
+            // The pod could not be read: the event still names it, without a uid.
+            assert!(ev["regarding"].get("uid").is_none(), "{ev}");
+            reply(seen.send, StatusCode::CREATED, &ev);
+        }
+    });
+    let msg = "no free addresses in subnet-0aa";
+    assert!(k8s
+        .warn(k8s::REASON_SUBNET_EXHAUSTED, msg)
+        .await
+        .expect("first"));
+    tokio::time::advance(k8s::EVENT_REPEAT_INTERVAL / 2).await;
+    assert!(!k8s
+        .warn(k8s::REASON_SUBNET_EXHAUSTED, msg)
+        .await
+        .expect("suppressed"));
+    tokio::time::advance(k8s::EVENT_REPEAT_INTERVAL / 2).await;
+    assert!(k8s
+        .warn(k8s::REASON_SUBNET_EXHAUSTED, msg)
+        .await
+        .expect("again"));
+    drop(k8s);
     server.await.expect("verifier");
 }
 
@@ -410,6 +464,7 @@ async fn scenario_connect(log: &Log) {
             git_version: "v1.33.2".to_owned()
         }
     );
+    drop(client);
     server.await.expect("verifier");
 }
 
@@ -483,6 +538,7 @@ async fn scenario_required_refused(log: &Log) {
         .await
         .expect_err("refused");
     assert!(matches!(err, K8sError::ApiServerRefused { .. }), "{err:?}");
+    drop(client);
     server.await.expect("verifier");
 }
 
@@ -525,6 +581,11 @@ async fn warnings_are_events_on_the_aws_node_pod() {
     scenario_warning_event(&log()).await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_identical_warning_is_posted_again_only_after_the_interval() {
+    scenario_warning_repeats_after_the_interval(&log()).await;
+}
+
 #[tokio::test]
 async fn start_up_connects_when_the_api_server_answers() {
     scenario_connect(&log()).await;
@@ -558,6 +619,7 @@ async fn requests_made_are_exactly_the_published_set() {
     scenario_set_pod_ip(&log).await;
     scenario_clear_pod_ip(&log).await;
     scenario_warning_event(&log).await;
+    scenario_warning_repeats_after_the_interval(&log).await;
     scenario_connect(&log).await;
     scenario_unreachable_optional(&log).await;
     scenario_unreachable_required(&log).await;
