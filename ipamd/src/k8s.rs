@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::PolicyRule;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray,
 };
@@ -57,37 +58,69 @@ pub struct ApiRequest {
     pub group: &'static str,
     /// Resource (plural), with `/subresource` when there is one.
     pub resource: &'static str,
+    /// The setting without which the request is never made (`None`: always possible).
+    pub only_with: Option<&'static str>,
 }
 
 /// Every resource request this module makes, sorted. The tests check that the requests the
-/// client really sends are exactly these. `patch pods` is only made with `ANNOTATE_POD_IP`.
+/// client really sends are exactly these (ignoring `only_with`).
 pub const API_REQUESTS: &[ApiRequest] = &[
     ApiRequest {
         verb: "create",
         group: "events.k8s.io",
         resource: "events",
+        only_with: None,
     },
     ApiRequest {
         verb: "get",
         group: "",
         resource: "nodes",
+        only_with: None,
     },
     ApiRequest {
         verb: "get",
         group: "",
         resource: "pods",
+        only_with: None,
     },
     ApiRequest {
         verb: "get",
         group: "crd.k8s.amazonaws.com",
         resource: "eniconfigs",
+        only_with: Some("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG"),
     },
     ApiRequest {
         verb: "patch",
         group: "",
         resource: "pods",
+        only_with: Some("ANNOTATE_POD_IP"),
     },
 ];
+
+/// The least-privilege ClusterRole rules for [`API_REQUESTS`]: one rule per (group,
+/// resource) with its verbs, keeping the requests only made `only_with` a setting when
+/// `include(setting)` says so (pass `|_| true` for a role that allows every feature).
+pub fn cluster_role_rules(include: impl Fn(&str) -> bool) -> Vec<PolicyRule> {
+    let mut by_resource: BTreeMap<(&str, &str), Vec<String>> = BTreeMap::new();
+    for req in API_REQUESTS {
+        if req.only_with.is_some_and(|setting| !include(setting)) {
+            continue;
+        }
+        by_resource
+            .entry((req.group, req.resource))
+            .or_default()
+            .push(req.verb.to_owned());
+    }
+    by_resource
+        .into_iter()
+        .map(|((group, resource), verbs)| PolicyRule {
+            api_groups: Some(vec![group.to_owned()]),
+            resources: Some(vec![resource.to_owned()]),
+            verbs,
+            ..PolicyRule::default()
+        })
+        .collect()
+}
 
 /// Non-resource URLs the client GETs (`/version`, allowed to every client by the default
 /// `system:public-info-viewer` role, so a ClusterRole need not list it).
@@ -973,6 +1006,29 @@ mod tests {
                 verb: "get".to_owned(),
                 path: "/version".to_owned()
             }
+        );
+    }
+
+    #[test]
+    fn cluster_role_rules_group_verbs_and_drop_unused_features() {
+        let all = serde_json::to_value(cluster_role_rules(|_| true)).expect("json");
+        assert_eq!(
+            all,
+            serde_json::json!([
+                {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
+                {"apiGroups": ["crd.k8s.amazonaws.com"], "resources": ["eniconfigs"], "verbs": ["get"]},
+                {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+            ])
+        );
+        let minimal = serde_json::to_value(cluster_role_rules(|_| false)).expect("json");
+        assert_eq!(
+            minimal,
+            serde_json::json!([
+                {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+                {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+            ])
         );
     }
 
