@@ -970,6 +970,32 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_no_request_is_closed_by_the_read_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (addr, stop, task) = start("127.0.0.1:0", true).await;
+        let mut idle = tokio::net::TcpStream::connect(addr.expect("tcp"))
+            .await
+            .expect("connect");
+        // Half a request line, then silence: the clock (paused, advanced by tokio when every
+        // task waits) reaches the 5 s read timeout and the server hangs up.
+        idle.write_all(b"GET /v1/en").await.expect("write");
+        let mut buf = Vec::new();
+        // The reference's 5 s read + 5 s write, and a second of slack.
+        let limit = Duration::from_secs(11);
+        let read = tokio::time::timeout(limit, idle.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "the server kept an idle connection open past its timeouts"
+        );
+        assert!(
+            !String::from_utf8_lossy(&buf).contains("ENIs"),
+            "no answer to an incomplete request"
+        );
+        stop.send(()).expect("alive");
+        task.await.expect("join").expect("clean stop");
+    }
+
     #[tokio::test]
     async fn eni_configs_is_404_when_the_node_cannot_be_read() {
         let (addr, stop, task) = start("127.0.0.1:0", false).await;
