@@ -831,6 +831,14 @@ pub async fn wait_for_api_server(client: &Client, poll: Duration) -> String {
     }
 }
 
+/// Builds a client from a configuration. Installs the aws-lc-rs TLS provider as the process
+/// default first (unless one is installed): with both of rustls's providers compiled into the
+/// binary, as the AWS SDK and kube bring them, rustls would otherwise refuse to pick one.
+pub fn client_from_config(config: kube::Config) -> Result<Client, K8sError> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    Client::try_from(config).map_err(K8sError::Config)
+}
+
 /// Builds a client from the in-cluster service account (or a kubeconfig), with
 /// `CLUSTER_ENDPOINT` overriding the API server URL when given.
 pub async fn client_from_env(cluster_endpoint: Option<&str>) -> Result<Client, K8sError> {
@@ -842,7 +850,7 @@ pub async fn client_from_env(cluster_endpoint: Option<&str>) -> Result<Client, K
             K8sError::Config(kube::Error::HttpError(http::Error::from(e)))
         })?;
     }
-    Client::try_from(config).map_err(K8sError::Config)
+    client_from_config(config)
 }
 
 #[cfg(test)]
@@ -1085,6 +1093,13 @@ mod tests {
                 .expect("parse");
         assert_eq!(s.security_groups, Some(vec!["sg-1".to_owned()]));
         assert!(serde_json::from_str::<EniConfigSpec>(r#"{"securityGroups":[]}"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn an_https_client_builds_whatever_tls_providers_are_compiled_in() {
+        let config = kube::Config::new("https://127.0.0.1:6443".parse().expect("uri"));
+        let client = client_from_config(config).expect("client");
+        assert_eq!(client.default_namespace(), "default");
     }
 
     #[test]
