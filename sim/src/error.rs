@@ -29,12 +29,14 @@ impl ApiError {
     }
 
     /// HTTP status EC2 uses for this code: 503 for throttling and unavailability, 500 for
-    /// internal errors, 412 for `DryRunOperation`, 400 for every other client error.
+    /// internal errors, 412 for `DryRunOperation`, 403 for
+    /// authorization failures, 400 for every other client error.
     pub fn http_status(&self) -> u16 {
         match self.code.as_str() {
             "RequestLimitExceeded" | "Unavailable" | "ServiceUnavailable" => 503,
             "InternalError" | "InternalFailure" => 500,
             "DryRunOperation" => 412,
+            "UnauthorizedOperation" | "AuthFailure" => 403,
             _ => 400,
         }
     }
