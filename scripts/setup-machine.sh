@@ -29,6 +29,7 @@ fi
 # moto_server: the EC2 emulator the simulator's wire format is cross-checked against (sim/tests/moto.rs).
 command -v moto_server >/dev/null 2>&1 || python3 -m pip install --quiet 'moto[server]' \
   || python3 -m pip install --quiet --break-system-packages 'moto[server]'
+command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 
 command -v cargo >/dev/null || { echo "setup-machine: cargo (Rust) is required" >&2; exit 1; }
 cargo nextest --version >/dev/null 2>&1 || cargo install --locked cargo-nextest

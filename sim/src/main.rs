@@ -58,7 +58,8 @@ enum Cmd {
         /// Time a detach takes before the ENI is `available` (ms).
         #[arg(long)]
         detach_delay_ms: Option<u64>,
-        /// Latency model.
+        /// Latency model; `realistic` also sets the metadata delay to 1 s and the detach delay
+        /// to 3 s unless given.
         #[arg(long, value_enum)]
         latency: Option<Latency>,
         /// Enable AWS-shaped per-action token buckets (RequestLimitExceeded).
@@ -133,13 +134,19 @@ async fn main() -> anyhow::Result<()> {
     };
     cfg.seed = seed.unwrap_or(cfg.seed);
     cfg.region = region.or(cfg.region);
-    cfg.imds_delay_ms = imds_delay_ms.unwrap_or(cfg.imds_delay_ms);
-    cfg.detach_delay_ms = detach_delay_ms.unwrap_or(cfg.detach_delay_ms);
     match latency {
         Some(Latency::None) => cfg.latency = LatencyModel::none(),
-        Some(Latency::Realistic) => cfg.latency = LatencyModel::realistic(),
+        Some(Latency::Realistic) => {
+            // EC2 as seen from a node: calls take time, metadata trails EC2 by about a second
+            // and a detach takes a few seconds to complete.
+            cfg.latency = LatencyModel::realistic();
+            cfg.imds_delay_ms = cfg.imds_delay_ms.max(1000);
+            cfg.detach_delay_ms = cfg.detach_delay_ms.max(3000);
+        }
         None => {}
     }
+    cfg.imds_delay_ms = imds_delay_ms.unwrap_or(cfg.imds_delay_ms);
+    cfg.detach_delay_ms = detach_delay_ms.unwrap_or(cfg.detach_delay_ms);
     cfg.throttle.enabled |= throttle;
     for f in &faults {
         parse_fault(f, &mut cfg.faults)?;

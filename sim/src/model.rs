@@ -1372,10 +1372,16 @@ impl Model {
             self.eni(id)?;
         }
         let mut out = Vec::new();
-        for e in self.enis.values() {
-            if !ids.is_empty() && !ids.contains(&e.id) {
-                continue;
-            }
+        let candidates: Vec<&Eni> = if ids.is_empty() {
+            self.enis.values().collect()
+        } else {
+            ids.iter()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .filter_map(|i| self.enis.get(i))
+                .collect()
+        };
+        for e in candidates {
             if matches_all(filters, |f| eni_filter(e, f))? {
                 out.push(e.clone());
             }

@@ -28,26 +28,42 @@ impl Drop for Moto {
     }
 }
 
-fn moto_installed() -> bool {
-    std::env::var_os("PATH")
+/// The command that starts moto's server: `moto_server` on PATH, else `python3 -m moto.server`
+/// when the module is importable (a fresh pip install whose script directory is not on PATH).
+fn moto_command() -> Option<Command> {
+    let on_path = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join("moto_server").is_file()))
-        .unwrap_or(false)
+        .unwrap_or(false);
+    if on_path {
+        return Some(Command::new("moto_server"));
+    }
+    let importable = Command::new("python3")
+        .args(["-c", "import moto.server"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    importable.then(|| {
+        let mut c = Command::new("python3");
+        c.args(["-m", "moto.server"]);
+        c
+    })
 }
 
 fn start_moto() -> Option<Moto> {
-    if !moto_installed() {
+    let Some(mut cmd) = moto_command() else {
         if std::env::var_os("CI").is_some() {
             panic!("moto_server is not installed but CI is set: run scripts/setup-machine.sh");
         }
         eprintln!("SKIPPED: moto_server not installed (pip install 'moto[server]'); moto cross-check not run");
         return None;
-    }
+    };
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let child = Command::new("moto_server")
+    let child = cmd
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
