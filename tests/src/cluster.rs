@@ -1,0 +1,261 @@
+//! A simulator wired to a fabric, with helpers for the EC2 calls a scenario makes itself (VPC,
+//! subnets, instances) and the ones ipamd will make later (ENIs, addresses), in-process.
+
+use std::net::Ipv4Addr;
+
+use subnet_calc::subnet::Ipv4Cidr;
+use vpc_sim::api::{CreateEni, Reply, Request, RunInstances};
+use vpc_sim::server::Shared;
+use vpc_sim::sim::{SimConfig, Simulator};
+
+use crate::error::{FabricError, Result};
+use crate::fabric::{Fabric, Node};
+
+/// An ENI created and attached by [`SimCluster::attach_new_eni`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEni {
+    /// ENI id.
+    pub eni_id: String,
+    /// Attachment id (for detaching).
+    pub attachment_id: String,
+    /// MAC.
+    pub mac: String,
+    /// Primary private address.
+    pub primary_ip: Ipv4Addr,
+}
+
+/// A simulated account whose every ENI and address change is mirrored by a [`Fabric`].
+///
+/// `sim` is the same [`Shared`] handle the HTTP server takes ([`crate::serve`]), so in-process
+/// calls and ipamd's calls over HTTP see one state.
+pub struct SimCluster {
+    /// The simulator (its clock starts now).
+    pub sim: Shared,
+    /// The namespaces.
+    pub fabric: Fabric,
+}
+
+impl std::fmt::Debug for SimCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimCluster")
+            .field("fabric", &self.fabric)
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<Ipv4Cidr> {
+    s.parse().map_err(|e| FabricError::Sim {
+        action: "parse CIDR",
+        message: format!("{s}: {e}"),
+    })
+}
+
+impl SimCluster {
+    /// A fabric and a simulator configured by `cfg`, with the fabric's hooks installed.
+    pub fn new(cfg: SimConfig) -> Result<SimCluster> {
+        let fabric = Fabric::new()?;
+        let mut sim = Simulator::new(cfg);
+        sim.set_hooks(Box::new(fabric.hooks()));
+        Ok(SimCluster {
+            sim: Shared::new(sim),
+            fabric,
+        })
+    }
+
+    /// One in-process call at the simulator's current time.
+    pub fn call(&self, req: Request) -> Result<Reply> {
+        let action = req.action();
+        let now = self.sim.now_ms();
+        self.sim
+            .with(|s| s.call(now, req))
+            .map_err(|e| FabricError::Sim {
+                action,
+                message: e.to_string(),
+            })
+    }
+
+    fn unexpected(action: &'static str, r: &Reply) -> FabricError {
+        FabricError::Sim {
+            action,
+            message: format!("unexpected reply {r:?}"),
+        }
+    }
+
+    /// `CreateVpc`; registers the CIDR with the fabric. Returns the VPC id.
+    pub fn create_vpc(&self, cidr: &str) -> Result<String> {
+        let cidr = parse_cidr(cidr)?;
+        let r = self.call(Request::CreateVpc {
+            cidr,
+            amazon_ipv6: false,
+            tags: Default::default(),
+        })?;
+        let Reply::Vpc(v) = r else {
+            return Err(Self::unexpected("CreateVpc", &r));
+        };
+        self.fabric.add_vpc_cidr(cidr)?;
+        Ok(v.id)
+    }
+
+    /// `CreateSubnet` in the region's first availability zone (so that any ENI of it can
+    /// attach to any instance of the others); registers it with the fabric. Returns its id.
+    pub fn create_subnet(&self, vpc_id: &str, cidr: &str) -> Result<String> {
+        let az = self
+            .sim
+            .with(|s| s.model().config.availability_zones().into_iter().next());
+        self.create_subnet_in(vpc_id, cidr, az)
+    }
+
+    /// `CreateSubnet` in `availability_zone` (the simulator picks one when `None`); registers
+    /// it with the fabric. Returns its id.
+    pub fn create_subnet_in(
+        &self,
+        vpc_id: &str,
+        cidr: &str,
+        availability_zone: Option<String>,
+    ) -> Result<String> {
+        let cidr = parse_cidr(cidr)?;
+        let r = self.call(Request::CreateSubnet {
+            vpc_id: vpc_id.to_owned(),
+            cidr,
+            availability_zone,
+            ipv6_cidr: None,
+            tags: Default::default(),
+        })?;
+        let Reply::Subnet(s) = r else {
+            return Err(Self::unexpected("CreateSubnet", &r));
+        };
+        self.fabric.add_subnet(&s.id, cidr)?;
+        Ok(s.id)
+    }
+
+    /// `RunInstances` of one instance: the fabric boots its node. Returns the node.
+    pub fn run_instance(&self, subnet_id: &str, instance_type: &str) -> Result<Node> {
+        let r = self.call(Request::RunInstances(RunInstances {
+            image_id: "ami-e2e".into(),
+            instance_type: instance_type.into(),
+            min_count: 1,
+            max_count: 1,
+            subnet_id: Some(subnet_id.to_owned()),
+            ..RunInstances::default()
+        }))?;
+        let Reply::Reservation(res) = &r else {
+            return Err(Self::unexpected("RunInstances", &r));
+        };
+        let Some((inst, _)) = res.instances.first() else {
+            return Err(Self::unexpected("RunInstances", &r));
+        };
+        self.fabric.node(&inst.id)
+    }
+
+    /// `TerminateInstances` of one instance.
+    pub fn terminate(&self, instance_id: &str) -> Result<()> {
+        self.call(Request::TerminateInstances {
+            ids: vec![instance_id.to_owned()],
+        })
+        .map(|_| ())
+    }
+
+    /// `CreateNetworkInterface` in `subnet_id` then `AttachNetworkInterface` at `device_index`
+    /// (card 0), as ipamd does to grow a node.
+    pub fn attach_new_eni(
+        &self,
+        subnet_id: &str,
+        instance_id: &str,
+        device_index: u32,
+    ) -> Result<NewEni> {
+        let r = self.call(Request::CreateNetworkInterface(CreateEni {
+            subnet_id: subnet_id.to_owned(),
+            description: "e2e".into(),
+            ..CreateEni::default()
+        }))?;
+        let Reply::NetworkInterface { eni, .. } = r else {
+            return Err(Self::unexpected("CreateNetworkInterface", &r));
+        };
+        let r = self.call(Request::AttachNetworkInterface {
+            eni_id: eni.id.clone(),
+            instance_id: instance_id.to_owned(),
+            device_index: i64::from(device_index),
+            network_card_index: None,
+        })?;
+        let Reply::Attached { attachment_id, .. } = r else {
+            return Err(Self::unexpected("AttachNetworkInterface", &r));
+        };
+        Ok(NewEni {
+            eni_id: eni.id,
+            attachment_id,
+            mac: eni.mac,
+            primary_ip: eni.primary_ip,
+        })
+    }
+
+    /// `DetachNetworkInterface`.
+    pub fn detach(&self, attachment_id: &str) -> Result<()> {
+        self.call(Request::DetachNetworkInterface {
+            attachment_id: attachment_id.to_owned(),
+            force: false,
+        })
+        .map(|_| ())
+    }
+
+    /// `AssignPrivateIpAddresses` of `count` secondary addresses, then (a second call, as EC2
+    /// takes one kind per call) of `prefixes` /28 prefixes. Returns what was assigned.
+    pub fn assign(
+        &self,
+        eni_id: &str,
+        count: u32,
+        prefixes: u32,
+    ) -> Result<(Vec<Ipv4Addr>, Vec<Ipv4Cidr>)> {
+        let mut out = (Vec::new(), Vec::new());
+        for (n, is_prefix) in [(count, false), (prefixes, true)] {
+            if n == 0 {
+                continue;
+            }
+            let r = self.call(Request::AssignPrivateIpAddresses {
+                eni_id: eni_id.to_owned(),
+                count: (!is_prefix).then_some(i64::from(n)),
+                addresses: vec![],
+                prefix_count: is_prefix.then_some(i64::from(n)),
+                prefixes: vec![],
+            })?;
+            let Reply::AssignedPrivate {
+                addresses,
+                prefixes,
+                ..
+            } = r
+            else {
+                return Err(Self::unexpected("AssignPrivateIpAddresses", &r));
+            };
+            out.0.extend(addresses);
+            out.1.extend(prefixes);
+        }
+        Ok(out)
+    }
+
+    /// `UnassignPrivateIpAddresses`.
+    pub fn unassign(
+        &self,
+        eni_id: &str,
+        addresses: &[Ipv4Addr],
+        prefixes: &[Ipv4Cidr],
+    ) -> Result<()> {
+        self.call(Request::UnassignPrivateIpAddresses {
+            eni_id: eni_id.to_owned(),
+            addresses: addresses.to_vec(),
+            prefixes: prefixes.to_vec(),
+        })
+        .map(|_| ())
+    }
+
+    /// Fails with every hook error recorded so far, if any.
+    pub fn check_hooks(&self) -> Result<()> {
+        let errors = self.fabric.errors();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(FabricError::Sim {
+                action: "hooks",
+                message: errors.join("; "),
+            })
+        }
+    }
+}
