@@ -1,0 +1,245 @@
+//! The CNI network configuration list `10-aws.conflist` (spec/cni.md 1.1).
+//!
+//! The template (`manifests/10-aws.conflist`, embedded in the binary and replaceable with
+//! `--conflist-template`, like the reference chart's `cniConfig.fileContents`) carries
+//! `__PLACEHOLDER__` strings that are replaced with the settings, JSON-escaped. The result must
+//! be a conflist (`cniVersion` 0.4.0 or later so that `prevResult` reaches DEL, a `name`, a
+//! non-empty `plugins` list of objects with a `type`); `bandwidth` and `tuning` are then
+//! appended per `ENABLE_BANDWIDTH_PLUGIN` and `DISABLE_POD_V6`.
+
+use serde_json::{json, Value};
+
+use crate::error::InstallerError;
+use crate::settings::Settings;
+
+/// File name of the installed conflist.
+pub const CONFLIST_NAME: &str = "10-aws.conflist";
+
+/// The template shipped in `manifests/10-aws.conflist`.
+pub const TEMPLATE: &str = include_str!("../../manifests/10-aws.conflist");
+
+/// The placeholders of the template and the values they take.
+pub fn placeholders(settings: &Settings) -> [(&'static str, String); 5] {
+    [
+        ("__VETHPREFIX__", settings.veth_prefix.clone()),
+        ("__MTU__", settings.pod_mtu.to_string()),
+        (
+            "__PODSGENFORCINGMODE__",
+            settings.pod_sg_enforcing_mode.clone(),
+        ),
+        ("__PLUGINLOGFILE__", settings.plugin_log_file.clone()),
+        ("__PLUGINLOGLEVEL__", settings.plugin_log_level.clone()),
+    ]
+}
+
+/// A string's JSON escaping without the surrounding quotes (placeholders sit inside quotes).
+fn json_escaped(s: &str) -> String {
+    let quoted = Value::String(s.to_owned()).to_string();
+    quoted[1..quoted.len() - 1].to_owned()
+}
+
+fn version_at_least_0_4(v: &str) -> bool {
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next(), parts.next()) {
+        (Some(Some(major)), Some(Some(minor))) => major >= 1 || (major == 0 && minor >= 4),
+        _ => false,
+    }
+}
+
+/// A string value that is still a whole `__PLACEHOLDER__`.
+fn unreplaced_placeholder(value: &Value) -> Option<&str> {
+    match value {
+        Value::String(s) => {
+            let inner = s.strip_prefix("__")?.strip_suffix("__")?;
+            (!inner.is_empty() && inner.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+                .then_some(s.as_str())
+        }
+        Value::Array(items) => items.iter().find_map(unreplaced_placeholder),
+        Value::Object(map) => map.values().find_map(unreplaced_placeholder),
+        _ => None,
+    }
+}
+
+/// Checks that `value` is a conflist the runtime will use with `prevResult` on DEL.
+pub fn validate(value: &Value) -> Result<(), InstallerError> {
+    let bad = |why: &str| Err(InstallerError::Conflist(why.to_owned()));
+    let Some(obj) = value.as_object() else {
+        return bad("not a JSON object");
+    };
+    match obj.get("cniVersion").and_then(Value::as_str) {
+        Some(v) if version_at_least_0_4(v) => {}
+        Some(v) => {
+            return bad(&format!(
+                "cniVersion {v:?} is below 0.4.0 (DEL would get no prevResult)"
+            ))
+        }
+        None => return bad("no cniVersion string"),
+    }
+    if obj
+        .get("name")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
+    {
+        return bad("no name");
+    }
+    let Some(plugins) = obj.get("plugins").and_then(Value::as_array) else {
+        return bad("no plugins list");
+    };
+    if plugins.is_empty() {
+        return bad("empty plugins list");
+    }
+    for (i, p) in plugins.iter().enumerate() {
+        if p.get("type")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            return bad(&format!("plugin {i} has no type"));
+        }
+    }
+    if let Some(left) = unreplaced_placeholder(value) {
+        return bad(&format!("placeholder {left} left unreplaced"));
+    }
+    Ok(())
+}
+
+/// Renders `template` with `settings`: placeholders replaced, validated, optional plugins
+/// appended. Returns the JSON text to install (indented, with a final newline).
+pub fn render(template: &str, settings: &Settings) -> Result<String, InstallerError> {
+    let mut text = template.to_owned();
+    for (placeholder, value) in placeholders(settings) {
+        text = text.replace(placeholder, &json_escaped(&value));
+    }
+    let mut value: Value = serde_json::from_str(&text)
+        .map_err(|e| InstallerError::Conflist(format!("not JSON: {e}")))?;
+    validate(&value)?;
+    if let Some(plugins) = value.get_mut("plugins").and_then(Value::as_array_mut) {
+        if settings.enable_bandwidth_plugin {
+            plugins.push(json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}));
+        }
+        if settings.disable_pod_v6 {
+            plugins.push(json!({
+                "type": "tuning",
+                "sysctl": {
+                    "net.ipv6.conf.all.disable_ipv6": "1",
+                    "net.ipv6.conf.default.disable_ipv6": "1",
+                    "net.ipv6.conf.lo.disable_ipv6": "1"
+                }
+            }));
+        }
+    }
+    let mut out = serde_json::to_string_pretty(&value)
+        .map_err(|e| InstallerError::Conflist(format!("cannot encode: {e}")))?;
+    out.push('\n');
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered(vars: &[(&str, &str)]) -> Value {
+        let s = Settings::for_test(vars).unwrap();
+        serde_json::from_str(&render(TEMPLATE, &s).unwrap()).unwrap()
+    }
+
+    fn types(v: &Value) -> Vec<&str> {
+        v["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].as_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn default_conflist_is_the_reference_one() {
+        let v = rendered(&[]);
+        assert_eq!(v["cniVersion"], "0.4.0");
+        assert_eq!(v["name"], "aws-cni");
+        assert_eq!(v["disableCheck"], true);
+        assert_eq!(types(&v), vec!["aws-cni", "portmap"]);
+        let aws = &v["plugins"][0];
+        assert_eq!(aws["name"], "aws-cni");
+        assert_eq!(aws["vethPrefix"], "eni");
+        assert_eq!(aws["mtu"], "9001");
+        assert_eq!(aws["podSGEnforcingMode"], "strict");
+        assert_eq!(aws["pluginLogFile"], "/var/log/aws-routed-eni/plugin.log");
+        assert_eq!(aws["pluginLogLevel"], "Debug");
+        assert_eq!(
+            aws["capabilities"],
+            json!({"io.kubernetes.cri.pod-annotations": true})
+        );
+        assert_eq!(v["plugins"][1]["snat"], true);
+        assert_eq!(
+            v["plugins"][1]["capabilities"],
+            json!({"portMappings": true})
+        );
+    }
+
+    #[test]
+    fn settings_flow_into_the_aws_cni_entry() {
+        let v = rendered(&[
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", "cali"),
+            ("POD_MTU", "1500"),
+            ("POD_SECURITY_GROUP_ENFORCING_MODE", "standard"),
+            ("AWS_VPC_K8S_PLUGIN_LOG_FILE", "/var/log/x \"quoted\".log"),
+            ("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "DEBUG"),
+        ]);
+        let aws = &v["plugins"][0];
+        assert_eq!(aws["vethPrefix"], "cali");
+        assert_eq!(aws["mtu"], "1500");
+        assert_eq!(aws["podSGEnforcingMode"], "standard");
+        assert_eq!(aws["pluginLogFile"], "/var/log/x \"quoted\".log");
+        assert_eq!(aws["pluginLogLevel"], "DEBUG");
+    }
+
+    #[test]
+    fn bandwidth_and_tuning_are_chained_after_portmap_when_enabled() {
+        let v = rendered(&[("ENABLE_BANDWIDTH_PLUGIN", "true")]);
+        assert_eq!(types(&v), vec!["aws-cni", "portmap", "bandwidth"]);
+        assert_eq!(v["plugins"][2]["capabilities"], json!({"bandwidth": true}));
+        let v = rendered(&[("DISABLE_POD_V6", "true")]);
+        assert_eq!(types(&v), vec!["aws-cni", "portmap", "tuning"]);
+        assert_eq!(
+            v["plugins"][2]["sysctl"]["net.ipv6.conf.lo.disable_ipv6"],
+            "1"
+        );
+        let v = rendered(&[("DISABLE_POD_V6", "true"), ("ENABLE_BANDWIDTH_PLUGIN", "1")]);
+        assert_eq!(types(&v), vec!["aws-cni", "portmap", "bandwidth", "tuning"]);
+    }
+
+    #[test]
+    fn invalid_templates_are_refused() {
+        let s = Settings::for_test(&[]).unwrap();
+        let cases = [
+            ("{", "not JSON"),
+            (
+                r#"{"cniVersion":"0.3.1","name":"aws-cni","plugins":[{"type":"aws-cni"}]}"#,
+                "below 0.4.0",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"aws-cni","plugins":[]}"#,
+                "empty",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","plugins":[{"type":"x"}]}"#,
+                "no name",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"__OTHER__"}]}"#,
+                "__OTHER__",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","plugins":[{}]}"#,
+                "no type",
+            ),
+        ];
+        for (template, why) in cases {
+            let err = render(template, &s).unwrap_err().to_string();
+            assert!(err.contains(why), "{template}: {err}");
+        }
+        let ok =
+            r#"{"cniVersion":"1.1.0","name":"n","plugins":[{"type":"aws-cni","mtu":"__MTU__"}]}"#;
+        assert!(render(ok, &s).unwrap().contains("\"9001\""));
+    }
+}
