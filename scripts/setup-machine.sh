@@ -15,6 +15,7 @@ need runc runc
 need ping iputils-ping         # net/ tests ping through pod wiring inside test namespaces
 need iptables iptables          # net/ SNAT/connmark rules (iptables, iptables-save, iptables-restore)
 need nft nftables               # net/ nftables connmark backend
+need kubectl kubernetes-client  # installer/tests/manifests.rs: kubectl kustomize manifests/
 
 if [ "${#apt_pkgs[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -29,6 +30,9 @@ fi
 # moto_server: the EC2 emulator the simulator's wire format is cross-checked against (sim/tests/moto.rs).
 command -v moto_server >/dev/null 2>&1 || python3 -m pip install --quiet 'moto[server]' \
   || python3 -m pip install --quiet --break-system-packages 'moto[server]'
+# kubernetes-validate: offline schema validation of manifests/ (installer/tests/manifests.rs).
+command -v kubernetes-validate >/dev/null 2>&1 || python3 -m pip install --quiet 'kubernetes-validate==1.37.0' \
+  || python3 -m pip install --quiet --break-system-packages 'kubernetes-validate==1.37.0'
 command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 
 command -v cargo >/dev/null || { echo "setup-machine: cargo (Rust) is required" >&2; exit 1; }
