@@ -4,14 +4,18 @@
 //! addresses to the CNI plugin over gRPC on a unix socket, and records every assignment in a
 //! checkpoint compatible with the reference daemon (`vpc-cni-ipam/1`).
 
+pub mod aws;
 pub mod checkpoint;
 pub mod config;
+pub mod daemon;
 pub mod datastore;
 pub mod ec2;
+pub mod imds;
 pub mod introspect;
 pub mod k8s;
 pub mod metrics;
 pub mod pool;
 pub mod server;
+pub mod sim_backend;
 pub mod state;
 pub mod types;

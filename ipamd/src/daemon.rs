@@ -1,0 +1,809 @@
+//! The daemon: start-up in the reference order (spec/ipamd.md section 9, as far as the pieces
+//! exist), then the gRPC server, metrics, introspection and the pool manager loop.
+//!
+//! Order: limits (the calculator's catalog, else `DescribeInstanceTypes`) → ENIs from instance
+//! metadata and EC2, managed or unmanaged by tags → datastore → ENI tags → checkpoint restore
+//! with normalisation (pods whose host veth is gone are dropped) → pre-scaling (one pool
+//! decision round) → gRPC with health SERVING, metrics, introspection, pool loop.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use subnet_calc::limits::{Catalog, Hypervisor, InstanceLimits};
+use subnet_calc::policy::NodeLimits;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::checkpoint::{CheckpointError, CheckpointStore, FileStore};
+use crate::config::Config;
+use crate::datastore::{DataStore, EniSpec};
+use crate::ec2::{
+    Addresses, Assigned, CreateEni, Ec2Api, Ec2Error, Ec2Result, EniInfo, ErrorKind,
+    InstanceTypeInfo, SubnetInfo, TAG_INSTANCE_ID, TAG_NO_MANAGE,
+};
+use crate::imds::{Imds, ImdsError};
+use crate::introspect::{self, EniInfos, IntrospectSource};
+use crate::metrics::{Ec2Outcome, Metrics, PoolSnapshot};
+use crate::pool::{NodeInfo, Pacer, PoolManager};
+use crate::server::{Backend, ReplySettings};
+use crate::state::{PoolState, TokioClock};
+use crate::types::Ipv4Net;
+
+/// Whether the host veth of pod (namespace, name) exists.
+pub type VethCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Instance metadata could not be read.
+    #[error("instance metadata")]
+    Imds(#[from] ImdsError),
+    /// An EC2 call failed for good during start-up.
+    #[error("start-up: {step}")]
+    Ec2 {
+        /// What was being done.
+        step: &'static str,
+        /// Cause.
+        #[source]
+        source: Ec2Error,
+    },
+    /// The checkpoint is corrupt, foreign or unwritable (it is kept as it is).
+    #[error("checkpoint")]
+    Checkpoint(#[from] CheckpointError),
+    /// The checkpoint does not fit the ENIs (duplicate address).
+    #[error("checkpoint restore")]
+    Restore(#[source] crate::datastore::DsError),
+    /// Pre-scaling failed.
+    #[error("pre-scaling")]
+    Prescale(#[source] crate::pool::PoolError),
+    /// A listener could not be set up.
+    #[error("serving {what}: {message}")]
+    Serve {
+        /// Which server.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// A setting this daemon does not implement yet.
+    #[error("not supported yet: {0}")]
+    Unsupported(String),
+}
+
+/// What the daemon runs against.
+#[derive(Clone)]
+pub struct Deps {
+    /// EC2.
+    pub ec2: Arc<dyn Ec2Api>,
+    /// Instance metadata.
+    pub imds: Arc<dyn Imds>,
+    /// Host veth existence, for checkpoint normalisation.
+    pub veth_exists: VethCheck,
+}
+
+impl std::fmt::Debug for Deps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deps").finish_non_exhaustive()
+    }
+}
+
+/// A veth check over the links of the daemon's own network namespace: a pod's veth exists when
+/// a link name ends with its 11-hex hash (whatever the veth prefix). Read-only.
+pub async fn host_veth_check() -> Result<VethCheck, vpc_cni_net::NetError> {
+    let nl = vpc_cni_net::Netlink::current()?;
+    let names: Vec<String> = nl.links().await?.into_iter().map(|l| l.name).collect();
+    Ok(veth_check_from_names(names))
+}
+
+/// A veth check over a fixed list of link names.
+pub fn veth_check_from_names(names: Vec<String>) -> VethCheck {
+    Arc::new(move |ns: &str, name: &str| {
+        let hash = vpc_cni_net::names::pod_hash(ns, name, 0);
+        names.iter().any(|n| n.ends_with(&hash))
+    })
+}
+
+/// Records every EC2 call's latency and outcome in the metrics.
+struct MeteredEc2 {
+    inner: Arc<dyn Ec2Api>,
+    metrics: Arc<Metrics>,
+}
+
+impl MeteredEc2 {
+    async fn rec<T>(
+        &self,
+        action: &'static str,
+        f: impl Future<Output = Ec2Result<T>>,
+    ) -> Ec2Result<T> {
+        let start = Instant::now();
+        let r = f.await;
+        let outcome = match &r {
+            Ok(_) => Ec2Outcome::Ok,
+            Err(e) if e.kind == ErrorKind::Throttled => Ec2Outcome::Throttled { code: &e.code },
+            Err(e) => Ec2Outcome::Failed { code: &e.code },
+        };
+        self.metrics
+            .record_ec2_call(action, start.elapsed(), outcome);
+        r
+    }
+}
+
+#[async_trait::async_trait]
+impl Ec2Api for MeteredEc2 {
+    async fn describe_enis(&self, ids: &[String]) -> Ec2Result<Vec<EniInfo>> {
+        self.rec("DescribeNetworkInterfaces", self.inner.describe_enis(ids))
+            .await
+    }
+    async fn describe_leaked_candidates(
+        &self,
+        vpc_id: &str,
+        cluster: Option<&str>,
+    ) -> Ec2Result<Vec<EniInfo>> {
+        self.rec(
+            "DescribeNetworkInterfaces",
+            self.inner.describe_leaked_candidates(vpc_id, cluster),
+        )
+        .await
+    }
+    async fn used_device_indexes(&self, instance_id: &str) -> Ec2Result<Vec<(u32, u32)>> {
+        self.rec(
+            "DescribeInstances",
+            self.inner.used_device_indexes(instance_id),
+        )
+        .await
+    }
+    async fn describe_instance_type(&self, t: &str) -> Ec2Result<InstanceTypeInfo> {
+        self.rec(
+            "DescribeInstanceTypes",
+            self.inner.describe_instance_type(t),
+        )
+        .await
+    }
+    async fn describe_subnets(&self, vpc_id: &str, az: &str) -> Ec2Result<Vec<SubnetInfo>> {
+        self.rec("DescribeSubnets", self.inner.describe_subnets(vpc_id, az))
+            .await
+    }
+    async fn create_eni(&self, req: &CreateEni) -> Ec2Result<EniInfo> {
+        self.rec("CreateNetworkInterface", self.inner.create_eni(req))
+            .await
+    }
+    async fn attach_eni(
+        &self,
+        eni_id: &str,
+        instance_id: &str,
+        device_index: u32,
+        network_card: u32,
+    ) -> Ec2Result<String> {
+        self.rec(
+            "AttachNetworkInterface",
+            self.inner
+                .attach_eni(eni_id, instance_id, device_index, network_card),
+        )
+        .await
+    }
+    async fn set_delete_on_termination(&self, eni_id: &str, att: &str) -> Ec2Result<()> {
+        self.rec(
+            "ModifyNetworkInterfaceAttribute",
+            self.inner.set_delete_on_termination(eni_id, att),
+        )
+        .await
+    }
+    async fn detach_eni(&self, attachment_id: &str) -> Ec2Result<()> {
+        self.rec(
+            "DetachNetworkInterface",
+            self.inner.detach_eni(attachment_id),
+        )
+        .await
+    }
+    async fn delete_eni(&self, eni_id: &str) -> Ec2Result<()> {
+        self.rec("DeleteNetworkInterface", self.inner.delete_eni(eni_id))
+            .await
+    }
+    async fn assign(&self, eni_id: &str, what: Addresses) -> Ec2Result<Assigned> {
+        self.rec("AssignPrivateIpAddresses", self.inner.assign(eni_id, what))
+            .await
+    }
+    async fn unassign_ips(&self, eni_id: &str, ips: &[std::net::Ipv4Addr]) -> Ec2Result<()> {
+        self.rec(
+            "UnassignPrivateIpAddresses",
+            self.inner.unassign_ips(eni_id, ips),
+        )
+        .await
+    }
+    async fn unassign_prefixes(&self, eni_id: &str, p: &[Ipv4Net]) -> Ec2Result<()> {
+        self.rec(
+            "UnassignPrivateIpAddresses",
+            self.inner.unassign_prefixes(eni_id, p),
+        )
+        .await
+    }
+    async fn create_tags(&self, resource: &str, tags: &BTreeMap<String, String>) -> Ec2Result<()> {
+        self.rec("CreateTags", self.inner.create_tags(resource, tags))
+            .await
+    }
+}
+
+/// Instance limits: the calculator's table, else `DescribeInstanceTypes`.
+async fn limits(
+    instance_type: &str,
+    ec2: &Arc<dyn Ec2Api>,
+    pacer: &Pacer,
+) -> Result<InstanceLimits, DaemonError> {
+    if let Some(l) = Catalog::embedded().get(instance_type) {
+        return Ok(l.clone());
+    }
+    let t = instance_type.to_owned();
+    let info = pacer
+        .call("DescribeInstanceTypes", || {
+            let (ec2, t) = (ec2.clone(), t.clone());
+            async move { ec2.describe_instance_type(&t).await }
+        })
+        .await
+        .map_err(|source| DaemonError::Ec2 {
+            step: "instance type limits",
+            source,
+        })?;
+    tracing::info!(
+        instance_type,
+        "limits from DescribeInstanceTypes (not in the table)"
+    );
+    Ok(InstanceLimits {
+        instance_type: instance_type.to_owned(),
+        vcpus: 0,
+        hypervisor: match info.hypervisor.as_str() {
+            "nitro" => Hypervisor::Nitro,
+            "xen" => Hypervisor::Xen,
+            _ => Hypervisor::None,
+        },
+        bare_metal: info.bare_metal,
+        network_cards: 1,
+        default_card: 0,
+        max_enis: info.max_enis,
+        max_enis_total: info.max_enis,
+        ipv4_per_eni: info.ipv4_per_eni,
+        ipv6_per_eni: 0,
+    })
+}
+
+/// Spec 5.5: unmanaged iff `no_manage=true`; else managed when tagged with this instance, or
+/// untagged and `MANAGE_UNTAGGED_ENI`. The primary ENI is always managed.
+pub fn is_managed(eni: &EniInfo, primary: bool, instance_id: &str, manage_untagged: bool) -> bool {
+    if primary {
+        return true;
+    }
+    if let Some(v) = eni.tags.get(TAG_NO_MANAGE) {
+        return v != "true";
+    }
+    match eni.tags.get(TAG_INSTANCE_ID) {
+        Some(owner) => owner == instance_id,
+        None => manage_untagged,
+    }
+}
+
+/// The datastore as the introspection endpoints show it.
+struct View {
+    state: Arc<PoolState>,
+    cfg: Config,
+}
+
+fn go_time(d: Duration) -> Option<SystemTime> {
+    (!d.is_zero()).then(|| SystemTime::UNIX_EPOCH + d)
+}
+
+impl IntrospectSource for View {
+    async fn enis(&self) -> BTreeMap<u32, EniInfos> {
+        let ds = self.state.lock();
+        let totals = ds.totals();
+        let mut infos = EniInfos {
+            total_ips: totals.total as i64,
+            assigned_ips: totals.assigned as i64,
+            enis: BTreeMap::new(),
+        };
+        for (id, e) in ds.enis() {
+            let cidrs = e
+                .cidrs
+                .values()
+                .map(|c| {
+                    let addresses = c
+                        .addresses
+                        .iter()
+                        .map(|(ip, a)| {
+                            (
+                                ip.to_string(),
+                                introspect::AddressInfo {
+                                    address: ip.to_string(),
+                                    ipam_key: introspect::IpamKey {
+                                        network_name: a
+                                            .key
+                                            .as_ref()
+                                            .map(|k| k.network_name.clone())
+                                            .unwrap_or_default(),
+                                    },
+                                    ipam_metadata: introspect::IpamMetadata {
+                                        k8s_pod_namespace: a.metadata.pod_namespace.clone(),
+                                        k8s_pod_name: a.metadata.pod_name.clone(),
+                                        interfaces_count: i64::from(a.metadata.interfaces_count),
+                                    },
+                                    assigned_time: go_time(a.assigned_at),
+                                    unassigned_time: a.unassigned_at.and_then(go_time),
+                                },
+                            )
+                        })
+                        .collect();
+                    (
+                        c.cidr.to_string(),
+                        introspect::CidrInfo {
+                            cidr: introspect::IpNet {
+                                addr: c.cidr.addr().into(),
+                                prefix_len: c.cidr.prefix_len(),
+                            },
+                            ip_addresses: addresses,
+                            is_prefix: c.is_prefix,
+                            address_family: String::new(),
+                        },
+                    )
+                })
+                .collect();
+            infos.enis.insert(
+                id.clone(),
+                introspect::EniInfo {
+                    id: id.clone(),
+                    is_primary: e.is_primary,
+                    is_trunk: e.is_trunk,
+                    is_efa: e.is_efa,
+                    device_number: i64::from(e.device_number),
+                    available_ipv4_cidrs: cidrs,
+                    ipv6_cidrs: BTreeMap::new(),
+                    is_excluded_for_pod_ips: e.excluded,
+                    route_table_id: i64::from(e.route_table_id),
+                    subnet_id: e.subnet_id.clone(),
+                },
+            );
+        }
+        BTreeMap::from([(0, infos)])
+    }
+
+    async fn eni_config_name(&self) -> Option<String> {
+        // Without the Kubernetes API the node cannot be read: answered with 404.
+        None
+    }
+
+    fn ipamd_env_settings(&self) -> introspect::IpamdEnvSettings {
+        introspect::IpamdEnvSettings {
+            warm_ip_target: i64::from(self.cfg.warm_ip_target),
+            warm_eni_target: i64::from(self.cfg.warm_eni_target),
+            custom_network_cfg: self.cfg.custom_networking,
+            manage_enis_non_schedulable: self.cfg.manage_enis_non_schedulable,
+            enable_subnet_discovery: self.cfg.subnet_discovery,
+        }
+    }
+
+    fn networkutils_env_settings(&self) -> introspect::NetworkUtilsEnvSettings {
+        let s = |v: &[Ipv4Net]| v.iter().map(ToString::to_string).collect();
+        introspect::NetworkUtilsEnvSettings {
+            connmark: self.cfg.connmark,
+            exclude_snat_cidrs: s(&self.cfg.exclude_snat_cidrs),
+            external_snat: self.cfg.external_snat,
+            external_service_cidrs: s(&self.cfg.external_service_cidrs),
+            eni_mtu: i64::from(self.cfg.eni_mtu),
+            ..Default::default()
+        }
+    }
+}
+
+/// A started daemon.
+pub struct Daemon {
+    state: Arc<PoolState>,
+    pool: Arc<PoolManager>,
+    metrics: Arc<Metrics>,
+    metrics_addr: Option<SocketAddr>,
+    introspection_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("metrics_addr", &self.metrics_addr)
+            .field("introspection_addr", &self.introspection_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    /// The shared pool state.
+    pub fn state(&self) -> &Arc<PoolState> {
+        &self.state
+    }
+
+    /// The pool manager.
+    pub fn pool(&self) -> &Arc<PoolManager> {
+        &self.pool
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Where `/metrics` is served (when enabled).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Where the introspection endpoints are served (TCP, when enabled).
+    pub fn introspection_addr(&self) -> Option<SocketAddr> {
+        self.introspection_addr
+    }
+
+    /// SIGTERM: no more allocation or freeing; gRPC keeps serving.
+    pub fn terminate(&self) {
+        tracing::info!("terminating: no new IP or ENI allocation, no ENI freeing; still serving");
+        self.state.set_terminating();
+    }
+
+    /// Stops every server and the pool loop, and waits for them.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        tracing::info!("stopped");
+    }
+}
+
+fn serve_err(what: &'static str) -> impl Fn(String) -> DaemonError {
+    move |message| DaemonError::Serve { what, message }
+}
+
+/// Starts the daemon: the start-up sequence, then every server and the pool loop.
+pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
+    if cfg.custom_networking {
+        return Err(DaemonError::Unsupported(
+            "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true (ENIConfig subnets are not wired into the daemon)".into(),
+        ));
+    }
+    let metrics = Arc::new(Metrics::new().map_err(|e| serve_err("metrics")(e.to_string()))?);
+    let ec2: Arc<dyn Ec2Api> = Arc::new(MeteredEc2 {
+        inner: deps.ec2.clone(),
+        metrics: metrics.clone(),
+    });
+    let pacer = Arc::new(Pacer::new(cfg.ec2));
+    if cfg.annotate_pod_ip {
+        tracing::warn!(
+            "ANNOTATE_POD_IP=true is not applied yet: the daemon runs without the Kubernetes API"
+        );
+    } else {
+        tracing::info!("running without the Kubernetes API: no enabled feature needs it");
+    }
+
+    // 1. Identity and limits.
+    let id = deps.imds.identity().await?;
+    tracing::info!(instance = %id.instance_id, instance_type = %id.instance_type, region = %id.region, az = %id.availability_zone, "instance");
+    let lim = limits(&id.instance_type, &ec2, &pacer).await?;
+    let prefix_mode = cfg.prefix_delegation && lim.supports_prefix_delegation();
+    if cfg.prefix_delegation && !prefix_mode {
+        tracing::warn!(instance_type = %id.instance_type, "prefix delegation needs a Nitro instance: using secondary IPs");
+    }
+
+    // 2. ENIs from metadata and EC2; managed or not by tags.
+    let imds_enis = deps.imds.enis(&id.primary_mac).await?;
+    let ids: Vec<String> = imds_enis.iter().map(|e| e.interface_id.clone()).collect();
+    let described = pacer
+        .call("DescribeNetworkInterfaces", || {
+            let (ec2, ids) = (ec2.clone(), ids.clone());
+            async move { ec2.describe_enis(&ids).await }
+        })
+        .await
+        .map_err(|source| DaemonError::Ec2 {
+            step: "describe attached ENIs",
+            source,
+        })?;
+    let by_id: BTreeMap<&str, &EniInfo> = described.iter().map(|e| (e.id.as_str(), e)).collect();
+    let primary = imds_enis
+        .iter()
+        .find(|e| e.mac == id.primary_mac)
+        .ok_or_else(|| ImdsError::Missing {
+            path: format!("meta-data/network/interfaces/macs/{}/", id.primary_mac),
+        })?
+        .clone();
+    let mut ds = DataStore::new(
+        prefix_mode,
+        cfg.rules.prefix_fallback,
+        cfg.custom_networking,
+        cfg.ip_cooldown,
+    );
+    let clock = Arc::new(TokioClock::new());
+    let now = crate::state::Clock::now(clock.as_ref());
+    let tags = cfg.eni_tags(&id.instance_id);
+    let mut unmanaged = 0u32;
+    for m in &imds_enis {
+        let is_primary = m.mac == id.primary_mac;
+        let Some(info) = by_id.get(m.interface_id.as_str()) else {
+            tracing::warn!(eni = %m.interface_id, "in instance metadata but not in EC2: skipped");
+            continue;
+        };
+        if info.interface_type == "efa-only" || (m.network_card > 0 && !cfg.enable_multi_nic) {
+            continue;
+        }
+        if !is_managed(info, is_primary, &id.instance_id, cfg.manage_untagged_eni) {
+            tracing::info!(eni = %m.interface_id, "unmanaged ENI");
+            unmanaged += 1;
+            continue;
+        }
+        let is_trunk = info.interface_type == "trunk";
+        // Tag managed ENIs with what is missing (not trunk, not without provisioning).
+        let missing: BTreeMap<String, String> = tags
+            .iter()
+            .filter(|(k, v)| info.tags.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !missing.is_empty() && !is_trunk && !cfg.disable_provisioning {
+            let eni = m.interface_id.clone();
+            pacer
+                .call("CreateTags", || {
+                    let (ec2, eni, t) = (ec2.clone(), eni.clone(), missing.clone());
+                    async move { ec2.create_tags(&eni, &t).await }
+                })
+                .await
+                .map_err(|source| DaemonError::Ec2 {
+                    step: "tag ENI",
+                    source,
+                })?;
+        }
+        ds.add_eni(
+            EniSpec {
+                id: m.interface_id.clone(),
+                mac: m.mac.clone(),
+                is_primary,
+                is_trunk,
+                is_efa: info.interface_type == "efa",
+                device_number: m.device_number,
+                primary_ip: info
+                    .primary_ip
+                    .or(m.primary_ip())
+                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+                subnet_id: m.subnet_id.clone(),
+                subnet_cidr: m.subnet_cidr,
+                excluded: false,
+            },
+            now,
+        );
+        // EC2 is the judge when metadata lags.
+        for ip in &info.secondary_ips {
+            let _ = ds.add_cidr(&m.interface_id, Ipv4Net::host(*ip), false);
+        }
+        for p in &info.prefixes {
+            let _ = ds.add_cidr(&m.interface_id, *p, true);
+        }
+    }
+
+    // 3. Checkpoint restore with normalisation.
+    let store = FileStore::new(cfg.checkpoint_path(0));
+    if let Some(file) = store.read()? {
+        let report = ds
+            .restore(&file, deps.veth_exists.as_ref())
+            .map_err(DaemonError::Restore)?;
+        tracing::info!(
+            restored = report.restored,
+            dropped_stale = report.dropped_stale.len(),
+            dropped_unknown = report.dropped_unknown.len(),
+            "checkpoint restored"
+        );
+    }
+    let state = Arc::new(PoolState::new(ds, Box::new(store), clock));
+    state.mutate_and_save(|_| ())?;
+
+    // 4. Pool manager and pre-scaling.
+    let node_limits = NodeLimits::new(&lim, cfg.max_eni, None);
+    let pool_cfg = cfg.pool_config(prefix_mode);
+    let pool = Arc::new(PoolManager::new(
+        state.clone(),
+        ec2.clone(),
+        pool_cfg,
+        node_limits,
+        NodeInfo {
+            instance_id: id.instance_id.clone(),
+            subnet_id: primary.subnet_id.clone(),
+            subnet_cidr: primary.subnet_cidr,
+            security_groups: {
+                let mut g = primary.security_groups.clone();
+                g.sort();
+                g
+            },
+            tags,
+            unmanaged_enis: unmanaged,
+        },
+        pacer,
+        cfg.pool_tick,
+    ));
+    metrics
+        .eni_max
+        .set(i64::from(node_limits.max_enis.saturating_sub(unmanaged)));
+    metrics.ip_max.set(i64::from(
+        node_limits.ips_per_eni(prefix_mode) * node_limits.max_enis.saturating_sub(unmanaged),
+    ));
+    if !cfg.disable_provisioning {
+        let out = pool.settle().await.map_err(DaemonError::Prescale)?;
+        tracing::info!(reason = ?out.decision.reason, "pre-scaling done");
+    }
+
+    // 5. Serving.
+    let (shutdown, rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let mut tasks = Vec::new();
+    let (health, health_srv) = vpc_cni_rpc::health_service().await;
+    let backend = Backend::new(
+        state.clone(),
+        ReplySettings {
+            vpc_cidrs: primary.vpc_cidrs.iter().map(ToString::to_string).collect(),
+            external_snat: cfg.external_snat,
+            network_policy_mode: cfg.network_policy_mode.clone(),
+            node_ip: id.local_ipv4.to_string(),
+            instance_id: id.instance_id.clone(),
+            region: id.region.clone(),
+        },
+    )
+    .with_low_check(crate::server::pool_is_low(pool_cfg, node_limits));
+    let listener = vpc_cni_rpc::bind_unix(&cfg.grpc_socket)
+        .map_err(|e| serve_err("gRPC")(format!("{}: {e}", cfg.grpc_socket.display())))?;
+    let routes = crate::server::routes(backend, health_srv);
+    let sd = stopped(rx.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = vpc_cni_rpc::serve_listener(listener, routes, sd).await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+    health.set_serving().await;
+    tracing::info!(socket = %cfg.grpc_socket.display(), "gRPC serving (health SERVING)");
+
+    let mut metrics_addr = None;
+    if !cfg.disable_metrics {
+        let addr = crate::metrics::parse_bind_address(&cfg.metrics_bind)
+            .map_err(|e| serve_err("metrics")(e.to_string()))?;
+        let srv = crate::metrics::MetricsServer::bind(addr)
+            .await
+            .map_err(|e| serve_err("metrics")(e.to_string()))?;
+        metrics_addr = srv.local_addr();
+        tracing::info!(addr = ?metrics_addr, "serving Prometheus metrics");
+        let (reg, sd) = (metrics.registry().clone(), stopped(rx.clone()));
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = srv.run(reg, sd).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        }));
+    }
+    let mut introspection_addr = None;
+    if !cfg.disable_introspection {
+        let srv = introspect::IntrospectServer::bind(&cfg.introspection_bind)
+            .await
+            .map_err(|e| serve_err("introspection")(e.to_string()))?;
+        introspection_addr = srv.local_addr();
+        tracing::info!(bind = %cfg.introspection_bind, addr = ?introspection_addr, "serving introspection");
+        let view = Arc::new(View {
+            state: state.clone(),
+            cfg: cfg.clone(),
+        });
+        let sd = stopped(rx.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = srv.run(view, sd).await {
+                tracing::error!(error = %e, "introspection server failed");
+            }
+        }));
+    }
+
+    // Pool gauges, refreshed every second.
+    {
+        let (state, metrics, mut rx) = (state.clone(), metrics.clone(), rx.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                publish_pool(&state, &metrics);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = rx.changed() => return,
+                }
+            }
+        }));
+    }
+    if !cfg.disable_provisioning {
+        tasks.push(tokio::spawn(pool.clone().run(rx)));
+    } else {
+        tracing::info!("DISABLE_NETWORK_RESOURCE_PROVISIONING: no pool manager");
+    }
+    Ok(Daemon {
+        state,
+        pool,
+        metrics,
+        metrics_addr,
+        introspection_addr,
+        shutdown,
+        tasks,
+    })
+}
+
+fn publish_pool(state: &PoolState, metrics: &Metrics) {
+    let now = state.now();
+    let ds = state.lock();
+    let t = ds.totals();
+    let (_, views) = ds.views(now);
+    let cooling: u64 = views.iter().map(|v| u64::from(v.cooling())).sum();
+    metrics.set_pool(&PoolSnapshot {
+        enis: t.enis as i64,
+        total_ips: t.total as i64,
+        assigned_ips: t.assigned as i64,
+        cooldown_ips: cooling as i64,
+        warm_ips: t.total.saturating_sub(t.assigned).saturating_sub(cooling) as i64,
+        ipv4_prefixes: t.prefixes as i64,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eni(tags: &[(&str, &str)]) -> EniInfo {
+        EniInfo {
+            id: "eni-1".into(),
+            mac: String::new(),
+            subnet_id: String::new(),
+            vpc_id: String::new(),
+            status: "in-use".into(),
+            description: String::new(),
+            interface_type: "interface".into(),
+            primary_ip: None,
+            secondary_ips: vec![],
+            prefixes: vec![],
+            tags: tags
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            security_groups: vec![],
+            attachment: None,
+        }
+    }
+
+    #[test]
+    fn managed_follows_no_manage_then_owner_then_manage_untagged() {
+        let me = "i-1";
+        assert!(!is_managed(
+            &eni(&[(TAG_NO_MANAGE, "true")]),
+            false,
+            me,
+            true
+        ));
+        assert!(is_managed(&eni(&[(TAG_NO_MANAGE, "true")]), true, me, true));
+        assert!(is_managed(
+            &eni(&[(TAG_NO_MANAGE, "false")]),
+            false,
+            me,
+            false
+        ));
+        assert!(is_managed(
+            &eni(&[(TAG_INSTANCE_ID, "i-1")]),
+            false,
+            me,
+            false
+        ));
+        assert!(!is_managed(
+            &eni(&[(TAG_INSTANCE_ID, "i-2")]),
+            false,
+            me,
+            true
+        ));
+        assert!(is_managed(&eni(&[]), false, me, true));
+        assert!(!is_managed(&eni(&[]), false, me, false));
+    }
+
+    #[test]
+    fn veth_check_matches_the_hash_suffix_whatever_the_prefix() {
+        let hash = vpc_cni_net::names::pod_hash("default", "web-0", 0);
+        let check = veth_check_from_names(vec!["lo".into(), format!("abcd{hash}")]);
+        assert!(check("default", "web-0"));
+        assert!(!check("default", "web-1"));
+    }
+}
