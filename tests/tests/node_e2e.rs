@@ -64,6 +64,40 @@ fn read_log(path: &Path) -> String {
         .unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()))
 }
 
+/// Addresses ipamd says are assigned to pods: `AssignedIPs` summed over the cards of its
+/// introspection `GET /v1/enis` (address from its "ready" line), fetched from inside `ns`.
+fn ipamd_assigned(ns: &Netns, log: &Path) -> anyhow::Result<i64> {
+    let text = read_log(log);
+    let addr: std::net::SocketAddr = text
+        .split("introspection Some(")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .with_context(|| format!("introspection address in ipamd's ready line:\n{text}"))?
+        .parse()?;
+    let mut stream = ns.run(move || std::net::TcpStream::connect_timeout(&addr, WAIT))??;
+    stream.set_read_timeout(Some(WAIT))?;
+    use std::io::{Read, Write};
+    stream.write_all(b"GET /v1/enis HTTP/1.0\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    ensure!(reply.starts_with("HTTP/1."), "introspection reply: {reply}");
+    ensure!(reply.contains(" 200 "), "introspection reply: {reply}");
+    let body = reply
+        .split("\r\n\r\n")
+        .nth(1)
+        .context("introspection body")?;
+    let cards: serde_json::Value =
+        serde_json::from_str(body).with_context(|| format!("introspection body: {body}"))?;
+    let cards = cards
+        .as_object()
+        .context("introspection: an object per card")?;
+    ensure!(!cards.is_empty(), "introspection: no card");
+    cards
+        .values()
+        .map(|c| c["AssignedIPs"].as_i64().context("AssignedIPs"))
+        .sum()
+}
+
 /// Polls `f` until it returns true or `wait` passes.
 fn wait_until(
     what: &str,
@@ -273,6 +307,11 @@ fn ipamd_and_plugin_on_a_simulated_node() -> anyhow::Result<()> {
         );
     }
     c.check_hooks()?;
+    let assigned = ipamd_assigned(&ns, &ipamd_log)?;
+    ensure!(
+        assigned == PODS as i64,
+        "ipamd's introspection counts {assigned} assigned addresses, {PODS} expected"
+    );
 
     // 4. Node → pod and other node → pod, sources preserved.
     for (name, pod_ns, _, ip) in &pods {
@@ -315,6 +354,11 @@ fn ipamd_and_plugin_on_a_simulated_node() -> anyhow::Result<()> {
             "rule for {ip} left after DEL:\n{rules}"
         );
     }
+    let assigned = ipamd_assigned(&ns, &ipamd_log)?;
+    ensure!(
+        assigned == 0,
+        "ipamd still counts {assigned} assigned addresses after every DEL"
+    );
     // The runtime deletes the pod namespaces; their veths go with them.
     let pod_names: Vec<String> = pods.iter().map(|p| p.1.name().to_owned()).collect();
     drop(pods);
