@@ -59,49 +59,92 @@ pub struct NodeInfo {
     pub unmanaged_enis: u32,
 }
 
-/// A token bucket on tokio's clock (so paused-clock tests see it too).
-#[derive(Debug)]
-struct Bucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
+/// governor's clock over tokio's (so paused-clock tests drive the rate limiters too): time
+/// since the pacer was made.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioRateClock {
+    start: Instant,
 }
 
-impl Bucket {
-    fn new(rate: u32, burst: u32) -> Self {
+impl TokioRateClock {
+    /// Starts now.
+    pub fn new() -> Self {
         Self {
-            rate: f64::from(rate),
-            burst: f64::from(burst),
-            tokens: f64::from(burst),
-            last: Instant::now(),
-        }
-    }
-
-    /// Takes a token; returns how long to wait first.
-    fn take(&mut self) -> Duration {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        self.tokens -= 1.0;
-        if self.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-self.tokens / self.rate)
+            start: Instant::now(),
         }
     }
 }
 
-/// EC2 pacing and retries, counted.
-#[derive(Debug)]
+impl Default for TokioRateClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl governor::clock::Clock for TokioRateClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+type Limiter = governor::RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    TokioRateClock,
+    governor::middleware::NoOpMiddleware<Duration>,
+>;
+
+fn limiter(per_sec: u32, burst: u32, clock: TokioRateClock) -> Limiter {
+    let one = std::num::NonZeroU32::MIN;
+    let rate = std::num::NonZeroU32::new(per_sec).unwrap_or(one);
+    let burst = std::num::NonZeroU32::new(burst).unwrap_or(one);
+    governor::RateLimiter::direct_with_clock(
+        governor::Quota::per_second(rate).allow_burst(burst),
+        clock,
+    )
+}
+
+/// EC2 call counts of one action.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ec2CallStats {
+    /// Calls made (each attempt counts).
+    pub calls: u64,
+    /// Attempts that were retried.
+    pub retries: u64,
+    /// Attempts EC2 throttled.
+    pub throttles: u64,
+    /// Attempts that failed (throttles included).
+    pub errors: u64,
+    /// Calls that failed for good.
+    pub failures: u64,
+}
+
+/// Told about every EC2 attempt: action, latency, outcome (the daemon passes
+/// [`crate::metrics::Metrics::record_ec2_call`]).
+pub type Ec2Observer =
+    Arc<dyn Fn(&'static str, Duration, crate::metrics::Ec2Outcome<'_>) + Send + Sync>;
+
+/// EC2 pacing (a `governor` rate limiter per call class: mutating and describe) and retries,
+/// counted per action.
 pub struct Pacer {
     cfg: Ec2Pacing,
-    mutating: Mutex<Bucket>,
-    describe: Mutex<Bucket>,
+    clock: TokioRateClock,
+    mutating: Limiter,
+    describe: Limiter,
     seed: Mutex<u64>,
-    /// Calls made, retries, and final failures, per action.
-    pub counts: Mutex<BTreeMap<&'static str, (u64, u64, u64)>>,
+    counts: Mutex<BTreeMap<&'static str, Ec2CallStats>>,
+    observer: Mutex<Option<Ec2Observer>>,
+}
+
+impl std::fmt::Debug for Pacer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pacer")
+            .field("cfg", &self.cfg)
+            .field("counts", &*lock(&self.counts))
+            .finish_non_exhaustive()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -114,13 +157,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Pacer {
     /// Pacing per `cfg`.
     pub fn new(cfg: Ec2Pacing) -> Self {
+        let clock = TokioRateClock::new();
         Self {
             cfg,
-            mutating: Mutex::new(Bucket::new(cfg.mutating_per_sec, cfg.mutating_burst)),
-            describe: Mutex::new(Bucket::new(cfg.describe_per_sec, cfg.describe_burst)),
+            clock,
+            mutating: limiter(cfg.mutating_per_sec, cfg.mutating_burst, clock),
+            describe: limiter(cfg.describe_per_sec, cfg.describe_burst, clock),
             seed: Mutex::new(0x9e37_79b9_7f4a_7c15),
             counts: Mutex::new(BTreeMap::new()),
+            observer: Mutex::new(None),
         }
+    }
+
+    /// Sets the observer told about every attempt (metrics).
+    pub fn set_observer(&self, observer: Ec2Observer) {
+        *lock(&self.observer) = Some(observer);
+    }
+
+    /// Counts per action so far.
+    pub fn stats(&self) -> BTreeMap<&'static str, Ec2CallStats> {
+        lock(&self.counts).clone()
     }
 
     fn jitter(&self) -> f64 {
@@ -139,6 +195,48 @@ impl Pacer {
         Duration::from_secs_f64(d * (1.0 + 0.3 * self.jitter()))
     }
 
+    /// Waits for the rate limiter of `action`'s class.
+    async fn pace(&self, action: &str) {
+        let l = if crate::ec2::is_mutating(action) {
+            &self.mutating
+        } else {
+            &self.describe
+        };
+        loop {
+            match l.check() {
+                Ok(()) => return,
+                Err(not_until) => {
+                    use governor::clock::Clock as _;
+                    let wait = not_until.wait_time_from(self.clock.now());
+                    tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+                }
+            }
+        }
+    }
+
+    fn observe(&self, action: &'static str, elapsed: Duration, res: Result<(), &Ec2Error>) {
+        let obs = lock(&self.observer).clone();
+        let mut counts = lock(&self.counts);
+        let c = counts.entry(action).or_default();
+        c.calls += 1;
+        let outcome = match res {
+            Ok(()) => crate::metrics::Ec2Outcome::Ok,
+            Err(e) => {
+                c.errors += 1;
+                if e.kind == crate::ec2::ErrorKind::Throttled {
+                    c.throttles += 1;
+                    crate::metrics::Ec2Outcome::Throttled { code: &e.code }
+                } else {
+                    crate::metrics::Ec2Outcome::Failed { code: &e.code }
+                }
+            }
+        };
+        drop(counts);
+        if let Some(o) = obs {
+            o(action, elapsed, outcome);
+        }
+    }
+
     /// Runs one EC2 call with pacing and retries.
     pub async fn call<T, F, Fut>(&self, action: &'static str, f: F) -> Ec2Result<T>
     where
@@ -148,24 +246,19 @@ impl Pacer {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let wait = if crate::ec2::is_mutating(action) {
-                lock(&self.mutating).take()
-            } else {
-                lock(&self.describe).take()
-            };
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-            lock(&self.counts).entry(action).or_default().0 += 1;
-            match f().await {
+            self.pace(action).await;
+            let t0 = Instant::now();
+            let res = f().await;
+            self.observe(action, t0.elapsed(), res.as_ref().map(|_| ()));
+            match res {
                 Ok(v) => return Ok(v),
                 Err(e) if e.retryable() && attempt < self.cfg.max_attempts => {
-                    lock(&self.counts).entry(action).or_default().1 += 1;
+                    lock(&self.counts).entry(action).or_default().retries += 1;
                     tracing::debug!(action, attempt, code = %e.code, "EC2 call retried");
                     tokio::time::sleep(self.backoff(attempt)).await;
                 }
                 Err(e) => {
-                    lock(&self.counts).entry(action).or_default().2 += 1;
+                    lock(&self.counts).entry(action).or_default().failures += 1;
                     return Err(e);
                 }
             }
@@ -199,6 +292,7 @@ pub struct PoolManager {
     node: NodeInfo,
     pacer: Arc<Pacer>,
     history: Mutex<History>,
+    released: Mutex<BTreeMap<Ipv4Net, Duration>>,
     tick_period: Duration,
 }
 
@@ -230,6 +324,7 @@ impl PoolManager {
             node,
             pacer,
             history: Mutex::new(History::default()),
+            released: Mutex::new(BTreeMap::new()),
             tick_period,
         }
     }
@@ -351,18 +446,22 @@ impl PoolManager {
         match change {
             PoolChange::Assign { eni, kind, count } => {
                 let id = ids[*eni].clone();
-                let what = match kind {
-                    AddressKind::Ip => Addresses::Ips(*count),
-                    AddressKind::Prefix => Addresses::Prefixes(*count),
+                let what = |n: u32| match kind {
+                    AddressKind::Ip => Addresses::Ips(n),
+                    AddressKind::Prefix => Addresses::Prefixes(n),
                 };
-                let ec2 = self.ec2.clone();
-                let res = self
-                    .pacer
-                    .call("AssignPrivateIpAddresses", || {
-                        let (ec2, id) = (ec2.clone(), id.clone());
-                        async move { ec2.assign(&id, what).await }
-                    })
-                    .await;
+                let mut res = self.assign_call(&id, what(*count)).await;
+                // Reference: on an error other than the ENI being full, ask for exactly 1.
+                if let Err(e) = &res {
+                    if *count > 1
+                        && !e.is_limit_exceeded()
+                        && !e.is_insufficient_addresses()
+                        && !e.is_insufficient_cidr()
+                    {
+                        tracing::info!(eni = %id, code = %e.code, "assign failed: asking for 1");
+                        res = self.assign_call(&id, what(1)).await;
+                    }
+                }
                 match res {
                     Ok(got) => {
                         let mut ds = self.state.lock();
@@ -374,6 +473,7 @@ impl PoolManager {
                         }
                         Ok(())
                     }
+                    Err(e) if e.is_limit_exceeded() => self.resync_eni(&id).await,
                     Err(e) if e.is_insufficient_addresses() || e.is_insufficient_cidr() => {
                         self.note_capacity_error(&e);
                         Ok(())
@@ -398,6 +498,70 @@ impl PoolManager {
                 Ok(())
             }
         }
+    }
+
+    async fn assign_call(&self, id: &str, what: Addresses) -> Ec2Result<crate::ec2::Assigned> {
+        let ec2 = self.ec2.clone();
+        self.pacer
+            .call("AssignPrivateIpAddresses", || {
+                let (ec2, id) = (ec2.clone(), id.to_owned());
+                async move { ec2.assign(&id, what).await }
+            })
+            .await
+    }
+
+    /// `PrivateIpAddressLimitExceeded`: the datastore is out of sync with the ENI. Describe it
+    /// and add whatever EC2 says is there (except CIDRs this manager released moments ago).
+    async fn resync_eni(&self, id: &str) -> Result<(), PoolError> {
+        tracing::warn!(
+            eni = id,
+            "ENI full in EC2 but not in the datastore: resyncing"
+        );
+        let ec2 = self.ec2.clone();
+        let described = self
+            .pacer
+            .call("DescribeNetworkInterfaces", || {
+                let (ec2, ids) = (ec2.clone(), vec![id.to_owned()]);
+                async move { ec2.describe_enis(&ids).await }
+            })
+            .await
+            .map_err(|source| PoolError::Ec2 {
+                op: "resync ENI",
+                source,
+            })?;
+        let released = self.recently_released();
+        let now = self.state.now();
+        let fresh = |c: &Ipv4Net| {
+            released
+                .get(c)
+                .is_some_and(|t| now.saturating_sub(*t) < crate::reconcile::RECONCILE_COOLDOWN)
+        };
+        let mut ds = self.state.lock();
+        for e in described.iter().filter(|e| e.id == id) {
+            for ip in e
+                .secondary_ips
+                .iter()
+                .filter(|ip| Some(**ip) != e.primary_ip)
+            {
+                let c = Ipv4Net::host(*ip);
+                if !fresh(&c) {
+                    let _ = ds.add_cidr(id, c, false);
+                }
+            }
+            for p in e.prefixes.iter().filter(|p| !fresh(p)) {
+                let _ = ds.add_cidr(id, *p, true);
+            }
+        }
+        Ok(())
+    }
+
+    /// CIDRs released to EC2 in the last [`crate::reconcile::RECONCILE_COOLDOWN`], with when
+    /// (reconcile must not re-add them while EC2 or IMDS may still list them).
+    pub fn recently_released(&self) -> BTreeMap<Ipv4Net, Duration> {
+        let now = self.state.now();
+        let mut r = lock(&self.released);
+        r.retain(|_, t| now.saturating_sub(*t) < crate::reconcile::RECONCILE_COOLDOWN);
+        r.clone()
     }
 
     async fn release(&self, eni: &str, prefixes: bool, n: usize) -> Result<(), PoolError> {
@@ -437,6 +601,13 @@ impl PoolManager {
                 op: "release",
                 source,
             });
+        }
+        {
+            let now = self.state.now();
+            let mut r = lock(&self.released);
+            for c in &cidrs {
+                r.insert(*c, now);
+            }
         }
         tracing::info!(eni, count = cidrs.len(), prefixes, "released to EC2");
         Ok(())
@@ -768,8 +939,9 @@ mod tests {
         n.pool.settle().await.unwrap();
         assert_eq!(n.state.lock().usable_total(), 3);
         assert_eq!(n.ec2.count("AssignPrivateIpAddresses"), 6);
-        let c = n.pool.pacer().counts.lock().unwrap()["AssignPrivateIpAddresses"];
-        assert_eq!(c, (6, 5, 0));
+        let c = n.pool.pacer().stats()["AssignPrivateIpAddresses"];
+        assert_eq!((c.calls, c.retries, c.failures), (6, 5, 0));
+        assert_eq!((c.throttles, c.errors), (3, 5));
         // A client error is not retried.
         n.ec2
             .fail("AssignPrivateIpAddresses", "UnauthorizedOperation", 1);
@@ -858,6 +1030,115 @@ mod tests {
         }
         assert_eq!(n.state.lock().usable_total(), 3);
         task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_eni_is_resynced_from_ec2_instead_of_failing() {
+        let n = node(&[("WARM_IP_TARGET", "3")], "10.0.0.0/20");
+        let primary = n.ec2.primary_eni();
+        // Behind the datastore's back the ENI was filled (9 slots).
+        let got = n.ec2.assign(&primary, Addresses::Ips(9)).await.unwrap();
+        n.pool.tick().await.unwrap();
+        assert_eq!(n.state.lock().usable_total(), 9, "adopted what EC2 lists");
+        let ds = n.state.lock();
+        for ip in got.ips {
+            assert!(ds
+                .eni(&primary)
+                .unwrap()
+                .cidrs
+                .contains_key(&Ipv4Net::host(ip)));
+        }
+        drop(ds);
+        assert_eq!(n.ec2.count("DescribeNetworkInterfaces"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_assign_error_is_retried_asking_for_exactly_one() {
+        let n = node(&[("WARM_IP_TARGET", "3")], "10.0.0.0/20");
+        n.ec2
+            .fail("AssignPrivateIpAddresses", "InvalidParameterValue", 1);
+        n.pool.tick().await.unwrap();
+        assert_eq!(n.ec2.count("AssignPrivateIpAddresses"), 2);
+        assert_eq!(n.state.lock().usable_total(), 1);
+        // Both failing: the error is returned.
+        n.ec2
+            .fail("AssignPrivateIpAddresses", "InvalidParameterValue", 2);
+        assert!(n.pool.tick().await.is_err());
+        assert_eq!(n.ec2.count("AssignPrivateIpAddresses"), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn released_cidrs_are_remembered_for_the_reconcile_cooldown() {
+        let n = node(
+            &[("WARM_IP_TARGET", "3"), ("IP_COOLDOWN_PERIOD", "0")],
+            "10.0.0.0/20",
+        );
+        n.pool.settle().await.unwrap();
+        pods(&n.state, 0, 3);
+        n.pool.settle().await.unwrap();
+        unpods(&n.state, 0, 3);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        n.pool.tick().await.unwrap();
+        let rel = n.pool.recently_released();
+        assert!(!rel.is_empty(), "surplus released");
+        let primary = n.ec2.primary_eni();
+        let ec2_ips: Vec<_> = n.ec2.state().enis[&primary].secondary_ips.clone();
+        for c in rel.keys() {
+            assert!(!ec2_ips.contains(&c.addr()), "{c} released in EC2");
+        }
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(n.pool.recently_released().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_governor_limiter_paces_calls_on_the_paused_clock_and_the_observer_sees_each() {
+        let cfg = Config::for_test(&[]).unwrap();
+        let pacer = Pacer::new(Ec2Pacing {
+            describe_per_sec: 2,
+            describe_burst: 2,
+            ..cfg.ec2
+        });
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        pacer.set_observer(Arc::new(move |a, _d, o| {
+            let kind = match o {
+                crate::metrics::Ec2Outcome::Ok => "ok".to_owned(),
+                crate::metrics::Ec2Outcome::Throttled { code } => format!("throttled {code}"),
+                crate::metrics::Ec2Outcome::Failed { code } => format!("failed {code}"),
+            };
+            s2.lock().unwrap().push((a, kind));
+        }));
+        let t0 = Instant::now();
+        for _ in 0..6 {
+            pacer
+                .call("DescribeSubnets", || async { Ok::<_, Ec2Error>(()) })
+                .await
+                .unwrap();
+        }
+        // Burst of 2, then 2 per second: the 6th call waits for 4 refills (virtual time).
+        assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+        let fails = Mutex::new(vec![
+            Ec2Error::coded("DescribeSubnets", "InternalError", "x"),
+            Ec2Error::coded("DescribeSubnets", "RequestLimitExceeded", "x"),
+        ]);
+        pacer
+            .call("DescribeSubnets", || {
+                let r = fails.lock().unwrap().pop();
+                async move { r.map_or(Ok(()), Err) }
+            })
+            .await
+            .unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 9);
+        assert_eq!(seen[6].1, "throttled RequestLimitExceeded");
+        assert_eq!(seen[7].1, "failed InternalError");
+        assert_eq!(seen[8].1, "ok");
+        let st = pacer.stats()["DescribeSubnets"];
+        assert_eq!(
+            (st.calls, st.retries, st.throttles, st.errors, st.failures),
+            (9, 2, 1, 2, 0)
+        );
     }
 
     #[test]

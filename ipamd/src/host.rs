@@ -1,0 +1,447 @@
+//! Host wiring done by ipamd (spec/cni.md 3.3–3.7) through the shared `vpc-cni-net` crate:
+//! the primary ENI's MTU, each secondary ENI's route table, routes and rule 32765, and the
+//! SNAT / connmark / mangle rules and fwmark rule 1024.
+//!
+//! This module only turns the daemon's configuration and ENI facts into `vpc_cni_net` values
+//! ([`eni_spec`], [`snat_config`]) and calls a [`HostNetwork`]; the daemon passes a
+//! `NetlinkHostNetwork` opened on its own namespace, tests a `MemoryHostNetwork` or a
+//! `NetlinkHostNetwork` inside a test namespace.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use vpc_cni_net::host::{EniSpec, HostNetwork};
+use vpc_cni_net::names::route_table_id;
+use vpc_cni_net::snat::{RandomizeSnat as NetRandomize, SnatConfig};
+use vpc_cni_net::{IpCidr, Link, MacAddr, NetError};
+
+use crate::config::{Config, RandomizeSnat};
+use crate::types::Ipv4Net;
+
+/// Host wiring failures; each names the ENI.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The ENI's facts cannot be wired (bad MAC, primary ENI, IP outside the subnet...).
+    #[error("ENI {eni} cannot be wired: {reason}")]
+    InvalidEni {
+        /// ENI id.
+        eni: String,
+        /// Why.
+        reason: String,
+    },
+    /// A host operation failed.
+    #[error("host {op} for {eni}")]
+    Net {
+        /// What was being done.
+        op: &'static str,
+        /// ENI id (or `node` for node-wide rules).
+        eni: String,
+        /// Cause.
+        #[source]
+        source: NetError,
+    },
+}
+
+/// What host wiring needs to know about one ENI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostEni {
+    /// ENI id (for errors and logs).
+    pub id: String,
+    /// MAC (`02:ab:...`).
+    pub mac: String,
+    /// The ENI's primary IPv4 address.
+    pub primary_ip: Ipv4Addr,
+    /// Its subnet.
+    pub subnet_cidr: Ipv4Net,
+    /// Network card.
+    pub network_card: u32,
+    /// Device number.
+    pub device_number: u32,
+    /// Trunk ENI (no rule 32765).
+    pub is_trunk: bool,
+}
+
+impl HostEni {
+    /// The instance's primary ENI (card 0, device 0): its routes stay the OS's.
+    pub fn is_primary(&self) -> bool {
+        self.network_card == 0 && self.device_number == 0
+    }
+
+    /// From a datastore ENI (network card 0: multi-NIC is refused at start).
+    pub fn from_datastore(e: &crate::datastore::Eni) -> Self {
+        Self {
+            id: e.id.clone(),
+            mac: e.mac.clone(),
+            primary_ip: e.primary_ip,
+            subnet_cidr: e.subnet_cidr,
+            network_card: 0,
+            device_number: e.device_number,
+            is_trunk: e.is_trunk,
+        }
+    }
+
+    /// From an ENI adopted by reconcile.
+    pub fn from_adopted(e: &crate::reconcile::AdoptedEni) -> Self {
+        Self {
+            id: e.id.clone(),
+            mac: e.mac.clone(),
+            primary_ip: e.primary_ip,
+            subnet_cidr: e.subnet_cidr,
+            network_card: e.network_card,
+            device_number: e.device_number,
+            is_trunk: e.is_trunk,
+        }
+    }
+}
+
+fn cidr(n: Ipv4Net) -> IpCidr {
+    IpCidr {
+        addr: IpAddr::V4(n.network()),
+        prefix_len: n.prefix_len(),
+    }
+}
+
+/// The `vpc_cni_net` spec of a secondary ENI: route table from
+/// [`vpc_cni_net::names::route_table_id`], `AWS_VPC_ENI_MTU`. Refuses the primary ENI and
+/// anything `EniSpec::validate` refuses, before the host is touched.
+pub fn eni_spec(eni: &HostEni, mtu: u32) -> Result<EniSpec, HostError> {
+    let invalid = |reason: String| HostError::InvalidEni {
+        eni: eni.id.clone(),
+        reason,
+    };
+    if eni.is_primary() {
+        return Err(invalid("the primary ENI keeps the OS's routes".into()));
+    }
+    let mac: MacAddr = eni
+        .mac
+        .parse()
+        .map_err(|_| invalid(format!("MAC {:?}", eni.mac)))?;
+    let spec = EniSpec {
+        mac,
+        primary_ip: eni.primary_ip,
+        subnet: cidr(eni.subnet_cidr),
+        mtu,
+        route_table: route_table_id(eni.network_card, eni.device_number),
+        trunk: eni.is_trunk,
+    };
+    spec.validate().map_err(|e| invalid(e.to_string()))?;
+    Ok(spec)
+}
+
+/// The SNAT / connmark configuration of spec 3.5–3.7 from the daemon's configuration, the
+/// primary ENI's address and interface, and the VPC CIDRs (IMDS `vpc-ipv4-cidr-blocks`).
+pub fn snat_config(
+    cfg: &Config,
+    primary_ip: Ipv4Addr,
+    primary_if: &str,
+    vpc_cidrs: &[Ipv4Net],
+) -> SnatConfig {
+    SnatConfig {
+        primary_ip,
+        primary_if: primary_if.to_owned(),
+        vpc_cidrs: vpc_cidrs.iter().map(|c| cidr(*c)).collect(),
+        exclude_cidrs: cfg.exclude_snat_cidrs.iter().map(|c| cidr(*c)).collect(),
+        external_snat: cfg.external_snat,
+        randomize: match cfg.randomize_snat {
+            RandomizeSnat::Prng => NetRandomize::Prng,
+            RandomizeSnat::HashRandom => NetRandomize::HashRandom,
+            RandomizeSnat::None => NetRandomize::None,
+        },
+        node_port_support: cfg.node_port_support,
+        veth_prefix: cfg.veth_prefix.clone(),
+        connmark: cfg.connmark,
+    }
+}
+
+/// Wires one secondary ENI (idempotent). The daemon calls it for each ENI at start-up, after
+/// creating one, and for each ENI reconcile adopts.
+pub async fn wire_eni<H: HostNetwork>(h: &H, eni: &HostEni, mtu: u32) -> Result<Link, HostError> {
+    let spec = eni_spec(eni, mtu)?;
+    let link = h.setup_eni(&spec).await.map_err(|source| HostError::Net {
+        op: "setup ENI",
+        eni: eni.id.clone(),
+        source,
+    })?;
+    tracing::info!(eni = %eni.id, link = %link.name, table = spec.route_table, "ENI wired");
+    Ok(link)
+}
+
+/// An ENI was freed or evicted: deletes its `from <primary IP>` rules. Returns how many went.
+pub async fn unwire_eni<H: HostNetwork>(
+    h: &H,
+    eni: &str,
+    primary_ip: Ipv4Addr,
+) -> Result<usize, HostError> {
+    h.teardown_eni(primary_ip)
+        .await
+        .map_err(|source| HostError::Net {
+            op: "teardown ENI",
+            eni: eni.to_owned(),
+            source,
+        })
+}
+
+/// What [`setup_node`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeWiring {
+    /// The primary interface's name.
+    pub primary_if: String,
+    /// Secondary ENIs wired (id, link name).
+    pub wired: Vec<(String, String)>,
+}
+
+/// Start-up host wiring: the primary ENI's MTU (its link found by MAC), the SNAT / connmark
+/// rules (with the primary interface's real name), then every secondary ENI of `enis` (the
+/// primary ENI in the list is skipped). Stops at the first failure, naming the ENI.
+pub async fn setup_node<H: HostNetwork>(
+    h: &H,
+    cfg: &Config,
+    primary: &HostEni,
+    vpc_cidrs: &[Ipv4Net],
+    enis: &[HostEni],
+) -> Result<NodeWiring, HostError> {
+    let mac: MacAddr = primary.mac.parse().map_err(|_| HostError::InvalidEni {
+        eni: primary.id.clone(),
+        reason: format!("MAC {:?}", primary.mac),
+    })?;
+    let link = h
+        .setup_primary_eni(mac, cfg.eni_mtu)
+        .await
+        .map_err(|source| HostError::Net {
+            op: "set primary ENI MTU",
+            eni: primary.id.clone(),
+            source,
+        })?;
+    let snat = snat_config(cfg, primary.primary_ip, &link.name, vpc_cidrs);
+    h.apply_snat(&snat).await.map_err(|source| HostError::Net {
+        op: "apply SNAT rules",
+        eni: "node".into(),
+        source,
+    })?;
+    let mut wired = Vec::new();
+    for e in enis.iter().filter(|e| !e.is_primary()) {
+        let l = wire_eni(h, e, cfg.eni_mtu).await?;
+        wired.push((e.id.clone(), l.name));
+    }
+    Ok(NodeWiring {
+        primary_if: link.name,
+        wired,
+    })
+}
+
+/// After a checkpoint restore: normalises the `from <ip>` rules of every restored pod address
+/// to one rule at 1536 (`configureIPRulesForPods`). Returns how many addresses had rules.
+pub async fn normalize_pod_rules<H: HostNetwork>(
+    h: &H,
+    ips: &[Ipv4Addr],
+) -> Result<usize, HostError> {
+    let mut n = 0;
+    for ip in ips {
+        let t = h
+            .normalize_pod_rules(*ip)
+            .await
+            .map_err(|source| HostError::Net {
+                op: "normalize pod rules",
+                eni: ip.to_string(),
+                source,
+            })?;
+        n += usize::from(t.is_some());
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vpc_cni_net::host::ENI_RULE_PRIORITY;
+    use vpc_cni_net::{MemoryHostNetwork, Rule};
+
+    fn eni(device: u32, card: u32) -> HostEni {
+        HostEni {
+            id: format!("eni-{device}"),
+            mac: format!("02:00:00:00:01:{device:02x}"),
+            primary_ip: Ipv4Addr::new(10, 0, 2, 10 + device as u8),
+            subnet_cidr: "10.0.2.0/24".parse().unwrap(),
+            network_card: card,
+            device_number: device,
+            is_trunk: false,
+        }
+    }
+
+    #[test]
+    fn eni_specs_use_the_reference_route_table_and_refuse_what_cannot_be_wired() {
+        let s = eni_spec(&eni(1, 0), 9001).unwrap();
+        assert_eq!(s.route_table, 2);
+        assert_eq!(s.mac.to_string(), "02:00:00:00:01:01");
+        assert_eq!(s.subnet, "10.0.2.0/24".parse::<IpCidr>().unwrap());
+        assert_eq!(eni_spec(&eni(2, 1), 9001).unwrap().route_table, 10_102);
+        assert!(matches!(
+            eni_spec(&eni(0, 0), 9001),
+            Err(HostError::InvalidEni { .. })
+        ));
+        let mut bad = eni(1, 0);
+        bad.mac = "zz".into();
+        assert!(eni_spec(&bad, 9001).is_err());
+        let mut outside = eni(1, 0);
+        outside.primary_ip = Ipv4Addr::new(10, 9, 9, 9);
+        let err = eni_spec(&outside, 9001).unwrap_err().to_string();
+        assert!(err.contains("eni-1"), "{err}");
+        assert!(eni_spec(&eni(1, 0), 10).is_err(), "MTU below the minimum");
+    }
+
+    #[test]
+    fn snat_config_follows_the_configuration() {
+        let cfg = Config::for_test(&[
+            ("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "192.168.0.0/16"),
+            ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "hashrandom"),
+            ("AWS_VPC_K8S_CNI_CONNMARK", "0x100"),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", "cali"),
+        ])
+        .unwrap();
+        let s = snat_config(
+            &cfg,
+            Ipv4Addr::new(10, 0, 0, 5),
+            "ens5",
+            &["10.0.0.0/16".parse().unwrap()],
+        );
+        assert_eq!(s.primary_if, "ens5");
+        assert_eq!(s.vpc_cidrs, vec!["10.0.0.0/16".parse::<IpCidr>().unwrap()]);
+        assert_eq!(
+            s.exclude_cidrs,
+            vec!["192.168.0.0/16".parse::<IpCidr>().unwrap()]
+        );
+        assert_eq!(s.randomize, NetRandomize::HashRandom);
+        assert_eq!(s.connmark, 0x100);
+        assert_eq!(s.veth_prefix, "cali");
+        assert!(!s.external_snat);
+        s.validate().unwrap();
+    }
+
+    #[tokio::test]
+    async fn setup_node_sets_the_primary_mtu_snat_and_wires_each_secondary_eni() {
+        let cfg = Config::for_test(&[("AWS_VPC_ENI_MTU", "1500")]).unwrap();
+        let h = MemoryHostNetwork::new();
+        let primary = HostEni {
+            subnet_cidr: "10.0.0.0/24".parse().unwrap(),
+            primary_ip: Ipv4Addr::new(10, 0, 0, 5),
+            ..eni(0, 0)
+        };
+        h.add_link("ens5", primary.mac.parse().unwrap());
+        h.add_link("ens6", eni(1, 0).mac.parse().unwrap());
+        let mut trunk = eni(2, 0);
+        trunk.is_trunk = true;
+        h.add_link("ens7", trunk.mac.parse().unwrap());
+        let w = setup_node(
+            &h,
+            &cfg,
+            &primary,
+            &["10.0.0.0/16".parse().unwrap()],
+            &[primary.clone(), eni(1, 0), trunk.clone()],
+        )
+        .await
+        .unwrap();
+        assert_eq!(w.primary_if, "ens5");
+        assert_eq!(
+            w.wired,
+            vec![
+                ("eni-1".into(), "ens6".into()),
+                ("eni-2".into(), "ens7".into())
+            ]
+        );
+        let st = h.state();
+        assert!(st.links.iter().all(|l| l.mtu == 1500), "{:?}", st.links);
+        assert_eq!(st.snat.as_ref().unwrap().primary_if, "ens5");
+        assert_eq!(st.snat.as_ref().unwrap().primary_ip, primary.primary_ip);
+        let eni_rules: Vec<&Rule> = st
+            .rules
+            .iter()
+            .filter(|r| r.priority == ENI_RULE_PRIORITY)
+            .collect();
+        assert_eq!(eni_rules.len(), 1, "trunk ENIs get no 32765 rule");
+        assert_eq!(eni_rules[0].table, 2);
+        // Freeing the ENI removes its rule.
+        assert_eq!(
+            unwire_eni(&h, "eni-1", eni(1, 0).primary_ip).await.unwrap(),
+            1
+        );
+        assert!(h
+            .state()
+            .rules
+            .iter()
+            .all(|r| r.priority != ENI_RULE_PRIORITY));
+    }
+
+    #[tokio::test]
+    async fn a_failed_eni_setup_names_the_eni() {
+        let cfg = Config::for_test(&[]).unwrap();
+        let h = MemoryHostNetwork::new();
+        h.add_link("ens6", eni(1, 0).mac.parse().unwrap());
+        h.fail_next_setup("route");
+        let err = wire_eni(&h, &eni(1, 0), cfg.eni_mtu).await.unwrap_err();
+        assert!(
+            matches!(&err, HostError::Net { eni, .. } if eni == "eni-1"),
+            "{err}"
+        );
+        // An ENI whose link is not there yet.
+        let err = wire_eni(&h, &eni(3, 0), cfg.eni_mtu).await.unwrap_err();
+        assert!(matches!(
+            err,
+            HostError::Net {
+                source: NetError::LinkNotFound { .. },
+                ..
+            }
+        ));
+        wire_eni(&h, &eni(1, 0), cfg.eni_mtu).await.unwrap();
+    }
+
+    /// The real netlink implementation inside a test namespace (never the root one): a veth end
+    /// with the ENI's MAC stands in for the ENI, its peer in a second namespace for the subnet.
+    #[tokio::test]
+    async fn netlink_wiring_in_a_test_namespace_installs_the_eni_table_and_rule() {
+        use vpc_cni_net::testing::{skip_netns_test, TestNetns};
+        use vpc_cni_net::{Family, Netlink, NetlinkHostNetwork, VethEnd};
+        if skip_netns_test("ipamd host wiring") {
+            return;
+        }
+        let node = TestNetns::new("ipamd-host").unwrap();
+        let vpc = TestNetns::new("ipamd-vpc").unwrap();
+        let e = eni(1, 0);
+        let nl = Netlink::open(&node).unwrap();
+        nl.create_veth(
+            &VethEnd {
+                name: "eth1".into(),
+                mtu: 1500,
+                mac: Some(e.mac.parse().unwrap()),
+                up: false,
+            },
+            &VethEnd {
+                name: "gw0".into(),
+                mtu: 9001,
+                mac: None,
+                up: true,
+            },
+            Some(&vpc),
+        )
+        .await
+        .unwrap();
+        let h = NetlinkHostNetwork::new(node.try_clone().unwrap()).unwrap();
+        for _ in 0..2 {
+            let l = wire_eni(&h, &e, 9001).await.unwrap();
+            assert_eq!((l.name.as_str(), l.mtu, l.up), ("eth1", 9001, true));
+        }
+        let rules = nl.rules(Family::V4).await.unwrap();
+        let ours: Vec<_> = rules
+            .iter()
+            .filter(|r| r.priority == ENI_RULE_PRIORITY)
+            .collect();
+        assert_eq!(ours.len(), 1, "{rules:?}");
+        assert_eq!(ours[0].table, 2);
+        assert_eq!(nl.routes(Family::V4, Some(2)).await.unwrap().len(), 2);
+        assert_eq!(unwire_eni(&h, &e.id, e.primary_ip).await.unwrap(), 1);
+        assert!(nl
+            .rules(Family::V4)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.priority != ENI_RULE_PRIORITY));
+    }
+}
