@@ -103,6 +103,21 @@ pub struct ReconcileSettings {
     pub cooldown: Duration,
 }
 
+impl ReconcileSettings {
+    /// From the daemon's configuration (`DISABLE_NETWORK_RESOURCE_PROVISIONING` and
+    /// `ENABLE_IMDS_ONLY_MODE` turn tagging off).
+    pub fn from_config(cfg: &crate::config::Config, instance_id: &str) -> Self {
+        Self {
+            instance_id: instance_id.to_owned(),
+            manage_untagged: cfg.manage_untagged_eni,
+            multi_nic: cfg.enable_multi_nic,
+            tags: cfg.eni_tags(instance_id),
+            provisioning: !cfg.disable_provisioning,
+            cooldown: RECONCILE_COOLDOWN,
+        }
+    }
+}
+
 /// How an attached ENI is treated (spec 5.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EniClass {

@@ -256,6 +256,22 @@ fn an_eni_imds_lists_but_ec2_does_not_attach_here_is_not_adopted() {
 }
 
 #[test]
+fn settings_follow_the_configuration() {
+    let cfg = crate::config::Config::for_test(&[
+        ("MANAGE_UNTAGGED_ENI", "false"),
+        ("ENABLE_IMDS_ONLY_MODE", "true"),
+        ("CLUSTER_NAME", "c9"),
+    ])
+    .unwrap();
+    let s = ReconcileSettings::from_config(&cfg, "i-9");
+    assert!(!s.manage_untagged);
+    assert!(!s.provisioning, "IMDS-only mode implies no EC2 changes");
+    assert_eq!(s.tags.get(TAG_INSTANCE_ID).map(String::as_str), Some("i-9"));
+    assert_eq!(s.tags.get(TAG_CLUSTER_NAME).map(String::as_str), Some("c9"));
+    assert_eq!(s.cooldown, RECONCILE_COOLDOWN);
+}
+
+#[test]
 fn unmanaged_trunk_and_efa_only_enis_are_classified_per_spec() {
     let s = settings();
     let mut e = ec2eni("eni-b", 2, "10.0.1.20", &[], &[]);
@@ -654,11 +670,7 @@ fn node() -> Node {
         state,
         store,
         pacer: Pacer::new(cfg.ec2),
-        s: ReconcileSettings {
-            instance_id: instance_id.clone(),
-            tags: cfg.eni_tags(&instance_id),
-            ..settings()
-        },
+        s: ReconcileSettings::from_config(&cfg, &instance_id),
     }
 }
 
