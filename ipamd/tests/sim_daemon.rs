@@ -863,3 +863,62 @@ async fn custom_networking_max_pods_pod_annotation_and_subnet_exhaustion_event()
     d.stop().await;
     node.running.shutdown();
 }
+
+fn mutating_calls(node: &SimNode) -> usize {
+    node.shared.with(|s| {
+        s.calls()
+            .iter()
+            .filter(|c| ipamd::ec2::is_mutating(&c.action))
+            .count()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigterm_it_keeps_serving_but_neither_grows_nor_shrinks_the_pool() {
+    let node = sim("m5.large", SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &node,
+        &[
+            ("WARM_IP_TARGET", "3"),
+            ("IP_COOLDOWN_PERIOD", "0"),
+            ("VPC_CNI_MIN_ENI_AGE", "0"),
+            ("VPC_CNI_DECREASE_INTERVAL", "0"),
+        ],
+    );
+    let d = start(&cfg, all_veths()).await;
+    wait_until("the warm target", || async { !d.pool().is_low() }).await;
+    d.terminate();
+    let before = mutating_calls(&node);
+    let mut c = client(&cfg.grpc_socket).await;
+    // The warm addresses are still handed out...
+    for i in 0..3 {
+        add_ok(&mut c, &format!("t{i}")).await;
+    }
+    // ...but the pool, now below target, does not grow.
+    assert!(d.pool().is_low());
+    let out = d.pool().tick().await.unwrap();
+    assert_eq!(out.decision.reason, subnet_calc::policy::Reason::Paused);
+    assert!(out.decision.change.is_none() && out.freed_eni.is_none());
+    // Releases are served; the surplus is not given back to EC2.
+    for i in 0..3 {
+        let r = c
+            .del_network(del(&format!("t{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.success);
+    }
+    let out = d.pool().tick().await.unwrap();
+    assert!(
+        out.decision.change.is_none() && out.freed_eni.is_none(),
+        "{out:?}"
+    );
+    assert_eq!(mutating_calls(&node), before, "no EC2 change after SIGTERM");
+    // Stopping returns: every server and loop ends.
+    tokio::time::timeout(Duration::from_secs(20), d.stop())
+        .await
+        .expect("clean stop");
+    node.running.shutdown();
+}
