@@ -561,7 +561,10 @@ impl PoolManager {
                 match res {
                     Ok(got) => {
                         let mut ds = self.state.lock();
-                        for ip in got.ips {
+                        // Never the ENI's own primary address, whatever an EC2 endpoint
+                        // answers (moto lists it among the assigned ones).
+                        let primary = ds.eni(&id).map(|e| e.primary_ip);
+                        for ip in got.ips.into_iter().filter(|ip| Some(*ip) != primary) {
                             let _ = ds.add_cidr(&id, Ipv4Net::host(ip), false);
                         }
                         for p in got.prefixes {
