@@ -193,7 +193,7 @@ fn execute(inv: &Invocation, conf: &NetConf) -> Result<Option<Value>, CniError> 
     timing::mark("runtime");
     let rt = runtime()?;
     timing::mark("driver");
-    rt.block_on(async {
+    let out = rt.block_on(async {
         let ipam = GrpcIpam::new(&conf.ipamd_socket, conf.connect_timeout);
         let policy = GrpcPolicyAgent::new(&conf.np_agent_socket);
         if inv.command == Command::Status {
@@ -231,5 +231,9 @@ fn execute(inv: &Invocation, conf: &NetConf) -> Result<Option<Value>, CniError> 
             Command::Check => d.check(inv, conf).await.map(|()| None),
             Command::Version | Command::Gc | Command::Status => Ok(None),
         }
-    })
+    });
+    timing::mark("runtime_drop");
+    drop(rt);
+    timing::mark("render");
+    out
 }

@@ -162,10 +162,7 @@ pub struct UnixConnection {
 }
 
 type ResponseFuture = Pin<
-    Box<
-        dyn Future<Output = Result<http::Response<hyper::body::Incoming>, tonic::Status>>
-            + Send,
-    >,
+    Box<dyn Future<Output = Result<http::Response<hyper::body::Incoming>, tonic::Status>> + Send>,
 >;
 
 fn transport_status(e: &hyper::Error) -> tonic::Status {
@@ -204,15 +201,14 @@ pub async fn connect_unix_direct(
                 path: path.to_path_buf(),
                 source,
             })?;
-        let (send, conn) = hyper::client::conn::http2::Builder::new(
-            hyper_util::rt::TokioExecutor::new(),
-        )
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|source| ClientError::Handshake {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let (send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(|source| ClientError::Handshake {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
         tokio::spawn(async move {
             // Ends when every UnixConnection is dropped or the peer closes; a failure shows up
             // in the pending and next calls as UNAVAILABLE.
