@@ -466,7 +466,9 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
             "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true (ENIConfig subnets are not wired into the daemon)".into(),
         ));
     }
+    let started = std::time::Instant::now();
     let metrics = Arc::new(Metrics::new().map_err(|e| serve_err("metrics")(e.to_string()))?);
+    let initializing = metrics.in_progress("nodeInit");
     let ec2: Arc<dyn Ec2Api> = Arc::new(MeteredEc2 {
         inner: deps.ec2.clone(),
         metrics: metrics.clone(),
@@ -600,7 +602,7 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
     // 4. Pool manager and pre-scaling.
     let node_limits = NodeLimits::new(&lim, cfg.max_eni, None);
     let pool_cfg = cfg.pool_config(prefix_mode);
-    let pool = Arc::new(PoolManager::new(
+    let pool = PoolManager::new(
         state.clone(),
         ec2.clone(),
         pool_cfg,
@@ -619,7 +621,9 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
         },
         pacer,
         cfg.pool_tick,
-    ));
+    )
+    .with_metrics(metrics.clone());
+    let pool = Arc::new(pool);
     metrics
         .eni_max
         .set(i64::from(node_limits.max_enis.saturating_sub(unmanaged)));
@@ -649,7 +653,8 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
             region: id.region.clone(),
         },
     )
-    .with_low_check(crate::server::pool_is_low(pool_cfg, node_limits));
+    .with_low_check(crate::server::pool_is_low(pool_cfg, node_limits))
+    .with_metrics(metrics.clone());
     let listener = vpc_cni_rpc::bind_unix(&cfg.grpc_socket)
         .map_err(|e| serve_err("gRPC")(format!("{}: {e}", cfg.grpc_socket.display())))?;
     let routes = crate::server::routes(backend, health_srv);
@@ -660,6 +665,16 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
         }
     }));
     health.set_serving().await;
+    drop(initializing);
+    let startup = started.elapsed().as_secs_f64();
+    metrics
+        .ipamd_node_initialization_duration_seconds
+        .with_label_values(&["true"])
+        .observe(startup);
+    metrics
+        .ipamd_startup_duration_seconds
+        .with_label_values(&["true", "false", ""])
+        .observe(startup);
     tracing::info!(socket = %cfg.grpc_socket.display(), "gRPC serving (health SERVING)");
 
     let mut metrics_addr = None;
@@ -701,8 +716,9 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
     {
         let (state, metrics, mut rx) = (state.clone(), metrics.clone(), rx.clone());
         tasks.push(tokio::spawn(async move {
+            let mut enis = std::collections::BTreeSet::new();
             loop {
-                publish_pool(&state, &metrics);
+                enis = publish_pool(&state, &metrics, enis);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = rx.changed() => return,
@@ -726,11 +742,25 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
     })
 }
 
-fn publish_pool(state: &PoolState, metrics: &Metrics) {
+/// Sets the pool gauges and `awscni_assigned_ip_per_eni` from the datastore; removes the
+/// per-ENI series of ENIs in `published` that are gone, and returns the ENIs published now.
+fn publish_pool(
+    state: &PoolState,
+    metrics: &Metrics,
+    published: std::collections::BTreeSet<String>,
+) -> std::collections::BTreeSet<String> {
     let now = state.now();
     let ds = state.lock();
     let t = ds.totals();
-    let (_, views) = ds.views(now);
+    let (ids, views) = ds.views(now);
+    let mut current = std::collections::BTreeSet::new();
+    for (id, v) in ids.iter().zip(&views) {
+        metrics.set_assigned_ip_per_eni(id, i64::from(v.ips_assigned + v.prefix_ips_assigned));
+        current.insert(id.clone());
+    }
+    for gone in published.difference(&current) {
+        metrics.remove_eni(gone);
+    }
     let cooling: u64 = views.iter().map(|v| u64::from(v.cooling())).sum();
     metrics.set_pool(&PoolSnapshot {
         enis: t.enis as i64,
@@ -740,6 +770,7 @@ fn publish_pool(state: &PoolState, metrics: &Metrics) {
         warm_ips: t.total.saturating_sub(t.assigned).saturating_sub(cooling) as i64,
         ipv4_prefixes: t.prefixes as i64,
     });
+    current
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::config::Ec2Pacing;
 use crate::datastore::EniSpec;
 use crate::ec2::{Addresses, CreateEni, Ec2Api, Ec2Error, Ec2Result, DESCRIPTION_PREFIX};
+use crate::metrics::PoolDecision;
 use crate::state::PoolState;
 use crate::types::Ipv4Net;
 
@@ -294,6 +295,7 @@ pub struct PoolManager {
     history: Mutex<History>,
     released: Mutex<BTreeMap<Ipv4Net, Duration>>,
     tick_period: Duration,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for PoolManager {
@@ -326,7 +328,17 @@ impl PoolManager {
             history: Mutex::new(History::default()),
             released: Mutex::new(BTreeMap::new()),
             tick_period,
+            metrics: None,
         }
+    }
+
+    /// Records executed decisions (`awscni_pool_decisions_total`), failures
+    /// (`awscni_ipamd_error_count{fn}`, the reference's function names), actions in progress
+    /// (`awscni_ipamd_action_inprogress`) and the end of a top-up
+    /// (`awscni_pool_topup_duration_seconds`) in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The pacer (for counters).
@@ -371,7 +383,28 @@ impl PoolManager {
         let (ids, decision) = self.decide(now);
         if let Some(change) = &decision.change {
             tracing::info!(?change, reason = ?decision.reason, "pool change");
-            self.execute(&ids, change).await?;
+            let (action, kind, failure) = match change {
+                PoolChange::Assign { .. } => (
+                    "increaseDatastorePool",
+                    PoolDecision::Assign,
+                    "increaseIPPoolAllocIPAddressesFailed",
+                ),
+                PoolChange::CreateEni { .. } => (
+                    "increaseDatastorePool",
+                    PoolDecision::CreateEni,
+                    "increaseIPPoolAllocENI",
+                ),
+                PoolChange::Release(_) => (
+                    "decreaseDatastorePool",
+                    PoolDecision::Release,
+                    "decreaseIPPool",
+                ),
+            };
+            let running = self.metrics.as_ref().map(|m| m.in_progress(action));
+            let res = self.execute(&ids, change).await;
+            drop(running);
+            self.record(kind, failure, res.is_ok());
+            res?;
         }
         let mut freed_eni = None;
         if decision.free_eni_phase && !self.state.terminating() {
@@ -387,14 +420,40 @@ impl PoolManager {
             };
             if let Some(i) = pick {
                 let id = ids[i].clone();
-                self.free_eni(&id).await?;
+                let running = self
+                    .metrics
+                    .as_ref()
+                    .map(|m| m.in_progress("decreaseDatastorePool"));
+                let res = self.free_eni(&id).await;
+                drop(running);
+                self.record(
+                    PoolDecision::FreeEni,
+                    "decreaseIPPoolFreeENIFailed",
+                    res.is_ok(),
+                );
+                res?;
                 freed_eni = Some(id);
+            }
+        }
+        if let Some(m) = &self.metrics {
+            if !self.is_low() {
+                m.pool_on_target(0, std::time::Instant::now());
             }
         }
         Ok(TickOutcome {
             decision,
             freed_eni,
         })
+    }
+
+    /// Counts an executed decision, or its failure under the reference's function name.
+    fn record(&self, kind: PoolDecision, failure: &str, ok: bool) {
+        let Some(m) = &self.metrics else { return };
+        if ok {
+            m.record_pool_decision(kind);
+        } else {
+            m.ipamd_error_count.with_label_values(&[failure]).inc();
+        }
     }
 
     /// Ticks until the pool is not low or a tick changes nothing (immediate top-up repeats).

@@ -12,6 +12,7 @@ use vpc_cni_rpc::{
 
 use crate::checkpoint::IpamMetadata;
 use crate::datastore::{DsError, IpamKey};
+use crate::metrics::Metrics;
 use crate::state::{PoolState, StateError};
 
 /// The build version the plugin must send (`ClientVersion`).
@@ -44,6 +45,7 @@ pub struct Backend {
     reply: ReplySettings,
     version: String,
     low_check: Option<LowCheck>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -62,7 +64,17 @@ impl Backend {
             reply,
             version: VERSION.into(),
             low_check: None,
+            metrics: None,
         }
+    }
+
+    /// Counts requests in `metrics`: `awscni_add_ip_req_count` per AddNetwork,
+    /// `awscni_del_ip_req_count{reason}` per DelNetwork, `awscni_no_available_ip_addresses`
+    /// per assignment refused for lack of addresses, and the start of a top-up
+    /// (`awscni_pool_topup_duration_seconds`) when an assignment takes the pool low.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Wakes the pool manager when an assignment takes the pool below target.
@@ -100,6 +112,9 @@ impl CniBackend for Backend {
         request: Request<AddNetworkRequest>,
     ) -> Result<Response<AddNetworkReply>, Status> {
         let r = request.into_inner();
+        if let Some(m) = &self.metrics {
+            m.add_ip_req_count.inc();
+        }
         vpc_cni_rpc::check_client_version(&r.client_version, &self.version)?;
         let fail = || AddNetworkReply {
             success: false,
@@ -127,6 +142,10 @@ impl CniBackend for Backend {
             Err(e) => {
                 tracing::warn!(pod = %r.k8s_pod_name, namespace = %r.k8s_pod_namespace, error = %e, "AddNetwork failed");
                 if matches!(e, StateError::Datastore(DsError::NoAvailableIp)) {
+                    if let Some(m) = &self.metrics {
+                        m.no_available_ip_addresses.inc();
+                        m.pool_below_target(0, std::time::Instant::now());
+                    }
                     self.state.low.notify_one();
                 }
                 return Ok(Response::new(fail()));
@@ -135,6 +154,9 @@ impl CniBackend for Backend {
         if a.fresh {
             if let Some(check) = &self.low_check {
                 if check(&self.state) {
+                    if let Some(m) = &self.metrics {
+                        m.pool_below_target(0, std::time::Instant::now());
+                    }
                     self.state.low.notify_one();
                 }
             }
@@ -160,6 +182,9 @@ impl CniBackend for Backend {
         request: Request<DelNetworkRequest>,
     ) -> Result<Response<DelNetworkReply>, Status> {
         let r = request.into_inner();
+        if let Some(m) = &self.metrics {
+            m.del_ip_req_count.with_label_values(&[&r.reason]).inc();
+        }
         vpc_cni_rpc::check_client_version(&r.client_version, &self.version)?;
         let key = IpamKey::new(&r.network_name, &r.container_id, &r.if_name);
         let st = self.state.clone();
