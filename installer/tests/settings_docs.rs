@@ -176,3 +176,48 @@ fn every_configmap_key_is_read_by_ipamd_or_the_installer() {
         "manifests/configmap.yaml keys nothing reads: {unread:?}"
     );
 }
+
+/// Variable names of spec/ipamd.md section 1 (the reference's settings), when the spec is beside
+/// the repository (`<repo>/../shared`, as CI lays it out).
+fn spec_variables() -> Option<BTreeSet<String>> {
+    let text = std::fs::read_to_string(repo().join("../shared/spec/ipamd.md")).ok()?;
+    let section = text.split("## 1. ").nth(1)?.split("## 2. ").next()?;
+    let is_var = |w: &str| {
+        let core = w
+            .strip_suffix("v4")
+            .or_else(|| w.strip_suffix("v6"))
+            .unwrap_or(w);
+        w.contains('_')
+            && core
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            && core.starts_with(|c: char| c.is_ascii_uppercase())
+    };
+    let mut out = BTreeSet::new();
+    for w in section.split('`').skip(1).step_by(2) {
+        // `AWS_VPC_K8S_EGRESS_V4/V6_PLUGIN_LOG_FILE` names two variables.
+        if let Some((a, b)) = w.split_once("_V4/V6_") {
+            out.insert(format!("{a}_V4_{b}"));
+            out.insert(format!("{a}_V6_{b}"));
+        } else if is_var(w) {
+            out.insert(w.to_owned());
+        }
+    }
+    Some(out)
+}
+
+#[test]
+fn every_reference_setting_of_the_spec_is_documented() {
+    let Some(spec) = spec_variables() else {
+        eprintln!("spec/ipamd.md not beside the repository: not cross-checked");
+        return;
+    };
+    assert!(spec.len() > 40, "parsed {spec:?}");
+    assert!(spec.contains("WARM_IP_TARGET") && spec.contains("ENABLE_IPv4"));
+    let docs = documented();
+    let missing: Vec<&String> = spec.iter().filter(|v| !docs.contains(*v)).collect();
+    assert!(
+        missing.is_empty(),
+        "settings of spec/ipamd.md section 1 missing from docs/settings.md: {missing:?}"
+    );
+}
