@@ -12,10 +12,12 @@
 //!   in `ipamd::metrics::METRIC_NAMES` is in the scrape, except the ones listed in
 //!   [`NOT_SERVED`] with the reason, which must be absent (so the list stays true).
 //!
-//! As root, ipamd runs inside a test network namespace (removed afterwards), so nothing it
-//! might do to a host's network can reach the machine's own; without root it runs unprivileged
-//! in the test's namespace and binds loopback only. The binary must be built first
-//! (`cargo build -p ipamd --bin ipamd`; `cargo nextest run --workspace` builds it).
+//! ipamd runs inside a test network namespace (removed afterwards, even on failure), so nothing
+//! it might do to a host's network reaches the machine's own, and it talks to its simulator on
+//! that namespace's loopback. That needs root (ipamd itself needs it too: it reads the host's
+//! links from its namespace); without root the live tests say so and skip. The binaries must be
+//! built first (`cargo build -p ipamd --bin ipamd`, and `-p vpc-cni-plugin --bin aws-cni` for
+//! the entrypoint test; `cargo nextest run --workspace` builds both).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -26,7 +28,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vpc_cni_net::testing::{can_create_netns, TestNetns};
+use vpc_cni_net::testing::{skip_netns_test, TestNetns};
 use vpc_cni_rpc::{AddNetworkRequest, DelNetworkRequest, ServingStatus};
 
 /// Upper bound of every wait (start-up, pool top-up, a metric moving, exit). Generous: the
@@ -132,6 +134,17 @@ fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
+/// A test network namespace with its loopback up.
+fn node_netns(tag: &str) -> TestNetns {
+    let ns = TestNetns::new(tag).expect("test netns");
+    let up = Command::new("ip")
+        .args(["-n", ns.name(), "link", "set", "lo", "up"])
+        .status()
+        .expect("ip link set lo up");
+    assert!(up.success(), "ip -n {} link set lo up: {up}", ns.name());
+    ns
+}
+
 fn read_log(path: &Path) -> String {
     std::fs::read_to_string(path)
         .unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()))
@@ -187,23 +200,13 @@ impl LiveIpamd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).expect("log file"));
-        let (child, ns) = if can_create_netns() {
-            let ns = TestNetns::new("ipamd").expect("test netns");
-            let up = Command::new("ip")
-                .args(["-n", ns.name(), "link", "set", "lo", "up"])
-                .status()
-                .expect("ip link set lo up");
-            assert!(up.success(), "ip -n {} link set lo up: {up}", ns.name());
-            // A child forked from a thread inside the namespace starts in it.
-            let child = ns
-                .run(move || cmd.spawn())
-                .expect("enter the test netns")
-                .expect("spawn ipamd");
-            (child, Some(ns))
-        } else {
-            eprintln!("not root: ipamd runs unprivileged in this namespace, on loopback only");
-            (cmd.spawn().expect("spawn ipamd"), None)
-        };
+        let ns = node_netns("ipamd");
+        // A child forked from a thread inside the namespace starts in it.
+        let child = ns
+            .run(move || cmd.spawn())
+            .expect("enter the test netns")
+            .expect("spawn ipamd");
+        let ns = Some(ns);
         let mut d = LiveIpamd {
             child,
             log,
@@ -241,7 +244,7 @@ impl LiveIpamd {
         d
     }
 
-    /// One HTTP/1.0 exchange with a loopback server of ipamd's (from inside its namespace).
+    /// One HTTP/1.0 exchange with a loopback server of ipamd's, from inside its namespace.
     fn http(&self, addr: SocketAddr, request: String) -> String {
         let exchange = move || -> std::io::Result<String> {
             let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
@@ -251,10 +254,8 @@ impl LiveIpamd {
             stream.read_to_string(&mut reply)?;
             Ok(reply)
         };
-        let reply = match &self.ns {
-            Some(ns) => ns.run(exchange).expect("enter the test netns"),
-            None => exchange(),
-        };
+        let ns = self.ns.as_ref().expect("the netns lives as long as ipamd");
+        let reply = ns.run(exchange).expect("enter the test netns");
         match reply {
             Ok(r) => r,
             Err(e) => panic!(
@@ -522,6 +523,9 @@ fn the_reference_list_is_the_specs_and_ipamd_claims_all_of_it() {
 
 #[test]
 fn a_live_ipamd_serves_every_metric_the_dashboard_queries_and_every_reference_family() {
+    if skip_netns_test("live ipamd /metrics") {
+        return;
+    }
     let d = LiveIpamd::start(&[
         // A small warm target: every AddNetwork leaves the pool below it, so ipamd tops up
         // (EC2 AssignPrivateIpAddresses) and records a top-up duration.
@@ -640,4 +644,134 @@ fn a_live_ipamd_serves_every_metric_the_dashboard_queries_and_every_reference_fa
         ours_absent.is_empty(),
         "our metrics missing from the live scrape: {ours_absent:?}"
     );
+}
+
+/// The real entrypoint around the real daemon, as the DaemonSet runs them:
+/// `vpc-cni-install run --plugin aws-cni -- ipamd --backend sim`, host directories in a
+/// temporary directory (in a test network namespace as root). The entrypoint installs the real
+/// `aws-cni`, and the conflist appears only with ipamd SERVING; SIGTERM (twice: the first one
+/// only stops ipamd's allocation) is forwarded and the entrypoint exits with ipamd's status 0.
+#[test]
+fn the_entrypoint_runs_the_real_ipamd_and_installs_the_conflist_once_it_serves() {
+    if skip_netns_test("entrypoint around the live ipamd") {
+        return;
+    }
+    let installer = PathBuf::from(env!("CARGO_BIN_EXE_vpc-cni-install"));
+    let (ipamd, plugin) = (workspace_bin("ipamd"), workspace_bin("aws-cni"));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (bin_dir, conf_dir, run) = (
+        tmp.path().join("opt-cni-bin"),
+        tmp.path().join("etc-cni-net.d"),
+        tmp.path().join("run"),
+    );
+    for d in [&bin_dir, &conf_dir, &run] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    let socket = run.join("ipamd.sock");
+    let log = tmp.path().join("entrypoint.log");
+    let mut cmd = Command::new(installer);
+    cmd.env_clear()
+        .arg("run")
+        .arg("--plugin")
+        .arg(&plugin)
+        .args(["--max-probe-interval-ms", "200", "--"])
+        .arg(&ipamd)
+        .args(["--backend", "sim"])
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOST_CNI_BIN_PATH", &bin_dir)
+        .env("HOST_CNI_CONFDIR_PATH", &conf_dir)
+        .env("IPAMD_GRPC_SOCKET", &socket)
+        .env("AWS_VPC_K8S_CNI_BACKING_STORE", run.join("ipam.json"))
+        .env("METRICS_BIND_ADDRESS", "127.0.0.1:0")
+        .env("INTROSPECTION_BIND_ADDRESS", "127.0.0.1:0")
+        .env("AWS_VPC_K8S_CNI_LOG_FILE", "stderr")
+        .env("AWS_VPC_K8S_CNI_LOGLEVEL", "INFO")
+        .env("AWS_VPC_K8S_PLUGIN_LOG_FILE", tmp.path().join("plugin.log"))
+        .env("AWS_VPC_ENI_MTU", "1500")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).expect("log file"));
+    let ns = node_netns("entry");
+    let child = ns
+        .run(move || cmd.spawn())
+        .expect("enter the test netns")
+        .expect("spawn vpc-cni-install");
+    // Killed (with ipamd, its child, orphaned then) if an assertion fails before the end.
+    struct Reap(Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+    let mut child = Reap(child);
+
+    let conflist = conf_dir.join("10-aws.conflist");
+    wait_for("10-aws.conflist in the host conf dir", &log, || {
+        if let Ok(Some(status)) = child.0.try_wait() {
+            panic!(
+                "the entrypoint exited ({status})\n--- stderr ---\n{}",
+                read_log(&log)
+            );
+        }
+        conflist.exists().then_some(())
+    });
+    // Once the conflist is there, ipamd serves (the entrypoint wrote it after SERVING).
+    let status = rt()
+        .block_on(vpc_cni_rpc::check_health(
+            &socket,
+            "",
+            Duration::from_secs(10),
+        ))
+        .expect("ipamd health");
+    assert_eq!(status, ServingStatus::Serving);
+    // The entrypoint's events, logged in the order they happen: the conflist is written after
+    // a probe answered SERVING, and no earlier.
+    let text = wait_for("the entrypoint's ConflistWritten event", &log, || {
+        let text = read_log(&log);
+        text.contains("ConflistWritten").then_some(text)
+    });
+    let serving = text
+        .find("Probe(Ok(Serving))")
+        .unwrap_or_else(|| panic!("no SERVING probe logged:\n{text}"));
+    let written = text.find("ConflistWritten").expect("found above");
+    assert!(
+        serving < written,
+        "the conflist was written before a SERVING probe:\n{text}"
+    );
+    let conf: Value = serde_json::from_str(&std::fs::read_to_string(&conflist).expect("read"))
+        .expect("the conflist is JSON");
+    assert_eq!(conf["plugins"][0]["type"], "aws-cni");
+    assert_eq!(conf["plugins"][0]["mtu"], "1500");
+    assert_eq!(
+        std::fs::read(bin_dir.join("aws-cni")).expect("installed aws-cni"),
+        std::fs::read(&plugin).expect("built aws-cni"),
+        "the installed plugin is the built one"
+    );
+    assert!(
+        !std::fs::read_dir(&conf_dir)
+            .expect("conf dir")
+            .any(|e| e.expect("entry").file_name() != "10-aws.conflist"),
+        "the conf dir holds only the conflist (no temporary file left)"
+    );
+
+    // SIGTERM, twice: ipamd stops allocating on the first and exits on the second.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.0.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    wait_for("ipamd's terminating line", &log, || {
+        read_log(&log).contains("terminating").then_some(())
+    });
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("second SIGTERM");
+    let exit = wait_for("the entrypoint to exit", &log, || {
+        child.0.try_wait().expect("wait")
+    });
+    assert_eq!(
+        exit.code(),
+        Some(0),
+        "ipamd's clean exit is the entrypoint's\n--- stderr ---\n{}",
+        read_log(&log)
+    );
+    drop(ns);
 }
