@@ -1,9 +1,10 @@
 //! The deployment in `manifests/` checked against the code it deploys, so they cannot drift:
 //! the ClusterRole is exactly the rules generated from ipamd's published request set, the CRD
-//! is ipamd's generated definition, every metric the Grafana dashboard queries is served by
-//! ipamd's live `/metrics` endpoint, the ConfigMap's defaults are accepted by ipamd and the
-//! entrypoint and cover every setting ipamd documents, every manifest validates against the
-//! Kubernetes schemas offline, and `kubectl kustomize` renders the whole set.
+//! is ipamd's generated definition, the Grafana dashboard has the panels the issue asks for
+//! (that a live ipamd serves every metric it queries: `tests/metrics_live.rs`), the
+//! ConfigMap's defaults are accepted by ipamd and the entrypoint and cover every setting ipamd
+//! documents, every manifest validates against the Kubernetes schemas offline, and
+//! `kubectl kustomize` renders the whole set.
 //!
 //! `UPDATE_MANIFESTS=1 cargo test -p vpc-cni-installer --test manifests` rewrites the generated
 //! files (`eniconfig-crd.yaml`) instead of failing on a difference.
@@ -11,11 +12,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use ipamd::metrics::{Ec2Outcome, Metrics, MetricsServer, PoolDecision, PoolSnapshot};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vpc_cni_installer::settings::Settings;
 
 /// Kubernetes version whose schemas the manifests are validated against (the API the
@@ -107,32 +105,14 @@ fn dashboard_metrics(dash: &Value) -> BTreeSet<String> {
     out
 }
 
-/// GET /metrics from a live ipamd metrics server; returns the sample names of the exposition.
-async fn scrape(addr: std::net::SocketAddr) -> BTreeSet<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: ipamd\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.expect("response");
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .filter(|n| n.starts_with("awscni_"))
-        .map(str::to_owned)
-        .collect()
-}
-
-#[tokio::test]
-async fn every_metric_the_dashboard_queries_is_served_by_ipamds_metrics_endpoint() {
+#[test]
+fn the_dashboard_shows_every_panel_the_issue_asks_for() {
+    // Whether a live ipamd serves every queried name: tests/metrics_live.rs.
     let dash: Value = serde_json::from_str(
         &std::fs::read_to_string(dir().join("grafana-dashboard.json")).expect("read"),
     )
     .expect("the dashboard is JSON");
     let queried = dashboard_metrics(&dash);
-    // The panels the issue asks for are there.
     for needed in [
         "awscni_total_ip_addresses",
         "awscni_assigned_ip_addresses",
@@ -144,73 +124,21 @@ async fn every_metric_the_dashboard_queries_is_served_by_ipamds_metrics_endpoint
         "awscni_ec2_throttled_total",
         "awscni_ec2_call_duration_seconds_bucket",
         "awscni_pool_topup_duration_seconds_bucket",
+        "awscni_ipamd_error_count",
     ] {
         assert!(
             queried.contains(needed),
             "the dashboard does not show {needed}"
         );
     }
-    assert!(dash["panels"]
-        .as_array()
-        .expect("panels")
-        .iter()
-        .any(|p| p["type"] == "table"));
-
-    // A live metrics endpoint of ipamd, after the events that create labelled series.
-    let metrics = Metrics::new().expect("metrics");
-    metrics.precreate_ec2_actions(&["AssignPrivateIpAddresses"]);
-    metrics.record_ec2_call(
-        "AssignPrivateIpAddresses",
-        Duration::from_millis(80),
-        Ec2Outcome::Ok,
-    );
-    metrics.record_ec2_call(
-        "CreateNetworkInterface",
-        Duration::from_millis(300),
-        Ec2Outcome::Throttled {
-            code: "RequestLimitExceeded",
-        },
-    );
-    metrics.record_pool_decision(PoolDecision::Assign);
-    metrics.set_pool(&PoolSnapshot {
-        enis: 1,
-        total_ips: 9,
-        assigned_ips: 2,
-        cooldown_ips: 1,
-        warm_ips: 6,
-        ipv4_prefixes: 0,
-    });
-    let t0 = std::time::Instant::now();
-    metrics.pool_below_target(0, t0);
-    metrics.pool_on_target(0, t0 + Duration::from_millis(700));
-    metrics.add_ip_req_count.inc();
-    metrics
-        .del_ip_req_count
-        .with_label_values(&["PodDeleted"])
-        .inc();
-    metrics.no_available_ip_addresses.inc();
-    metrics
-        .ipamd_error_count
-        .with_label_values(&["decreaseIPPool"])
-        .inc();
-    let server = MetricsServer::bind("127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("bind");
-    let addr = server.local_addr().expect("tcp address");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let registry = metrics.registry().clone();
-    let task = tokio::spawn(server.run(registry, async {
-        let _ = stopped.await;
-    }));
-    let served = scrape(addr).await;
-    let _ = stop.send(());
-    let _ = task.await;
-
-    let missing: Vec<&String> = queried.difference(&served).collect();
-    assert!(
-        missing.is_empty(),
-        "the dashboard queries metrics ipamd does not serve: {missing:?}"
-    );
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels.iter().any(|p| p["type"] == "table"));
+    // Every panel has a title and at least one query.
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        assert!(p["title"].as_str().is_some_and(|t| !t.is_empty()), "{p}");
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{}", p["title"]);
+    }
 }
 
 fn configmap_data() -> Vec<(String, String)> {
@@ -448,7 +376,10 @@ fn kustomize_renders_every_object_with_an_overridable_image() {
     std::fs::create_dir(&overlay).expect("mkdir");
     for entry in std::fs::read_dir(dir()).expect("manifests") {
         let path = entry.expect("entry").path();
-        std::fs::copy(&path, base.join(path.file_name().expect("name"))).expect("copy");
+        // Files only: `image/` (the Dockerfile) is not part of the kustomization.
+        if path.is_file() {
+            std::fs::copy(&path, base.join(path.file_name().expect("name"))).expect("copy");
+        }
     }
     std::fs::write(
         overlay.join("kustomization.yaml"),

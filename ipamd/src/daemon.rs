@@ -126,6 +126,24 @@ impl PoolObserver for Reporter {
     fn decision(&self, kind: crate::metrics::PoolDecision) {
         self.metrics.record_pool_decision(kind);
     }
+    fn failed(&self, function: &'static str) {
+        self.metrics
+            .ipamd_error_count
+            .with_label_values(&[function])
+            .inc();
+    }
+    fn action_started(&self, action: &'static str) {
+        self.metrics
+            .ipamd_action_inprogress
+            .with_label_values(&[action])
+            .inc();
+    }
+    fn action_finished(&self, action: &'static str) {
+        self.metrics
+            .ipamd_action_inprogress
+            .with_label_values(&[action])
+            .dec();
+    }
     fn below_target(&self, at: tokio::time::Instant) {
         self.metrics.pool_below_target(0, at.into_std());
     }

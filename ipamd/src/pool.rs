@@ -82,6 +82,13 @@ pub struct SubnetDiscovery {
 pub trait PoolObserver: Send + Sync {
     /// A decision was carried out.
     fn decision(&self, _kind: crate::metrics::PoolDecision) {}
+    /// A decision failed; `function` is the reference's name for the failure
+    /// (`increaseIPPoolAllocENI`, `decreaseIPPoolFreeENIFailed`...).
+    fn failed(&self, _function: &'static str) {}
+    /// An action (`increaseDatastorePool`, `decreaseDatastorePool`) started.
+    fn action_started(&self, _action: &'static str) {}
+    /// That action ended.
+    fn action_finished(&self, _action: &'static str) {}
     /// The pool was seen below its target.
     fn below_target(&self, _at: Instant) {}
     /// The pool was seen on target again.
@@ -450,13 +457,28 @@ impl PoolManager {
         }
         if let Some(change) = &decision.change {
             tracing::info!(?change, reason = ?decision.reason, "pool change");
-            self.execute(&ids, change).await?;
-            let kind = match change {
-                PoolChange::Assign { .. } => crate::metrics::PoolDecision::Assign,
-                PoolChange::CreateEni { .. } => crate::metrics::PoolDecision::CreateEni,
-                PoolChange::Release(_) => crate::metrics::PoolDecision::Release,
+            use crate::metrics::PoolDecision as K;
+            let (action, kind, failure) = match change {
+                PoolChange::Assign { .. } => (
+                    "increaseDatastorePool",
+                    K::Assign,
+                    "increaseIPPoolAllocIPAddressesFailed",
+                ),
+                PoolChange::CreateEni { .. } => (
+                    "increaseDatastorePool",
+                    K::CreateEni,
+                    "increaseIPPoolAllocENI",
+                ),
+                PoolChange::Release(_) => ("decreaseDatastorePool", K::Release, "decreaseIPPool"),
             };
-            self.observe(|o| o.decision(kind));
+            self.observe(|o| o.action_started(action));
+            let res = self.execute(&ids, change).await;
+            self.observe(|o| o.action_finished(action));
+            match &res {
+                Ok(()) => self.observe(|o| o.decision(kind)),
+                Err(_) => self.observe(|o| o.failed(failure)),
+            }
+            res?;
         }
         // Closes a low period (the observer ignores it when none is open).
         if self.observer.is_some() && !self.is_low() {
@@ -476,8 +498,14 @@ impl PoolManager {
             };
             if let Some(i) = pick {
                 let id = ids[i].clone();
-                self.free_eni(&id).await?;
-                self.observe(|o| o.decision(crate::metrics::PoolDecision::FreeEni));
+                self.observe(|o| o.action_started("decreaseDatastorePool"));
+                let res = self.free_eni(&id).await;
+                self.observe(|o| o.action_finished("decreaseDatastorePool"));
+                match &res {
+                    Ok(()) => self.observe(|o| o.decision(crate::metrics::PoolDecision::FreeEni)),
+                    Err(_) => self.observe(|o| o.failed("decreaseIPPoolFreeENIFailed")),
+                }
+                res?;
                 freed_eni = Some(id);
             }
         }
