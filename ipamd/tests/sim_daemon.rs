@@ -623,7 +623,7 @@ async fn new_enis_are_wired_on_the_host_before_use_and_unwired_when_freed() {
         assert!(r.success);
     }
     wait_until("a secondary ENI to be freed", || async {
-        d.state().lock().enis().len() == 2 && sim_view(&node).2.is_empty()
+        d.state().lock().enis().len() == 2 && d_enis(&node) == 2 && sim_view(&node).2.is_empty()
     })
     .await;
     let (freed, ip, _) = secondary
