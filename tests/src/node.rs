@@ -672,3 +672,56 @@ pub fn pod_reachable(
     let _listener = crate::probe::UdpListener::start(pod_ns, dst)?;
     Ok(crate::probe::udp_probe(from_ns, src, dst, WAIT)?.seen_as(what)?)
 }
+
+/// A pod to probe with [`unreachable_pods`].
+#[derive(Debug)]
+pub struct PodRef<'a> {
+    /// Pod name (for messages).
+    pub name: &'a str,
+    /// Its network namespace.
+    pub ns: &'a Netns,
+    /// Its address.
+    pub ip: Ipv4Addr,
+}
+
+/// Probes every pod over UDP from its node (`node_ns`; the pod must see a node address, not
+/// its own) and from another node (`other_ns`, bound to `other_ip`; the pod must see
+/// `other_ip`: sources preserved across the VPC). Returns one line per failure, naming the ENI
+/// and device index that hold the pod's address in the fabric; empty when every pod answers.
+pub fn unreachable_pods(
+    fabric: &crate::Fabric,
+    pods: &[PodRef<'_>],
+    port: u16,
+    node_ns: &Netns,
+    other: Option<(&Netns, Ipv4Addr)>,
+) -> Vec<String> {
+    let enis = fabric.enis();
+    let mut out = Vec::new();
+    for p in pods {
+        let on = enis
+            .iter()
+            .find(|e| e.ipv4.contains(&p.ip))
+            .map_or("no ENI".to_owned(), |e| {
+                format!("{} device {}", e.eni_id, e.device_index)
+            });
+        let what = format!("node → {} ({}, on {on})", p.name, p.ip);
+        match pod_reachable(&what, p.ns, p.ip, port, node_ns, None) {
+            Ok(seen) if seen.ip() == std::net::IpAddr::V4(p.ip) => {
+                out.push(format!("{what}: the pod saw its own address {seen}"));
+            }
+            Ok(_) => {}
+            Err(e) => out.push(format!("{e:#}")),
+        }
+        if let Some((other_ns, other_ip)) = other {
+            let what = format!("other node {other_ip} → {} ({}, on {on})", p.name, p.ip);
+            match pod_reachable(&what, p.ns, p.ip, port, other_ns, Some(other_ip)) {
+                Ok(seen) if seen.ip() != std::net::IpAddr::V4(other_ip) => {
+                    out.push(format!("{what}: source not preserved, the pod saw {seen}"));
+                }
+                Ok(_) => {}
+                Err(e) => out.push(format!("{e:#}")),
+            }
+        }
+    }
+    out
+}
