@@ -27,10 +27,11 @@ use vpc_sim::rng::SimRng;
 use vpc_sim::sim::{CallRecord, SimConfig};
 
 /// ipamd's pacing under test (`VPC_CNI_EC2_*`).
-const MUTATING_RATE: u32 = 4;
-const MUTATING_BURST: u32 = 6;
-const DESCRIBE_RATE: u32 = 8;
-const DESCRIBE_BURST: u32 = 8;
+/// Tight enough that retries under faults run into ipamd's own limiter.
+const MUTATING_RATE: u32 = 2;
+const MUTATING_BURST: u32 = 3;
+const DESCRIBE_RATE: u32 = 4;
+const DESCRIBE_BURST: u32 = 4;
 /// Warm addresses ipamd keeps (`WARM_IP_TARGET`); pods alive at once stay well below it, so
 /// every ADD is served from the warm pool even when EC2 answers nothing but errors.
 const WARM_IPS: usize = 8;
@@ -95,6 +96,19 @@ fn within_pacing(class: &str, calls: &[&CallRecord], rate: u32, burst: u32) -> R
         }
     }
     Ok(())
+}
+
+/// The most calls logged within any 1000 ms (for the report).
+fn busiest_second(calls: &[&CallRecord]) -> usize {
+    (0..calls.len())
+        .map(|i| {
+            calls[i..]
+                .iter()
+                .take_while(|c| c.at_ms < calls[i].at_ms + 1000)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 fn run(seed: u64) -> anyhow::Result<()> {
@@ -268,6 +282,12 @@ fn run(seed: u64) -> anyhow::Result<()> {
         calls.len(),
         describe.len(),
         mutating.len()
+    );
+    eprintln!(
+        "ec2_faults: most calls in any 1 s window: {} describe (pacing {DESCRIBE_RATE}/s, burst \
+         {DESCRIBE_BURST}), {} mutating (pacing {MUTATING_RATE}/s, burst {MUTATING_BURST})",
+        busiest_second(&describe),
+        busiest_second(&mutating)
     );
     within_pacing("describe calls", &describe, DESCRIBE_RATE, DESCRIBE_BURST)
         .map_err(anyhow::Error::msg)?;
