@@ -686,8 +686,10 @@ pub struct PodRef<'a> {
 
 /// Probes every pod over UDP from its node (`node_ns`; the pod must see a node address, not
 /// its own) and from another node (`other_ns`, bound to `other_ip`; the pod must see
-/// `other_ip`: sources preserved across the VPC). Returns one line per failure, naming the ENI
-/// and device index that hold the pod's address in the fabric; empty when every pod answers.
+/// `other_ip`: sources preserved across the VPC). Pods are probed concurrently (each from its
+/// node first, then from the other node), so the whole check takes at most twice [`WAIT`].
+/// Returns one line per failure, naming the ENI and device index that hold the pod's address;
+/// empty when every pod answers.
 pub fn unreachable_pods(
     fabric: &crate::Fabric,
     pods: &[PodRef<'_>],
@@ -696,8 +698,8 @@ pub fn unreachable_pods(
     other: Option<(&Netns, Ipv4Addr)>,
 ) -> Vec<String> {
     let enis = fabric.enis();
-    let mut out = Vec::new();
-    for p in pods {
+    let probe_one = |p: &PodRef<'_>| -> Vec<String> {
+        let mut out = Vec::new();
         let on = enis
             .iter()
             .find(|e| e.ipv4.contains(&p.ip))
@@ -722,6 +724,19 @@ pub fn unreachable_pods(
                 Err(e) => out.push(format!("{e:#}")),
             }
         }
-    }
-    out
+        out
+    };
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = pods
+            .iter()
+            .map(|p| (p.name, scope.spawn(|| probe_one(p))))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|(name, h)| {
+                h.join()
+                    .unwrap_or_else(|_| vec![format!("probe thread of {name} panicked")])
+            })
+            .collect()
+    })
 }

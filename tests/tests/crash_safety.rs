@@ -85,9 +85,9 @@ fn run(seed: u64) -> anyhow::Result<()> {
     let mut ipamd = Ipamd::new(ipamd_bin, &ns, &server, &node.instance_id, tmp.path())?;
     ipamd.env("VPC_CNI_RECONCILE_INTERVAL", "2s");
     ipamd.start()?;
-    // An ADD that finds ipamd dead gives up after 2 s (the runtime retries the pod later);
+    // An ADD that finds ipamd dead gives up after 5 s (the runtime retries the pod later);
     // ipamd is restarted once the operation is over.
-    let plugin = Plugin::new(cni_bin, &ns, ipamd.socket())?.with_pool_wait(2.0);
+    let plugin = Plugin::new(cni_bin, &ns, ipamd.socket())?.with_pool_wait(5.0);
 
     // The kill schedule: KILLS distinct operation indices.
     let mut kill_at = BTreeSet::new();
