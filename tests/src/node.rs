@@ -670,7 +670,11 @@ pub fn pod_reachable(
 ) -> anyhow::Result<std::net::SocketAddr> {
     let dst = std::net::SocketAddrV4::new(pod_ip, port);
     let _listener = crate::probe::UdpListener::start(pod_ns, dst)?;
-    Ok(crate::probe::udp_probe(from_ns, src, dst, WAIT)?.seen_as(what)?)
+    match crate::probe::udp_probe(from_ns, src, dst, WAIT)? {
+        crate::probe::ProbeOutcome::Echoed { seen_as } => Ok(seen_as),
+        crate::probe::ProbeOutcome::TimedOut => bail!("{what}: no echo within {WAIT:?}"),
+        crate::probe::ProbeOutcome::Unreachable(e) => bail!("{what}: unreachable ({e})"),
+    }
 }
 
 /// A pod to probe with [`unreachable_pods`].
