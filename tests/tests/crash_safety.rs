@@ -18,7 +18,8 @@ use anyhow::{bail, ensure, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use vpc_cni_e2e::node::{
-    leaks, unreachable_pods, wait_until, workspace_bin, Added, Ipamd, Plugin, PodRef, SimNodeView,
+    ip_in, leaks, unreachable_pods, wait_until, workspace_bin, Added, Ipamd, Plugin, PodRef,
+    SimNodeView,
 };
 use vpc_cni_e2e::serve::serve;
 use vpc_cni_e2e::SimCluster;
@@ -293,6 +294,15 @@ fn run(seed: u64) -> anyhow::Result<()> {
         Some((&other_ns, other.primary_ip)),
     );
     drop(refs);
+    let node_at_probe = if unreachable.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "--- node links when probed ---\n{}--- node rules when probed ---\n{}",
+            ip_in(&ns, &["-br", "link"]).unwrap_or_else(|e| format!("{e:#}\n")),
+            ip_in(&ns, &["rule"]).unwrap_or_else(|e| format!("{e:#}\n"))
+        )
+    };
 
     // 3. Every pod goes; then nothing is leaked: EC2's ENIs and addresses of the node are
     //    exactly ipamd's pool, nothing is assigned, the checkpoint is empty.
@@ -320,7 +330,7 @@ fn run(seed: u64) -> anyhow::Result<()> {
     let mut failures = Vec::new();
     if !unreachable.is_empty() {
         failures.push(format!(
-            "live pods lost connectivity after the crashes: {unreachable:#?}"
+            "live pods lost connectivity after the crashes: {unreachable:#?}\n{node_at_probe}"
         ));
     }
     if let Err(e) = settled {
