@@ -9,7 +9,7 @@ use tokio::sync::Mutex;
 use tonic::transport::Channel;
 use vpc_cni_rpc::{
     AddNetworkReply, AddNetworkRequest, CniBackendClient, DelNetworkReply, DelNetworkRequest,
-    DeleteNpRequest, EnforceNpRequest, ServingStatus,
+    DeleteNpRequest, EnforceNpRequest, ServingStatus, UnixConnection,
 };
 
 use crate::error::BoxError;
@@ -69,12 +69,14 @@ pub trait PolicyAgent: Send + Sync {
 }
 
 /// ipamd over its unix socket. Connects on first use and keeps the connection for the rest of
-/// the invocation (an ADD waiting for the pool reuses it).
+/// the invocation (an ADD waiting for the pool reuses it; a broken connection is redialled on
+/// the next attempt). One plain HTTP/2 connection ([`vpc_cni_rpc::connect_unix_direct`]), not a
+/// tonic `Channel`: the plugin makes one or two calls and exits.
 #[derive(Debug)]
 pub struct GrpcIpam {
     socket: String,
     timeout: Duration,
-    client: Mutex<Option<CniBackendClient<Channel>>>,
+    client: Mutex<Option<CniBackendClient<UnixConnection>>>,
 }
 
 impl GrpcIpam {
@@ -87,18 +89,20 @@ impl GrpcIpam {
         }
     }
 
-    async fn client(&self) -> Result<CniBackendClient<Channel>, BackendError> {
+    async fn client(&self) -> Result<CniBackendClient<UnixConnection>, BackendError> {
         let mut guard = self.client.lock().await;
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
-        let c = vpc_cni_rpc::connect_unix(&self.socket, self.timeout)
+        crate::timing::mark("ipamd_connect");
+        let c = vpc_cni_rpc::connect_unix_direct(&self.socket, self.timeout)
             .await
             .map_err(|e| BackendError::Unreachable {
                 socket: self.socket.clone(),
                 source: Box::new(e),
             })?;
         *guard = Some(c.clone());
+        crate::timing::mark("ipamd_rpc");
         Ok(c)
     }
 

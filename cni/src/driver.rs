@@ -219,6 +219,7 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
             requires_multi_nic_attachment: conf.requires_multi_nic,
         };
         let reply = self.assign(&req, conf).await?;
+        crate::timing::mark("specs");
         let specs = match self.specs(inv, conf, &reply) {
             Ok(s) => s,
             Err(e) => {
@@ -228,6 +229,7 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         };
         let mut done: Vec<&PodSpec> = Vec::with_capacity(specs.len());
         for spec in &specs {
+            crate::timing::mark("setup_pod");
             if let Err(source) = self.net.setup_pod(spec).await {
                 // setup_pod undid its own steps; undo the interfaces wired before it.
                 for d in done.iter().rev() {
@@ -274,6 +276,7 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
             .first()
             .map(|m| m.device_number)
             .unwrap_or(0);
+        crate::timing::mark("result");
         let dummy = dummy_interface_name(inv.args.pod_namespace(), inv.args.pod_name());
         for s in &specs {
             tracing::info!(ip = %s.ipv4, veth = %s.host_veth, table = s.route_table, "pod added");
@@ -371,6 +374,7 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
                 })
             })
             .collect();
+        crate::timing::mark("teardown");
         self.teardown_all(&items)
             .await
             .map_err(|source| CniError::Teardown { source })?;

@@ -19,6 +19,7 @@ pub mod gc;
 pub mod logging;
 pub mod memory;
 pub mod result;
+pub mod timing;
 pub mod version;
 
 use std::io::Read;
@@ -92,6 +93,7 @@ pub fn run(get_env: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Ou
             exit_code: 0,
         };
     }
+    timing::mark("stdin");
     let mut bytes = Vec::new();
     if let Err(source) = stdin.read_to_end(&mut bytes) {
         return fail(
@@ -102,11 +104,14 @@ pub fn run(get_env: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Ou
             },
         );
     }
+    timing::mark("parse");
     let conf = match NetConf::parse(&bytes) {
         Ok(c) => c,
         Err(e) => return fail(version_hint(&bytes), &e),
     };
+    timing::mark("log_init");
     logging::init(&conf.log_target, conf.log_level);
+    timing::mark("log_invoked");
     tracing::info!(
         command = %inv.command,
         container_id = %inv.container_id,
@@ -118,6 +123,7 @@ pub fn run(get_env: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Ou
         "invoked"
     );
     let version = conf.cni_version;
+    timing::mark("execute");
     match execute(&inv, &conf) {
         Ok(Some(v)) => Output {
             stdout: Some(v.to_string()),
@@ -184,8 +190,10 @@ fn execute(inv: &Invocation, conf: &NetConf) -> Result<Option<Value>, CniError> 
         Command::Add | Command::Check => validate_netns(inv)?,
         _ => {}
     }
+    timing::mark("runtime");
     let rt = runtime()?;
-    rt.block_on(async {
+    timing::mark("driver");
+    let out = rt.block_on(async {
         let ipam = GrpcIpam::new(&conf.ipamd_socket, conf.connect_timeout);
         let policy = GrpcPolicyAgent::new(&conf.np_agent_socket);
         if inv.command == Command::Status {
@@ -210,7 +218,9 @@ fn execute(inv: &Invocation, conf: &NetConf) -> Result<Option<Value>, CniError> 
             );
             return Ok(None);
         }
+        timing::mark("host_netlink");
         let net = NetlinkPodNetwork::new(host).map_err(|e| net_error("opening netlink", e))?;
+        timing::mark("command");
         let d = Driver::new(ipam, net, policy, CLIENT_VERSION);
         match inv.command {
             Command::Add => {
@@ -221,5 +231,9 @@ fn execute(inv: &Invocation, conf: &NetConf) -> Result<Option<Value>, CniError> 
             Command::Check => d.check(inv, conf).await.map(|()| None),
             Command::Version | Command::Gc | Command::Status => Ok(None),
         }
-    })
+    });
+    timing::mark("runtime_drop");
+    drop(rt);
+    timing::mark("render");
+    out
 }

@@ -21,12 +21,9 @@ fn level(l: LogLevel) -> Level {
 /// Installs the global subscriber. A log file that cannot be opened falls back to stderr
 /// (logging never fails a pod). Does nothing if a subscriber is already installed.
 pub fn init(target: &LogTarget, l: LogLevel) {
-    let builder = tracing_subscriber::fmt()
-        .json()
-        .with_max_level(level(l))
-        .with_ansi(false)
-        .with_current_span(false)
-        .with_span_list(false);
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    use tracing_subscriber::prelude::*;
     let file = match target {
         LogTarget::Stderr => None,
         LogTarget::File(path) => {
@@ -45,8 +42,21 @@ pub fn init(target: &LogTarget, l: LogLevel) {
             }
         }
     };
-    let _ = match file {
-        Some(f) => builder.with_writer(Mutex::new(f)).try_init(),
-        None => builder.with_writer(std::io::stderr).try_init(),
+    let writer = match file {
+        Some(f) => BoxMakeWriter::new(Mutex::new(f)),
+        None => BoxMakeWriter::new(std::io::stderr),
     };
+    let fmt = tracing_subscriber::fmt::layer()
+        .json()
+        .with_ansi(false)
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_writer(writer)
+        .with_filter(LevelFilter::from_level(level(l)));
+    // Only with AWS_CNI_TIMING=1: the pod-network steps become timing marks.
+    let steps = crate::timing::enabled().then_some(crate::timing::StepLayer);
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(steps)
+        .try_init();
 }

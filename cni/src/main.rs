@@ -4,7 +4,10 @@ use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let out = vpc_cni_plugin::run(&|k| std::env::var(k).ok(), &mut std::io::stdin().lock());
+    let get_env = |k: &str| std::env::var(k).ok();
+    vpc_cni_plugin::timing::init(&get_env);
+    let out = vpc_cni_plugin::run(&get_env, &mut std::io::stdin().lock());
+    vpc_cni_plugin::timing::mark("output");
     if let Some(s) = out.stderr {
         let _ = std::io::stderr().write_all(s.as_bytes());
     }
@@ -13,6 +16,10 @@ fn main() -> ExitCode {
         let _ = stdout.write_all(s.as_bytes());
         let _ = stdout.write_all(b"\n");
         let _ = stdout.flush();
+    }
+    vpc_cni_plugin::timing::mark("end");
+    if let Some(line) = vpc_cni_plugin::timing::report() {
+        let _ = writeln!(std::io::stderr(), "{line}");
     }
     ExitCode::from(out.exit_code)
 }

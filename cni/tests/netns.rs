@@ -4,123 +4,16 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use common::*;
 use serde_json::json;
 use vpc_cni_net::names::host_veth_name;
 use vpc_cni_net::pod::SetupStep;
 use vpc_cni_net::testing::{skip_netns_test, TestNetns};
-use vpc_cni_net::{Family, IpCidr, Netlink, NetlinkPodNetwork, Netns, Scope, MAIN_TABLE};
+use vpc_cni_net::{Family, Netlink, NetlinkPodNetwork, MAIN_TABLE};
 use vpc_cni_plugin::driver::Driver;
 use vpc_cni_plugin::memory::{IpamCall, MemoryIpam, MemoryPolicyAgent};
-
-fn ns_path(ns: &TestNetns) -> String {
-    ns.path().display().to_string()
-}
-
-/// Reads back everything ADD must have built for one pod and compares it with the spec.
-fn assert_wired(host: &Netns, pod: &Netns, veth: &str, ip: Ipv4Addr, table: u32, mtu: u32) {
-    rt().block_on(async {
-        let h = Netlink::open(host).expect("host netlink");
-        let p = Netlink::open(pod).expect("pod netlink");
-        let hl = h
-            .link_by_name(veth)
-            .await
-            .expect("links")
-            .expect("host veth exists");
-        assert!(hl.up, "host veth up");
-        assert_eq!(hl.mtu, mtu);
-        let host_mac = hl.mac.expect("host mac");
-        assert!(
-            host_mac.is_local_unicast(),
-            "host MAC is set explicitly (local unicast)"
-        );
-        let eth0 = p.link_by_name("eth0").await.expect("links").expect("eth0");
-        assert!(eth0.up);
-        assert_eq!(eth0.mtu, mtu);
-        let cidr = IpCidr::host_v4(ip);
-        let addrs = p.addresses(Some(eth0.index)).await.expect("addrs");
-        assert!(
-            addrs.iter().any(|a| a.cidr == cidr),
-            "eth0 has {cidr}: {addrs:?}"
-        );
-        let gw = IpAddr::V4(Ipv4Addr::new(169, 254, 1, 1));
-        let routes = p
-            .routes(Family::V4, Some(MAIN_TABLE))
-            .await
-            .expect("routes");
-        assert!(routes.iter().any(|r| r.dst == IpCidr::host(gw)
-            && r.oif == Some(eth0.index)
-            && r.scope == Scope::Link));
-        assert!(routes
-            .iter()
-            .any(|r| r.dst.prefix_len == 0 && r.gateway == Some(gw) && r.oif == Some(eth0.index)));
-        let neigh = p
-            .neighbours(Family::V4, Some(eth0.index))
-            .await
-            .expect("neigh");
-        assert!(
-            neigh
-                .iter()
-                .any(|n| n.ip == gw && n.permanent && n.mac == Some(host_mac)),
-            "permanent 169.254.1.1 -> host veth MAC: {neigh:?}"
-        );
-        let hroutes = h
-            .routes(Family::V4, Some(MAIN_TABLE))
-            .await
-            .expect("routes");
-        assert!(hroutes
-            .iter()
-            .any(|r| r.dst == cidr && r.oif == Some(hl.index) && r.scope == Scope::Link));
-        let rules = h.rules(Family::V4).await.expect("rules");
-        assert!(rules.iter().any(|r| r.priority == 512
-            && r.to == Some(cidr)
-            && r.from.is_none()
-            && r.table == MAIN_TABLE));
-        let from_rule = rules
-            .iter()
-            .any(|r| r.priority == 1536 && r.from == Some(cidr) && r.table == table);
-        assert_eq!(
-            from_rule,
-            table != MAIN_TABLE,
-            "1536 rule only for secondary ENIs"
-        );
-    });
-}
-
-/// The pod rules (512/1536) left in `host`.
-fn pod_rules(host: &Netns) -> Vec<String> {
-    rt().block_on(async {
-        let h = Netlink::open(host).expect("netlink");
-        h.rules(Family::V4)
-            .await
-            .expect("rules")
-            .into_iter()
-            .filter(|r| r.priority == 512 || r.priority == 1536)
-            .map(|r| r.to_string())
-            .collect()
-    })
-}
-
-fn host_links(host: &Netns) -> Vec<String> {
-    rt().block_on(async {
-        let h = Netlink::open(host).expect("netlink");
-        h.links()
-            .await
-            .expect("links")
-            .into_iter()
-            .map(|l| l.name)
-            .filter(|n| n != "lo")
-            .collect()
-    })
-}
-
-fn ping(from: &str, to: Ipv4Addr) -> bool {
-    sh_in(from, &["ping", "-c", "1", "-W", "2", &to.to_string()])
-        .status
-        .success()
-}
 
 #[test]
 fn many_pods_add_check_ping_del_with_the_binary_and_leave_nothing_behind() {
@@ -128,21 +21,7 @@ fn many_pods_add_check_ping_del_with_the_binary_and_leave_nothing_behind() {
         return;
     }
     let host = TestNetns::new("host").expect("host ns");
-    // The node: forwarding on (pod to pod), an address to ping from.
-    assert!(
-        sh_in(host.name(), &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-            .status
-            .success()
-    );
-    assert!(sh_in(host.name(), &["ip", "link", "set", "lo", "up"])
-        .status
-        .success());
-    assert!(sh_in(
-        host.name(),
-        &["ip", "addr", "add", "192.168.255.1/32", "dev", "lo"]
-    )
-    .status
-    .success());
+    make_node(&host);
     let ipamd = TestIpamd::with_pool(Ipv4Addr::new(10, 0, 1, 10), 8, 2, 3);
     let mut pods = Vec::new();
     for (i, version) in ["0.4.0", "1.0.0", "1.1.0", "0.4.0", "1.0.0", "1.1.0"]

@@ -206,6 +206,17 @@ pub struct Config {
     pub reconcile_interval: Duration,
     /// EC2 pacing.
     pub ec2: Ec2Pacing,
+    /// Host networking: ENI routes and rules, SNAT, MTU (`VPC_CNI_HOST_NETWORKING`; default
+    /// on with the `aws` backend, off with `sim`, whose ENIs do not exist on this host).
+    pub host_networking: bool,
+    /// How long to wait for a new ENI's link to appear after its attach
+    /// (`VPC_CNI_ENI_LINK_WAIT`, default 30 s).
+    pub eni_link_wait: Duration,
+    /// First leaked-ENI cleanup after this long (`VPC_CNI_LEAKED_ENI_DELAY`; unset: a random
+    /// 0–300 s, as the reference).
+    pub leaked_eni_first_delay: Option<Duration>,
+    /// Leaked-ENI cleanup period (`VPC_CNI_LEAKED_ENI_INTERVAL`, default 1 h).
+    pub leaked_eni_interval: Duration,
     /// Backend (`IPAMD_BACKEND` / `--backend`, default `aws`).
     pub backend: Backend,
     /// Simulator settings (backend `sim`).
@@ -667,6 +678,23 @@ impl Config {
             reconcile_interval: env
                 .duration("VPC_CNI_RECONCILE_INTERVAL", Duration::from_secs(60))?,
             ec2,
+            host_networking: env.bool("VPC_CNI_HOST_NETWORKING", backend == Backend::Aws)?,
+            eni_link_wait: env.duration("VPC_CNI_ENI_LINK_WAIT", Duration::from_secs(30))?,
+            leaked_eni_first_delay: match env.get("VPC_CNI_LEAKED_ENI_DELAY") {
+                None => None,
+                Some(_) => Some(env.duration("VPC_CNI_LEAKED_ENI_DELAY", Duration::ZERO)?),
+            },
+            leaked_eni_interval: {
+                let d = env.duration("VPC_CNI_LEAKED_ENI_INTERVAL", Duration::from_secs(3600))?;
+                if d.is_zero() {
+                    return Err(invalid(
+                        "VPC_CNI_LEAKED_ENI_INTERVAL",
+                        "0",
+                        "must be above 0",
+                    ));
+                }
+                d
+            },
             backend,
             sim,
         };

@@ -24,11 +24,13 @@ use crate::ec2::{
     Addresses, Assigned, CreateEni, Ec2Api, Ec2Error, Ec2Result, EniInfo, ErrorKind,
     InstanceTypeInfo, SubnetInfo, TAG_INSTANCE_ID, TAG_NO_MANAGE,
 };
+use crate::host::{HostEni, NodeHost};
 use crate::imds::{Imds, ImdsError};
 use crate::introspect::{self, EniInfos, IntrospectSource};
+use crate::k8s::K8s;
 use crate::metrics::{Ec2Outcome, Metrics, PoolSnapshot};
-use crate::pool::{NodeInfo, Pacer, PoolManager};
-use crate::server::{Backend, ReplySettings};
+use crate::pool::{NodeInfo, Pacer, PoolHost, PoolManager, PoolObserver, SubnetDiscovery};
+use crate::server::{Backend, BackendEvents, ReplySettings};
 use crate::state::{PoolState, TokioClock};
 use crate::types::Ipv4Net;
 
@@ -56,7 +58,8 @@ pub enum DaemonError {
     /// The checkpoint does not fit the ENIs (duplicate address).
     #[error("checkpoint restore")]
     Restore(#[source] crate::datastore::DsError),
-    /// Pre-scaling failed.
+    /// Pre-scaling failed (not returned by [`start`]: the pool loop retries; kept for callers
+    /// that run [`PoolManager::settle`] themselves).
     #[error("pre-scaling")]
     Prescale(#[source] crate::pool::PoolError),
     /// A listener could not be set up.
@@ -70,6 +73,115 @@ pub enum DaemonError {
     /// A setting this daemon does not implement yet.
     #[error("not supported yet: {0}")]
     Unsupported(String),
+    /// Host networking failed at start-up.
+    #[error("host networking")]
+    Host(#[source] crate::host::HostError),
+    /// Custom networking cannot be set up (no API server, no ENIConfig, unknown subnet).
+    #[error("custom networking: {0}")]
+    CustomNetworking(String),
+}
+
+/// The optional parts of a node daemon.
+#[derive(Clone, Default)]
+pub struct NodeParts {
+    /// Host networking (ENI routes and rules, SNAT): `None` leaves the host alone (the
+    /// embedded simulator's ENIs do not exist on this host).
+    pub host: Option<Arc<dyn NodeHost>>,
+    /// The Kubernetes API (own Node, ENIConfig, pod annotation, events), when reachable.
+    pub k8s: Option<K8s>,
+    /// When the process started (`awscni_ipamd_startup_duration_seconds`); `None`: when
+    /// [`start_node`] is called.
+    pub process_start: Option<Instant>,
+}
+
+impl std::fmt::Debug for NodeParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeParts")
+            .field("host", &self.host.is_some())
+            .field("k8s", &self.k8s)
+            .finish()
+    }
+}
+
+/// Reports pool and request events to the metrics and, when connected, to Kubernetes.
+struct Reporter {
+    metrics: Arc<Metrics>,
+    k8s: Option<K8s>,
+    annotate_pod_ip: bool,
+}
+
+impl Reporter {
+    fn warn_event(&self, reason: &'static str, message: String) {
+        if let Some(k) = self.k8s.clone() {
+            tokio::spawn(async move {
+                if let Err(e) = k.warn(reason, &message).await {
+                    tracing::warn!(reason, error = %e, "Kubernetes event not recorded");
+                }
+            });
+        }
+    }
+}
+
+impl PoolObserver for Reporter {
+    fn decision(&self, kind: crate::metrics::PoolDecision) {
+        self.metrics.record_pool_decision(kind);
+    }
+    fn below_target(&self, at: tokio::time::Instant) {
+        self.metrics.pool_below_target(0, at.into_std());
+    }
+    fn on_target(&self, at: tokio::time::Instant) {
+        self.metrics.pool_on_target(0, at.into_std());
+    }
+    fn subnet_exhausted(&self, subnet: &str, prefixes: bool) {
+        let what = if prefixes {
+            "no free aligned /28 prefix"
+        } else {
+            "no free address"
+        };
+        self.warn_event(
+            crate::k8s::REASON_SUBNET_EXHAUSTED,
+            format!("subnet {subnet} has {what}: the warm pool stops growing for a while"),
+        );
+    }
+    fn unauthorized(&self, action: &'static str, message: &str) {
+        self.metrics
+            .ipamd_error_count
+            .with_label_values(&["missingIAMPermissions"])
+            .inc();
+        self.warn_event(
+            crate::k8s::REASON_MISSING_IAM_PERMISSIONS,
+            format!("ec2:{action} refused: {message}"),
+        );
+    }
+}
+
+impl BackendEvents for Reporter {
+    fn add_request(&self) {
+        self.metrics.add_ip_req_count.inc();
+    }
+    fn del_request(&self, reason: &str) {
+        self.metrics
+            .del_ip_req_count
+            .with_label_values(&[reason])
+            .inc();
+    }
+    fn no_available_ip(&self) {
+        self.metrics.no_available_ip_addresses.inc();
+    }
+    fn assigned(&self, namespace: &str, name: &str, ip: std::net::Ipv4Addr) {
+        let Some(k) = self.k8s.clone().filter(|_| self.annotate_pod_ip) else {
+            return;
+        };
+        if namespace.is_empty() || name.is_empty() {
+            return;
+        }
+        let (ns, name) = (namespace.to_owned(), name.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = k.set_pod_ip_annotation(&ns, &name, &ip.to_string()).await {
+                tracing::warn!(pod = %name, namespace = %ns, error = %e, "pod IP annotation not set");
+            }
+        });
+    }
 }
 
 /// What the daemon runs against.
@@ -402,6 +514,7 @@ pub struct Daemon {
     introspection_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    with_api_server: bool,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -459,26 +572,76 @@ fn serve_err(what: &'static str) -> impl Fn(String) -> DaemonError {
     move |message| DaemonError::Serve { what, message }
 }
 
-/// Starts the daemon: the start-up sequence, then every server and the pool loop.
+/// Starts the daemon without host networking or Kubernetes (see [`start_node`]).
 pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
-    if cfg.custom_networking {
-        return Err(DaemonError::Unsupported(
-            "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true (ENIConfig subnets are not wired into the daemon)".into(),
-        ));
-    }
+    start_node(cfg, deps, NodeParts::default()).await
+}
+
+/// Starts the daemon: the start-up sequence, then every server, the pool loop, reconcile and
+/// leaked-ENI cleanup.
+pub async fn start_node(cfg: &Config, deps: Deps, parts: NodeParts) -> Result<Daemon, DaemonError> {
+    let process_start = parts.process_start.unwrap_or_else(Instant::now);
     let metrics = Arc::new(Metrics::new().map_err(|e| serve_err("metrics")(e.to_string()))?);
+    let init_start = Instant::now();
+    let res = start_inner(cfg, deps, parts, metrics.clone()).await;
+    let ok = if res.is_ok() { "true" } else { "false" };
+    metrics
+        .ipamd_node_initialization_duration_seconds
+        .with_label_values(&[ok])
+        .observe(init_start.elapsed().as_secs_f64());
+    let (with_api, reason) = match &res {
+        Ok(d) => (d.with_api_server, ""),
+        Err(_) => (false, "node_initialization"),
+    };
+    metrics
+        .ipamd_startup_duration_seconds
+        .with_label_values(&[ok, if with_api { "true" } else { "false" }, reason])
+        .observe(process_start.elapsed().as_secs_f64());
+    res
+}
+
+async fn start_inner(
+    cfg: &Config,
+    deps: Deps,
+    parts: NodeParts,
+    metrics: Arc<Metrics>,
+) -> Result<Daemon, DaemonError> {
+    let _init = metrics.in_progress("nodeInit");
     let ec2: Arc<dyn Ec2Api> = Arc::new(MeteredEc2 {
         inner: deps.ec2.clone(),
         metrics: metrics.clone(),
     });
     let pacer = Arc::new(Pacer::new(cfg.ec2));
-    if cfg.annotate_pod_ip {
-        tracing::warn!(
-            "ANNOTATE_POD_IP=true is not applied yet: the daemon runs without the Kubernetes API"
+    let k8s = parts.k8s.clone();
+    if k8s.is_none() {
+        let needs = crate::k8s::api_server_needed_by(
+            cfg.custom_networking,
+            cfg.annotate_pod_ip,
+            cfg.enable_pod_eni,
         );
-    } else {
-        tracing::info!("running without the Kubernetes API: no enabled feature needs it");
+        if !needs.is_empty() {
+            return Err(DaemonError::CustomNetworking(format!(
+                "{} need the Kubernetes API server, which is not connected",
+                needs.join(", ")
+            )));
+        }
+        tracing::info!("running without the Kubernetes API: no enabled feature needs it (max pods from the instance limits, no events)");
     }
+    let node_k8s = match &k8s {
+        Some(k) => match k.node_info().await {
+            Ok(n) => Some(n),
+            Err(e) if cfg.custom_networking => {
+                return Err(DaemonError::CustomNetworking(format!(
+                    "cannot read the own Node: {e}"
+                )))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the own Node: max pods from the instance limits");
+                None
+            }
+        },
+        None => None,
+    };
 
     // 1. Identity and limits.
     let id = deps.imds.identity().await?;
@@ -520,6 +683,7 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
     let now = crate::state::Clock::now(clock.as_ref());
     let tags = cfg.eni_tags(&id.instance_id);
     let mut unmanaged = 0u32;
+    let mut host_enis: Vec<HostEni> = Vec::new();
     for m in &imds_enis {
         let is_primary = m.mac == id.primary_mac;
         let Some(info) = by_id.get(m.interface_id.as_str()) else {
@@ -568,10 +732,23 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
                     .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
                 subnet_id: m.subnet_id.clone(),
                 subnet_cidr: m.subnet_cidr,
-                excluded: false,
+                // Custom networking: pods never get addresses from the primary ENI.
+                excluded: is_primary && cfg.custom_networking,
             },
             now,
         );
+        host_enis.push(HostEni {
+            id: m.interface_id.clone(),
+            mac: m.mac.clone(),
+            primary_ip: info
+                .primary_ip
+                .or(m.primary_ip())
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+            subnet_cidr: m.subnet_cidr,
+            network_card: m.network_card,
+            device_number: m.device_number,
+            is_trunk,
+        });
         // EC2 is the judge when metadata lags.
         for ip in &info.secondary_ips {
             let _ = ds.add_cidr(&m.interface_id, Ipv4Net::host(*ip), false);
@@ -594,32 +771,129 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
             "checkpoint restored"
         );
     }
+    let restored_ips: Vec<std::net::Ipv4Addr> = ds
+        .enis()
+        .values()
+        .flat_map(|e| e.cidrs.values())
+        .flat_map(|c| c.addresses.iter())
+        .filter(|(_, a)| a.key.is_some())
+        .map(|(ip, _)| *ip)
+        .collect();
     let state = Arc::new(PoolState::new(ds, Box::new(store), clock));
     state.mutate_and_save(|_| ())?;
 
+    // Host networking: primary MTU, SNAT rules, every secondary ENI; then the restored pods'
+    // rules normalised.
+    if let Some(h) = &parts.host {
+        let primary_host = host_enis
+            .iter()
+            .find(|e| e.is_primary())
+            .cloned()
+            .ok_or_else(|| ImdsError::Missing {
+                path: format!("meta-data/network/interfaces/macs/{}/", id.primary_mac),
+            })?;
+        let wiring = h
+            .setup_node(cfg, &primary_host, &primary.vpc_cidrs, &host_enis)
+            .await
+            .map_err(DaemonError::Host)?;
+        tracing::info!(primary = %wiring.primary_if, secondary = wiring.wired.len(), "host networking set up");
+        let n = h
+            .normalize_pod_rules(&restored_ips)
+            .await
+            .map_err(DaemonError::Host)?;
+        if n > 0 {
+            tracing::info!(pods = n, "restored pods' rules normalised");
+        }
+    }
+
+    // Custom networking: new ENIs go to the node's ENIConfig subnet and security groups.
+    let mut eni_subnet = (primary.subnet_id.clone(), primary.subnet_cidr);
+    let mut eni_groups = {
+        let mut g = primary.security_groups.clone();
+        g.sort();
+        g
+    };
+    if cfg.custom_networking {
+        let k = k8s.as_ref().ok_or_else(|| {
+            DaemonError::CustomNetworking("the Kubernetes API is not connected".into())
+        })?;
+        let (name, spec) = k
+            .node_eni_config()
+            .await
+            .map_err(|e| DaemonError::CustomNetworking(e.to_string()))?;
+        let subnets = pacer
+            .call("DescribeSubnets", || {
+                let (ec2, vpc, az) = (
+                    ec2.clone(),
+                    primary.vpc_id.clone(),
+                    id.availability_zone.clone(),
+                );
+                async move { ec2.describe_subnets(&vpc, &az).await }
+            })
+            .await
+            .map_err(|source| DaemonError::Ec2 {
+                step: "ENIConfig subnet",
+                source,
+            })?;
+        let subnet = subnets
+            .iter()
+            .find(|s| s.id == spec.subnet)
+            .ok_or_else(|| {
+                DaemonError::CustomNetworking(format!(
+                    "ENIConfig {name}: subnet {} is not in VPC {} and zone {}",
+                    spec.subnet, primary.vpc_id, id.availability_zone
+                ))
+            })?;
+        eni_subnet = (subnet.id.clone(), subnet.cidr);
+        if let Some(g) = spec.security_groups.filter(|g| !g.is_empty()) {
+            eni_groups = g;
+            eni_groups.sort();
+        }
+        tracing::info!(eni_config = %name, subnet = %subnet.id, "custom networking");
+    }
+
     // 4. Pool manager and pre-scaling.
-    let node_limits = NodeLimits::new(&lim, cfg.max_eni, None);
+    let max_pods = node_k8s.as_ref().and_then(|n| n.max_pods);
+    if let Some(m) = max_pods {
+        tracing::info!(max_pods = m, "kubelet max pods caps the pool");
+    }
+    let node_limits = NodeLimits::new(&lim, cfg.max_eni, max_pods);
     let pool_cfg = cfg.pool_config(prefix_mode);
-    let pool = Arc::new(PoolManager::new(
+    let reporter = Arc::new(Reporter {
+        metrics: metrics.clone(),
+        k8s: k8s.clone(),
+        annotate_pod_ip: cfg.annotate_pod_ip,
+    });
+    let mut pool = PoolManager::new(
         state.clone(),
         ec2.clone(),
         pool_cfg,
         node_limits,
         NodeInfo {
             instance_id: id.instance_id.clone(),
-            subnet_id: primary.subnet_id.clone(),
-            subnet_cidr: primary.subnet_cidr,
-            security_groups: {
-                let mut g = primary.security_groups.clone();
-                g.sort();
-                g
-            },
+            subnet_id: eni_subnet.0,
+            subnet_cidr: eni_subnet.1,
+            security_groups: eni_groups,
+            discovery: (cfg.subnet_discovery && !cfg.custom_networking).then(|| SubnetDiscovery {
+                vpc_id: primary.vpc_id.clone(),
+                availability_zone: id.availability_zone.clone(),
+                cluster: cfg.cluster_name.clone(),
+            }),
             tags,
             unmanaged_enis: unmanaged,
         },
-        pacer,
+        pacer.clone(),
         cfg.pool_tick,
-    ));
+    )
+    .with_observer(reporter.clone());
+    if let Some(h) = &parts.host {
+        pool = pool.with_host(PoolHost {
+            host: h.clone(),
+            mtu: cfg.eni_mtu,
+            link_wait: cfg.eni_link_wait,
+        });
+    }
+    let pool = Arc::new(pool);
     metrics
         .eni_max
         .set(i64::from(node_limits.max_enis.saturating_sub(unmanaged)));
@@ -627,8 +901,14 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
         node_limits.ips_per_eni(prefix_mode) * node_limits.max_enis.saturating_sub(unmanaged),
     ));
     if !cfg.disable_provisioning {
-        let out = pool.settle().await.map_err(DaemonError::Prescale)?;
-        tracing::info!(reason = ?out.decision.reason, "pre-scaling done");
+        // A failure here is not fatal: the pool loop tries again every tick, and the
+        // addresses already on the ENIs can be served meanwhile.
+        match pool.settle().await {
+            Ok(out) => tracing::info!(reason = ?out.decision.reason, "pre-scaling done"),
+            Err(e) => {
+                tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "pre-scaling incomplete; the pool loop keeps trying")
+            }
+        }
     }
 
     // 5. Serving.
@@ -649,7 +929,8 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
             region: id.region.clone(),
         },
     )
-    .with_low_check(crate::server::pool_is_low(pool_cfg, node_limits));
+    .with_low_check(crate::server::pool_is_low(pool_cfg, node_limits))
+    .with_events(reporter.clone());
     let listener = vpc_cni_rpc::bind_unix(&cfg.grpc_socket)
         .map_err(|e| serve_err("gRPC")(format!("{}: {e}", cfg.grpc_socket.display())))?;
     let routes = crate::server::routes(backend, health_srv);
@@ -701,13 +982,46 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
     {
         let (state, metrics, mut rx) = (state.clone(), metrics.clone(), rx.clone());
         tasks.push(tokio::spawn(async move {
+            let mut published = Published::default();
             loop {
-                publish_pool(&state, &metrics);
+                publish_pool(&state, &metrics, &mut published);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = rx.changed() => return,
                 }
             }
+        }));
+    }
+    // Reconcile with instance metadata and EC2.
+    {
+        let r = Reconciler {
+            state: state.clone(),
+            pool: pool.clone(),
+            ec2: ec2.clone(),
+            pacer: pacer.clone(),
+            imds: deps.imds.clone(),
+            primary_mac: id.primary_mac.clone(),
+            settings: crate::reconcile::ReconcileSettings::from_config(cfg, &id.instance_id),
+            host: parts.host.clone(),
+            mtu: cfg.eni_mtu,
+            metrics: metrics.clone(),
+        };
+        let (period, rx) = (cfg.reconcile_interval, rx.clone());
+        tasks.push(tokio::spawn(async move { r.run(period, rx).await }));
+    }
+    if !cfg.disable_leaked_eni_cleanup && !cfg.disable_provisioning {
+        let (ec2, pacer, rx) = (ec2.clone(), pacer.clone(), rx.clone());
+        let (vpc, cluster) = (primary.vpc_id.clone(), cfg.cluster_name.clone());
+        let first = cfg.leaked_eni_first_delay.unwrap_or_else(|| {
+            // The reference's random 0–300 s, so that a fleet does not describe at once.
+            let nanos = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            Duration::from_millis(u64::from(nanos) % 300_000)
+        });
+        let every = cfg.leaked_eni_interval;
+        tasks.push(tokio::spawn(async move {
+            leaked_eni_loop(ec2, pacer, vpc, cluster, first, every, rx).await;
         }));
     }
     if !cfg.disable_provisioning {
@@ -723,10 +1037,180 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
         introspection_addr,
         shutdown,
         tasks,
+        with_api_server: k8s.is_some(),
     })
 }
 
-fn publish_pool(state: &PoolState, metrics: &Metrics) {
+/// The periodic reconcile (spec 5.3): instance metadata against the datastore, EC2 as the
+/// judge; adopted ENIs are wired on the host and evicted ones unwired.
+struct Reconciler {
+    state: Arc<PoolState>,
+    pool: Arc<PoolManager>,
+    ec2: Arc<dyn Ec2Api>,
+    pacer: Arc<Pacer>,
+    imds: Arc<dyn Imds>,
+    primary_mac: String,
+    settings: crate::reconcile::ReconcileSettings,
+    host: Option<Arc<dyn NodeHost>>,
+    mtu: u32,
+    metrics: Arc<Metrics>,
+}
+
+impl Reconciler {
+    async fn run(self, period: Duration, mut rx: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = rx.changed() => return,
+            }
+            if self.state.terminating() {
+                continue;
+            }
+            if let Err(e) = self.once().await {
+                tracing::warn!(error = %e, "reconcile failed; next run in {period:?}");
+            }
+        }
+    }
+
+    /// One reconcile run.
+    async fn once(&self) -> Result<crate::reconcile::ApplyReport, String> {
+        let _busy = self.metrics.in_progress("nodeIPPoolReconcile");
+        let enis = self
+            .imds
+            .enis(&self.primary_mac)
+            .await
+            .map_err(|e| format!("instance metadata: {e}"))?;
+        let imds: Vec<crate::reconcile::ImdsEni> = enis
+            .iter()
+            .map(|m| crate::reconcile::ImdsEni {
+                id: m.interface_id.clone(),
+                mac: m.mac.clone(),
+                device_number: m.device_number,
+                network_card: m.network_card,
+                subnet_id: m.subnet_id.clone(),
+                subnet_cidr: Some(m.subnet_cidr),
+                primary_ip: m.primary_ip(),
+                secondary_ips: m.secondary_ips().to_vec(),
+                prefixes: m.ipv4_prefixes.clone(),
+            })
+            .collect();
+        let released = self.pool.recently_released();
+        let report = crate::reconcile::reconcile_once(
+            &self.state,
+            self.ec2.as_ref(),
+            &self.pacer,
+            &imds,
+            &released,
+            &self.settings,
+        )
+        .await
+        .map_err(|e| {
+            self.metrics
+                .ipamd_error_count
+                .with_label_values(&["reconcileFailedGetENIs"])
+                .inc();
+            format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            )
+        })?;
+        let m = &self.metrics;
+        if !report.adopted.is_empty() {
+            m.reconcile_count
+                .with_label_values(&["eniReconcileAdd"])
+                .inc_by(report.adopted.len() as u64);
+        }
+        if !report.evicted_enis.is_empty() {
+            m.reconcile_count
+                .with_label_values(&["eniReconcileDel"])
+                .inc_by(report.evicted_enis.len() as u64);
+            m.force_removed_enis
+                .inc_by(report.evicted_enis.len() as u64);
+        }
+        if report.added_cidrs > 0 {
+            m.reconcile_count
+                .with_label_values(&["eniDataStorePoolReconcileAdd"])
+                .inc_by(report.added_cidrs as u64);
+        }
+        if report.evicted_cidrs > 0 {
+            m.reconcile_count
+                .with_label_values(&["eniIPPoolReconcileDel"])
+                .inc_by(report.evicted_cidrs as u64);
+        }
+        m.force_removed_ips.inc_by(report.lost_pods.len() as u64);
+        if let Some(h) = &self.host {
+            for e in &report.adopted {
+                let he = HostEni::from_adopted(e);
+                if he.is_primary() {
+                    continue;
+                }
+                if let Err(err) = h.wire(&he, self.mtu).await {
+                    tracing::warn!(eni = %e.id, error = %err, "adopted ENI not wired");
+                }
+            }
+            for (eni, ip) in &report.evicted_enis {
+                if let Err(err) = h.unwire(eni, *ip).await {
+                    tracing::warn!(eni, error = %err, "rules of an evicted ENI not removed");
+                }
+            }
+        }
+        for e in &report.evicted_enis {
+            m.remove_eni(&e.0);
+        }
+        Ok(report)
+    }
+}
+
+/// Leaked-ENI cleanup: after `first` (the reference: a random 0–300 s), then every `every`
+/// (an hour).
+async fn leaked_eni_loop(
+    ec2: Arc<dyn Ec2Api>,
+    pacer: Arc<Pacer>,
+    vpc: String,
+    cluster: String,
+    first: Duration,
+    every: Duration,
+    mut rx: watch::Receiver<bool>,
+) {
+    let mut wait = first;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = rx.changed() => return,
+        }
+        wait = every;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        match crate::reconcile::cleanup_leaked(
+            ec2.as_ref(),
+            &pacer,
+            &vpc,
+            Some(cluster.as_str()),
+            now,
+        )
+        .await
+        {
+            Ok(r) => {
+                if !r.deleted.is_empty() || !r.tagged.is_empty() || !r.errors.is_empty() {
+                    tracing::info!(deleted = ?r.deleted, tagged = ?r.tagged, errors = r.errors.len(), "leaked-ENI cleanup");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "leaked-ENI cleanup: EC2 unavailable"),
+        }
+    }
+}
+
+/// The per-ENI and per-CIDR series published last (to delete those that went).
+#[derive(Default)]
+struct Published {
+    enis: std::collections::BTreeSet<String>,
+    cidrs: std::collections::BTreeSet<String>,
+}
+
+fn publish_pool(state: &PoolState, metrics: &Metrics, published: &mut Published) {
     let now = state.now();
     let ds = state.lock();
     let t = ds.totals();
@@ -740,6 +1224,26 @@ fn publish_pool(state: &PoolState, metrics: &Metrics) {
         warm_ips: t.total.saturating_sub(t.assigned).saturating_sub(cooling) as i64,
         ipv4_prefixes: t.prefixes as i64,
     });
+    let mut now_published = Published::default();
+    for (id, e) in ds.enis() {
+        let mut on_eni = 0i64;
+        for c in e.cidrs.values() {
+            let n = c.addresses.values().filter(|a| a.key.is_some()).count() as i64;
+            on_eni += n;
+            let cidr = c.cidr.to_string();
+            metrics.set_assigned_ip_per_cidr(&cidr, n);
+            now_published.cidrs.insert(cidr);
+        }
+        metrics.set_assigned_ip_per_eni(id, on_eni);
+        now_published.enis.insert(id.clone());
+    }
+    for gone in published.enis.difference(&now_published.enis) {
+        metrics.remove_eni(gone);
+    }
+    for gone in published.cidrs.difference(&now_published.cidrs) {
+        metrics.remove_cidr(gone);
+    }
+    *published = now_published;
 }
 
 #[cfg(test)]

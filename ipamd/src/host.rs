@@ -249,6 +249,84 @@ pub async fn normalize_pod_rules<H: HostNetwork>(
     Ok(n)
 }
 
+/// The host side as the daemon drives it: object-safe over any [`HostNetwork`] (the daemon
+/// keeps one `Arc<dyn NodeHost>`; `None` when host networking is off).
+#[async_trait::async_trait]
+pub trait NodeHost: Send + Sync {
+    /// [`setup_node`].
+    async fn setup_node(
+        &self,
+        cfg: &Config,
+        primary: &HostEni,
+        vpc_cidrs: &[Ipv4Net],
+        enis: &[HostEni],
+    ) -> Result<NodeWiring, HostError>;
+    /// [`wire_eni`]; returns the link's name.
+    async fn wire(&self, eni: &HostEni, mtu: u32) -> Result<String, HostError>;
+    /// [`unwire_eni`].
+    async fn unwire(&self, eni: &str, primary_ip: Ipv4Addr) -> Result<usize, HostError>;
+    /// [`normalize_pod_rules`].
+    async fn normalize_pod_rules(&self, ips: &[Ipv4Addr]) -> Result<usize, HostError>;
+}
+
+/// A [`NodeHost`] over a [`HostNetwork`] (netlink in the daemon's namespace, or memory),
+/// shared so that tests can inspect it.
+#[derive(Debug)]
+pub struct Host<H>(pub std::sync::Arc<H>);
+
+#[async_trait::async_trait]
+impl<H: HostNetwork + 'static> NodeHost for Host<H> {
+    async fn setup_node(
+        &self,
+        cfg: &Config,
+        primary: &HostEni,
+        vpc_cidrs: &[Ipv4Net],
+        enis: &[HostEni],
+    ) -> Result<NodeWiring, HostError> {
+        setup_node(self.0.as_ref(), cfg, primary, vpc_cidrs, enis).await
+    }
+
+    async fn wire(&self, eni: &HostEni, mtu: u32) -> Result<String, HostError> {
+        wire_eni(self.0.as_ref(), eni, mtu).await.map(|l| l.name)
+    }
+
+    async fn unwire(&self, eni: &str, primary_ip: Ipv4Addr) -> Result<usize, HostError> {
+        unwire_eni(self.0.as_ref(), eni, primary_ip).await
+    }
+
+    async fn normalize_pod_rules(&self, ips: &[Ipv4Addr]) -> Result<usize, HostError> {
+        normalize_pod_rules(self.0.as_ref(), ips).await
+    }
+}
+
+impl HostError {
+    /// The ENI's link is not (yet) in the namespace: worth waiting for after an attach.
+    pub fn is_link_missing(&self) -> bool {
+        matches!(self, HostError::Net { source, .. } if matches!(source, NetError::LinkNotFound { .. }))
+    }
+}
+
+/// Wires a just-attached ENI, waiting up to `wait` for its link to appear (on EC2 the device
+/// shows up a few seconds after `AttachNetworkInterface` returns; the reference polls instance
+/// metadata for it). Polls every 250 ms; any error other than a missing link fails at once.
+pub async fn wire_when_present(
+    host: &dyn NodeHost,
+    eni: &HostEni,
+    mtu: u32,
+    wait: std::time::Duration,
+) -> Result<String, HostError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match host.wire(eni, mtu).await {
+            Err(e) if e.is_link_missing() && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(eni = %eni.id, "ENI link not there yet");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

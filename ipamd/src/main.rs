@@ -70,7 +70,50 @@ fn init_logging(cfg: &Config) {
         .init();
 }
 
-async fn run(mut cfg: Config) -> anyhow::Result<()> {
+/// The Kubernetes API, when an enabled feature needs it or the daemon runs in a cluster
+/// (`KUBERNETES_SERVICE_HOST` or `CLUSTER_ENDPOINT` set). `None`: run without it.
+async fn kubernetes(cfg: &Config) -> anyhow::Result<Option<ipamd::k8s::K8s>> {
+    use ipamd::k8s::{self, ApiServerStatus, ConnectPolicy};
+    let needed_by = k8s::api_server_needed_by(
+        cfg.custom_networking,
+        cfg.annotate_pod_ip,
+        cfg.enable_pod_eni,
+    );
+    let in_cluster =
+        std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() || cfg.cluster_endpoint.is_some();
+    if needed_by.is_empty() && !in_cluster {
+        return Ok(None);
+    }
+    let client = match k8s::client_from_env(cfg.cluster_endpoint.as_deref()).await {
+        Ok(c) => c,
+        Err(e) if needed_by.is_empty() => {
+            tracing::warn!(error = %e, "no Kubernetes client configuration: running without the API server");
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("Kubernetes client needed by {}", needed_by.join(", ")))
+        }
+    };
+    match k8s::connect_api_server(&client, &needed_by, &ConnectPolicy::default()).await? {
+        ApiServerStatus::Connected { .. } => {}
+        ApiServerStatus::Unavailable => return Ok(None),
+    }
+    if cfg.node_name.is_empty() {
+        anyhow::bail!("MY_NODE_NAME is not set: the daemon cannot read its own Node");
+    }
+    let pod = if cfg.pod_name.is_empty() {
+        "aws-node".to_owned()
+    } else {
+        cfg.pod_name.clone()
+    };
+    Ok(Some(
+        k8s::K8s::new(client, &cfg.node_name, pod, "kube-system")
+            .with_eni_config_keys(&cfg.eni_config_annotation, &cfg.eni_config_label),
+    ))
+}
+
+async fn run(mut cfg: Config, process_start: std::time::Instant) -> anyhow::Result<()> {
     // The embedded simulator is kept alive for the whole run.
     let mut _sim = None;
     let mut static_credentials = None;
@@ -121,12 +164,26 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let veth_exists = daemon::host_veth_check()
         .await
         .context("listing host links for checkpoint normalisation")?;
-    let d = daemon::start(
+    let host: Option<Arc<dyn ipamd::host::NodeHost>> = if cfg.host_networking {
+        let ns = vpc_cni_net::Netns::current().context("opening the host's network namespace")?;
+        let h = vpc_cni_net::NetlinkHostNetwork::new(ns).context("host netlink")?;
+        Some(Arc::new(ipamd::host::Host(Arc::new(h))))
+    } else {
+        tracing::info!("host networking off (VPC_CNI_HOST_NETWORKING=false or the sim backend): ENI routes, rules and SNAT are not touched");
+        None
+    };
+    let k8s = kubernetes(&cfg).await?;
+    let d = daemon::start_node(
         &cfg,
         Deps {
             ec2: Arc::new(ec2),
             imds,
             veth_exists,
+        },
+        daemon::NodeParts {
+            host,
+            k8s,
+            process_start: Some(process_start),
         },
     )
     .await
@@ -154,6 +211,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    let process_start = std::time::Instant::now();
     let flags = Flags::parse();
     let cfg = match Config::from_env(&flags) {
         Ok(c) => c,
@@ -173,7 +231,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cfg)) {
+    match rt.block_on(run(cfg, process_start)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -31,6 +31,9 @@ pub enum PoolError {
         #[source]
         source: Ec2Error,
     },
+    /// A new ENI could not be wired on the host (it was detached and deleted again).
+    #[error("pool change: host wiring of a new ENI")]
+    Host(#[source] crate::host::HostError),
     /// The checkpoint could not be written after a forced change.
     #[error("pool change {op}: checkpoint")]
     Checkpoint {
@@ -47,16 +50,57 @@ pub enum PoolError {
 pub struct NodeInfo {
     /// This instance.
     pub instance_id: String,
-    /// Subnet for new ENIs.
+    /// Subnet for new ENIs: the node's primary subnet, or the ENIConfig's with custom
+    /// networking.
     pub subnet_id: String,
     /// Its CIDR.
     pub subnet_cidr: Ipv4Net,
     /// Security groups for new ENIs.
     pub security_groups: Vec<String>,
+    /// Subnet discovery (`ENABLE_SUBNET_DISCOVERY`, not with custom networking): new ENIs go
+    /// to the eligible subnet of the node's VPC and zone with the most free addresses.
+    pub discovery: Option<SubnetDiscovery>,
     /// Tags for new ENIs (createdAt is added).
     pub tags: BTreeMap<String, String>,
     /// Attached ENIs the daemon does not manage.
     pub unmanaged_enis: u32,
+}
+
+/// Where subnet discovery looks (`DescribeSubnets` filters) and for which cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetDiscovery {
+    /// The node's VPC.
+    pub vpc_id: String,
+    /// The node's availability zone.
+    pub availability_zone: String,
+    /// `CLUSTER_NAME` (cluster-scoped subnet tags).
+    pub cluster: String,
+}
+
+/// What the pool manager reports while it works (metrics, Kubernetes events). Every method
+/// has a no-op default.
+pub trait PoolObserver: Send + Sync {
+    /// A decision was carried out.
+    fn decision(&self, _kind: crate::metrics::PoolDecision) {}
+    /// The pool was seen below its target.
+    fn below_target(&self, _at: Instant) {}
+    /// The pool was seen on target again.
+    fn on_target(&self, _at: Instant) {}
+    /// A subnet has no free address (`prefixes`: no free aligned /28).
+    fn subnet_exhausted(&self, _subnet: &str, _prefixes: bool) {}
+    /// EC2 refused a call for lack of IAM permissions.
+    fn unauthorized(&self, _action: &'static str, _message: &str) {}
+}
+
+/// Host wiring of the ENIs the pool manager creates and frees.
+#[derive(Clone)]
+pub struct PoolHost {
+    /// The host.
+    pub host: Arc<dyn crate::host::NodeHost>,
+    /// `AWS_VPC_ENI_MTU`.
+    pub mtu: u32,
+    /// How long to wait for a new ENI's link to appear after the attach.
+    pub link_wait: Duration,
 }
 
 /// governor's clock over tokio's (so paused-clock tests drive the rate limiters too): time
@@ -294,6 +338,8 @@ pub struct PoolManager {
     history: Mutex<History>,
     released: Mutex<BTreeMap<Ipv4Net, Duration>>,
     tick_period: Duration,
+    host: Option<PoolHost>,
+    observer: Option<Arc<dyn PoolObserver>>,
 }
 
 impl std::fmt::Debug for PoolManager {
@@ -326,6 +372,32 @@ impl PoolManager {
             history: Mutex::new(History::default()),
             released: Mutex::new(BTreeMap::new()),
             tick_period,
+            host: None,
+            observer: None,
+        }
+    }
+
+    /// Wires the ENIs it creates (and unwires those it frees) on this host.
+    pub fn with_host(mut self, host: PoolHost) -> Self {
+        self.host = Some(host);
+        self
+    }
+
+    /// Reports decisions, top-up latency, subnet exhaustion and IAM refusals to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn PoolObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    fn observe(&self, f: impl FnOnce(&dyn PoolObserver)) {
+        if let Some(o) = &self.observer {
+            f(o.as_ref());
+        }
+    }
+
+    fn note_unauthorized(&self, action: &'static str, e: &Ec2Error) {
+        if e.is_unauthorized() {
+            self.observe(|o| o.unauthorized(action, &e.message));
         }
     }
 
@@ -369,9 +441,26 @@ impl PoolManager {
     pub async fn tick(&self) -> Result<TickOutcome, PoolError> {
         let now = self.state.now();
         let (ids, decision) = self.decide(now);
+        let low = matches!(
+            decision.reason,
+            Reason::Low | Reason::AtCapacity | Reason::Backoff
+        );
+        if low {
+            self.observe(|o| o.below_target(Instant::now()));
+        }
         if let Some(change) = &decision.change {
             tracing::info!(?change, reason = ?decision.reason, "pool change");
             self.execute(&ids, change).await?;
+            let kind = match change {
+                PoolChange::Assign { .. } => crate::metrics::PoolDecision::Assign,
+                PoolChange::CreateEni { .. } => crate::metrics::PoolDecision::CreateEni,
+                PoolChange::Release(_) => crate::metrics::PoolDecision::Release,
+            };
+            self.observe(|o| o.decision(kind));
+        }
+        // Closes a low period (the observer ignores it when none is open).
+        if self.observer.is_some() && !self.is_low() {
+            self.observe(|o| o.on_target(Instant::now()));
         }
         let mut freed_eni = None;
         if decision.free_eni_phase && !self.state.terminating() {
@@ -388,6 +477,7 @@ impl PoolManager {
             if let Some(i) = pick {
                 let id = ids[i].clone();
                 self.free_eni(&id).await?;
+                self.observe(|o| o.decision(crate::metrics::PoolDecision::FreeEni));
                 freed_eni = Some(id);
             }
         }
@@ -430,16 +520,22 @@ impl PoolManager {
         }
     }
 
-    fn note_capacity_error(&self, e: &Ec2Error) {
+    fn note_capacity_error(&self, e: &Ec2Error, subnet: &str) {
         let now = self.state.now();
-        let mut h = lock(&self.history);
-        if e.is_insufficient_addresses() {
-            tracing::warn!("subnet has no free addresses: growth paused");
-            h.last_insufficient_addresses = Some(now);
-        } else if e.is_insufficient_cidr() {
-            tracing::warn!("subnet has no free /28 block: prefix growth paused");
-            h.last_insufficient_cidr = Some(now);
+        {
+            let mut h = lock(&self.history);
+            if e.is_insufficient_addresses() {
+                tracing::warn!(subnet, "subnet has no free addresses: growth paused");
+                h.last_insufficient_addresses = Some(now);
+            } else if e.is_insufficient_cidr() {
+                tracing::warn!(subnet, "subnet has no free /28 block: prefix growth paused");
+                h.last_insufficient_cidr = Some(now);
+            } else {
+                return;
+            }
         }
+        let prefixes = e.is_insufficient_cidr();
+        self.observe(|o| o.subnet_exhausted(subnet, prefixes));
     }
 
     async fn execute(&self, ids: &[String], change: &PoolChange) -> Result<(), PoolError> {
@@ -465,7 +561,10 @@ impl PoolManager {
                 match res {
                     Ok(got) => {
                         let mut ds = self.state.lock();
-                        for ip in got.ips {
+                        // Never the ENI's own primary address, whatever an EC2 endpoint
+                        // answers (moto lists it among the assigned ones).
+                        let primary = ds.eni(&id).map(|e| e.primary_ip);
+                        for ip in got.ips.into_iter().filter(|ip| Some(*ip) != primary) {
                             let _ = ds.add_cidr(&id, Ipv4Net::host(ip), false);
                         }
                         for p in got.prefixes {
@@ -475,13 +574,22 @@ impl PoolManager {
                     }
                     Err(e) if e.is_limit_exceeded() => self.resync_eni(&id).await,
                     Err(e) if e.is_insufficient_addresses() || e.is_insufficient_cidr() => {
-                        self.note_capacity_error(&e);
+                        let subnet = self
+                            .state
+                            .lock()
+                            .eni(&id)
+                            .map(|e| e.subnet_id.clone())
+                            .unwrap_or_default();
+                        self.note_capacity_error(&e, &subnet);
                         Ok(())
                     }
-                    Err(source) => Err(PoolError::Ec2 {
-                        op: "assign",
-                        source,
-                    }),
+                    Err(source) => {
+                        self.note_unauthorized("AssignPrivateIpAddresses", &source);
+                        Err(PoolError::Ec2 {
+                            op: "assign",
+                            source,
+                        })
+                    }
                 }
             }
             PoolChange::CreateEni { kind, count } => self.create_eni(*kind, *count).await,
@@ -613,6 +721,47 @@ impl PoolManager {
         Ok(())
     }
 
+    /// The subnets to try for a new ENI, in order, with their CIDRs: the configured subnet, or
+    /// with discovery the eligible subnets (most free addresses first). A `DescribeSubnets`
+    /// failure falls back to the configured subnet.
+    async fn subnets_for_new_eni(&self) -> Vec<(String, Ipv4Net)> {
+        let primary = (self.node.subnet_id.clone(), self.node.subnet_cidr);
+        let Some(d) = &self.node.discovery else {
+            return vec![primary];
+        };
+        let ec2 = self.ec2.clone();
+        let described = self
+            .pacer
+            .call("DescribeSubnets", || {
+                let (ec2, vpc, az) = (ec2.clone(), d.vpc_id.clone(), d.availability_zone.clone());
+                async move { ec2.describe_subnets(&vpc, &az).await }
+            })
+            .await;
+        let subnets = match described {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.note_unauthorized("DescribeSubnets", &e);
+                tracing::warn!(error = %e, "subnet discovery: DescribeSubnets failed, using the node's subnet");
+                None
+            }
+        };
+        let ids = crate::reconcile::subnets_for_new_eni(
+            true,
+            subnets.as_deref(),
+            &self.node.subnet_id,
+            &d.cluster,
+        );
+        ids.into_iter()
+            .filter_map(|id| {
+                if id == self.node.subnet_id {
+                    return Some(primary.clone());
+                }
+                let cidr = subnets.as_ref()?.iter().find(|s| s.id == id)?.cidr;
+                Some((id, cidr))
+            })
+            .collect()
+    }
+
     async fn create_eni(&self, kind: AddressKind, count: u32) -> Result<(), PoolError> {
         let ec2 = self.ec2.clone();
         let inst = self.node.instance_id.clone();
@@ -623,44 +772,66 @@ impl PoolManager {
                 async move { ec2.used_device_indexes(&inst).await }
             })
             .await
-            .map_err(|source| PoolError::Ec2 {
-                op: "create ENI",
-                source,
+            .map_err(|source| {
+                self.note_unauthorized("DescribeInstances", &source);
+                PoolError::Ec2 {
+                    op: "create ENI",
+                    source,
+                }
             })?;
         let device = (1..100u32)
             .find(|d| !used.iter().any(|(card, dev)| *card == 0 && dev == d))
             .unwrap_or(1);
         let mut tags = self.node.tags.clone();
         tags.insert(crate::ec2::TAG_CREATED_AT.into(), rfc3339(self.state.now()));
-        let req = CreateEni {
-            subnet_id: self.node.subnet_id.clone(),
-            security_groups: self.node.security_groups.clone(),
-            description: format!("{DESCRIPTION_PREFIX}{}", self.node.instance_id),
-            tags,
-            addresses: match kind {
-                AddressKind::Ip => Addresses::Ips(count),
-                AddressKind::Prefix => Addresses::Prefixes(count),
-            },
-        };
-        let created = self
-            .pacer
-            .call("CreateNetworkInterface", || {
-                let (ec2, req) = (ec2.clone(), req.clone());
-                async move { ec2.create_eni(&req).await }
-            })
-            .await;
-        let eni = match created {
-            Ok(e) => e,
-            Err(e) if e.is_insufficient_addresses() || e.is_insufficient_cidr() => {
-                self.note_capacity_error(&e);
-                return Ok(());
-            }
-            Err(source) => {
-                return Err(PoolError::Ec2 {
-                    op: "create ENI",
-                    source,
+        let subnets = self.subnets_for_new_eni().await;
+        if subnets.is_empty() {
+            tracing::warn!("no eligible subnet for a new ENI (subnets tagged kubernetes.io/role/cni=0 or for another cluster)");
+            return Ok(());
+        }
+        let mut created = None;
+        let mut exhausted = None;
+        for (subnet_id, subnet_cidr) in &subnets {
+            let req = CreateEni {
+                subnet_id: subnet_id.clone(),
+                security_groups: self.node.security_groups.clone(),
+                description: format!("{DESCRIPTION_PREFIX}{}", self.node.instance_id),
+                tags: tags.clone(),
+                addresses: match kind {
+                    AddressKind::Ip => Addresses::Ips(count),
+                    AddressKind::Prefix => Addresses::Prefixes(count),
+                },
+            };
+            let res = self
+                .pacer
+                .call("CreateNetworkInterface", || {
+                    let (ec2, req) = (ec2.clone(), req.clone());
+                    async move { ec2.create_eni(&req).await }
                 })
+                .await;
+            match res {
+                Ok(e) => {
+                    created = Some((e, *subnet_cidr));
+                    break;
+                }
+                Err(e) if e.is_insufficient_addresses() || e.is_insufficient_cidr() => {
+                    tracing::info!(subnet = %subnet_id, code = %e.code, "subnet full: trying the next eligible subnet");
+                    exhausted = Some((e, subnet_id.clone()));
+                }
+                Err(source) => {
+                    self.note_unauthorized("CreateNetworkInterface", &source);
+                    return Err(PoolError::Ec2 {
+                        op: "create ENI",
+                        source,
+                    });
+                }
             }
+        }
+        let Some((eni, subnet_cidr)) = created else {
+            if let Some((e, subnet)) = exhausted {
+                self.note_capacity_error(&e, &subnet);
+            }
+            return Ok(());
         };
         let attach = self
             .pacer
@@ -673,13 +844,8 @@ impl PoolManager {
             Ok(a) => a,
             Err(source) => {
                 // Do not leak it.
-                let _ = self
-                    .pacer
-                    .call("DeleteNetworkInterface", || {
-                        let (ec2, id) = (ec2.clone(), eni.id.clone());
-                        async move { not_found_ok(ec2.delete_eni(&id).await) }
-                    })
-                    .await;
+                self.note_unauthorized("AttachNetworkInterface", &source);
+                self.delete_quietly(&eni.id).await;
                 return Err(PoolError::Ec2 {
                     op: "attach ENI",
                     source,
@@ -696,6 +862,27 @@ impl PoolManager {
         {
             tracing::warn!(eni = %eni.id, error = %e, "DeleteOnTermination not set");
         }
+        let primary_ip = eni.primary_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+        // The host side before any pod can get an address from it.
+        if let Some(h) = &self.host {
+            let he = crate::host::HostEni {
+                id: eni.id.clone(),
+                mac: eni.mac.clone(),
+                primary_ip,
+                subnet_cidr,
+                network_card: 0,
+                device_number: device,
+                is_trunk: false,
+            };
+            if let Err(e) =
+                crate::host::wire_when_present(h.host.as_ref(), &he, h.mtu, h.link_wait).await
+            {
+                tracing::warn!(eni = %eni.id, error = %e, "new ENI cannot be wired: detaching and deleting it");
+                let _ = h.host.unwire(&eni.id, primary_ip).await;
+                self.detach_and_delete_quietly(&eni.id, &attachment).await;
+                return Err(PoolError::Host(e));
+            }
+        }
         let now = self.state.now();
         let mut ds = self.state.lock();
         ds.add_eni(
@@ -706,9 +893,9 @@ impl PoolManager {
                 is_trunk: false,
                 is_efa: false,
                 device_number: device,
-                primary_ip: eni.primary_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+                primary_ip,
                 subnet_id: eni.subnet_id.clone(),
-                subnet_cidr: self.node.subnet_cidr,
+                subnet_cidr,
                 excluded: false,
             },
             now,
@@ -719,14 +906,52 @@ impl PoolManager {
         for p in &eni.prefixes {
             let _ = ds.add_cidr(&eni.id, *p, true);
         }
-        tracing::info!(eni = %eni.id, device, "ENI created and attached");
+        tracing::info!(eni = %eni.id, device, subnet = %eni.subnet_id, "ENI created and attached");
         Ok(())
+    }
+
+    /// Best-effort delete of an ENI this manager just created (not found is fine).
+    async fn delete_quietly(&self, id: &str) {
+        let ec2 = self.ec2.clone();
+        if let Err(e) = self
+            .pacer
+            .call("DeleteNetworkInterface", || {
+                let (ec2, id) = (ec2.clone(), id.to_owned());
+                async move { not_found_ok(ec2.delete_eni(&id).await) }
+            })
+            .await
+        {
+            tracing::warn!(eni = id, error = %e, "ENI not deleted: leaked-ENI cleanup will find it");
+        }
+    }
+
+    /// Best-effort detach then delete (an ENI that could not be wired).
+    async fn detach_and_delete_quietly(&self, id: &str, attachment: &str) {
+        let ec2 = self.ec2.clone();
+        if let Err(e) = self
+            .pacer
+            .call("DetachNetworkInterface", || {
+                let (ec2, att) = (ec2.clone(), attachment.to_owned());
+                async move { not_found_ok(ec2.detach_eni(&att).await) }
+            })
+            .await
+        {
+            tracing::warn!(eni = id, error = %e, "ENI not detached: leaked-ENI cleanup will find it");
+            return;
+        }
+        self.delete_quietly(id).await;
     }
 
     async fn free_eni(&self, id: &str) -> Result<(), PoolError> {
         // Out of the datastore first, so that nothing is assigned from it meanwhile.
+        let primary_ip = self.state.lock().eni(id).map(|e| e.primary_ip);
         if self.state.lock().remove_eni(id, false).is_err() {
             return Ok(());
+        }
+        if let (Some(h), Some(ip)) = (&self.host, primary_ip) {
+            if let Err(e) = h.host.unwire(id, ip).await {
+                tracing::warn!(eni = id, error = %e, "host rules of a freed ENI not removed");
+            }
         }
         let ec2 = self.ec2.clone();
         let described = self
@@ -875,6 +1100,7 @@ mod tests {
                 subnet_id: "subnet-1".into(),
                 subnet_cidr: subnet,
                 security_groups: vec!["sg-1".into()],
+                discovery: None,
                 tags: cfg.eni_tags(&instance_id),
                 unmanaged_enis: 0,
             },

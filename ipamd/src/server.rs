@@ -37,6 +37,19 @@ pub struct ReplySettings {
 /// Called after each successful assignment to say whether the pool is now below target.
 pub type LowCheck = Arc<dyn Fn(&PoolState) -> bool + Send + Sync>;
 
+/// What the backend reports per request (metrics, the pod IP annotation). Every method has a
+/// no-op default; none may block.
+pub trait BackendEvents: Send + Sync {
+    /// An AddNetwork request arrived.
+    fn add_request(&self) {}
+    /// A DelNetwork request arrived, with its reason (`PodDeleted`, `SetupNSFailed`...).
+    fn del_request(&self, _reason: &str) {}
+    /// An AddNetwork found no free address.
+    fn no_available_ip(&self) {}
+    /// An address was assigned to pod `namespace/name`.
+    fn assigned(&self, _namespace: &str, _name: &str, _ip: std::net::Ipv4Addr) {}
+}
+
 /// The gRPC backend.
 #[derive(Clone)]
 pub struct Backend {
@@ -44,6 +57,7 @@ pub struct Backend {
     reply: ReplySettings,
     version: String,
     low_check: Option<LowCheck>,
+    events: Option<Arc<dyn BackendEvents>>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -62,6 +76,19 @@ impl Backend {
             reply,
             version: VERSION.into(),
             low_check: None,
+            events: None,
+        }
+    }
+
+    /// Reports requests to `events`.
+    pub fn with_events(mut self, events: Arc<dyn BackendEvents>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    fn event(&self, f: impl FnOnce(&dyn BackendEvents)) {
+        if let Some(e) = &self.events {
+            f(e.as_ref());
         }
     }
 
@@ -101,6 +128,7 @@ impl CniBackend for Backend {
     ) -> Result<Response<AddNetworkReply>, Status> {
         let r = request.into_inner();
         vpc_cni_rpc::check_client_version(&r.client_version, &self.version)?;
+        self.event(|e| e.add_request());
         let fail = || AddNetworkReply {
             success: false,
             network_policy_mode: self.reply.network_policy_mode.clone(),
@@ -127,6 +155,7 @@ impl CniBackend for Backend {
             Err(e) => {
                 tracing::warn!(pod = %r.k8s_pod_name, namespace = %r.k8s_pod_namespace, error = %e, "AddNetwork failed");
                 if matches!(e, StateError::Datastore(DsError::NoAvailableIp)) {
+                    self.event(|e| e.no_available_ip());
                     self.state.low.notify_one();
                 }
                 return Ok(Response::new(fail()));
@@ -140,6 +169,7 @@ impl CniBackend for Backend {
             }
         }
         tracing::info!(ip = %a.ip, eni = %a.eni_id, pod = %r.k8s_pod_name, namespace = %r.k8s_pod_namespace, "assigned");
+        self.event(|e| e.assigned(&r.k8s_pod_namespace, &r.k8s_pod_name, a.ip));
         Ok(Response::new(AddNetworkReply {
             success: true,
             ip_allocation_metadata: vec![IpAllocationMetadata {
@@ -161,6 +191,7 @@ impl CniBackend for Backend {
     ) -> Result<Response<DelNetworkReply>, Status> {
         let r = request.into_inner();
         vpc_cni_rpc::check_client_version(&r.client_version, &self.version)?;
+        self.event(|e| e.del_request(&r.reason));
         let key = IpamKey::new(&r.network_name, &r.container_id, &r.if_name);
         let st = self.state.clone();
         match blocking(move || st.unassign(&key)).await? {

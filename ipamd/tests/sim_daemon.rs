@@ -404,3 +404,521 @@ async fn a_throttling_storm_is_survived_with_nothing_leaked() {
 async fn a_5xx_storm_is_survived_with_nothing_leaked() {
     storm("InternalError").await;
 }
+
+/// An EC2 client of the test's own (what an operator or another tool would do behind the
+/// daemon's back).
+async fn outside_ec2(node: &SimNode) -> AwsEc2 {
+    AwsEc2::new(&AwsSettings {
+        region: SIM_REGION.into(),
+        endpoint: Some(node.ec2_url()),
+        http_timeout: Duration::from_secs(10),
+        version: "test-outside".into(),
+        static_credentials: Some((SIM_CREDENTIALS.0.into(), SIM_CREDENTIALS.1.into())),
+    })
+    .await
+}
+
+fn ds_has(d: &Daemon, ip: Ipv4Addr) -> bool {
+    ds_view(d).0.contains(&format!("{ip}/32"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_evicts_addresses_removed_behind_its_back_and_adopts_added_ones() {
+    use ipamd::ec2::{Addresses, Ec2Api};
+    let node = sim("m5.large", SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &node,
+        &[
+            ("WARM_IP_TARGET", "3"),
+            ("MINIMUM_IP_TARGET", "6"),
+            ("VPC_CNI_RECONCILE_INTERVAL", "100ms"),
+        ],
+    );
+    let d = start(&cfg, all_veths()).await;
+    wait_until("the warm target", || async { !d.pool().is_low() }).await;
+    let mut c = client(&cfg.grpc_socket).await;
+    let pod_ip = add_ok(&mut c, "victim").await;
+    let (eni, warm_ip) = {
+        let ds = d.state().lock();
+        let (id, e) = ds
+            .enis()
+            .iter()
+            .find(|(_, e)| e.cidrs.contains_key(&ipamd::types::Ipv4Net::host(pod_ip)))
+            .unwrap();
+        let warm = e
+            .cidrs
+            .values()
+            .find(|c| !c.is_prefix && c.addresses.values().all(|a| a.key.is_none()))
+            .map(|c| c.cidr.addr())
+            .unwrap();
+        (id.clone(), warm)
+    };
+    let ec2 = outside_ec2(&node).await;
+    // A warm address and the pod's address are taken away in EC2.
+    ec2.unassign_ips(&eni, &[warm_ip, pod_ip]).await.unwrap();
+    wait_until("reconcile to evict the removed addresses", || async {
+        !ds_has(&d, warm_ip) && !ds_has(&d, pod_ip)
+    })
+    .await;
+    assert!(
+        !d.state()
+            .lock()
+            .assignments()
+            .iter()
+            .any(|(_, k)| k.container_id == "victim"),
+        "the pod whose address went is no longer assigned"
+    );
+    // An address added in EC2 is adopted.
+    let added = ec2.assign(&eni, Addresses::Ips(1)).await.unwrap().ips[0];
+    wait_until("reconcile to adopt the added address", || async {
+        ds_has(&d, added)
+    })
+    .await;
+    let text = scrape(d.metrics_addr().unwrap());
+    for series in [
+        "awscni_force_removed_ips 1",
+        "awscni_reconcile_count{fn=\"eniIPPoolReconcileDel\"}",
+        "awscni_reconcile_count{fn=\"eniDataStorePoolReconcileAdd\"}",
+    ] {
+        assert!(text.contains(series), "{series} missing:\n{text}");
+    }
+    d.stop().await;
+    node.running.shutdown();
+}
+
+/// Puts a link with the ENI's MAC into a memory host whenever the simulator attaches an ENI
+/// to the node (what the kernel does on EC2).
+struct HotPlug {
+    host: Arc<vpc_cni_net::MemoryHostNetwork>,
+    instance: String,
+}
+
+impl vpc_sim::hooks::Hooks for HotPlug {
+    fn on_attach(&mut self, ev: &vpc_sim::hooks::EniAttached) {
+        if ev.instance_id == self.instance {
+            self.host
+                .add_link(&format!("eth{}", ev.device_index), ev.mac.parse().unwrap());
+        }
+    }
+    fn on_detach(&mut self, _: &vpc_sim::hooks::EniDetached) {}
+    fn on_assign(&mut self, _: &vpc_sim::hooks::AddressesChanged) {}
+    fn on_unassign(&mut self, _: &vpc_sim::hooks::AddressesChanged) {}
+}
+
+async fn start_with_host(
+    cfg: &Config,
+    host: &Arc<vpc_cni_net::MemoryHostNetwork>,
+) -> Result<Daemon, daemon::DaemonError> {
+    let imds = AwsImds::new(&ImdsSettings {
+        endpoint: cfg.imds_endpoint.clone(),
+        http_timeout: cfg.http_timeout,
+    })
+    .unwrap();
+    let ec2 = AwsEc2::new(&AwsSettings {
+        region: SIM_REGION.into(),
+        endpoint: cfg.ec2_endpoint.clone(),
+        http_timeout: cfg.http_timeout,
+        version: "test".into(),
+        static_credentials: Some((SIM_CREDENTIALS.0.into(), SIM_CREDENTIALS.1.into())),
+    })
+    .await;
+    daemon::start_node(
+        cfg,
+        Deps {
+            ec2: Arc::new(ec2),
+            imds: Arc::new(imds),
+            veth_exists: all_veths(),
+        },
+        daemon::NodeParts {
+            host: Some(Arc::new(ipamd::host::Host(host.clone()))),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// A memory host holding the node's primary interface.
+fn host_with_primary(node: &SimNode) -> Arc<vpc_cni_net::MemoryHostNetwork> {
+    let host = Arc::new(vpc_cni_net::MemoryHostNetwork::new());
+    let mac = node.shared.with(|s| {
+        s.model()
+            .instance_enis(&node.instance_id)
+            .into_iter()
+            .find(|e| e.attachment.as_ref().is_some_and(|a| a.device_index == 0))
+            .unwrap()
+            .mac
+    });
+    host.add_link("eth0", mac.parse().unwrap());
+    host
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_enis_are_wired_on_the_host_before_use_and_unwired_when_freed() {
+    let node = sim("m5.large", SimConfig::default()).await;
+    let host = host_with_primary(&node);
+    node.shared.with(|s| {
+        s.set_hooks(Box::new(HotPlug {
+            host: host.clone(),
+            instance: node.instance_id.clone(),
+        }))
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &node,
+        &[
+            ("IP_COOLDOWN_PERIOD", "0"),
+            ("VPC_CNI_MIN_ENI_AGE", "0"),
+            ("VPC_CNI_DECREASE_INTERVAL", "0"),
+            ("AWS_VPC_ENI_MTU", "9001"),
+        ],
+    );
+    let d = start_with_host(&cfg, &host).await.expect("start-up");
+    let snat = host.state().snat.expect("SNAT rules applied at start-up");
+    assert_eq!(snat.primary_if, "eth0");
+    // 12 pods fill the primary ENI and use the second; WARM_ENI_TARGET=1 adds a third. Each
+    // secondary ENI is wired before any pod uses it.
+    let mut c = client(&cfg.grpc_socket).await;
+    for i in 0..12 {
+        add_ok(&mut c, &format!("p{i}")).await;
+    }
+    wait_until("three ENIs", || async {
+        d.state().lock().enis().len() == 3 && !d.pool().is_low()
+    })
+    .await;
+    let secondary: Vec<(String, Ipv4Addr, u32)> = d
+        .state()
+        .lock()
+        .enis()
+        .values()
+        .filter(|e| !e.is_primary)
+        .map(|e| (e.id.clone(), e.primary_ip, e.device_number))
+        .collect();
+    let has_rule = |ip: Ipv4Addr| {
+        host.state()
+            .rules
+            .iter()
+            .any(|r| r.from == Some(vpc_cni_net::IpCidr::host_v4(ip)))
+    };
+    let wired = host.state();
+    for (id, ip, device) in &secondary {
+        let spec = wired
+            .enis
+            .iter()
+            .find(|s| s.primary_ip == *ip)
+            .unwrap_or_else(|| panic!("{id} not wired: {wired:?}"));
+        assert_eq!(spec.route_table, device + 1, "{id}: table = device + 1");
+        assert_eq!(spec.mtu, 9001);
+        assert!(has_rule(*ip), "{id}: no rule from its primary IP");
+    }
+    // Every pod leaves: one warm ENI is enough, the other is freed and its rules go.
+    for i in 0..12 {
+        let r = c
+            .del_network(del(&format!("p{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.success);
+    }
+    wait_until("a secondary ENI to be freed", || async {
+        d.state().lock().enis().len() == 2 && sim_view(&node).2.is_empty()
+    })
+    .await;
+    let (freed, ip, _) = secondary
+        .iter()
+        .find(|(id, _, _)| d.state().lock().eni(id).is_none())
+        .unwrap()
+        .clone();
+    assert_eq!(d_enis(&node), 2, "{freed} detached and deleted in EC2");
+    assert!(!has_rule(ip), "{freed}'s rules are gone");
+    d.stop().await;
+    node.running.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eni_whose_link_never_appears_is_deleted_not_leaked_nor_used() {
+    let node = sim("m5.large", SimConfig::default()).await;
+    // No hot-plug: new ENIs never show up on the host.
+    let host = host_with_primary(&node);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &node,
+        &[
+            ("MINIMUM_IP_TARGET", "15"),
+            ("VPC_CNI_ENI_LINK_WAIT", "200ms"),
+        ],
+    );
+    let d = start_with_host(&cfg, &host).await.expect("start-up");
+    wait_until("an ENI to be created and deleted again", || async {
+        node.shared.with(|s| {
+            s.calls()
+                .iter()
+                .any(|c| c.action == "DeleteNetworkInterface" && c.outcome == "ok")
+        })
+    })
+    .await;
+    d.stop().await;
+    assert_eq!(d_enis(&node), 1, "only the primary ENI stays attached");
+    assert!(sim_view(&node).2.is_empty(), "no ENI leaked");
+    node.running.shutdown();
+}
+
+fn d_enis(node: &SimNode) -> usize {
+    node.shared
+        .with(|s| s.model().instance_enis(&node.instance_id).len())
+}
+
+/// Writes the fake API server saw: (method, path, body).
+type Writes = Arc<std::sync::Mutex<Vec<(String, String, serde_json::Value)>>>;
+
+/// A Kubernetes API server for one node over kube-rs's tower-test mock: answers reads by path
+/// (the Node, its ENIConfig, the aws-node pod), records and accepts writes (pod patches,
+/// events), 404 otherwise.
+fn fake_api_server(
+    node: serde_json::Value,
+    eni_config: serde_json::Value,
+) -> (kube::Client, Writes) {
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let writes: Writes = Arc::default();
+    let seen = writes.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+            let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+            let body: serde_json::Value =
+                serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+            let (status, answer) = match (method.as_str(), path.as_str()) {
+                ("GET", "/api/v1/nodes/node-1") => (StatusCode::OK, node.clone()),
+                ("GET", p) if p.starts_with("/apis/crd.k8s.amazonaws.com/v1alpha1/eniconfigs/") => {
+                    (StatusCode::OK, eni_config.clone())
+                }
+                ("GET", "/api/v1/namespaces/kube-system/pods/aws-node-1") => (
+                    StatusCode::OK,
+                    serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": "aws-node-1", "namespace": "kube-system", "uid": "u-1"}}),
+                ),
+                ("PATCH", p) if p.starts_with("/api/v1/namespaces/default/pods/") => {
+                    seen.lock()
+                        .unwrap()
+                        .push((method.clone(), path.clone(), body.clone()));
+                    let name = p.rsplit('/').next().unwrap_or_default();
+                    (
+                        StatusCode::OK,
+                        serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                            "metadata": {"name": name, "namespace": "default", "uid": "p"}}),
+                    )
+                }
+                ("POST", "/apis/events.k8s.io/v1/namespaces/kube-system/events") => {
+                    seen.lock()
+                        .unwrap()
+                        .push((method.clone(), path.clone(), body.clone()));
+                    (StatusCode::CREATED, body)
+                }
+                _ => (
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "NotFound", "code": 404, "message": path}),
+                ),
+            };
+            let resp = Response::builder()
+                .status(status)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap();
+            send.send_response(resp);
+        }
+    });
+    (kube::Client::new(service, "default"), writes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_networking_max_pods_pod_annotation_and_subnet_exhaustion_event() {
+    use vpc_sim::api::{Reply, Request};
+    let node = sim("m5.large", SimConfig::default()).await;
+    // The ENIConfig's subnet: a /28 (11 usable addresses) and its own security group.
+    let (pod_subnet, pod_sg) = node.shared.with(|s| {
+        let subnet = match s.call(
+            0,
+            Request::CreateSubnet {
+                vpc_id: node.vpc_id.clone(),
+                cidr: "10.0.16.0/28".parse().unwrap(),
+                availability_zone: Some(sim_backend::SIM_AZ.into()),
+                ipv6_cidr: None,
+                tags: Default::default(),
+            },
+        ) {
+            Ok(Reply::Subnet(v)) => v.id,
+            other => panic!("CreateSubnet: {other:?}"),
+        };
+        let sg = match s.call(
+            0,
+            Request::CreateSecurityGroup {
+                vpc_id: Some(node.vpc_id.clone()),
+                name: "pods".into(),
+                description: "pods".into(),
+                tags: Default::default(),
+            },
+        ) {
+            Ok(Reply::SecurityGroup(g)) => g.id,
+            other => panic!("CreateSecurityGroup: {other:?}"),
+        };
+        (subnet, sg)
+    });
+    let node_json = serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node-1", "labels": {"k8s.amazonaws.com/eniConfig": "pods-a"}},
+        "status": {"capacity": {"pods": "20"}}
+    });
+    let eni_config = serde_json::json!({
+        "apiVersion": "crd.k8s.amazonaws.com/v1alpha1", "kind": "ENIConfig",
+        "metadata": {"name": "pods-a"},
+        "spec": {"subnet": pod_subnet, "securityGroups": [pod_sg]}
+    });
+    let (api_client, writes) = fake_api_server(node_json, eni_config);
+    let k8s = ipamd::k8s::K8s::new(api_client, "node-1", "aws-node-1", "kube-system");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &node,
+        &[
+            ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true"),
+            ("ANNOTATE_POD_IP", "true"),
+            ("MINIMUM_IP_TARGET", "18"),
+            ("WARM_IP_TARGET", "2"),
+        ],
+    );
+    let imds = AwsImds::new(&ImdsSettings {
+        endpoint: cfg.imds_endpoint.clone(),
+        http_timeout: cfg.http_timeout,
+    })
+    .unwrap();
+    let ec2 = outside_ec2(&node).await;
+    let d = daemon::start_node(
+        &cfg,
+        Deps {
+            ec2: Arc::new(ec2),
+            imds: Arc::new(imds),
+            veth_exists: all_veths(),
+        },
+        daemon::NodeParts {
+            k8s: Some(k8s),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("start-up");
+    // The /28 runs out before 18 addresses: an event says so and growth pauses.
+    wait_until("the subnet-exhausted event", || async {
+        writes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, _, b)| b["reason"] == "SubnetAddressesExhausted")
+    })
+    .await;
+    let out = d.pool().tick().await.expect("tick");
+    assert_eq!(
+        out.decision.reason,
+        subnet_calc::policy::Reason::Backoff,
+        "growth paused after exhaustion"
+    );
+    // New ENIs are in the ENIConfig's subnet with its security group; the primary ENI holds
+    // no pod address.
+    let enis = node
+        .shared
+        .with(|s| s.model().instance_enis(&node.instance_id));
+    let secondary: Vec<_> = enis
+        .iter()
+        .filter(|e| e.attachment.as_ref().is_some_and(|a| a.device_index > 0))
+        .collect();
+    assert!(!secondary.is_empty(), "no ENI was created");
+    for e in &secondary {
+        assert_eq!(
+            e.subnet_id, pod_subnet,
+            "{} outside the ENIConfig subnet",
+            e.id
+        );
+        assert_eq!(e.groups, vec![pod_sg.clone()], "{} security groups", e.id);
+    }
+    let mut c = client(&cfg.grpc_socket).await;
+    let ip = add_ok(&mut c, "annotated").await;
+    let pod_net: ipamd::types::Ipv4Net = "10.0.16.0/28".parse().unwrap();
+    assert!(
+        pod_net.contains(ip),
+        "{ip} is not from the ENIConfig subnet"
+    );
+    wait_until("the pod IP annotation", || async {
+        writes.lock().unwrap().iter().any(|(m, p, b)| {
+            m == "PATCH"
+                && p.ends_with("/pods/pod-annotated")
+                && b["metadata"]["annotations"]["vpc.amazonaws.com/pod-ips"] == ip.to_string()
+        })
+    })
+    .await;
+    d.stop().await;
+    node.running.shutdown();
+}
+
+fn mutating_calls(node: &SimNode) -> usize {
+    node.shared.with(|s| {
+        s.calls()
+            .iter()
+            .filter(|c| ipamd::ec2::is_mutating(&c.action))
+            .count()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigterm_it_keeps_serving_but_neither_grows_nor_shrinks_the_pool() {
+    let node = sim("m5.large", SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &node,
+        &[
+            ("WARM_IP_TARGET", "3"),
+            ("IP_COOLDOWN_PERIOD", "0"),
+            ("VPC_CNI_MIN_ENI_AGE", "0"),
+            ("VPC_CNI_DECREASE_INTERVAL", "0"),
+        ],
+    );
+    let d = start(&cfg, all_veths()).await;
+    wait_until("the warm target", || async { !d.pool().is_low() }).await;
+    d.terminate();
+    let before = mutating_calls(&node);
+    let mut c = client(&cfg.grpc_socket).await;
+    // The warm addresses are still handed out...
+    for i in 0..3 {
+        add_ok(&mut c, &format!("t{i}")).await;
+    }
+    // ...but the pool, now below target, does not grow.
+    assert!(d.pool().is_low());
+    let out = d.pool().tick().await.unwrap();
+    assert_eq!(out.decision.reason, subnet_calc::policy::Reason::Paused);
+    assert!(out.decision.change.is_none() && out.freed_eni.is_none());
+    // Releases are served; the surplus is not given back to EC2.
+    for i in 0..3 {
+        let r = c
+            .del_network(del(&format!("t{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.success);
+    }
+    let out = d.pool().tick().await.unwrap();
+    assert!(
+        out.decision.change.is_none() && out.freed_eni.is_none(),
+        "{out:?}"
+    );
+    assert_eq!(mutating_calls(&node), before, "no EC2 change after SIGTERM");
+    // Stopping returns: every server and loop ends.
+    tokio::time::timeout(Duration::from_secs(20), d.stop())
+        .await
+        .expect("clean stop");
+    node.running.shutdown();
+}

@@ -118,12 +118,21 @@ impl Netns {
     /// Runs `f` inside this namespace on a dedicated OS thread and returns its result.
     ///
     /// The thread is created for the call and exits afterwards, so no pooled or runtime thread
-    /// ever changes namespace. Blocks the caller until `f` returns.
+    /// ever changes namespace. Blocks the caller until `f` returns. When the calling thread is
+    /// already in this namespace, `f` runs on it directly: no thread, no namespace switch.
     pub fn run<F, R>(&self, f: F) -> Result<R>
     where
         F: FnOnce() -> R + Send,
         R: Send,
     {
+        if self.is_current()? {
+            // Already here (e.g. the plugin's own host namespace): no thread, no switch.
+            return std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| {
+                NetError::Thread {
+                    what: format!("panicked inside {}", self.path.display()),
+                }
+            });
+        }
         std::thread::scope(|s| {
             let worker = std::thread::Builder::new()
                 .name("netns".into())

@@ -1,7 +1,10 @@
 //! Client side: dialling a unix socket, and the health probe.
 
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -53,6 +56,24 @@ pub enum ClientError {
         #[source]
         source: tonic::Status,
     },
+    /// The socket could not be dialled ([`connect_unix_direct`]).
+    #[error("cannot connect to the gRPC socket {}", path.display())]
+    Dial {
+        /// The socket path.
+        path: PathBuf,
+        /// The dial error.
+        #[source]
+        source: io::Error,
+    },
+    /// The HTTP/2 handshake on a dialled socket failed ([`connect_unix_direct`]).
+    #[error("HTTP/2 handshake on the gRPC socket {} failed", path.display())]
+    Handshake {
+        /// The socket path.
+        path: PathBuf,
+        /// The HTTP/2 error.
+        #[source]
+        source: hyper::Error,
+    },
     /// The health check got no answer within the timeout.
     #[error("health check of service {service:?} on {} timed out after {timeout:?}", path.display())]
     HealthTimeout {
@@ -72,6 +93,8 @@ impl ClientError {
     pub fn io_kind(&self) -> Option<io::ErrorKind> {
         let mut cause: Option<&(dyn std::error::Error + 'static)> = match self {
             ClientError::Connect { source, .. } => Some(source),
+            ClientError::Dial { source, .. } => return Some(source.kind()),
+            ClientError::Handshake { source, .. } => Some(source),
             _ => None,
         };
         while let Some(err) = cause {
@@ -120,6 +143,90 @@ pub async fn connect_unix(
     timeout: Duration,
 ) -> Result<CniBackendClient<Channel>, ClientError> {
     Ok(CniBackendClient::new(connect_channel(path, timeout).await?))
+}
+
+/// One HTTP/2 connection over a unix socket, as a gRPC transport for the generated clients
+/// (`CniBackendClient<UnixConnection>`): hyper's HTTP/2 client and nothing else. Unlike a tonic
+/// [`Channel`] there is no request buffer task, no reconnect and no balancing layer, which is
+/// what a short-lived process making one or two calls wants (the CNI plugin). Made by
+/// [`connect_unix_direct`]; cheap to clone (clones share the connection). The connection task
+/// runs on the Tokio runtime that made it and ends when the last clone is dropped or the peer
+/// closes.
+///
+/// Any HTTP/2 transport failure (connection closed or reset, protocol error) surfaces as a
+/// `tonic::Status` with code `UNAVAILABLE`, as gRPC specifies for transport errors; statuses
+/// the server sends are passed through unchanged.
+#[derive(Clone, Debug)]
+pub struct UnixConnection {
+    send: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
+}
+
+type ResponseFuture = Pin<
+    Box<dyn Future<Output = Result<http::Response<hyper::body::Incoming>, tonic::Status>> + Send>,
+>;
+
+fn transport_status(e: &hyper::Error) -> tonic::Status {
+    tonic::Status::unavailable(format!("HTTP/2 transport: {e}"))
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for UnixConnection {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = tonic::Status;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.send.poll_ready(cx).map_err(|e| transport_status(&e))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let fut = self.send.send_request(req);
+        Box::pin(async move { fut.await.map_err(|e| transport_status(&e)) })
+    }
+}
+
+/// Dials the unix socket at `path` and makes the HTTP/2 handshake, both within `timeout`,
+/// without tonic's [`Channel`] (see [`UnixConnection`]). Failures are
+/// [`ClientError::Dial`], [`ClientError::Handshake`] or [`ClientError::ConnectTimeout`]; no
+/// retries. Must be called within a Tokio runtime (a current-thread runtime is enough), which
+/// then drives the connection.
+pub async fn connect_unix_direct(
+    path: impl AsRef<Path>,
+    timeout: Duration,
+) -> Result<CniBackendClient<UnixConnection>, ClientError> {
+    let path = path.as_ref();
+    let dial = async {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| ClientError::Dial {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let (send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(|source| ClientError::Handshake {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        tokio::spawn(async move {
+            // Ends when every UnixConnection is dropped or the peer closes; a failure shows up
+            // in the pending and next calls as UNAVAILABLE.
+            let _ = conn.await;
+        });
+        Ok(UnixConnection { send })
+    };
+    match tokio::time::timeout(timeout, dial).await {
+        Ok(Ok(conn)) => Ok(CniBackendClient::with_origin(
+            conn,
+            Uri::from_static(DUMMY_URI),
+        )),
+        Ok(Err(e)) => Err(e),
+        Err(_elapsed) => Err(ClientError::ConnectTimeout {
+            path: path.to_path_buf(),
+            timeout,
+        }),
+    }
 }
 
 /// Connects an `NPBackend` client (the network policy agent) over the unix socket at `path`,

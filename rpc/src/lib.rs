@@ -31,7 +31,8 @@ mod client;
 mod server;
 
 pub use client::{
-    check_health, connect_channel, connect_np_agent, connect_unix, ClientError, ServingStatus,
+    check_health, connect_channel, connect_np_agent, connect_unix, connect_unix_direct,
+    ClientError, ServingStatus, UnixConnection,
 };
 #[cfg(feature = "server")]
 pub use server::{

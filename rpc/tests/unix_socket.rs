@@ -11,10 +11,11 @@ use tokio::task::JoinHandle;
 use tonic::service::Routes;
 use tonic::{Code, Request, Response, Status};
 use vpc_cni_rpc::{
-    bind_unix, check_client_version, check_health, connect_unix, health_service, is_unknown_pod,
-    serve_unix, AddNetworkReply, AddNetworkRequest, ClientError, CniBackend, CniBackendServer,
-    DelNetworkReply, DelNetworkRequest, HealthHandle, IpAllocationMetadata, ServeError,
-    ServingStatus, HEALTH_SERVICE, REASON_POD_DELETED, UNKNOWN_POD,
+    bind_unix, check_client_version, check_health, connect_unix, connect_unix_direct,
+    health_service, is_unknown_pod, serve_unix, AddNetworkReply, AddNetworkRequest, ClientError,
+    CniBackend, CniBackendServer, DelNetworkReply, DelNetworkRequest, HealthHandle,
+    IpAllocationMetadata, ServeError, ServingStatus, HEALTH_SERVICE, REASON_POD_DELETED,
+    UNKNOWN_POD,
 };
 
 const VERSION: &str = "v-test";
@@ -359,6 +360,48 @@ fn the_client_works_on_a_current_thread_runtime_like_the_plugin() {
             .await
             .expect("AddNetwork");
         assert!(reply.into_inner().success);
+        drop(client);
+        server.stop().await;
+    });
+}
+
+#[test]
+fn the_direct_client_round_trips_on_a_current_thread_runtime_and_reports_dial_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ipamd.sock");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let err = connect_unix_direct(dir.path().join("missing.sock"), TIMEOUT)
+            .await
+            .expect_err("no socket, no client");
+        assert!(matches!(err, ClientError::Dial { .. }), "{err:?}");
+        assert_eq!(err.io_kind(), Some(io::ErrorKind::NotFound));
+        assert!(err.to_string().contains("missing.sock"), "{err}");
+
+        let server = start(&path).await;
+        let mut client = connect_unix_direct(&path, TIMEOUT).await.expect("connect");
+        let reply = client
+            .add_network(add_request(VERSION))
+            .await
+            .expect("AddNetwork")
+            .into_inner();
+        assert!(reply.success);
+        assert_eq!(reply.network_policy_mode, "aws-cni/c0ffee/eth0");
+        assert_eq!(reply.ip_allocation_metadata[0].route_table_id, 2);
+        // A second call on the same connection; a server status comes through unchanged.
+        let status = client
+            .del_network(del_request("default", "nobody"))
+            .await
+            .expect_err("unknown pod");
+        assert!(is_unknown_pod(&status), "{status:?}");
+        let status = client
+            .add_network(add_request("v-other"))
+            .await
+            .expect_err("wrong version");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
         drop(client);
         server.stop().await;
     });

@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod imds;
 pub mod ipv6;
 pub mod model;
+pub mod moto;
 pub mod query;
 pub mod rng;
 pub mod server;

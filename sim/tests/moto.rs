@@ -8,81 +8,10 @@
 
 mod common;
 
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
 use common::{client, code, serve};
+use vpc_sim::moto::MotoServer;
 use vpc_sim::sim::SimConfig;
-
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The command that starts moto's server: `moto_server` on PATH, else `python3 -m moto.server`
-/// when the module is importable (a fresh pip install whose script directory is not on PATH).
-fn moto_command() -> Option<Command> {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("moto_server").is_file()))
-        .unwrap_or(false);
-    if on_path {
-        return Some(Command::new("moto_server"));
-    }
-    let importable = Command::new("python3")
-        .args(["-c", "import moto.server"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    importable.then(|| {
-        let mut c = Command::new("python3");
-        c.args(["-m", "moto.server"]);
-        c
-    })
-}
-
-fn start_moto() -> Option<Moto> {
-    let Some(mut cmd) = moto_command() else {
-        if std::env::var_os("CI").is_some() {
-            panic!("moto_server is not installed but CI is set: run scripts/setup-machine.sh");
-        }
-        eprintln!("SKIPPED: moto_server not installed (pip install 'moto[server]'); moto cross-check not run");
-        return None;
-    };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = cmd
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moto_server");
-    let moto = Moto {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "moto_server did not start on port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Some(moto)
-}
 
 fn filter(name: &str, value: &str) -> Filter {
     Filter::builder().name(name).values(value).build()
@@ -343,10 +272,12 @@ async fn observe(c: &aws_sdk_ec2::Client) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_calls_give_the_same_shapes_and_error_codes_as_moto() {
-    let Some(moto) = start_moto() else { return };
+    let Some(moto) = MotoServer::for_test("moto cross-check") else {
+        return;
+    };
     let (_shared, srv) = serve(SimConfig::default()).await;
     let ours = observe(&client(&srv.ec2_url())).await;
-    let theirs = observe(&client(&moto.url)).await;
+    let theirs = observe(&client(moto.url())).await;
     eprintln!("observations (simulator):\n{}", ours.join("\n"));
     for (a, b) in ours.iter().zip(&theirs) {
         assert_eq!(a, b, "simulator vs moto");
@@ -359,9 +290,14 @@ async fn same_calls_give_the_same_shapes_and_error_codes_as_moto() {
 /// too, so a moto upgrade that fixes one shows up here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliberate_differences_from_moto() {
-    let Some(moto) = start_moto() else { return };
+    let Some(moto) = MotoServer::for_test("moto cross-check") else {
+        return;
+    };
     let (_shared, srv) = serve(SimConfig::default()).await;
-    for (name, c) in [("sim", client(&srv.ec2_url())), ("moto", client(&moto.url))] {
+    for (name, c) in [
+        ("sim", client(&srv.ec2_url())),
+        ("moto", client(moto.url())),
+    ] {
         let ours = name == "sim";
         let f = common::fixture(&c, "10.0.2.0/24", "t3.small").await;
         let mk = || async {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod ipamd;
+
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -238,4 +240,171 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     panic!("timed out waiting for {what}");
+}
+
+/// The path of a test namespace, as `CNI_NETNS`.
+pub fn ns_path(ns: &vpc_cni_net::testing::TestNetns) -> String {
+    ns.path().display().to_string()
+}
+
+/// Reads back everything ADD must have built for one pod (host veth `veth`, pod address `ip`,
+/// ENI route table `table`, `mtu`) and compares it with the spec (spec/cni.md 6.2), exactly:
+/// the pod's `eth0` has that one IPv4 address and the pod's main table exactly the two routes
+/// (`169.254.1.1 scope link`, default via it), one permanent neighbour entry for the gateway
+/// with the host veth's MAC; on the host exactly one route to the pod (`dev veth scope link` in
+/// main) and exactly the pod's rules (`to ip lookup main` at 512, plus `from ip lookup table` at
+/// 1536 when `table` is not main).
+pub fn assert_wired(host: &Netns, pod: &Netns, veth: &str, ip: Ipv4Addr, table: u32, mtu: u32) {
+    use std::net::IpAddr;
+    use vpc_cni_net::{Family, IpCidr, Netlink, Route, MAIN_TABLE};
+    rt().block_on(async {
+        let h = Netlink::open(host).expect("host netlink");
+        let p = Netlink::open(pod).expect("pod netlink");
+        let hl = h
+            .link_by_name(veth)
+            .await
+            .expect("links")
+            .expect("host veth exists");
+        assert!(hl.up, "host veth {veth} up");
+        assert_eq!(hl.mtu, mtu, "host veth {veth} MTU");
+        let host_mac = hl.mac.expect("host mac");
+        assert!(
+            host_mac.is_local_unicast(),
+            "host MAC is set explicitly (local unicast)"
+        );
+        let eth0 = p.link_by_name("eth0").await.expect("links").expect("eth0");
+        assert!(eth0.up, "eth0 up");
+        assert_eq!(eth0.mtu, mtu, "eth0 MTU");
+        let cidr = IpCidr::host_v4(ip);
+        let addrs: Vec<IpCidr> = p
+            .addresses(Some(eth0.index))
+            .await
+            .expect("addrs")
+            .into_iter()
+            .filter(|a| a.cidr.addr.is_ipv4())
+            .map(|a| a.cidr)
+            .collect();
+        assert_eq!(addrs, vec![cidr], "eth0's IPv4 addresses");
+        let gw = IpAddr::V4(Ipv4Addr::new(169, 254, 1, 1));
+        let mut routes = p
+            .routes(Family::V4, Some(MAIN_TABLE))
+            .await
+            .expect("routes");
+        let mut expected = vec![
+            Route::link_scope(IpCidr::host(gw), eth0.index, MAIN_TABLE),
+            Route::default_via(gw, eth0.index, MAIN_TABLE),
+        ];
+        let key = |r: &Route| (r.dst.prefix_len, r.dst.addr);
+        routes.sort_by_key(key);
+        expected.sort_by_key(key);
+        assert_eq!(routes, expected, "the pod's main table");
+        let neigh: Vec<_> = p
+            .neighbours(Family::V4, Some(eth0.index))
+            .await
+            .expect("neigh")
+            .into_iter()
+            .filter(|n| n.ip == gw)
+            .collect();
+        assert!(
+            neigh.len() == 1 && neigh[0].permanent && neigh[0].mac == Some(host_mac),
+            "one permanent 169.254.1.1 -> host veth MAC {host_mac}: {neigh:?}"
+        );
+        let to_pod: Vec<Route> = h
+            .routes(Family::V4, None)
+            .await
+            .expect("routes")
+            .into_iter()
+            .filter(|r| r.dst == cidr)
+            .collect();
+        assert_eq!(
+            to_pod,
+            vec![Route::link_scope(cidr, hl.index, MAIN_TABLE)],
+            "the host's routes to {cidr}"
+        );
+        let mut rules: Vec<(u32, Option<IpCidr>, Option<IpCidr>, u32)> = h
+            .rules(Family::V4)
+            .await
+            .expect("rules")
+            .into_iter()
+            .filter(|r| r.from == Some(cidr) || r.to == Some(cidr))
+            .map(|r| (r.priority, r.from, r.to, r.table))
+            .collect();
+        rules.sort();
+        let mut want = vec![(512, None, Some(cidr), MAIN_TABLE)];
+        if table != MAIN_TABLE {
+            want.push((1536, Some(cidr), None, table));
+        }
+        assert_eq!(
+            rules, want,
+            "the host's rules for {cidr} (1536 only for secondary ENIs)"
+        );
+    });
+}
+
+/// The pod rules (512/1536) left in `host`.
+pub fn pod_rules(host: &Netns) -> Vec<String> {
+    rt().block_on(async {
+        let h = vpc_cni_net::Netlink::open(host).expect("netlink");
+        h.rules(vpc_cni_net::Family::V4)
+            .await
+            .expect("rules")
+            .into_iter()
+            .filter(|r| r.priority == 512 || r.priority == 1536)
+            .map(|r| r.to_string())
+            .collect()
+    })
+}
+
+/// The host routes to /32s (the pods') left in `host`'s main table.
+pub fn pod_routes(host: &Netns) -> Vec<String> {
+    rt().block_on(async {
+        let h = vpc_cni_net::Netlink::open(host).expect("netlink");
+        h.routes(vpc_cni_net::Family::V4, Some(vpc_cni_net::MAIN_TABLE))
+            .await
+            .expect("routes")
+            .into_iter()
+            .filter(|r| r.dst.prefix_len == 32)
+            .map(|r| format!("{r:?}"))
+            .collect()
+    })
+}
+
+/// The links of `host` other than `lo`.
+pub fn host_links(host: &Netns) -> Vec<String> {
+    rt().block_on(async {
+        let h = vpc_cni_net::Netlink::open(host).expect("netlink");
+        h.links()
+            .await
+            .expect("links")
+            .into_iter()
+            .map(|l| l.name)
+            .filter(|n| n != "lo")
+            .collect()
+    })
+}
+
+/// One ping from the named namespace `from` to `to` (2 s bound).
+pub fn ping(from: &str, to: Ipv4Addr) -> bool {
+    sh_in(from, &["ping", "-c", "1", "-W", "2", &to.to_string()])
+        .status
+        .success()
+}
+
+/// Makes `host` a node: loopback up, forwarding on (pod to pod), and `192.168.255.1/32` on `lo`
+/// to ping from. Changes only that test namespace.
+pub fn make_node(host: &vpc_cni_net::testing::TestNetns) {
+    assert!(
+        sh_in(host.name(), &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            .status
+            .success()
+    );
+    assert!(sh_in(host.name(), &["ip", "link", "set", "lo", "up"])
+        .status
+        .success());
+    assert!(sh_in(
+        host.name(),
+        &["ip", "addr", "add", "192.168.255.1/32", "dev", "lo"]
+    )
+    .status
+    .success());
 }
