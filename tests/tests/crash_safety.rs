@@ -36,7 +36,7 @@ const KILLS: usize = 12;
 const MAX_LIVE: usize = 14;
 /// Kill delay after an operation starts, drawn below this many milliseconds: from before the
 /// plugin connects to after it is done.
-const KILL_WINDOW_MS: u64 = 60;
+const KILL_WINDOW_MS: u64 = 30;
 const PORT: u16 = 7200;
 /// How long the leak check may wait for ipamd's loops to catch up with EC2.
 const SETTLE_WAIT: Duration = Duration::from_secs(60);
