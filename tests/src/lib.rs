@@ -7,6 +7,9 @@
 //!   EC2 calls a scenario makes in-process.
 //! - [`serve`]: the simulator's EC2/IMDS server inside the VPC namespace, reachable from nodes.
 //! - [`process`]: ipamd or the plugin run inside a node namespace, killed on drop.
+//! - [`node`]: the real `ipamd` (restartable, killable) and `aws-cni` binaries on a node,
+//!   ipamd's introspection and checkpoint read back, and the simulator's view of the node's
+//!   ENIs to compare them with.
 //! - [`probe`]: a UDP echo listener that records the peer address it sees, and bounded probes.
 //!
 //! Every namespace is a `vpc_cni_net::testing::TestNetns` (`vcn-<tag>-<pid>-<n>`), deleted on
@@ -17,6 +20,7 @@ pub mod cluster;
 pub(crate) mod cmd;
 pub mod error;
 pub mod fabric;
+pub mod node;
 pub mod probe;
 pub mod process;
 pub mod serve;
