@@ -7,6 +7,8 @@
 //!   EC2 calls a scenario makes in-process.
 //! - [`serve`]: the simulator's EC2/IMDS server inside the VPC namespace, reachable from nodes.
 //! - [`process`]: ipamd or the plugin run inside a node namespace, killed on drop.
+//! - [`demo`]: the quick-start demo (`vpc-cni-demo`): ipamd on a simulated node, pods, checks,
+//!   a short summary.
 //! - [`probe`]: a UDP echo listener that records the peer address it sees, and bounded probes.
 //!
 //! Every namespace is a `vpc_cni_net::testing::TestNetns` (`vcn-<tag>-<pid>-<n>`), deleted on
@@ -15,6 +17,7 @@
 
 pub mod cluster;
 pub(crate) mod cmd;
+pub mod demo;
 pub mod error;
 pub mod fabric;
 pub mod probe;
