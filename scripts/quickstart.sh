@@ -1,18 +1,37 @@
 #!/usr/bin/env bash
 # The README's first command: sets the machine up, builds, and runs the main job on its
-# embedded defaults (no AWS account needed): the subnet calculator plans the workbook's example
-# cluster, compares it with what real nodes do, simulates a day of a fleet under the reference
-# policy and ours, and writes the charts.
+# embedded defaults (no AWS account needed):
+#   1. the node demo: the real ipamd boots on a simulated node and fills its warm pool from the
+#      VPC simulator, pods are created (in network namespaces through the real aws-cni plugin
+#      when run as root; as gRPC calls otherwise), connectivity is checked, a summary is
+#      printed and everything is cleaned up;
+#   2. the subnet calculator: max pods, the workbook's example cluster against what real nodes
+#      do, a day of a fleet under the reference policy and ours, with SVG charts.
+# QUICKSTART_PROFILE=dev builds the debug profile instead of release (faster to build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-machine.sh
-cargo build --release --locked -p subnet-calc
+profile=${QUICKSTART_PROFILE:-release}
+case "$profile" in
+  release) dir=release ;;
+  dev) dir=debug ;;
+  *) echo "quickstart: QUICKSTART_PROFILE must be release or dev" >&2; exit 2 ;;
+esac
+target=${CARGO_TARGET_DIR:-target}
+bin="$target/$dir"
+cargo build --profile "$profile" --locked \
+  -p subnet-calc -p ipamd -p vpc-cni-plugin -p vpc-cni-e2e --bins
+
+echo
+"$bin/vpc-cni-demo" --bin-dir "$bin"
+
 out=target/quickstart
 mkdir -p "$out"
-calc=target/release/subnet-calc
-echo "== max pods of an m5.large, with and without prefix delegation"
-"$calc" max-pods --instance-type m5.large --explain
-"$calc" max-pods --instance-type m5.large --prefix-delegation --explain
+calc="$bin/subnet-calc"
+echo
+echo "== subnet calculator: max pods of an m5.large, without and with prefix delegation"
+"$calc" max-pods --instance-type m5.large
+"$calc" max-pods --instance-type m5.large --prefix-delegation
 echo
 echo "== the workbook's example cluster: workbook vs what real nodes do"
 "$calc" plan calculator/examples/workbook-cluster.yaml --compare --svg "$out/plan-compare.svg"

@@ -374,6 +374,10 @@ fn parse_u32_maybe_hex(v: &str) -> Option<u64> {
 
 /// Names of our own settings (documented in the README).
 pub mod ours {
+    /// The policy preset the switches below start from: `ours` (default) or `reference`
+    /// (`Rules::REFERENCE`, the AWS VPC CNI's ipamd). A switch that is set overrides its preset
+    /// value.
+    pub const POLICY: &str = "VPC_CNI_POLICY";
     /// `Rules::exclude_cooling`.
     pub const EXCLUDE_COOLDOWN_IPS: &str = "VPC_CNI_EXCLUDE_COOLDOWN_IPS";
     /// `Rules::stable_shrink`.
@@ -541,12 +545,27 @@ impl Config {
             ));
         }
         let imds_only = env.bool("ENABLE_IMDS_ONLY_MODE", false)?;
+        let preset = match env
+            .get(ours::POLICY)
+            .map(|v| v.to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("ours") => Rules::OURS,
+            Some("reference") => Rules::REFERENCE,
+            Some(_) => {
+                return Err(invalid(
+                    ours::POLICY,
+                    &env.string(ours::POLICY, ""),
+                    "expected ours or reference",
+                ))
+            }
+        };
         let rules = Rules {
-            exclude_cooling: env.bool(ours::EXCLUDE_COOLDOWN_IPS, Rules::OURS.exclude_cooling)?,
-            stable_shrink: env.bool(ours::STABLE_SHRINK, Rules::OURS.stable_shrink)?,
-            grow_past_minimum: env.bool(ours::GROW_PAST_MINIMUM, Rules::OURS.grow_past_minimum)?,
-            prefix_fallback: env.bool(ours::PREFIX_FALLBACK, Rules::OURS.prefix_fallback)?,
-            immediate_top_up: env.bool(ours::IMMEDIATE_TOP_UP, Rules::OURS.immediate_top_up)?,
+            exclude_cooling: env.bool(ours::EXCLUDE_COOLDOWN_IPS, preset.exclude_cooling)?,
+            stable_shrink: env.bool(ours::STABLE_SHRINK, preset.stable_shrink)?,
+            grow_past_minimum: env.bool(ours::GROW_PAST_MINIMUM, preset.grow_past_minimum)?,
+            prefix_fallback: env.bool(ours::PREFIX_FALLBACK, preset.prefix_fallback)?,
+            immediate_top_up: env.bool(ours::IMMEDIATE_TOP_UP, preset.immediate_top_up)?,
         };
         let pick = |flag: &Option<String>, var: &str| -> Option<String> {
             flag.clone()
@@ -1018,6 +1037,27 @@ mod tests {
             .count();
             assert_eq!(off, 1, "{var} turns exactly one rule off");
         }
+    }
+
+    #[test]
+    fn the_policy_preset_selects_reference_or_ours_and_switches_override_it() {
+        let rules = |vars: &[(&str, &str)]| Config::for_test(vars).unwrap().rules;
+        assert_eq!(rules(&[]), Rules::OURS);
+        assert_eq!(rules(&[(ours::POLICY, "ours")]), Rules::OURS);
+        assert_eq!(rules(&[(ours::POLICY, "reference")]), Rules::REFERENCE);
+        assert_eq!(rules(&[(ours::POLICY, " Reference ")]), Rules::REFERENCE);
+        let mixed = rules(&[
+            (ours::POLICY, "reference"),
+            (ours::IMMEDIATE_TOP_UP, "true"),
+        ]);
+        assert_eq!(
+            mixed,
+            Rules {
+                immediate_top_up: true,
+                ..Rules::REFERENCE
+            }
+        );
+        assert_eq!(err_var(&[(ours::POLICY, "fast")]), ours::POLICY);
     }
 
     #[test]

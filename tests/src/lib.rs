@@ -10,6 +10,8 @@
 //! - [`node`]: the real `ipamd` (restartable, killable) and `aws-cni` binaries on a node,
 //!   ipamd's introspection and checkpoint read back, and the simulator's view of the node's
 //!   ENIs to compare them with.
+//! - [`demo`]: the quick-start demo (`vpc-cni-demo`): ipamd on a simulated node, pods, checks,
+//!   a short summary.
 //! - [`probe`]: a UDP echo listener that records the peer address it sees, and bounded probes.
 //!
 //! Every namespace is a `vpc_cni_net::testing::TestNetns` (`vcn-<tag>-<pid>-<n>`), deleted on
@@ -18,6 +20,7 @@
 
 pub mod cluster;
 pub(crate) mod cmd;
+pub mod demo;
 pub mod error;
 pub mod fabric;
 pub mod node;
