@@ -912,6 +912,9 @@ async fn start_inner(
         });
     }
     let pool = Arc::new(pool);
+    if let Some(n) = &node_k8s {
+        pool.set_cordon_paused(n.unschedulable && !cfg.manage_enis_non_schedulable);
+    }
     metrics
         .eni_max
         .set(i64::from(node_limits.max_enis.saturating_sub(unmanaged)));
@@ -1023,6 +1026,8 @@ async fn start_inner(
             host: parts.host.clone(),
             mtu: cfg.eni_mtu,
             metrics: metrics.clone(),
+            k8s: k8s.clone(),
+            manage_non_schedulable: cfg.manage_enis_non_schedulable,
         };
         let (period, rx) = (cfg.reconcile_interval, rx.clone());
         tasks.push(tokio::spawn(async move { r.run(period, rx).await }));
@@ -1072,6 +1077,8 @@ struct Reconciler {
     host: Option<Arc<dyn NodeHost>>,
     mtu: u32,
     metrics: Arc<Metrics>,
+    k8s: Option<K8s>,
+    manage_non_schedulable: bool,
 }
 
 impl Reconciler {
@@ -1083,6 +1090,15 @@ impl Reconciler {
             }
             if self.state.terminating() {
                 continue;
+            }
+            // The Node's cordon taint, re-read each period (the reference re-reads it too).
+            if let Some(k) = &self.k8s {
+                match k.node_info().await {
+                    Ok(n) => self
+                        .pool
+                        .set_cordon_paused(n.unschedulable && !self.manage_non_schedulable),
+                    Err(e) => tracing::debug!(error = %e, "own Node not read; cordon state kept"),
+                }
             }
             if let Err(e) = self.once().await {
                 tracing::warn!(error = %e, "reconcile failed; next run in {period:?}");

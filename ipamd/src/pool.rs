@@ -347,6 +347,7 @@ pub struct PoolManager {
     tick_period: Duration,
     host: Option<PoolHost>,
     observer: Option<Arc<dyn PoolObserver>>,
+    cordon_paused: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PoolManager {
@@ -381,7 +382,29 @@ impl PoolManager {
             tick_period,
             host: None,
             observer: None,
+            cordon_paused: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Pauses growth while the node is cordoned (tainted unschedulable) and
+    /// `AWS_MANAGE_ENIS_NON_SCHEDULABLE` is off, as the reference; assignments from the pool
+    /// go on.
+    pub fn set_cordon_paused(&self, paused: bool) {
+        let was = self
+            .cordon_paused
+            .swap(paused, std::sync::atomic::Ordering::SeqCst);
+        if was != paused {
+            tracing::info!(
+                paused,
+                "node cordon: pool growth {}",
+                if paused { "paused" } else { "resumed" }
+            );
+        }
+    }
+
+    /// Whether growth is paused for a cordoned node.
+    pub fn is_cordon_paused(&self) -> bool {
+        self.cordon_paused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Wires the ENIs it creates (and unwires those it frees) on this host.
@@ -431,7 +454,7 @@ impl PoolManager {
         input.last_decrease = h.last_decrease;
         input.last_insufficient_addresses = h.last_insufficient_addresses;
         input.last_insufficient_cidr = h.last_insufficient_cidr;
-        input.paused = self.state.terminating();
+        input.paused = self.state.terminating() || self.is_cordon_paused();
         input.recent_cooling_peak = h.cooling.iter().map(|(_, c)| *c).max().unwrap_or(0);
         let d = policy::decide(&self.cfg, &self.limits, &input, now);
         (ids, d)
@@ -1182,6 +1205,22 @@ mod tests {
         assert!(out.freed_eni.is_some(), "{out:?}");
         assert_eq!(n.state.lock().enis().len(), 2);
         assert_eq!(n.ec2.state().enis.len(), 2, "deleted in EC2 too");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cordoned_node_serves_its_pool_but_does_not_grow_it() {
+        let n = node(&[("WARM_IP_TARGET", "3")], "10.0.0.0/20");
+        n.pool.settle().await.unwrap();
+        pods(&n.state, 0, 2);
+        assert!(n.pool.is_low());
+        n.pool.set_cordon_paused(true);
+        let out = n.pool.tick().await.unwrap();
+        assert_eq!(out.decision.reason, Reason::Paused);
+        assert!(out.decision.change.is_none());
+        n.pool.set_cordon_paused(false);
+        let out = n.pool.tick().await.unwrap();
+        assert_eq!(out.decision.reason, Reason::Low);
+        assert!(!n.pool.is_low(), "grown once the cordon is lifted");
     }
 
     #[tokio::test(start_paused = true)]
