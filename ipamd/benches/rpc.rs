@@ -1,0 +1,262 @@
+//! AddNetwork + DelNetwork over the daemon's unix socket, each acknowledged only after the
+//! checkpoint is durable (temp file, fsync, rename, fsync of the directory): operations per
+//! second, p50 and p99, with 1 and 8 concurrent clients, on an empty node and with 250 other
+//! pods held (the checkpoint is rewritten whole on every change).
+//!
+//! `cargo bench -p ipamd --bench rpc` (not run in CI; no root needed). Environment: `OPS`
+//! (AddNetwork+DelNetwork pairs per client count, default 1000), `BENCH_DIR` (where the socket
+//! and checkpoint live, default a temp dir under the target directory: put it on the disk
+//! whose fsync you want to measure; a tmpfs makes fsync free).
+//!
+//! The daemon runs in-process (`daemon::start`, the same start-up as the binary) against the
+//! VPC simulator served on loopback without added latency, through the real SDK EC2 and IMDS
+//! clients. Node: m5.16xlarge with `MINIMUM_IP_TARGET=300` and `IP_COOLDOWN_PERIOD=0`, so the
+//! pool never runs low during the measurement and no EC2 call overlaps it. Each client keeps
+//! one connection (the plugin connects once per invocation; connection set-up is not
+//! measured here, see `cni/benches/latency.rs` for the whole plugin).
+//!
+//! Breakdown printed after the main table:
+//! - a repeated AddNetwork of a held sandbox (idempotent: same path, no checkpoint write),
+//!   i.e. the gRPC round trip plus datastore work without the fsync;
+//! - `PoolState::assign`+`unassign` called directly (no gRPC);
+//! - `FileStore::write` alone with 0 and 250 allocations.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{add, add_ok, client, del, env_or, loadavg, ms, pct};
+use ipamd::checkpoint::{Allocation, CheckpointFile, CheckpointStore, FileStore, IpamMetadata};
+use ipamd::datastore::IpamKey;
+use ipamd::state::PoolState;
+
+/// Samples of one client count.
+#[derive(Default)]
+struct Samples {
+    add: Vec<Duration>,
+    del: Vec<Duration>,
+    pair: Vec<Duration>,
+    wall: Duration,
+}
+
+/// `clients` clients, each doing `ops` AddNetwork+DelNetwork pairs of fresh sandboxes.
+async fn run(sock: &std::path::Path, clients: usize, ops: usize, tag: &str) -> Samples {
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(client(sock).await);
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (k, mut c) in conns.into_iter().enumerate() {
+        let tag = tag.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut s = Samples::default();
+            for i in 0..ops {
+                let id = format!("{tag}-{k}-{i}");
+                let t0 = Instant::now();
+                let r = c.add_network(add(&id)).await.expect("AddNetwork");
+                let t1 = Instant::now();
+                assert!(r.get_ref().success, "AddNetwork {id}: {:?}", r.get_ref());
+                let r = c.del_network(del(&id)).await.expect("DelNetwork");
+                let t2 = Instant::now();
+                assert!(r.get_ref().success, "DelNetwork {id}");
+                s.add.push(t1 - t0);
+                s.del.push(t2 - t1);
+                s.pair.push(t2 - t0);
+            }
+            s
+        }));
+    }
+    let mut all = Samples::default();
+    for t in tasks {
+        let s = t.await.expect("client task");
+        all.add.extend(s.add);
+        all.del.extend(s.del);
+        all.pair.extend(s.pair);
+    }
+    all.wall = start.elapsed();
+    all
+}
+
+fn report(title: &str, clients: usize, s: &mut Samples) {
+    let pairs = s.pair.len() as f64;
+    let secs = s.wall.as_secs_f64();
+    println!(
+        "{title:<34}{clients:>3} {:>10.0} {:>10.0} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}",
+        pairs / secs,
+        2.0 * pairs / secs,
+        ms(pct(&mut s.add, 0.5)),
+        ms(pct(&mut s.add, 0.99)),
+        ms(pct(&mut s.del, 0.5)),
+        ms(pct(&mut s.del, 0.99)),
+        ms(pct(&mut s.pair, 0.5)),
+        ms(pct(&mut s.pair, 0.99)),
+    );
+}
+
+fn header() {
+    println!(
+        "\n{:<34}{:>3} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}",
+        "",
+        "cl",
+        "pairs/s",
+        "calls/s",
+        "ADD p50",
+        "ADD p99",
+        "DEL p50",
+        "DEL p99",
+        "pair p50",
+        "pair p99"
+    );
+}
+
+fn one_line(title: &str, v: &mut [Duration]) {
+    println!(
+        "{title:<58} p50 {:>10}  p99 {:>10}  ({} runs)",
+        ms(pct(v, 0.5)),
+        ms(pct(v, 0.99)),
+        v.len()
+    );
+}
+
+fn allocations(n: usize) -> CheckpointFile {
+    CheckpointFile::new(
+        (0..n)
+            .map(|i| Allocation {
+                network_name: "aws-cni".into(),
+                container_id: format!("{i:064x}"),
+                if_name: "eth0".into(),
+                ipv4: format!("10.0.{}.{}", i / 250, i % 250 + 1),
+                ipv6: String::new(),
+                allocation_timestamp: 1_700_000_000_000_000_000 + i as i64,
+                metadata: IpamMetadata {
+                    pod_namespace: "default".into(),
+                    pod_name: format!("web-{i}"),
+                    interfaces_count: 1,
+                },
+            })
+            .collect(),
+    )
+}
+
+/// Direct calls on the pool state, bypassing gRPC (blocking; run on a blocking thread).
+fn direct(st: &Arc<PoolState>, ops: usize) -> Vec<Duration> {
+    let md = IpamMetadata {
+        pod_namespace: "default".into(),
+        pod_name: "direct".into(),
+        interfaces_count: 1,
+    };
+    (0..ops)
+        .map(|i| {
+            let key = IpamKey::new("aws-cni", &format!("direct-{i}"), "eth0");
+            let t = Instant::now();
+            st.assign(&key, &md).expect("assign");
+            st.unassign(&key).expect("unassign");
+            t.elapsed()
+        })
+        .collect()
+}
+
+fn main() {
+    let ops = env_or("OPS", 1000);
+    let base = std::env::var("BENCH_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_TARGET_TMPDIR"), "/ipamd-bench").to_owned());
+    std::fs::create_dir_all(&base).expect("bench dir");
+    let dir = tempfile::tempdir_in(&base).expect("temp dir");
+    println!("loadavg before: {}", loadavg());
+    println!(
+        "socket and checkpoint in {} ({} pairs per client count)",
+        dir.path().display(),
+        ops
+    );
+    let rt = common::runtime();
+    rt.block_on(async {
+        let node = common::sim("m5.16xlarge", 7).await;
+        let cfg = common::config(
+            dir.path(),
+            &node,
+            &[
+                ("MINIMUM_IP_TARGET", "300"),
+                ("WARM_IP_TARGET", "16"),
+                ("IP_COOLDOWN_PERIOD", "0"),
+            ],
+        );
+        let d = common::start(&cfg).await;
+        let pool = d.pool().clone();
+        common::wait_until(
+            "the pool to reach 300 addresses",
+            Duration::from_secs(120),
+            || {
+                let p = pool.clone();
+                async move { !p.is_low() }
+            },
+        )
+        .await;
+        let sock = cfg.grpc_socket.clone();
+        // Warm-up: connections, page cache, allocator.
+        run(&sock, 2, 50, "warm").await;
+
+        header();
+        for clients in [1, 8] {
+            let mut s = run(&sock, clients, ops / clients.max(1), &format!("e{clients}")).await;
+            report("empty node", clients, &mut s);
+        }
+        let mut bg = client(&sock).await;
+        for i in 0..250 {
+            add_ok(&mut bg, &format!("held-{i}"), Duration::from_secs(60)).await;
+        }
+        for clients in [1, 8] {
+            let mut s = run(&sock, clients, ops / clients.max(1), &format!("h{clients}")).await;
+            report("250 pods held", clients, &mut s);
+        }
+
+        println!("\nbreakdown (250 pods held, 1 client)");
+        let mut repeat = Vec::with_capacity(ops);
+        for i in 0..ops {
+            let id = format!("held-{}", i % 250);
+            let t = Instant::now();
+            let r = bg.add_network(add(&id)).await.expect("AddNetwork");
+            repeat.push(t.elapsed());
+            assert!(r.get_ref().success);
+        }
+        one_line(
+            "repeated AddNetwork (gRPC + datastore, no checkpoint write)",
+            &mut repeat,
+        );
+        let st = d.state().clone();
+        let n = ops;
+        let mut dir_calls = tokio::task::spawn_blocking(move || direct(&st, n))
+            .await
+            .expect("direct");
+        one_line(
+            "PoolState::assign + unassign (2 checkpoint writes, no gRPC)",
+            &mut dir_calls,
+        );
+        for held in [0usize, 250] {
+            let path = dir.path().join(format!("alone-{held}.json"));
+            let file = allocations(held);
+            let n = ops;
+            let mut w = tokio::task::spawn_blocking(move || {
+                let store = FileStore::new(&path);
+                (0..n)
+                    .map(|_| {
+                        let t = Instant::now();
+                        store.write(&file).expect("checkpoint write");
+                        t.elapsed()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .expect("writes");
+            one_line(
+                &format!("FileStore::write alone, {held} allocations"),
+                &mut w,
+            );
+        }
+        d.stop().await;
+        node.running.shutdown();
+    });
+    println!("loadavg after: {}", loadavg());
+}
