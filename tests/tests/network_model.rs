@@ -62,7 +62,7 @@ struct TestNode {
 }
 
 /// The ENI of `enis` that holds `ip` (as a secondary address or inside a prefix).
-fn eni_of<'a>(enis: &'a [EniPort], ip: Ipv4Addr) -> Option<&'a EniPort> {
+fn eni_of(enis: &[EniPort], ip: Ipv4Addr) -> Option<&EniPort> {
     enis.iter()
         .find(|e| e.ipv4.contains(&ip) || e.prefixes.iter().any(|p| p.contains(u32::from(ip))))
 }
