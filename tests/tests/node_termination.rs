@@ -19,7 +19,10 @@
 //! - The surviving node's ipamd runs the cleanup at once and every second
 //!   (`VPC_CNI_LEAKED_ENI_DELAY=0s`, `VPC_CNI_LEAKED_ENI_INTERVAL=1s`).
 //!
-//! The survivor's own ENIs and pool are untouched throughout. Everything lives in namespaces
+//! Both daemons run with `CLUSTER_NAME=e2e` (their ENIs carry the cluster tag and the cleanup
+//! filters on it). Two decoys, as old and as `available` as the leaked ENIs, must survive:
+//! another cluster's leaked ENI and a user's ENI that ipamd never created (no `aws-K8S-`
+//! description, no instance tag). The survivor's own ENIs and pool are untouched throughout. Everything lives in namespaces
 //! the test creates (deleted on drop, also on failure); ipamd processes are killed on drop.
 //! Root only; skipped otherwise.
 
@@ -27,16 +30,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context};
-use ipamd::ec2::{DESCRIPTION_PREFIX, TAG_CREATED_AT, TAG_INSTANCE_ID};
+use ipamd::ec2::{DESCRIPTION_PREFIX, TAG_CLUSTER_NAME, TAG_CREATED_AT, TAG_INSTANCE_ID};
 use ipamd::pool::rfc3339;
 use ipamd::reconcile::{parse_rfc3339, LEAKED_ENI_MIN_AGE};
 use vpc_cni_e2e::node::{leaks, wait_until, workspace_bin, Ipamd, SimNodeView, START_WAIT};
 use vpc_cni_e2e::serve::serve;
 use vpc_cni_e2e::SimCluster;
 use vpc_cni_net::testing::skip_netns_test;
-use vpc_sim::api::{EniAttribute, Request};
+use vpc_sim::api::{CreateEni, EniAttribute, Reply, Request};
 use vpc_sim::model::EniStatus;
 use vpc_sim::sim::SimConfig;
+
+/// The cluster both daemons belong to.
+const CLUSTER: &str = "e2e";
 
 /// Bounded wait for one cleanup run (every second) to act; generous for a busy machine.
 const CLEANUP_WAIT: Duration = Duration::from_secs(60);
@@ -70,6 +76,26 @@ fn eni_state(c: &SimCluster, id: &str) -> Option<EniState> {
             tags: e.tags.clone(),
         })
     })
+}
+
+/// An `available` ENI created in-process with `description` and `tags`; its id.
+fn create_available_eni(
+    c: &SimCluster,
+    subnet_id: &str,
+    description: String,
+    tags: BTreeMap<String, String>,
+) -> anyhow::Result<String> {
+    let r = c.call(Request::CreateNetworkInterface(CreateEni {
+        subnet_id: subnet_id.to_owned(),
+        description,
+        secondary_count: Some(2),
+        tags,
+        ..CreateEni::default()
+    }))?;
+    let Reply::NetworkInterface { eni, .. } = r else {
+        anyhow::bail!("CreateNetworkInterface: {r:?}");
+    };
+    Ok(eni.id)
 }
 
 /// Sets `createdAt` on `eni` through the simulator (`CreateTags` overwrites).
@@ -109,6 +135,7 @@ fn a_terminated_nodes_leaked_enis_are_cleaned_up_by_another_node() -> anyhow::Re
         &victim_dir,
     )?;
     victim_ipamd
+        .env("CLUSTER_NAME", CLUSTER)
         .env("WARM_ENI_TARGET", "3")
         .env("DISABLE_LEAKED_ENI_CLEANUP", "true");
     victim_ipamd.start()?;
@@ -138,10 +165,31 @@ fn a_terminated_nodes_leaked_enis_are_cleaned_up_by_another_node() -> anyhow::Re
         let e = eni_state(&c, id).context("ENI vanished")?;
         ensure!(
             e.description == format!("{DESCRIPTION_PREFIX}{}", victim.instance_id)
-                && e.tags.get(TAG_INSTANCE_ID) == Some(&victim.instance_id),
-            "{id} carries ipamd's description and instance tag: {e:?}"
+                && e.tags.get(TAG_INSTANCE_ID) == Some(&victim.instance_id)
+                && e.tags.get(TAG_CLUSTER_NAME).map(String::as_str) == Some(CLUSTER),
+            "{id} carries ipamd's description, instance and cluster tags: {e:?}"
         );
     }
+
+    // Decoys, as old and available as the leaked ENIs will be: another cluster's leaked ENI
+    // and a user's ENI.
+    let long_ago = rfc3339(wall_now().saturating_sub(2 * LEAKED_ENI_MIN_AGE));
+    let other_cluster = create_available_eni(
+        &c,
+        &subnet,
+        format!("{DESCRIPTION_PREFIX}i-0123456789abcdef0"),
+        BTreeMap::from([
+            (TAG_INSTANCE_ID.to_owned(), "i-0123456789abcdef0".to_owned()),
+            (TAG_CLUSTER_NAME.to_owned(), "another-cluster".to_owned()),
+            (TAG_CREATED_AT.to_owned(), long_ago.clone()),
+        ]),
+    )?;
+    let users = create_available_eni(
+        &c,
+        &subnet,
+        "a user's ENI".to_owned(),
+        BTreeMap::from([(TAG_CREATED_AT.to_owned(), long_ago)]),
+    )?;
 
     // 2. The survivor's ipamd, cleanup at once and every second.
     let survivor_dir = tmp.path().join("survivor");
@@ -154,6 +202,7 @@ fn a_terminated_nodes_leaked_enis_are_cleaned_up_by_another_node() -> anyhow::Re
         &survivor_dir,
     )?;
     survivor_ipamd
+        .env("CLUSTER_NAME", CLUSTER)
         .env("VPC_CNI_LEAKED_ENI_DELAY", "0s")
         .env("VPC_CNI_LEAKED_ENI_INTERVAL", "1s");
     survivor_ipamd.start()?;
@@ -260,12 +309,20 @@ fn a_terminated_nodes_leaked_enis_are_cleaned_up_by_another_node() -> anyhow::Re
         );
     }
 
-    // 6. Nothing of the victim is left in EC2; the survivor's ENIs and pool are untouched.
+    // 6. Nothing of the victim is left in EC2; the decoys are; the survivor's ENIs and pool
+    //    are untouched.
     let view = SimNodeView::of(&c.sim, &victim.instance_id);
     ensure!(
         view.attached.is_empty() && view.unattached.is_empty(),
         "nothing of the victim left in EC2: {view:?}"
     );
+    for (id, what) in [(&other_cluster, "another cluster's"), (&users, "a user's")] {
+        let e = eni_state(&c, id);
+        ensure!(
+            e.as_ref().is_some_and(|e| e.status == EniStatus::Available),
+            "{what} ENI {id} is left alone by the cleanup: {e:?}"
+        );
+    }
     let sv = SimNodeView::of(&c.sim, &survivor.instance_id);
     let after: BTreeSet<String> = sv.attached.keys().cloned().collect();
     ensure!(
@@ -274,6 +331,13 @@ fn a_terminated_nodes_leaked_enis_are_cleaned_up_by_another_node() -> anyhow::Re
     );
     let mut diff = Vec::new();
     let agrees = wait_until("the survivor's ipamd to agree with EC2", START_WAIT, || {
+        for (id, what) in [(&other_cluster, "another cluster's"), (&users, "a user's")] {
+            let e = eni_state(&c, id);
+            ensure!(
+                e.as_ref().is_some_and(|e| e.status == EniStatus::Available),
+                "{what} ENI {id} is left alone by the cleanup: {e:?}"
+            );
+        }
         let sv = SimNodeView::of(&c.sim, &survivor.instance_id);
         diff = leaks(&sv, &survivor_ipamd.view()?);
         Ok(diff.is_empty())
