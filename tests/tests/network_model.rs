@@ -7,7 +7,7 @@
 //! - a pod on the same node reaches it and is seen with its own address;
 //! - a pod on another node reaches it and is seen with its own address (sources preserved
 //!   across the VPC: no SNAT between VPC addresses);
-//! - its node reaches it (from a node address, not the pod's);
+//! - its node reaches it, and the pod sees the node's primary address;
 //! - it reaches the outside namespace (beyond the internet gateway) and is seen there as its
 //!   node's primary address (SNAT on the node), except on the node whose ipamd runs with
 //!   `AWS_VPC_K8S_CNI_EXTERNALSNAT=true`, where the outside sees the pod's own address (the
@@ -254,8 +254,10 @@ fn scenario(
         let n = &nodes[p.node];
         let what = format!("node {} → {} ({})", n.node.primary_ip, p.name, p.ip);
         match seen(&n.ns, SocketAddrV4::new(p.ip, PORT), &what) {
-            Ok(a) if a != p.ip => {}
-            Ok(a) => errs.push(format!("{what}: the pod saw its own address {a}")),
+            Ok(a) if a == n.node.primary_ip => {}
+            Ok(a) => errs.push(format!(
+                "{what}: the pod saw {a}, not the node's primary address"
+            )),
             Err(e) => errs.push(e),
         }
         // Pod → outside.
