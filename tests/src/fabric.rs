@@ -23,7 +23,11 @@
 //! - **Internet gateway**: the VPC namespace's default route points at the outside namespace
 //!   ([`OUTSIDE_ADDR`]); SNAT to the node's primary address happens on the node, as in the
 //!   reference. The outside routes everything back to the VPC (it plays the IGW's 1:1 NAT by not
-//!   needing one: it sees private sources as they are).
+//!   needing one: it sees private sources as they are). With external SNAT
+//!   (`AWS_VPC_K8S_CNI_EXTERNALSNAT=true`) a pod's packet leaves its own ENI with the pod's
+//!   address and the outside sees that address; the reply needs nothing more, since the VPC
+//!   namespace routes every assigned address and prefix to the ENI that holds it (the
+//!   mapping service above), whichever ENI the pod is on (tests/tests/network_model.rs).
 //! - **Service address**: [`SERVICE_ADDR`] (169.254.169.254) is a VPC-namespace address every
 //!   node reaches through its default route, where the simulator's EC2/IMDS server can listen
 //!   ([`crate::serve`]).
