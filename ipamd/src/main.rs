@@ -172,6 +172,9 @@ async fn run(mut cfg: Config, process_start: std::time::Instant) -> anyhow::Resu
         tracing::info!("host networking off (VPC_CNI_HOST_NETWORKING=false or the sim backend): ENI routes, rules and SNAT are not touched");
         None
     };
+    // Signal handlers before anything is served: a SIGTERM right after "ready" is honoured.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let k8s = kubernetes(&cfg).await?;
     let d = daemon::start_node(
         &cfg,
@@ -194,8 +197,6 @@ async fn run(mut cfg: Config, process_start: std::time::Instant) -> anyhow::Resu
         d.metrics_addr(),
         d.introspection_addr()
     );
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

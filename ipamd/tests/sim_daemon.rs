@@ -58,7 +58,8 @@ fn config(dir: &Path, node: &SimNode, vars: &[(&str, &str)]) -> Config {
     Config::for_test(&all).expect("config")
 }
 
-async fn start(cfg: &Config, veth: VethCheck) -> Daemon {
+/// The real SDK EC2 client and aws-config IMDS client for `cfg`'s endpoints.
+async fn deps(cfg: &Config, veth: VethCheck) -> Deps {
     let imds = AwsImds::new(&ImdsSettings {
         endpoint: cfg.imds_endpoint.clone(),
         http_timeout: cfg.http_timeout,
@@ -72,16 +73,17 @@ async fn start(cfg: &Config, veth: VethCheck) -> Daemon {
         static_credentials: Some((SIM_CREDENTIALS.0.into(), SIM_CREDENTIALS.1.into())),
     })
     .await;
-    daemon::start(
-        cfg,
-        Deps {
-            ec2: Arc::new(ec2),
-            imds: Arc::new(imds),
-            veth_exists: veth,
-        },
-    )
-    .await
-    .expect("daemon start-up")
+    Deps {
+        ec2: Arc::new(ec2),
+        imds: Arc::new(imds),
+        veth_exists: veth,
+    }
+}
+
+async fn start(cfg: &Config, veth: VethCheck) -> Daemon {
+    daemon::start(cfg, deps(cfg, veth).await)
+        .await
+        .expect("daemon start-up")
 }
 
 fn all_veths() -> VethCheck {
@@ -512,26 +514,9 @@ async fn start_with_host(
     cfg: &Config,
     host: &Arc<vpc_cni_net::MemoryHostNetwork>,
 ) -> Result<Daemon, daemon::DaemonError> {
-    let imds = AwsImds::new(&ImdsSettings {
-        endpoint: cfg.imds_endpoint.clone(),
-        http_timeout: cfg.http_timeout,
-    })
-    .unwrap();
-    let ec2 = AwsEc2::new(&AwsSettings {
-        region: SIM_REGION.into(),
-        endpoint: cfg.ec2_endpoint.clone(),
-        http_timeout: cfg.http_timeout,
-        version: "test".into(),
-        static_credentials: Some((SIM_CREDENTIALS.0.into(), SIM_CREDENTIALS.1.into())),
-    })
-    .await;
     daemon::start_node(
         cfg,
-        Deps {
-            ec2: Arc::new(ec2),
-            imds: Arc::new(imds),
-            veth_exists: all_veths(),
-        },
+        deps(cfg, all_veths()).await,
         daemon::NodeParts {
             host: Some(Arc::new(ipamd::host::Host(host.clone()))),
             ..Default::default()
@@ -793,19 +778,9 @@ async fn custom_networking_max_pods_pod_annotation_and_subnet_exhaustion_event()
             ("WARM_IP_TARGET", "2"),
         ],
     );
-    let imds = AwsImds::new(&ImdsSettings {
-        endpoint: cfg.imds_endpoint.clone(),
-        http_timeout: cfg.http_timeout,
-    })
-    .unwrap();
-    let ec2 = outside_ec2(&node).await;
     let d = daemon::start_node(
         &cfg,
-        Deps {
-            ec2: Arc::new(ec2),
-            imds: Arc::new(imds),
-            veth_exists: all_veths(),
-        },
+        deps(&cfg, all_veths()).await,
         daemon::NodeParts {
             k8s: Some(k8s),
             ..Default::default()

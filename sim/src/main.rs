@@ -224,6 +224,9 @@ async fn main() -> anyhow::Result<()> {
     } else if !subnets.is_empty() || !instances.is_empty() {
         bail!("--subnet and --instance need --vpc-cidr");
     }
+    // Handlers first: a SIGTERM right after the "listening" line must stop us cleanly.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let running = server::start(Shared::new(sim), ec2_listen, imds_listen, admin_listen).await?;
     for i in &launched {
         println!("vpc-sim: instance {i} imds {}", running.imds_url(i));
@@ -232,10 +235,9 @@ async fn main() -> anyhow::Result<()> {
         "vpc-sim: listening ec2 http://{} imds http://{} admin http://{}",
         running.ec2, running.imds, running.admin
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
     }
     running.shutdown();
     println!("vpc-sim: stopped");

@@ -20,6 +20,24 @@ impl Drop for MotoServer {
     }
 }
 
+/// Whether moto answers on `port` (its `/moto-api/` dashboard names it).
+fn is_moto(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req =
+        format!("GET /moto-api/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut body = Vec::new();
+    let _ = s.take(1 << 20).read_to_end(&mut body);
+    let text = String::from_utf8_lossy(&body);
+    text.starts_with("HTTP/1.1 200") && text.contains("Moto")
+}
+
 /// The command that starts moto's server: `moto_server` on PATH, else `python3 -m moto.server`
 /// when the module is importable (a fresh pip install whose script directory is not on PATH).
 pub fn command() -> Option<Command> {
@@ -43,34 +61,47 @@ pub fn command() -> Option<Command> {
 }
 
 impl MotoServer {
-    /// Starts moto on a free loopback port and waits (up to 30 s) until it accepts
-    /// connections. `Ok(None)`: moto is not installed.
+    /// Starts moto on a free loopback port and waits (up to 30 s) until it answers as moto
+    /// (`GET /moto-api/`). The port is picked by binding and releasing it, so another process
+    /// may take it first: then moto exits or someone else answers, and a new port is tried
+    /// (three attempts). `Ok(None)`: moto is not installed.
     pub fn start() -> Result<Option<MotoServer>, String> {
-        let Some(mut cmd) = command() else {
-            return Ok(None);
-        };
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("no free port: {e}"))?
-            .port();
-        let child = cmd
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting moto_server: {e}"))?;
-        let moto = MotoServer {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() >= deadline {
-                return Err(format!("moto_server did not start on port {port}"));
+        let mut last = String::new();
+        for _ in 0..3 {
+            let Some(mut cmd) = command() else {
+                return Ok(None);
+            };
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("no free port: {e}"))?
+                .port();
+            let child = cmd
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("starting moto_server: {e}"))?;
+            let mut moto = MotoServer {
+                child,
+                url: format!("http://127.0.0.1:{port}"),
+            };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(Some(status)) = moto.child.try_wait() {
+                    last = format!("moto_server exited ({status}) on port {port}");
+                    break;
+                }
+                if is_moto(port) {
+                    return Ok(Some(moto));
+                }
+                if Instant::now() >= deadline {
+                    last = format!("moto_server did not answer on port {port}");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(Some(moto))
+        Err(last)
     }
 
     /// Starts moto for a test: `None` (with a SKIPPED message) when moto is not installed,
