@@ -300,13 +300,19 @@ fn a_terminated_nodes_leaked_enis_are_cleaned_up_by_another_node() -> anyhow::Re
             survivor_ipamd.log_tail(60)
         )
     })?;
-    let log = survivor_ipamd.log();
+    // The log line follows the DeleteNetworkInterface answer: wait for it (bounded).
     for id in &leaked {
-        ensure!(
-            log.lines()
-                .any(|l| l.contains("leaked ENI deleted") && l.contains(id.as_str())),
-            "the survivor's log records deleting {id}"
-        );
+        wait_until(
+            &format!("the survivor's log to record deleting {id}"),
+            CLEANUP_WAIT,
+            || {
+                Ok(survivor_ipamd
+                    .log()
+                    .lines()
+                    .any(|l| l.contains("leaked ENI deleted") && l.contains(id.as_str())))
+            },
+        )
+        .with_context(|| survivor_ipamd.log_tail(40))?;
     }
 
     // 6. Nothing of the victim is left in EC2; the decoys are; the survivor's ENIs and pool
