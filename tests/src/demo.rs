@@ -18,6 +18,7 @@
 //! Either way the demo checks the addresses against the daemon (its introspection endpoint)
 //! and against EC2 (the simulator's state), and fails with an error when a check does not hold.
 
+use crate::node::ip_in;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs::File;
@@ -25,7 +26,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -41,7 +42,7 @@ use vpc_sim::server::Shared;
 use vpc_sim::sim::SimConfig;
 
 use crate::probe::{udp_probe, UdpListener};
-use crate::process::{output_in, NsProcess};
+use crate::process::NsProcess;
 use crate::serve::serve;
 use crate::SimCluster;
 
@@ -656,97 +657,6 @@ fn wait_serving(d: &mut Daemon, socket: &Path, log: &Path) -> anyhow::Result<()>
     started.with_context(|| tail(log))
 }
 
-/// The CNI plugin, run once per command in the node namespace.
-struct Plugin<'a> {
-    bin: PathBuf,
-    node_ns: &'a Netns,
-    socket: PathBuf,
-}
-
-impl Plugin<'_> {
-    fn run(
-        &self,
-        command: &str,
-        pod: &str,
-        netns: &Path,
-        prev: Option<&serde_json::Value>,
-    ) -> anyhow::Result<Output> {
-        let mut conf = serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": "aws-cni",
-            "type": "aws-cni",
-            "vethPrefix": "eni",
-            "mtu": "9001",
-            "pluginLogFile": "stderr",
-            "pluginLogLevel": "Info",
-            "ipamdSocket": self.socket,
-            "poolWaitSeconds": 20,
-        });
-        if let Some(prev) = prev {
-            conf["prevResult"] = prev.clone();
-        }
-        let mut cmd = Command::new(&self.bin);
-        cmd.env_clear()
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", format!("c-{pod}"))
-            .env("CNI_NETNS", netns)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", self.bin.parent().context("plugin directory")?)
-            .env(
-                "CNI_ARGS",
-                format!(
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};\
-                     K8S_POD_INFRA_CONTAINER_ID=c-{pod};K8S_POD_UID=uid-{pod}"
-                ),
-            );
-        Ok(output_in(
-            self.node_ns,
-            cmd,
-            Some(conf.to_string().as_bytes()),
-        )?)
-    }
-
-    fn add(&self, pod: &str, netns: &Path) -> anyhow::Result<(serde_json::Value, Ipv4Addr)> {
-        let out = self.run("ADD", pod, netns, None)?;
-        ensure!(
-            out.status.success(),
-            "CNI ADD {pod} failed ({}): {} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let result: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!("ADD {pod} result: {}", String::from_utf8_lossy(&out.stdout))
-        })?;
-        let addr = result["ips"][0]["address"]
-            .as_str()
-            .with_context(|| format!("ADD {pod}: no address in {result}"))?;
-        let (ip, _) = addr.split_once('/').context("address without a length")?;
-        Ok((result.clone(), ip.parse()?))
-    }
-
-    fn del(&self, pod: &str, netns: &Path, prev: &serde_json::Value) -> anyhow::Result<()> {
-        let out = self.run("DEL", pod, netns, Some(prev))?;
-        ensure!(
-            out.status.success(),
-            "CNI DEL {pod} failed ({}): {} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    }
-}
-
-/// `ip` in a namespace, stdout as text.
-fn ip_in(ns: &Netns, args: &[&str]) -> anyhow::Result<String> {
-    let mut cmd = Command::new("ip");
-    cmd.args(args);
-    let out = output_in(ns, cmd, None)?;
-    ensure!(out.status.success(), "ip {args:?}: {out:?}");
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Checks shared by both modes: the pods' addresses are distinct, inside the subnet, not the
 /// node's, shown by ipamd's introspection for the right pod, and held by the node in EC2.
 fn check_addresses(s: &Summary, checks: &mut Vec<String>, requested: usize) -> anyhow::Result<()> {
@@ -877,21 +787,18 @@ fn run_namespaces(opts: &Options, ipamd_bin: &Path, cni_bin: &Path) -> anyhow::R
         let warm_pool = pool()?;
 
         // 3. Pods: CNI ADD through the real plugin, each in its own namespace.
-        let plugin = Plugin {
-            bin: cni_bin.to_path_buf(),
-            node_ns: &ns,
-            socket: socket.clone(),
-        };
+        let plugin = crate::node::Plugin::new(cni_bin.to_path_buf(), &ns, socket.clone())?
+            .with_pool_wait(20.0);
         let adding = Instant::now();
         let mut pods = Vec::new();
         for i in 0..opts.pods {
             check_interrupted()?;
             let name = format!("pod-{i}");
             let pod_ns = TestNetns::new("pod")?;
-            let (result, ip) = plugin
+            let added = plugin
                 .add(&name, pod_ns.path())
                 .with_context(|| tail(&log))?;
-            pods.push((name, pod_ns, result, ip));
+            pods.push((name, pod_ns, added.result, added.ip));
         }
         let pods_took = adding.elapsed();
         let mut summary = Summary {
@@ -947,7 +854,7 @@ fn run_namespaces(opts: &Options, ipamd_bin: &Path, cni_bin: &Path) -> anyhow::R
 
         // 5. CNI DEL of every pod: nothing of theirs is left on the node.
         for (name, pod_ns, result, _) in &pods {
-            plugin.del(name, pod_ns.path(), result)?;
+            plugin.del(name, pod_ns.path(), Some(result))?;
         }
         let routes = ip_in(&ns, &["-4", "route", "show", "table", "all"])?;
         let rules = ip_in(&ns, &["-4", "rule", "show"])?;
