@@ -101,6 +101,38 @@ fn forward(child: &tokio::process::Child, sig: Signal) -> bool {
     }
 }
 
+/// The daemon exited: reports it and returns the code to exit with.
+fn exited(
+    status: std::io::Result<ExitStatus>,
+    program: &std::ffi::OsStr,
+    events: Option<&mpsc::UnboundedSender<Event>>,
+) -> Result<i32, InstallerError> {
+    let code = exit_code(status.map_err(|source| InstallerError::Spawn {
+        program: program.to_string_lossy().into_owned(),
+        source,
+    })?);
+    emit(events, Event::Exited(code));
+    Ok(code)
+}
+
+/// A termination signal for the daemon: forwarded (and reported). Returns whether the signal
+/// channel is still open.
+fn relay(
+    child: &tokio::process::Child,
+    sig: Option<Signal>,
+    events: Option<&mpsc::UnboundedSender<Event>>,
+) -> bool {
+    match sig {
+        Some(sig) => {
+            if forward(child, sig) {
+                emit(events, Event::Forwarded(sig));
+            }
+            true
+        }
+        None => false,
+    }
+}
+
 /// Runs the entrypoint until the daemon exits; returns the exit code to exit with.
 ///
 /// `signals` delivers the termination signals the entrypoint receives (the binary feeds it
@@ -141,22 +173,10 @@ pub async fn run(
     let mut signals_open = true;
     loop {
         tokio::select! {
-            status = child.wait() => {
-                let code = exit_code(status.map_err(|source| InstallerError::Spawn {
-                    program: program.to_string_lossy().into_owned(),
-                    source,
-                })?);
-                emit(events, Event::Exited(code));
-                return Ok(code);
+            status = child.wait() => return exited(status, program, events),
+            sig = signals.recv(), if signals_open => {
+                signals_open = relay(&child, sig, events);
             }
-            sig = signals.recv(), if signals_open => match sig {
-                Some(sig) => {
-                    if forward(&child, sig) {
-                        emit(events, Event::Forwarded(sig));
-                    }
-                }
-                None => signals_open = false,
-            },
             () = tokio::time::sleep(delay) => {
                 let status = check_health(&opts.socket, "", opts.probe_timeout).await;
                 let serving = matches!(status, Ok(ServingStatus::Serving));
@@ -179,22 +199,10 @@ pub async fn run(
 
     loop {
         tokio::select! {
-            status = child.wait() => {
-                let code = exit_code(status.map_err(|source| InstallerError::Spawn {
-                    program: program.to_string_lossy().into_owned(),
-                    source,
-                })?);
-                emit(events, Event::Exited(code));
-                return Ok(code);
+            status = child.wait() => return exited(status, program, events),
+            sig = signals.recv(), if signals_open => {
+                signals_open = relay(&child, sig, events);
             }
-            sig = signals.recv(), if signals_open => match sig {
-                Some(sig) => {
-                    if forward(&child, sig) {
-                        emit(events, Event::Forwarded(sig));
-                    }
-                }
-                None => signals_open = false,
-            },
         }
     }
 }
