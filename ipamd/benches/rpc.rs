@@ -1,7 +1,9 @@
 //! AddNetwork + DelNetwork over the daemon's unix socket, each acknowledged only after the
 //! checkpoint is durable (temp file, fsync, rename, fsync of the directory): operations per
-//! second, p50 and p99, with 1 and 8 concurrent clients, on an empty node and with 250 other
-//! pods held (the checkpoint is rewritten whole on every change).
+//! second, p50 and p99, with 1, 2, 8 and 32 concurrent clients, on an empty node and with 250
+//! other pods held (the checkpoint is rewritten whole on every write; requests that arrive
+//! while a write is in flight share the next one: group commit). `calls/write` is how many
+//! AddNetwork/DelNetwork acknowledgements each checkpoint write carried.
 //!
 //! `cargo bench -p ipamd --bench rpc` (not run in CI; no root needed). Environment: `OPS`
 //! (AddNetwork+DelNetwork pairs per client count, default 1000), `BENCH_DIR` (where the socket
@@ -39,10 +41,18 @@ struct Samples {
     del: Vec<Duration>,
     pair: Vec<Duration>,
     wall: Duration,
+    writes: u64,
 }
 
 /// `clients` clients, each doing `ops` AddNetwork+DelNetwork pairs of fresh sandboxes.
-async fn run(sock: &std::path::Path, clients: usize, ops: usize, tag: &str) -> Samples {
+async fn run(
+    st: &PoolState,
+    sock: &std::path::Path,
+    clients: usize,
+    ops: usize,
+    tag: &str,
+) -> Samples {
+    let before = st.commit_stats().writes;
     let mut conns = Vec::new();
     for _ in 0..clients {
         conns.push(client(sock).await);
@@ -77,6 +87,7 @@ async fn run(sock: &std::path::Path, clients: usize, ops: usize, tag: &str) -> S
         all.pair.extend(s.pair);
     }
     all.wall = start.elapsed();
+    all.writes = st.commit_stats().writes - before;
     all
 }
 
@@ -84,9 +95,10 @@ fn report(title: &str, clients: usize, s: &mut Samples) {
     let pairs = s.pair.len() as f64;
     let secs = s.wall.as_secs_f64();
     println!(
-        "{title:<34}{clients:>3} {:>10.0} {:>10.0} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}",
+        "{title:<34}{clients:>3} {:>10.0} {:>10.0} {:>11.1} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}",
         pairs / secs,
         2.0 * pairs / secs,
+        2.0 * pairs / (s.writes.max(1) as f64),
         ms(pct(&mut s.add, 0.5)),
         ms(pct(&mut s.add, 0.99)),
         ms(pct(&mut s.del, 0.5)),
@@ -98,11 +110,12 @@ fn report(title: &str, clients: usize, s: &mut Samples) {
 
 fn header() {
     println!(
-        "\n{:<34}{:>3} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}",
+        "\n{:<34}{:>3} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}",
         "",
         "cl",
         "pairs/s",
         "calls/s",
+        "calls/write",
         "ADD p50",
         "ADD p99",
         "DEL p50",
@@ -152,8 +165,14 @@ fn direct(st: &Arc<PoolState>, ops: usize) -> Vec<Duration> {
         .map(|i| {
             let key = IpamKey::new("aws-cni", &format!("direct-{i}"), "eth0");
             let t = Instant::now();
-            st.assign(&key, &md).expect("assign");
-            st.unassign(&key).expect("unassign");
+            st.assign(&key, &md)
+                .expect("assign")
+                .wait()
+                .expect("durable");
+            st.unassign(&key)
+                .expect("unassign")
+                .wait()
+                .expect("durable");
             t.elapsed()
         })
         .collect()
@@ -196,19 +215,34 @@ fn main() {
         .await;
         let sock = cfg.grpc_socket.clone();
         // Warm-up: connections, page cache, allocator.
-        run(&sock, 2, 50, "warm").await;
+        let st = d.state().clone();
+        run(&st, &sock, 2, 50, "warm").await;
 
         header();
-        for clients in [1, 8] {
-            let mut s = run(&sock, clients, ops / clients.max(1), &format!("e{clients}")).await;
+        for clients in [1, 2, 8, 32] {
+            let mut s = run(
+                &st,
+                &sock,
+                clients,
+                ops / clients.max(1),
+                &format!("e{clients}"),
+            )
+            .await;
             report("empty node", clients, &mut s);
         }
         let mut bg = client(&sock).await;
         for i in 0..250 {
             add_ok(&mut bg, &format!("held-{i}"), Duration::from_secs(60)).await;
         }
-        for clients in [1, 8] {
-            let mut s = run(&sock, clients, ops / clients.max(1), &format!("h{clients}")).await;
+        for clients in [1, 2, 8, 32] {
+            let mut s = run(
+                &st,
+                &sock,
+                clients,
+                ops / clients.max(1),
+                &format!("h{clients}"),
+            )
+            .await;
             report("250 pods held", clients, &mut s);
         }
 
@@ -225,13 +259,13 @@ fn main() {
             "repeated AddNetwork (gRPC + datastore, no checkpoint write)",
             &mut repeat,
         );
-        let st = d.state().clone();
+        let st = st.clone();
         let n = ops;
         let mut dir_calls = tokio::task::spawn_blocking(move || direct(&st, n))
             .await
             .expect("direct");
         one_line(
-            "PoolState::assign + unassign (2 checkpoint writes, no gRPC)",
+            "PoolState::assign + unassign, durable (2 writes, no gRPC)",
             &mut dir_calls,
         );
         for held in [0usize, 250] {

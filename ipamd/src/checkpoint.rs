@@ -217,7 +217,9 @@ impl CheckpointStore for FileStore {
             f.write_all(&bytes)?;
             f.sync_all()?;
             drop(f);
+            crate::failpoint::hit(crate::failpoint::CHECKPOINT_BEFORE_RENAME);
             fs::rename(&tmp, &self.path)?;
+            crate::failpoint::hit(crate::failpoint::CHECKPOINT_BEFORE_DIR_SYNC);
             fs::File::open(dir)?.sync_all()
         })();
         if res.is_err() {

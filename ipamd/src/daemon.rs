@@ -55,6 +55,9 @@ pub enum DaemonError {
     /// The checkpoint is corrupt, foreign or unwritable (it is kept as it is).
     #[error("checkpoint")]
     Checkpoint(#[from] CheckpointError),
+    /// The first checkpoint write after the restore failed.
+    #[error("checkpoint")]
+    CheckpointWrite(#[from] crate::state::StateError),
     /// The checkpoint does not fit the ENIs (duplicate address).
     #[error("checkpoint restore")]
     Restore(#[source] crate::datastore::DsError),
@@ -798,7 +801,7 @@ async fn start_inner(
         .map(|(ip, _)| *ip)
         .collect();
     let state = Arc::new(PoolState::new(ds, Box::new(store), clock));
-    state.mutate_and_save(|_| ())?;
+    state.mutate_and_save(|_| ()).await?;
 
     // Host networking: primary MTU, SNAT rules, every secondary ENI; then the restored pods'
     // rules normalised.
@@ -922,6 +925,25 @@ async fn start_inner(
         node_limits.ips_per_eni(prefix_mode) * node_limits.max_enis.saturating_sub(unmanaged),
     ));
     if !cfg.disable_provisioning {
+        // An ENI created by an earlier run that was killed before attaching it (or after
+        // detaching it, before the delete) is ours alone: delete it before growing.
+        match crate::reconcile::cleanup_own_leftovers(
+            ec2.as_ref(),
+            &pacer,
+            &primary.vpc_id,
+            Some(cfg.cluster_name.as_str()),
+            &id.instance_id,
+        )
+        .await
+        {
+            Ok(r) if !r.errors.is_empty() => {
+                tracing::warn!(deleted = ?r.deleted, errors = r.errors.len(), "own leftover ENIs: some not deleted (the hourly cleanup retries)")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "own leftover ENIs: EC2 unavailable (the hourly cleanup retries)")
+            }
+        }
         // A failure here is not fatal: the pool loop tries again every tick, and the
         // addresses already on the ENIs can be served meanwhile.
         match pool.settle().await {

@@ -1,7 +1,8 @@
 //! The datastore: ENIs, their /32s and /28s, and which pod holds which address
 //! (spec/ipamd.md 3.1-3.4). Pure and synchronous: time is a parameter (a [`Duration`] since the
 //! Unix epoch), and persistence is the caller's job (see [`crate::state`]), which writes the
-//! checkpoint after every change and undoes the change if that fails.
+//! checkpoint after changes (in groups), confirms releases once they are on disk and undoes
+//! the changes of a write that failed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -54,6 +55,9 @@ pub struct AddressInfo {
     pub assigned_at: Duration,
     /// When it was last unassigned (cooldown starts).
     pub unassigned_at: Option<Duration>,
+    /// Released by a DEL whose checkpoint write is not on disk yet: not handed out again, and
+    /// its CIDR not given back to EC2, until it is (the release may still be undone).
+    pub release_pending: bool,
 }
 
 /// A /32 or /28 on an ENI.
@@ -68,8 +72,12 @@ pub struct CidrInfo {
 }
 
 impl CidrInfo {
+    /// Addresses held by a pod, or whose release is not yet durable.
     fn assigned(&self) -> usize {
-        self.addresses.values().filter(|a| a.key.is_some()).count()
+        self.addresses
+            .values()
+            .filter(|a| a.key.is_some() || a.release_pending)
+            .count()
     }
 
     fn cooling(&self, now: Duration, cooldown: Duration) -> usize {
@@ -82,6 +90,7 @@ impl CidrInfo {
 
 fn is_cooling(a: &AddressInfo, now: Duration, cooldown: Duration) -> bool {
     a.key.is_none()
+        && !a.release_pending
         && a.unassigned_at
             .is_some_and(|t| now.saturating_sub(t) <= cooldown)
 }
@@ -178,6 +187,9 @@ pub struct Assignment {
     pub route_table_id: u32,
     /// False when the key already held this address (idempotent repeat; nothing changed).
     pub fresh: bool,
+    /// The address's bookkeeping before this assignment (to undo it exactly: a reused
+    /// address keeps its history).
+    pub previous: Option<AddressInfo>,
 }
 
 /// A successful unassignment (enough to undo it).
@@ -191,6 +203,8 @@ pub struct Unassignment {
     pub device_number: u32,
     /// The ENI's route table.
     pub route_table_id: u32,
+    /// The CIDR holding it.
+    pub cidr: Ipv4Net,
     /// The key that held it.
     pub key: IpamKey,
     /// Its metadata.
@@ -354,7 +368,7 @@ impl DataStore {
             .values()
             .flat_map(|c| c.addresses.values().filter_map(|a| a.key.clone()))
             .collect();
-        if !force && !lost.is_empty() {
+        if !force && e.cidrs.values().any(|c| c.assigned() > 0) {
             return Err(DsError::InUse(eni.into()));
         }
         self.enis.remove(eni);
@@ -395,6 +409,7 @@ impl DataStore {
                 device_number: e.device_number,
                 route_table_id: e.route_table_id,
                 fresh: false,
+                previous: None,
             });
         }
         let mut reuse: Option<(Duration, String, Ipv4Net, Ipv4Addr)> = None;
@@ -410,7 +425,7 @@ impl DataStore {
                     break 'outer;
                 }
                 for (ip, a) in &c.addresses {
-                    if a.key.is_none() && !is_cooling(a, now, self.cooldown) {
+                    if a.key.is_none() && !a.release_pending && !is_cooling(a, now, self.cooldown) {
                         let t = a.unassigned_at.unwrap_or_default();
                         if reuse.as_ref().is_none_or(|r| t < r.0) {
                             reuse = Some((t, id.clone(), c.cidr, *ip));
@@ -430,13 +445,14 @@ impl DataStore {
             .cidrs
             .get_mut(&cidr)
             .ok_or_else(|| DsError::UnknownEni(eni.clone()))?;
-        c.addresses.insert(
+        let previous = c.addresses.insert(
             ip,
             AddressInfo {
                 key: Some(key.clone()),
                 metadata: metadata.clone(),
                 assigned_at: now,
                 unassigned_at: None,
+                release_pending: false,
             },
         );
         let out = Assignment {
@@ -445,16 +461,31 @@ impl DataStore {
             device_number: e.device_number,
             route_table_id: e.route_table_id,
             fresh: true,
+            previous,
         };
         self.by_key.insert(key.clone(), (eni, cidr, ip));
         Ok(out)
     }
 
-    /// Undoes a fresh [`assign`](Self::assign) (the checkpoint write failed).
-    pub fn undo_assign(&mut self, key: &IpamKey) {
-        if let Some((eni, cidr, ip)) = self.by_key.remove(key) {
-            if let Some(c) = self.enis.get_mut(&eni).and_then(|e| e.cidrs.get_mut(&cidr)) {
-                c.addresses.remove(&ip);
+    /// Undoes a fresh [`assign`](Self::assign) (the checkpoint write that would have recorded
+    /// it failed): the address gets back its previous bookkeeping. Nothing happens when `key`
+    /// no longer holds `a.ip` (a later DEL already released it; that release stands).
+    pub fn undo_assign(&mut self, key: &IpamKey, a: &Assignment) {
+        let Some((eni, cidr, ip)) = self.by_key.get(key).cloned() else {
+            return;
+        };
+        if ip != a.ip || eni != a.eni_id {
+            return;
+        }
+        self.by_key.remove(key);
+        if let Some(c) = self.enis.get_mut(&eni).and_then(|e| e.cidrs.get_mut(&cidr)) {
+            match &a.previous {
+                Some(p) => {
+                    c.addresses.insert(ip, p.clone());
+                }
+                None => {
+                    c.addresses.remove(&ip);
+                }
             }
         }
     }
@@ -485,6 +516,7 @@ impl DataStore {
             eni_id: eni.clone(),
             device_number: e.device_number,
             route_table_id: e.route_table_id,
+            cidr,
             key: key.clone(),
             metadata: std::mem::take(&mut a.metadata),
             assigned_at: a.assigned_at,
@@ -492,25 +524,50 @@ impl DataStore {
         };
         a.key = None;
         a.unassigned_at = Some(now);
+        a.release_pending = true;
         Ok(out)
     }
 
-    /// Undoes an [`unassign`](Self::unassign) (the checkpoint write failed).
-    pub fn undo_unassign(&mut self, u: &Unassignment) {
-        let Some(e) = self.enis.get_mut(&u.eni_id) else {
-            return;
-        };
-        for (cidr, c) in e.cidrs.iter_mut() {
-            if let Some(a) = c.addresses.get_mut(&u.ip) {
-                a.key = Some(u.key.clone());
-                a.metadata = u.metadata.clone();
-                a.assigned_at = u.assigned_at;
-                a.unassigned_at = u.previous_unassigned_at;
-                self.by_key
-                    .insert(u.key.clone(), (u.eni_id.clone(), *cidr, u.ip));
-                return;
-            }
+    /// Makes an [`unassign`](Self::unassign) final (its checkpoint write is on disk): the
+    /// address may be handed out again once its cooldown ends.
+    pub fn confirm_unassign(&mut self, u: &Unassignment) {
+        if let Some(a) = self.address_mut(&u.eni_id, u.cidr, u.ip) {
+            a.release_pending = false;
         }
+    }
+
+    /// Undoes an [`unassign`](Self::unassign) (the checkpoint write failed): the pod holds its
+    /// address again. Returns false when that is impossible (the address is gone or held by
+    /// another key), which the release-pending rule is there to prevent.
+    pub fn undo_unassign(&mut self, u: &Unassignment) -> bool {
+        if self.by_key.contains_key(&u.key) {
+            // The key got another address after the release (a later ADD): keep that one.
+            if let Some(a) = self.address_mut(&u.eni_id, u.cidr, u.ip) {
+                a.release_pending = false;
+            }
+            return false;
+        }
+        let Some(a) = self.address_mut(&u.eni_id, u.cidr, u.ip) else {
+            return false;
+        };
+        if a.key.is_some() {
+            return false;
+        }
+        a.key = Some(u.key.clone());
+        a.metadata = u.metadata.clone();
+        a.assigned_at = u.assigned_at;
+        a.unassigned_at = u.previous_unassigned_at;
+        a.release_pending = false;
+        self.by_key
+            .insert(u.key.clone(), (u.eni_id.clone(), u.cidr, u.ip));
+        true
+    }
+
+    fn address_mut(&mut self, eni: &str, cidr: Ipv4Net, ip: Ipv4Addr) -> Option<&mut AddressInfo> {
+        self.enis
+            .get_mut(eni)
+            .and_then(|e| e.cidrs.get_mut(&cidr))
+            .and_then(|c| c.addresses.get_mut(&ip))
     }
 
     /// The checkpoint of the current assignments (sorted by address).
@@ -588,6 +645,7 @@ impl DataStore {
                         metadata: md.clone(),
                         assigned_at: Duration::from_nanos(a.allocation_timestamp.max(0) as u64),
                         unassigned_at: None,
+                        release_pending: false,
                     },
                 );
                 self.by_key.insert(key, (eni, cidr, ip));
@@ -793,6 +851,7 @@ mod tests {
         }
         let u = ds.unassign(&key("b"), s(10)).unwrap();
         assert_eq!(u.ip.to_string(), "10.0.1.2");
+        ds.confirm_unassign(&u);
         // In cooldown until 40 s: not handed out.
         assert_eq!(
             ds.assign(&key("d"), &md, s(40)),
@@ -821,15 +880,72 @@ mod tests {
             interfaces_count: 1,
         };
         let before = ds.checkpoint();
-        ds.assign(&key("a"), &md, s(0)).unwrap();
-        ds.undo_assign(&key("a"));
+        let a = ds.assign(&key("a"), &md, s(0)).unwrap();
+        ds.undo_assign(&key("a"), &a);
         assert_eq!(ds.checkpoint(), before);
         ds.assign(&key("a"), &md, s(0)).unwrap();
         let with = ds.checkpoint();
         let u = ds.unassign(&key("a"), s(5)).unwrap();
-        ds.undo_unassign(&u);
+        assert!(ds.undo_unassign(&u));
         assert_eq!(ds.checkpoint(), with);
         assert_eq!(ds.lookup(&key("a")), Some(u.ip));
+    }
+
+    #[test]
+    fn a_release_not_yet_on_disk_is_neither_reused_nor_given_back_to_ec2() {
+        // Cooldown 0: only the pending flag keeps the address from the next pod.
+        let mut ds = DataStore::new(false, false, false, s(0));
+        ds.add_eni(spec("eni-0", 0), s(0));
+        ds.add_cidr("eni-0", ip("10.0.1.1"), false).unwrap();
+        let md = IpamMetadata::default();
+        ds.assign(&key("a"), &md, s(0)).unwrap();
+        let u = ds.unassign(&key("a"), s(1)).unwrap();
+        assert_eq!(ds.assign(&key("b"), &md, s(5)), Err(DsError::NoAvailableIp));
+        assert!(ds.releasable("eni-0", false, 5, s(5), false).is_empty());
+        assert!(ds.remove_cidr("eni-0", ip("10.0.1.1"), false).is_err());
+        assert!(ds.remove_eni("eni-0", false).is_err());
+        assert_eq!(ds.totals().assigned, 1, "counted as held");
+        assert!(ds.checkpoint().allocations.is_empty(), "not in the file");
+        ds.confirm_unassign(&u);
+        assert_eq!(ds.assign(&key("b"), &md, s(5)).unwrap().ip, u.ip);
+    }
+
+    #[test]
+    fn undoing_the_reuse_of_an_address_gives_it_back_its_history() {
+        let mut ds = DataStore::new(false, false, false, s(10));
+        ds.add_eni(spec("eni-0", 0), s(0));
+        ds.add_cidr("eni-0", ip("10.0.1.1"), false).unwrap();
+        let md = IpamMetadata::default();
+        ds.assign(&key("a"), &md, s(0)).unwrap();
+        let u = ds.unassign(&key("a"), s(1)).unwrap();
+        ds.confirm_unassign(&u);
+        let freed = ds.eni("eni-0").unwrap().cidrs[&ip("10.0.1.1")].clone();
+        let b = ds.assign(&key("b"), &md, s(20)).unwrap();
+        assert_eq!(b.ip, u.ip);
+        ds.undo_assign(&key("b"), &b);
+        assert_eq!(ds.eni("eni-0").unwrap().cidrs[&ip("10.0.1.1")], freed);
+        assert_eq!(ds.lookup(&key("b")), None);
+    }
+
+    #[test]
+    fn undoing_an_assignment_that_a_later_release_ended_keeps_the_release() {
+        let mut ds = sip_store();
+        let md = IpamMetadata::default();
+        let a = ds.assign(&key("a"), &md, s(0)).unwrap();
+        let u = ds.unassign(&key("a"), s(1)).unwrap();
+        ds.undo_assign(&key("a"), &a);
+        assert_eq!(ds.lookup(&key("a")), None);
+        ds.confirm_unassign(&u);
+        // ADD, DEL, ADD again of one key: undoing the first ADD leaves the second alone.
+        let a1 = ds.assign(&key("k"), &md, s(2)).unwrap();
+        let u1 = ds.unassign(&key("k"), s(3)).unwrap();
+        let a2 = ds.assign(&key("k"), &md, s(4)).unwrap();
+        assert_ne!(a1.ip, a2.ip, "the pending release is not reused");
+        ds.undo_assign(&key("k"), &a1);
+        assert_eq!(ds.lookup(&key("k")), Some(a2.ip));
+        assert!(!ds.undo_unassign(&u1), "the key holds another address now");
+        assert_eq!(ds.lookup(&key("k")), Some(a2.ip));
+        assert_eq!(ds.totals().assigned, 1, "the first address is free again");
     }
 
     #[test]
@@ -985,7 +1101,10 @@ mod tests {
                     Op::Del(c, i) => {
                         let k = IpamKey::new("aws-cni", &format!("c{c}"), &format!("eth{i}"));
                         match ds.unassign(&k, now) {
-                            Ok(u) => prop_assert_eq!(model.remove(&k), Some(u.ip)),
+                            Ok(u) => {
+                                ds.confirm_unassign(&u);
+                                prop_assert_eq!(model.remove(&k), Some(u.ip));
+                            }
                             Err(e) => { prop_assert_eq!(e, DsError::UnknownPod); prop_assert!(!model.contains_key(&k)); }
                         }
                     }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod datastore;
 pub mod ec2;
+pub mod failpoint;
 pub mod host;
 pub mod imds;
 pub mod introspect;

@@ -222,6 +222,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cfg);
+    if let Err(e) = ipamd::failpoint::init_from_env() {
+        eprintln!("ipamd: configuration: {e}");
+        return ExitCode::from(2);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -611,6 +611,7 @@ impl PoolManager {
                 }
                 match res {
                     Ok(got) => {
+                        crate::failpoint::hit(crate::failpoint::ADDRESSES_ASSIGNED);
                         let mut ds = self.state.lock();
                         // Never the ENI's own primary address, whatever an EC2 endpoint
                         // answers (moto lists it among the assigned ones).
@@ -862,6 +863,7 @@ impl PoolManager {
                 .await;
             match res {
                 Ok(e) => {
+                    crate::failpoint::hit(crate::failpoint::ENI_CREATED);
                     created = Some((e, *subnet_cidr));
                     break;
                 }
@@ -1161,21 +1163,37 @@ mod tests {
         Node { ec2, state, pool }
     }
 
-    fn pods(st: &PoolState, from: usize, n: usize) {
-        for i in from..from + n {
-            st.assign(
-                &IpamKey::new("aws-cni", &format!("c{i}"), "eth0"),
-                &IpamMetadata::default(),
-            )
-            .unwrap();
-        }
+    // The checkpoint is written by the committer thread; waiting for it on a blocking thread
+    // keeps paused tokio time from jumping to the next pool tick meanwhile.
+    async fn pods(st: &Arc<PoolState>, from: usize, n: usize) {
+        let st = st.clone();
+        tokio::task::spawn_blocking(move || {
+            for i in from..from + n {
+                st.assign(
+                    &IpamKey::new("aws-cni", &format!("c{i}"), "eth0"),
+                    &IpamMetadata::default(),
+                )
+                .unwrap()
+                .wait()
+                .unwrap();
+            }
+        })
+        .await
+        .unwrap();
     }
 
-    fn unpods(st: &PoolState, from: usize, n: usize) {
-        for i in from..from + n {
-            st.unassign(&IpamKey::new("aws-cni", &format!("c{i}"), "eth0"))
-                .unwrap();
-        }
+    async fn unpods(st: &Arc<PoolState>, from: usize, n: usize) {
+        let st = st.clone();
+        tokio::task::spawn_blocking(move || {
+            for i in from..from + n {
+                st.unassign(&IpamKey::new("aws-cni", &format!("c{i}"), "eth0"))
+                    .unwrap()
+                    .wait()
+                    .unwrap();
+            }
+        })
+        .await
+        .unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -1184,17 +1202,17 @@ mod tests {
         n.pool.settle().await.unwrap();
         assert_eq!(n.state.lock().usable_total(), 9, "primary filled");
         // One pod: available 8 < 9 → a whole new ENI.
-        pods(&n.state, 0, 1);
+        pods(&n.state, 0, 1).await;
         assert!(n.pool.is_low());
         n.pool.settle().await.unwrap();
         assert_eq!(n.state.lock().enis().len(), 2);
         assert_eq!(n.state.lock().usable_total(), 18);
         // Fill to 10 pods → third ENI.
-        pods(&n.state, 1, 9);
+        pods(&n.state, 1, 9).await;
         n.pool.settle().await.unwrap();
         assert_eq!(n.state.lock().enis().len(), 3);
         // Scale down to 0 pods: an ENI is freed only after cooldown and the minimum ENI age.
-        unpods(&n.state, 0, 10);
+        unpods(&n.state, 0, 10).await;
         let out = n.pool.tick().await.unwrap();
         assert_eq!(out.freed_eni, None, "cooldown and ENI age hold it");
         tokio::time::advance(Duration::from_secs(61)).await;
@@ -1211,7 +1229,7 @@ mod tests {
     async fn a_cordoned_node_serves_its_pool_but_does_not_grow_it() {
         let n = node(&[("WARM_IP_TARGET", "3")], "10.0.0.0/20");
         n.pool.settle().await.unwrap();
-        pods(&n.state, 0, 2);
+        pods(&n.state, 0, 2).await;
         assert!(n.pool.is_low());
         n.pool.set_cordon_paused(true);
         let out = n.pool.tick().await.unwrap();
@@ -1238,7 +1256,7 @@ mod tests {
         // A client error is not retried.
         n.ec2
             .fail("AssignPrivateIpAddresses", "UnauthorizedOperation", 1);
-        pods(&n.state, 0, 1);
+        pods(&n.state, 0, 1).await;
         assert!(n.pool.tick().await.is_err());
         assert_eq!(n.ec2.count("AssignPrivateIpAddresses"), 7);
     }
@@ -1311,7 +1329,7 @@ mod tests {
         let pool = Arc::new(n.pool);
         let (_tx, rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(pool.clone().run(rx));
-        pods(&n.state, 0, 1);
+        pods(&n.state, 0, 1).await;
         assert!(low(&n.state));
         n.state.low.notify_one();
         // Well before the 1 h tick the pool is back at target.
@@ -1367,9 +1385,9 @@ mod tests {
             "10.0.0.0/20",
         );
         n.pool.settle().await.unwrap();
-        pods(&n.state, 0, 3);
+        pods(&n.state, 0, 3).await;
         n.pool.settle().await.unwrap();
-        unpods(&n.state, 0, 3);
+        unpods(&n.state, 0, 3).await;
         tokio::time::advance(Duration::from_secs(1)).await;
         n.pool.tick().await.unwrap();
         let rel = n.pool.recently_released();

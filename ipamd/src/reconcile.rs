@@ -534,7 +534,7 @@ fn reconcile_addresses(
 pub enum ReconcileError {
     /// The checkpoint could not be written after a forced change.
     #[error("reconcile: checkpoint")]
-    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    Checkpoint(#[from] crate::state::StateError),
     /// An EC2 call failed.
     #[error("reconcile: EC2 {op}")]
     Ec2 {
@@ -589,13 +589,15 @@ pub async fn apply(
         .filter(|a| !matches!(a, Action::TagEni { .. }))
         .collect();
     if !ds_actions.is_empty() {
-        let r = state.mutate_and_save(|ds| {
-            let mut r = ApplyReport::default();
-            for a in &ds_actions {
-                apply_one(ds, a, now, &mut r);
-            }
-            r
-        })?;
+        let r = state
+            .mutate_and_save(|ds| {
+                let mut r = ApplyReport::default();
+                for a in &ds_actions {
+                    apply_one(ds, a, now, &mut r);
+                }
+                r
+            })
+            .await?;
         report.adopted = r.adopted;
         report.evicted_enis = r.evicted_enis;
         report.added_cidrs = r.added_cidrs;
@@ -811,6 +813,60 @@ pub fn select_leaked(
         }
     }
     out
+}
+
+/// This instance's own leftovers among leaked-ENI candidates: ENIs it created (description
+/// `aws-K8S-`, tagged with its instance id) that are `available` and unattached. Only a crash
+/// between `CreateNetworkInterface` and `AttachNetworkInterface`, or between a detach and the
+/// delete that follows, leaves such an ENI: the daemon deletes them at start, whatever their
+/// age, instead of leaving them for the hourly cleanup (which waits five minutes).
+pub fn select_own_leftovers(candidates: &[EniInfo], instance_id: &str) -> Vec<String> {
+    candidates
+        .iter()
+        .filter(|e| {
+            e.description.starts_with(DESCRIPTION_PREFIX)
+                && e.status == "available"
+                && e.attachment.is_none()
+                && !instance_id.is_empty()
+                && e.tags.get(TAG_INSTANCE_ID).map(String::as_str) == Some(instance_id)
+        })
+        .map(|e| e.id.clone())
+        .collect()
+}
+
+/// Deletes this instance's own leftover ENIs ([`select_own_leftovers`]); returns those deleted.
+pub async fn cleanup_own_leftovers(
+    ec2: &dyn Ec2Api,
+    pacer: &Pacer,
+    vpc_id: &str,
+    cluster: Option<&str>,
+    instance_id: &str,
+) -> Result<LeakedReport, Ec2Error> {
+    let cluster = cluster.filter(|c| !c.is_empty());
+    let cands = pacer
+        .call("DescribeNetworkInterfaces", || {
+            ec2.describe_leaked_candidates(vpc_id, cluster)
+        })
+        .await?;
+    let mut report = LeakedReport::default();
+    for eni in select_own_leftovers(&cands, instance_id) {
+        let r = pacer
+            .call("DeleteNetworkInterface", || async {
+                match ec2.delete_eni(&eni).await {
+                    Err(e) if e.is_not_found() => Ok(()),
+                    other => other,
+                }
+            })
+            .await;
+        match r {
+            Ok(()) => {
+                tracing::info!(eni, "own ENI left unattached by an earlier run deleted");
+                report.deleted.push(eni);
+            }
+            Err(e) => report.errors.push(e),
+        }
+    }
+    Ok(report)
 }
 
 /// What [`cleanup_leaked`] did.

@@ -708,9 +708,16 @@ async fn reconcile_adopts_an_external_ip_and_evicts_a_removed_one_with_the_check
                 ds.add_cidr(&primary, Ipv4Net::host(*ip), false).unwrap();
             }
         })
+        .await
         .unwrap();
     let pod = IpamKey::new("aws-cni", "c1", "eth0");
-    let a = n.state.assign(&pod, &IpamMetadata::default()).unwrap();
+    let a = n
+        .state
+        .assign(&pod, &IpamMetadata::default())
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
     // Behind our back: the pod's IP is unassigned in EC2 and another one is assigned.
     let extra = n.ec2.assign(&primary, Addresses::Ips(1)).await.unwrap().ips[0];
     n.ec2.unassign_ips(&primary, &[a.ip]).await.unwrap();
@@ -759,9 +766,16 @@ async fn stale_imds_after_an_assign_keeps_every_in_use_ip() {
                 ds.add_cidr(&primary, Ipv4Net::host(*ip), false).unwrap();
             }
         })
+        .await
         .unwrap();
     let pod = IpamKey::new("aws-cni", "c1", "eth0");
-    let a = n.state.assign(&pod, &IpamMetadata::default()).unwrap();
+    let a = n
+        .state
+        .assign(&pod, &IpamMetadata::default())
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
     let r = reconcile_once(&n.state, &n.ec2, &n.pacer, &stale, &BTreeMap::new(), &n.s)
         .await
         .unwrap();

@@ -114,12 +114,6 @@ pub fn pool_is_low(cfg: policy::PoolConfig, limits: policy::NodeLimits) -> LowCh
     })
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("worker failed: {e}")))
-}
-
 #[tonic::async_trait]
 impl CniBackend for Backend {
     async fn add_network(
@@ -148,8 +142,10 @@ impl CniBackend for Backend {
             pod_name: r.k8s_pod_name.clone(),
             interfaces_count: 1,
         };
-        let st = self.state.clone();
-        let res = blocking(move || st.assign(&key, &md)).await?;
+        let res = match self.state.assign(&key, &md) {
+            Ok(c) => c.durable().await,
+            Err(e) => Err(e),
+        };
         let a = match res {
             Ok(a) => a,
             Err(e) => {
@@ -193,8 +189,11 @@ impl CniBackend for Backend {
         vpc_cni_rpc::check_client_version(&r.client_version, &self.version)?;
         self.event(|e| e.del_request(&r.reason));
         let key = IpamKey::new(&r.network_name, &r.container_id, &r.if_name);
-        let st = self.state.clone();
-        match blocking(move || st.unassign(&key)).await? {
+        let res = match self.state.unassign(&key) {
+            Ok(c) => c.durable().await,
+            Err(e) => Err(e),
+        };
+        match res {
             Ok(u) => {
                 tracing::info!(ip = %u.ip, pod = %r.k8s_pod_name, reason = %r.reason, "released");
                 Ok(Response::new(DelNetworkReply {
