@@ -153,6 +153,35 @@ impl FileStore {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Removes temporary files that a write killed before its rename left beside the file
+    /// (`<name>.tmp<pid>-<n>`); returns how many. Call at start, before the first write.
+    pub fn remove_stale_temps(&self) -> usize {
+        let (Some(dir), Some(name)) = (self.path.parent(), self.path.file_name()) else {
+            return 0;
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let prefix = format!("{}.tmp", name.to_string_lossy());
+        let Ok(entries) = fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in entries.flatten() {
+            let fname = e.file_name();
+            let fname = fname.to_string_lossy();
+            let is_ours = fname.strip_prefix(&prefix).is_some_and(|rest| {
+                !rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit() || c == '-')
+            });
+            if is_ours && fs::remove_file(e.path()).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
 }
 
 /// Parses checkpoint bytes read from `path`.
@@ -355,6 +384,26 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn stale_temporary_files_of_a_killed_write_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ipam.json");
+        fs::write(&p, REFERENCE).unwrap();
+        fs::write(dir.path().join("ipam.json.tmp123-4"), b"{").unwrap();
+        fs::write(dir.path().join("ipam.json.tmp9-0"), b"").unwrap();
+        fs::write(dir.path().join("ipam.json.tmpx"), b"keep").unwrap();
+        fs::write(dir.path().join("other.json.tmp1-1"), b"keep").unwrap();
+        let s = FileStore::new(&p);
+        assert_eq!(s.remove_stale_temps(), 2);
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["ipam.json", "ipam.json.tmpx", "other.json.tmp1-1"]);
+        assert_eq!(fs::read_to_string(&p).unwrap(), REFERENCE);
     }
 
     #[test]

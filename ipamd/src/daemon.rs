@@ -781,6 +781,13 @@ async fn start_inner(
 
     // 3. Checkpoint restore with normalisation.
     let store = FileStore::new(cfg.checkpoint_path(0));
+    let stale = store.remove_stale_temps();
+    if stale > 0 {
+        tracing::info!(
+            files = stale,
+            "removed temporary checkpoint files of a write that was interrupted"
+        );
+    }
     if let Some(file) = store.read()? {
         let report = ds
             .restore(&file, deps.veth_exists.as_ref())

@@ -8,6 +8,14 @@
 //! failure (`E2E_SEED=<n>` replays the same schedule of operations and kill delays; the
 //! interleaving with ipamd's own threads is up to the machine).
 //!
+//! A second scenario arms ipamd's failpoints (`VPC_CNI_FAILPOINTS`) so that it kills itself
+//! inside pool growth at start (addresses assigned in EC2 but not yet in the datastore; an ENI
+//! created but not attached) and inside group-commit checkpoint writes (before the write, before
+//! the rename, before the directory sync), each followed by a restart and the runtime's DEL
+//! retry: every acknowledged assignment kept, none held twice, nothing leaked in EC2, no
+//! temporary checkpoint file left. A failing run keeps ipamd's log and checkpoint under
+//! `target/tmp/`.
+//!
 //! Root only; skipped otherwise.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -64,15 +72,40 @@ fn ipamd_survives_sigkill_during_pod_churn() -> anyhow::Result<()> {
     }
     let seed = seed();
     eprintln!("crash_safety: seed {seed} (replay with E2E_SEED={seed})");
-    let r = run(seed);
+    let tmp = tempfile::Builder::new().prefix("vcn-crash-").tempdir()?;
+    let r = run(seed, tmp.path());
+    if r.is_err() {
+        keep_evidence(tmp.path(), &format!("crash_safety-{seed}"));
+    }
     r.with_context(|| format!("crash_safety seed {seed} (replay with E2E_SEED={seed})"))
 }
 
-fn run(seed: u64) -> anyhow::Result<()> {
+/// Copies ipamd's files of a failed run (the log of every start, the checkpoint, stdout) to
+/// `target/tmp/<name>/`, so that a failure seen once under load can be studied afterwards.
+fn keep_evidence(dir: &std::path::Path, name: &str) {
+    let keep = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    if std::fs::create_dir_all(&keep).is_err() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_file() {
+            let _ = std::fs::copy(&p, keep.join(e.file_name()));
+        }
+    }
+    eprintln!(
+        "crash_safety: ipamd's log and checkpoint kept in {}",
+        keep.display()
+    );
+}
+
+fn run(seed: u64, tmp: &std::path::Path) -> anyhow::Result<()> {
     let mut rng = SimRng::new(seed);
     let ipamd_bin = workspace_bin("ipamd")?;
     let cni_bin = workspace_bin("aws-cni")?;
-    let tmp = tempfile::Builder::new().prefix("vcn-crash-").tempdir()?;
 
     let c = SimCluster::new(SimConfig::default())?;
     let vpc = c.create_vpc("10.4.0.0/16")?;
@@ -83,7 +116,7 @@ fn run(seed: u64) -> anyhow::Result<()> {
     let other_ns = other.netns()?;
     let server = serve(&c.fabric, c.sim.clone())?;
 
-    let mut ipamd = Ipamd::new(ipamd_bin, &ns, &server, &node.instance_id, tmp.path())?;
+    let mut ipamd = Ipamd::new(ipamd_bin, &ns, &server, &node.instance_id, tmp)?;
     ipamd.env("VPC_CNI_RECONCILE_INTERVAL", "2s");
     ipamd.start()?;
     // An ADD that finds ipamd dead gives up after 5 s (the runtime retries the pod later);
@@ -354,4 +387,259 @@ struct PendingDel {
     name: String,
     ns: TestNetns,
     prev: Option<serde_json::Value>,
+}
+
+/// Where the second scenario has ipamd kill itself (`VPC_CNI_FAILPOINTS`), in order, and
+/// whether the point is reached at start-up (pool growth) or during pod operations (a
+/// checkpoint write).
+const KILL_POINTS: &[(&str, bool)] = &[
+    // Pool growth at start: the primary ENI's addresses assigned in EC2, not yet in the
+    // datastore; then a second ENI created, not yet attached.
+    ("addresses-assigned=1", true),
+    ("eni-created=1", true),
+    // Group commit: a batch in the datastore, its write not begun; the temporary file written
+    // and synced, not renamed; renamed, the directory not synced. Write 1 is the one at start.
+    ("checkpoint-before-write=3", false),
+    ("checkpoint-before-rename=4", false),
+    ("checkpoint-before-dir-sync=3", false),
+    ("checkpoint-before-rename=2", false),
+    ("checkpoint-before-write=6", false),
+    ("checkpoint-before-dir-sync=5", false),
+];
+
+#[test]
+fn ipamd_killed_inside_a_checkpoint_write_or_pool_growth_loses_and_leaks_nothing(
+) -> anyhow::Result<()> {
+    if skip_netns_test("crash safety (ipamd killed at failpoints)") {
+        return Ok(());
+    }
+    let seed = seed();
+    eprintln!("crash_safety failpoints: seed {seed} (replay with E2E_SEED={seed})");
+    let tmp = tempfile::Builder::new().prefix("vcn-crashfp-").tempdir()?;
+    let r = run_failpoints(seed, tmp.path());
+    if r.is_err() {
+        keep_evidence(tmp.path(), &format!("crash_safety_failpoints-{seed}"));
+    }
+    r.with_context(|| format!("crash_safety failpoints seed {seed} (replay with E2E_SEED={seed})"))
+}
+
+/// Waits for ipamd to kill itself at the armed failpoint; fails unless it died by SIGKILL
+/// with the failpoint's line in its log.
+fn died_at(ipamd: &mut Ipamd, point: &str) -> anyhow::Result<()> {
+    use std::os::unix::process::ExitStatusExt;
+    let status = ipamd
+        .wait_exit(Duration::from_secs(60))
+        .with_context(|| format!("ipamd did not stop at {point}\n{}", ipamd.log_tail(40)))?;
+    let name = point.split('=').next().unwrap_or(point);
+    ensure!(
+        status.signal() == Some(Signal::SIGKILL as i32),
+        "ipamd armed with {point} exited with {status}\n{}",
+        ipamd.log_tail(40)
+    );
+    ensure!(
+        ipamd.log().contains(&format!("failpoint {name} reached")),
+        "ipamd was killed, but not by {point}\n{}",
+        ipamd.log_tail(40)
+    );
+    Ok(())
+}
+
+fn run_failpoints(seed: u64, tmp: &std::path::Path) -> anyhow::Result<()> {
+    let mut rng = SimRng::new(seed);
+    let ipamd_bin = workspace_bin("ipamd")?;
+    let cni_bin = workspace_bin("aws-cni")?;
+
+    let c = SimCluster::new(SimConfig::default())?;
+    let vpc = c.create_vpc("10.5.0.0/16")?;
+    let s = c.create_subnet(&vpc, "10.5.0.0/20")?;
+    let node = c.run_instance(&s, "m5.large")?;
+    let ns = node.netns()?;
+    let server = serve(&c.fabric, c.sim.clone())?;
+
+    let mut ipamd = Ipamd::new(ipamd_bin, &ns, &server, &node.instance_id, tmp)?;
+    // More free addresses than the primary ENI holds: growth at start creates a second ENI.
+    ipamd.env("WARM_IP_TARGET", "12");
+    ipamd.env("VPC_CNI_RECONCILE_INTERVAL", "2s");
+    let plugin = Plugin::new(cni_bin, &ns, ipamd.socket())?.with_pool_wait(5.0);
+
+    let mut live: Vec<Pod> = Vec::new();
+    let mut next_pod = 0usize;
+    let (mut acked_adds, mut acked_dels, mut failed_ops) = (0usize, 0usize, 0usize);
+    for (point, at_start) in KILL_POINTS {
+        ipamd.env("VPC_CNI_FAILPOINTS", *point);
+        if *at_start {
+            ipamd.spawn()?;
+            died_at(&mut ipamd, point)?;
+            eprintln!("crash_safety failpoints: killed at start by {point}");
+            continue;
+        }
+        ipamd.start()?;
+        // Pod operations until one fails: the write it waited for was killed.
+        let mut failed = None;
+        for _ in 0..12 {
+            let add = live.len() < 3 || (live.len() < 10 && rng.chance(0.6));
+            if add {
+                let name = format!("f{next_pod}");
+                next_pod += 1;
+                let pod_ns = TestNetns::new("pod")?;
+                match plugin.add(&name, pod_ns.path()) {
+                    Ok(added) => {
+                        acked_adds += 1;
+                        live.push(Pod {
+                            name,
+                            ns: pod_ns,
+                            added,
+                        });
+                    }
+                    Err(e) => {
+                        failed = Some((
+                            format!("ADD {name}"),
+                            e,
+                            PendingDel {
+                                name,
+                                ns: pod_ns,
+                                prev: None,
+                            },
+                        ));
+                        break;
+                    }
+                }
+            } else {
+                let pod = live.swap_remove(rng.below(live.len() as u64) as usize);
+                match plugin.del(&pod.name, pod.ns.path(), Some(&pod.added.result)) {
+                    Ok(()) => acked_dels += 1,
+                    Err(e) => {
+                        failed = Some((
+                            format!("DEL {}", pod.name),
+                            e,
+                            PendingDel {
+                                name: pod.name,
+                                ns: pod.ns,
+                                prev: Some(pod.added.result),
+                            },
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+        let (what, err, pending) = failed.with_context(|| {
+            format!(
+                "no pod operation failed with {point} armed\n{}",
+                ipamd.log_tail(40)
+            )
+        })?;
+        died_at(&mut ipamd, point).with_context(|| format!("{what} failed: {err:#}"))?;
+        failed_ops += 1;
+        eprintln!("crash_safety failpoints: {what} failed, ipamd killed by {point}");
+        // Restarted unarmed; the runtime retries the DEL it owes.
+        ipamd.env("VPC_CNI_FAILPOINTS", "");
+        ipamd.start()?;
+        let stale: Vec<_> = std::fs::read_dir(tmp)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("ipam.json.tmp"))
+            .collect();
+        ensure!(
+            stale.is_empty(),
+            "temporary checkpoint files left after the restart: {stale:?}"
+        );
+        plugin
+            .del(&pending.name, pending.ns.path(), pending.prev.as_ref())
+            .with_context(|| {
+                format!(
+                    "DEL {} after the crash (runtime retry)\n{}",
+                    pending.name,
+                    ipamd.log_tail(40)
+                )
+            })?;
+        ipamd.kill()?;
+    }
+    ipamd.env("VPC_CNI_FAILPOINTS", "");
+    ipamd.start()?;
+    ensure!(
+        ipamd
+            .log()
+            .contains("own ENI left unattached by an earlier run deleted"),
+        "the ENI created before the kill at eni-created was not deleted at the next start\n{}",
+        ipamd.log_tail(80)
+    );
+    eprintln!(
+        "crash_safety failpoints: {} kills, {acked_adds} ADDs and {acked_dels} DELs \
+         acknowledged, {failed_ops} operations failed at a kill, {} pods live",
+        KILL_POINTS.len(),
+        live.len()
+    );
+
+    // Every acknowledged ADD still holds its address, nobody else does, and EC2 agrees.
+    let view = ipamd.view()?;
+    let mut held: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+    for (ip, (_, pod)) in view.assignments() {
+        held.entry(ip).or_default().push(pod);
+    }
+    let expected: BTreeMap<Ipv4Addr, Vec<String>> = live
+        .iter()
+        .map(|p| (p.added.ip, vec![p.name.clone()]))
+        .collect();
+    ensure!(
+        held == expected,
+        "ipamd's assignments differ from the acknowledged pods\n  ipamd: {held:?}\n  pods:  \
+         {expected:?}\n--- ipamd log (tail) ---\n{}",
+        ipamd.log_tail(80)
+    );
+    let cp = ipamd.checkpoint()?;
+    let cp_set: BTreeSet<(String, Ipv4Addr)> = cp
+        .allocations
+        .iter()
+        .map(|a| (a.container_id.clone(), a.ipv4))
+        .collect();
+    let live_set: BTreeSet<(String, Ipv4Addr)> = live
+        .iter()
+        .map(|p| (format!("c-{}", p.name), p.added.ip))
+        .collect();
+    ensure!(
+        cp_set == live_set,
+        "checkpoint differs from the acknowledged pods\n  checkpoint: {cp_set:?}\n  pods: \
+         {live_set:?}"
+    );
+    let sim = SimNodeView::of(&c.sim, &node.instance_id);
+    for p in &live {
+        ensure!(
+            sim.attached.values().any(|ips| ips.contains(&p.added.ip)),
+            "{} ({}) is not on any of the node's ENIs in EC2: {sim:?}",
+            p.name,
+            p.added.ip
+        );
+    }
+    // Every pod goes; then EC2 and ipamd agree, with no ENI left unattached.
+    for p in live.drain(..) {
+        plugin.del(&p.name, p.ns.path(), Some(&p.added.result))?;
+    }
+    let mut last = Vec::new();
+    let settled = wait_until(
+        "EC2 and ipamd to agree with no pod left",
+        SETTLE_WAIT,
+        || {
+            let view = ipamd.view()?;
+            let sim = SimNodeView::of(&c.sim, &node.instance_id);
+            last = leaks(&sim, &view);
+            if view.assigned_count != 0 {
+                last.push(format!("ipamd counts {} assigned", view.assigned_count));
+            }
+            if !ipamd.checkpoint()?.allocations.is_empty() {
+                last.push("checkpoint not empty".into());
+            }
+            Ok(last.is_empty())
+        },
+    );
+    if let Err(e) = settled {
+        bail!(
+            "{e}: {last:#?}\n--- ipamd log (tail) ---\n{}",
+            ipamd.log_tail(80)
+        );
+    }
+    c.check_hooks()?;
+    ipamd.kill()?;
+    drop(server);
+    Ok(())
 }
