@@ -148,7 +148,8 @@ pub struct TeardownReport {
 pub enum SetupStep {
     /// Delete a leftover host veth of the same name (a re-created StatefulSet pod).
     RemoveStaleHostVeth,
-    /// Create the veth pair from the pod namespace, host end placed in the host namespace.
+    /// Create the veth pair from the host namespace, the container end placed directly in the
+    /// pod namespace (one request, no move).
     CreateVeth,
     /// Write the host veth's IPv6 sysctls (before link-up).
     HostVethSysctls,
@@ -493,6 +494,12 @@ impl NetlinkPodNetwork {
         &self.host
     }
 
+    /// Dump requests (whole-table reads) made so far by this pod network, in the host and
+    /// every pod namespace: ADD and DEL make none (see [`Netlink::dump_requests`]).
+    pub fn dump_requests(&self) -> usize {
+        self.host.dump_requests()
+    }
+
     fn step(&self, step: SetupStep) -> Result<()> {
         tracing::trace!(%step, "pod setup step");
         if self.fault == Some(step) {
@@ -503,26 +510,10 @@ impl NetlinkPodNetwork {
         Ok(())
     }
 
-    async fn unique_host_mac(&self) -> Result<MacAddr> {
-        let used: Vec<Option<MacAddr>> = self
-            .host
-            .links()
-            .await?
-            .into_iter()
-            .map(|l| l.mac)
-            .collect();
-        for _ in 0..10 {
-            let mac = MacAddr::random_local()?;
-            if !used.contains(&Some(mac)) {
-                return Ok(mac);
-            }
-        }
-        Err(NetError::invalid("no unused random MAC after 10 tries"))
-    }
-
     async fn setup_steps(
         &self,
         spec: &PodSpec,
+        pod_ns: &Netns,
         pod: &Netlink,
         undo: &mut Vec<Undo>,
     ) -> Result<PodWiring> {
@@ -536,26 +527,38 @@ impl NetlinkPodNetwork {
         }
 
         self.step(SetupStep::CreateVeth)?;
-        let host_mac = self.unique_host_mac().await?;
-        let cont = pod
-            .create_veth(
-                &VethEnd {
-                    name: spec.container_ifname.clone(),
-                    mtu: spec.mtu,
-                    mac: None,
-                    up: true,
-                },
+        // A fresh random locally administered MAC (46 random bits), not compared with the
+        // node's other links: that needed a dump of every link, whose cost grew with the pods
+        // on the node. A clash among 1,000 links has a chance of about 1e-11, and would be
+        // harmless anyway: a veth is point to point, so frames for the pod's gateway reach this
+        // host end whatever other links use the same address.
+        let host_mac = MacAddr::random_local()?;
+        // One RTM_NEWLINK from the host socket: the host end here, the container end born in
+        // the pod namespace (IFLA_NET_NS_FD), never created on the host and moved.
+        self.host
+            .add_veth(
                 &VethEnd {
                     name: spec.host_veth.clone(),
                     mtu: spec.mtu,
                     mac: Some(host_mac),
                     up: false,
                 },
-                Some(&self.host_ns),
+                &VethEnd {
+                    name: spec.container_ifname.clone(),
+                    mtu: spec.mtu,
+                    mac: None,
+                    up: false,
+                },
+                Some(pod_ns),
             )
             .await?;
         undo.push(Undo::HostVeth(spec.host_veth.clone()));
-        let host_link = self.host.require_link(&spec.host_veth).await?;
+        // Both ends read back at once, each by name (no dump), on their own sockets.
+        let (host_link, cont) = futures_util::future::try_join(
+            self.host.require_link(&spec.host_veth),
+            pod.require_link(&spec.container_ifname),
+        )
+        .await?;
 
         self.step(SetupStep::HostVethSysctls)?;
         let v6 = |k: &str| format!("net/ipv6/conf/{}/{k}", spec.host_veth);
@@ -650,9 +653,9 @@ impl PodNetwork for NetlinkPodNetwork {
     async fn setup_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
         spec.validate()?;
         let pod_ns = Netns::open(&spec.netns)?;
-        let pod = Netlink::open(&pod_ns)?;
+        let pod = Netlink::open_sharing_counter(&pod_ns, &self.host)?;
         let mut undo = Vec::new();
-        match self.setup_steps(spec, &pod, &mut undo).await {
+        match self.setup_steps(spec, &pod_ns, &pod, &mut undo).await {
             Ok(w) => {
                 tracing::info!(veth = %w.host_veth, ip = %w.ipv4, table = w.host_table, "pod wired");
                 Ok(w)
@@ -707,7 +710,7 @@ impl PodNetwork for NetlinkPodNetwork {
     async fn check_pod(&self, spec: &PodSpec) -> Result<Vec<PodDrift>> {
         spec.validate()?;
         let pod_ns = Netns::open(&spec.netns)?;
-        let pod = Netlink::open(&pod_ns)?;
+        let pod = Netlink::open_sharing_counter(&pod_ns, &self.host)?;
         let host = NsSnapshot::read(&self.host).await?;
         let pod = NsSnapshot::read(&pod).await?;
         Ok(diff_pod(spec, &host, &pod))
