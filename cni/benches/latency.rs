@@ -6,7 +6,8 @@
 //! not run in CI). Environment: `PODS` (pods measured per round, default 200), `LEVELS` (pods
 //! already on the node, comma-separated, default `0,110,250`), `PARALLEL` (widths of the
 //! parallel rounds, comma-separated, default `2,8`; empty for none), `BREAKDOWN` (ADDs traced
-//! with `AWS_CNI_TIMING=1` for the phase breakdown at each level, default 50),
+//! with `AWS_CNI_TIMING=1` for the phase breakdown at each level, ours and the baseline's,
+//! default 50),
 //! `BASELINE_BIN` (another build of the plugin, e.g. the previous commit's, interleaved too),
 //! `BENCH_IPAMD=memory` for the in-process ipamd instead of the real one, `IPAMD_BIN` for
 //! another ipamd binary. Everything runs in test namespaces: our "host" side and ptp's host
@@ -320,7 +321,7 @@ fn shipped_binary(dir: &Path) -> String {
 
 /// ADD then DEL of `n` pods with `AWS_CNI_TIMING=1`; prints each phase's median and p99 (ms),
 /// and the process overhead (wall time minus the plugin's own total).
-fn breakdown(host: &Netns, bin: &str, conf: &Value, n: usize, round: &str) {
+fn breakdown(host: &Netns, who: &str, bin: &str, conf: &Value, n: usize, round: &str) {
     use std::collections::BTreeMap;
     let mut phases: BTreeMap<String, (usize, Vec<f64>)> = BTreeMap::new();
     let mut del_phases: BTreeMap<String, (usize, Vec<f64>)> = BTreeMap::new();
@@ -365,7 +366,7 @@ fn breakdown(host: &Netns, bin: &str, conf: &Value, n: usize, round: &str) {
         record(&err, wall, &mut del_phases, &mut overhead.1);
     }
     for (title, map, ov) in [("ADD", phases, overhead.0), ("DEL", del_phases, overhead.1)] {
-        println!("\n{title} breakdown ({n} runs with AWS_CNI_TIMING=1; ms, median / p99)");
+        println!("\n{who}: {title} breakdown ({n} runs with AWS_CNI_TIMING=1; ms, median / p99)");
         let mut rows: Vec<(usize, String, Vec<f64>)> =
             map.into_iter().map(|(k, (o, v))| (o, k, v)).collect();
         rows.sort_by_key(|r| r.0);
@@ -549,7 +550,12 @@ fn main() {
             summary.push((level, format!("{k}-par"), row(&mut par)));
         }
         if traced > 0 {
-            breakdown(&host, &bin, &ours_conf, traced, &format!("b{li}"));
+            breakdown(&host, "ours", &bin, &ours_conf, traced, &format!("b{li}"));
+            if let Some(b) = base.as_deref() {
+                // The baseline build's phases, for before/after (its timing line has the same
+                // format when it has the same timing module).
+                breakdown(&host, "baseline", b, &ours_conf, traced, &format!("bb{li}"));
+            }
         }
         // Peak memory of one ADD at this level.
         let pod = TestNetns::new("bpod").expect("pod");
