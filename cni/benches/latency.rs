@@ -9,6 +9,8 @@
 //! with `AWS_CNI_TIMING=1` for the phase breakdown at each level, ours and the baseline's,
 //! default 50),
 //! `BASELINE_BIN` (another build of the plugin, e.g. the previous commit's, interleaved too),
+//! `FILL=1` (a round ADDs all its pods before DELing them, so the node also fills up with the
+//! round's own pods; by default each pod is DELed right after its ADDs),
 //! `BENCH_IPAMD=memory` for the in-process ipamd instead of the real one, `IPAMD_BIN` for
 //! another ipamd binary. Everything runs in test namespaces: our "host" side and ptp's host
 //! side (ptp turns `net.ipv4.ip_forward` on, in the test namespace only), all deleted at the
@@ -169,7 +171,8 @@ struct Pod {
 }
 
 /// One worker: for each pod, ADD with every contender (ours, ptp, and the baseline build of ours
-/// when given), rotating which goes first, then DEL each pod with every contender.
+/// when given), rotating which goes first, and DEL each pod with every contender (right after
+/// its ADDs, or after all ADDs with `FILL=1`).
 fn worker(
     host: &Netns,
     bin: &str,
@@ -177,6 +180,35 @@ fn worker(
     ours_conf: &Value,
     ptp_conf: &Value,
     pods: &mut [Pod],
+    s: &mut Samples,
+) {
+    if fill() {
+        add_then_del(host, bin, base, ours_conf, ptp_conf, pods, 0, s);
+    } else {
+        for i in 0..pods.len() {
+            add_then_del(host, bin, base, ours_conf, ptp_conf, &mut pods[i..=i], i, s);
+        }
+    }
+}
+
+/// `FILL=1`: a round ADDs all its pods before it DELs them (the node fills up by the round's
+/// own pods, PODS per contender, on top of the level). Default: each pod is ADDed and DELed
+/// by every contender before the next, so the node stays at its level.
+fn fill() -> bool {
+    std::env::var("FILL").as_deref() == Ok("1")
+}
+
+/// ADD every pod of `pods` with every contender, then DEL them; `offset` rotates who goes
+/// first.
+#[allow(clippy::too_many_arguments)]
+fn add_then_del(
+    host: &Netns,
+    bin: &str,
+    base: Option<&str>,
+    ours_conf: &Value,
+    ptp_conf: &Value,
+    pods: &mut [Pod],
+    offset: usize,
     s: &mut Samples,
 ) {
     let contenders: Vec<u8> = if base.is_some() {
@@ -196,7 +228,7 @@ fn worker(
     for (i, p) in pods.iter_mut().enumerate() {
         let path = p.ns.path().display().to_string();
         let mut order = contenders.clone();
-        order.rotate_left(i % contenders.len());
+        order.rotate_left((i + offset) % contenders.len());
         for k in order {
             match k {
                 0 => {
@@ -229,7 +261,7 @@ fn worker(
     for (i, p) in pods.iter().enumerate() {
         let path = p.ns.path().display().to_string();
         let mut order = contenders.clone();
-        order.rotate_left(i % contenders.len());
+        order.rotate_left((i + offset) % contenders.len());
         for k in order {
             match k {
                 0 => {
