@@ -160,8 +160,18 @@ fn report(title: &str, s: &mut Samples) {
     }
 }
 
+impl Pod {
+    fn path(&self) -> String {
+        self.ns
+            .as_ref()
+            .map(|n| n.path().display().to_string())
+            .unwrap_or_default()
+    }
+}
+
 struct Pod {
-    ns: TestNetns,
+    /// The pod's namespace (`None` once deleted after its DEL, as a runtime does).
+    ns: Option<TestNetns>,
     /// The namespace the baseline build wires (when `BASELINE_BIN` is set).
     base_ns: Option<TestNetns>,
     name: String,
@@ -187,13 +197,18 @@ fn worker(
     } else {
         for i in 0..pods.len() {
             add_then_del(host, bin, base, ours_conf, ptp_conf, &mut pods[i..=i], i, s);
+            // The runtime deletes the sandbox after DEL; its veths go with it, so the
+            // node's link count stays at its level.
+            pods[i].ns = None;
+            pods[i].base_ns = None;
         }
     }
 }
 
 /// `FILL=1`: a round ADDs all its pods before it DELs them (the node fills up by the round's
 /// own pods, PODS per contender, on top of the level). Default: each pod is ADDed and DELed
-/// by every contender before the next, so the node stays at its level.
+/// by every contender and its namespaces deleted before the next, so the node stays at its
+/// level.
 fn fill() -> bool {
     std::env::var("FILL").as_deref() == Ok("1")
 }
@@ -226,7 +241,7 @@ fn add_then_del(
         e
     };
     for (i, p) in pods.iter_mut().enumerate() {
-        let path = p.ns.path().display().to_string();
+        let path = p.path();
         let mut order = contenders.clone();
         order.rotate_left((i + offset) % contenders.len());
         for k in order {
@@ -259,7 +274,7 @@ fn add_then_del(
         }
     }
     for (i, p) in pods.iter().enumerate() {
-        let path = p.ns.path().display().to_string();
+        let path = p.path();
         let mut order = contenders.clone();
         order.rotate_left((i + offset) % contenders.len());
         for k in order {
@@ -296,7 +311,7 @@ fn add_then_del(
 fn make_pods(n: usize, round: &str, base: bool) -> Vec<Pod> {
     (0..n)
         .map(|i| Pod {
-            ns: TestNetns::new("bpod").expect("pod ns"),
+            ns: Some(TestNetns::new("bpod").expect("pod ns")),
             base_ns: base.then(|| TestNetns::new("bpod").expect("pod ns")),
             name: format!("bench-{round}-{i}"),
             container: format!("{round}c{i}"),
@@ -381,7 +396,7 @@ fn breakdown(host: &Netns, who: &str, bin: &str, conf: &Value, n: usize, round: 
     let pods = make_pods(n, round, false);
     let mut results = Vec::new();
     for p in &pods {
-        let path = p.ns.path().display().to_string();
+        let path = p.path();
         let mut env = cni_env("ADD", &p.container, &path, &p.name);
         env.push(("AWS_CNI_TIMING", "1".into()));
         let (wall, out, err) = timed_full(host, bin, &env, conf, true);
@@ -389,7 +404,7 @@ fn breakdown(host: &Netns, who: &str, bin: &str, conf: &Value, n: usize, round: 
         results.push(serde_json::from_str::<Value>(&out).expect("result"));
     }
     for (p, r) in pods.iter().zip(&results) {
-        let path = p.ns.path().display().to_string();
+        let path = p.path();
         let mut env = cni_env("DEL", &p.container, &path, &p.name);
         env.push(("AWS_CNI_TIMING", "1".into()));
         let mut c = conf.clone();
