@@ -1,13 +1,26 @@
 //! ADD and DEL latency of our plugin against the reference `ptp` + `host-local` plugins,
-//! interleaved in the same run; binary size and peak RSS of one ADD.
+//! interleaved in the same run, on a node that already has 0, 110 and 250 pods; binary size
+//! and peak RSS of one ADD at each level.
 //!
 //! `cargo build --release -p ipamd && cargo bench -p vpc-cni-plugin --bench latency` (root;
-//! not run in CI). Environment: `PODS` (default 200), `BREAKDOWN` (ADDs traced with
-//! `AWS_CNI_TIMING=1` for the phase breakdown, default 50), `BASELINE_BIN` (another build of
-//! the plugin, e.g. the previous commit's, interleaved too), `BENCH_IPAMD=memory` for the
-//! in-process ipamd instead of the real one, `IPAMD_BIN` for another ipamd binary. Everything
-//! runs in test namespaces: our "host" side and ptp's host side (ptp turns
-//! `net.ipv4.ip_forward` on, in the test namespace only).
+//! not run in CI). Environment: `PODS` (pods measured per round, default 200), `LEVELS` (pods
+//! already on the node, comma-separated, default `0,110,250`), `PARALLEL` (widths of the
+//! parallel rounds, comma-separated, default `2,8`; empty for none), `BREAKDOWN` (ADDs traced
+//! with `AWS_CNI_TIMING=1` for the phase breakdown at each level, ours and the baseline's,
+//! default 50),
+//! `BASELINE_BIN` (another build of the plugin, e.g. the previous commit's, interleaved too),
+//! `FILL=1` (a round ADDs all its pods before DELing them, so the node also fills up with the
+//! round's own pods; by default each pod is DELed right after its ADDs),
+//! `BENCH_IPAMD=memory` for the in-process ipamd instead of the real one, `IPAMD_BIN` for
+//! another ipamd binary. Everything runs in test namespaces: our "host" side and ptp's host
+//! side (ptp turns `net.ipv4.ip_forward` on, in the test namespace only), all deleted at the
+//! end.
+//!
+//! The pods already on the node ("bystanders") are real pods: each its own namespace, wired
+//! into the host test namespace in-process by `vpc-cni-net` exactly as an ADD wires one (veth
+//! pair, /32, routes, neighbour, host route, rules 512 and 1536), so the host's links, routes
+//! and rules grow as on a node. Levels are cumulative; the measured pods come and go on top.
+//! `/proc/loadavg` is printed at the start and end of every level.
 //!
 //! Our plugin talks to the real ipamd (`target/release/ipamd --backend sim`, the embedded VPC
 //! simulator, an m5.24xlarge node with the pool pre-filled) running in the host namespace, its
@@ -85,6 +98,17 @@ struct Samples {
     base_del: Vec<Duration>,
 }
 
+impl Samples {
+    fn extend(&mut self, o: Samples) {
+        self.ours_add.extend(o.ours_add);
+        self.ours_del.extend(o.ours_del);
+        self.ptp_add.extend(o.ptp_add);
+        self.ptp_del.extend(o.ptp_del);
+        self.base_add.extend(o.base_add);
+        self.base_del.extend(o.base_del);
+    }
+}
+
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
@@ -136,8 +160,18 @@ fn report(title: &str, s: &mut Samples) {
     }
 }
 
+impl Pod {
+    fn path(&self) -> String {
+        self.ns
+            .as_ref()
+            .map(|n| n.path().display().to_string())
+            .unwrap_or_default()
+    }
+}
+
 struct Pod {
-    ns: TestNetns,
+    /// The pod's namespace (`None` once deleted after its DEL, as a runtime does).
+    ns: Option<TestNetns>,
     /// The namespace the baseline build wires (when `BASELINE_BIN` is set).
     base_ns: Option<TestNetns>,
     name: String,
@@ -147,7 +181,8 @@ struct Pod {
 }
 
 /// One worker: for each pod, ADD with every contender (ours, ptp, and the baseline build of ours
-/// when given), rotating which goes first, then DEL each pod with every contender.
+/// when given), rotating which goes first, and DEL each pod with every contender (right after
+/// its ADDs, or after all ADDs with `FILL=1`).
 fn worker(
     host: &Netns,
     bin: &str,
@@ -155,6 +190,40 @@ fn worker(
     ours_conf: &Value,
     ptp_conf: &Value,
     pods: &mut [Pod],
+    s: &mut Samples,
+) {
+    if fill() {
+        add_then_del(host, bin, base, ours_conf, ptp_conf, pods, 0, s);
+    } else {
+        for i in 0..pods.len() {
+            add_then_del(host, bin, base, ours_conf, ptp_conf, &mut pods[i..=i], i, s);
+            // The runtime deletes the sandbox after DEL; its veths go with it, so the
+            // node's link count stays at its level.
+            pods[i].ns = None;
+            pods[i].base_ns = None;
+        }
+    }
+}
+
+/// `FILL=1`: a round ADDs all its pods before it DELs them (the node fills up by the round's
+/// own pods, PODS per contender, on top of the level). Default: each pod is ADDed and DELed
+/// by every contender and its namespaces deleted before the next, so the node stays at its
+/// level.
+fn fill() -> bool {
+    std::env::var("FILL").as_deref() == Ok("1")
+}
+
+/// ADD every pod of `pods` with every contender, then DEL them; `offset` rotates who goes
+/// first.
+#[allow(clippy::too_many_arguments)]
+fn add_then_del(
+    host: &Netns,
+    bin: &str,
+    base: Option<&str>,
+    ours_conf: &Value,
+    ptp_conf: &Value,
+    pods: &mut [Pod],
+    offset: usize,
     s: &mut Samples,
 ) {
     let contenders: Vec<u8> = if base.is_some() {
@@ -172,9 +241,9 @@ fn worker(
         e
     };
     for (i, p) in pods.iter_mut().enumerate() {
-        let path = p.ns.path().display().to_string();
+        let path = p.path();
         let mut order = contenders.clone();
-        order.rotate_left(i % contenders.len());
+        order.rotate_left((i + offset) % contenders.len());
         for k in order {
             match k {
                 0 => {
@@ -205,9 +274,9 @@ fn worker(
         }
     }
     for (i, p) in pods.iter().enumerate() {
-        let path = p.ns.path().display().to_string();
+        let path = p.path();
         let mut order = contenders.clone();
-        order.rotate_left(i % contenders.len());
+        order.rotate_left((i + offset) % contenders.len());
         for k in order {
             match k {
                 0 => {
@@ -242,7 +311,7 @@ fn worker(
 fn make_pods(n: usize, round: &str, base: bool) -> Vec<Pod> {
     (0..n)
         .map(|i| Pod {
-            ns: TestNetns::new("bpod").expect("pod ns"),
+            ns: Some(TestNetns::new("bpod").expect("pod ns")),
             base_ns: base.then(|| TestNetns::new("bpod").expect("pod ns")),
             name: format!("bench-{round}-{i}"),
             container: format!("{round}c{i}"),
@@ -299,7 +368,7 @@ fn shipped_binary(dir: &Path) -> String {
 
 /// ADD then DEL of `n` pods with `AWS_CNI_TIMING=1`; prints each phase's median and p99 (ms),
 /// and the process overhead (wall time minus the plugin's own total).
-fn breakdown(host: &Netns, bin: &str, conf: &Value, n: usize) {
+fn breakdown(host: &Netns, who: &str, bin: &str, conf: &Value, n: usize, round: &str) {
     use std::collections::BTreeMap;
     let mut phases: BTreeMap<String, (usize, Vec<f64>)> = BTreeMap::new();
     let mut del_phases: BTreeMap<String, (usize, Vec<f64>)> = BTreeMap::new();
@@ -324,10 +393,10 @@ fn breakdown(host: &Netns, bin: &str, conf: &Value, n: usize) {
             }
         }
     };
-    let pods = make_pods(n, "t", false);
+    let pods = make_pods(n, round, false);
     let mut results = Vec::new();
     for p in &pods {
-        let path = p.ns.path().display().to_string();
+        let path = p.path();
         let mut env = cni_env("ADD", &p.container, &path, &p.name);
         env.push(("AWS_CNI_TIMING", "1".into()));
         let (wall, out, err) = timed_full(host, bin, &env, conf, true);
@@ -335,7 +404,7 @@ fn breakdown(host: &Netns, bin: &str, conf: &Value, n: usize) {
         results.push(serde_json::from_str::<Value>(&out).expect("result"));
     }
     for (p, r) in pods.iter().zip(&results) {
-        let path = p.ns.path().display().to_string();
+        let path = p.path();
         let mut env = cni_env("DEL", &p.container, &path, &p.name);
         env.push(("AWS_CNI_TIMING", "1".into()));
         let mut c = conf.clone();
@@ -344,7 +413,7 @@ fn breakdown(host: &Netns, bin: &str, conf: &Value, n: usize) {
         record(&err, wall, &mut del_phases, &mut overhead.1);
     }
     for (title, map, ov) in [("ADD", phases, overhead.0), ("DEL", del_phases, overhead.1)] {
-        println!("\n{title} breakdown ({n} runs with AWS_CNI_TIMING=1; ms, median / p99)");
+        println!("\n{who}: {title} breakdown ({n} runs with AWS_CNI_TIMING=1; ms, median / p99)");
         let mut rows: Vec<(usize, String, Vec<f64>)> =
             map.into_iter().map(|(k, (o, v))| (o, k, v)).collect();
         rows.sort_by_key(|r| r.0);
@@ -410,7 +479,7 @@ fn main() {
         println!("ipamd: in-process (MemoryIpam over gRPC)");
         Ipamd::Memory(TestIpamd::with_pool(
             Ipv4Addr::new(10, 1, 0, 10),
-            (n as u32) * 2 + 8,
+            (2 * n.max(traced) + 16) as u32,
             1,
             2,
         ))
@@ -464,72 +533,154 @@ fn main() {
             &mut Samples::default(),
         );
     }
-    let mut seq = Samples::default();
-    {
-        let mut pods = make_pods(n, "s", base.is_some());
-        worker(
-            &host,
-            &bin,
-            base.as_deref(),
-            &ours_conf,
-            &ptp_conf,
-            &mut pods,
+    let levels = env_list("LEVELS", &[0, 110, 250]);
+    let widths = env_list("PARALLEL", &[2, 8]);
+    let mut bystanders: Vec<TestNetns> = Vec::new();
+    let mut summary = Vec::new();
+    for (li, &level) in levels.iter().enumerate() {
+        add_bystanders(&host, &mut bystanders, level);
+        let load0 = loadavg();
+        println!(
+            "\n=== {level} pods already on the node ({} links in the host namespace); loadavg {load0} ===",
+            host_link_count(&host)
+        );
+        let mut seq = Samples::default();
+        {
+            let mut pods = make_pods(n, &format!("s{li}"), base.is_some());
+            worker(
+                &host,
+                &bin,
+                base.as_deref(),
+                &ours_conf,
+                &ptp_conf,
+                &mut pods,
+                &mut seq,
+            );
+        }
+        report(
+            &format!("{level} existing pods: sequential, {n} pods, interleaved"),
             &mut seq,
         );
-    }
-    report(&format!("sequential, {n} pods, interleaved"), &mut seq);
-    let mut par = Samples::default();
-    {
-        let mut pods = make_pods(n, "p", base.is_some());
-        let (a, b) = pods.split_at_mut(n / 2);
-        let (sa, sb) = std::thread::scope(|sc| {
-            let h = &host;
-            let (oc, pc, bin, base) = (&ours_conf, &ptp_conf, bin.as_str(), base.as_deref());
-            let ta = sc.spawn(move || {
-                let mut s = Samples::default();
-                worker(h, bin, base, oc, pc, a, &mut s);
-                s
-            });
-            let tb = sc.spawn(move || {
-                let mut s = Samples::default();
-                worker(h, bin, base, oc, pc, b, &mut s);
-                s
-            });
-            (ta.join().expect("a"), tb.join().expect("b"))
-        });
-        for s in [sa, sb] {
-            par.ours_add.extend(s.ours_add);
-            par.ours_del.extend(s.ours_del);
-            par.ptp_add.extend(s.ptp_add);
-            par.ptp_del.extend(s.ptp_del);
-            par.base_add.extend(s.base_add);
-            par.base_del.extend(s.base_del);
+        summary.push((level, "seq".to_string(), row(&mut seq)));
+        for &k in &widths {
+            let mut par = Samples::default();
+            {
+                let mut pods = make_pods(n, &format!("p{li}w{k}"), base.is_some());
+                let chunk = n.div_ceil(k.max(1)).max(1);
+                let parts = std::thread::scope(|sc| {
+                    let h = &host;
+                    let (oc, pc, bin, base) =
+                        (&ours_conf, &ptp_conf, bin.as_str(), base.as_deref());
+                    let handles: Vec<_> = pods
+                        .chunks_mut(chunk)
+                        .map(|part| {
+                            sc.spawn(move || {
+                                let mut s = Samples::default();
+                                worker(h, bin, base, oc, pc, part, &mut s);
+                                s
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|t| t.join().expect("parallel worker"))
+                        .collect::<Vec<_>>()
+                });
+                for s in parts {
+                    par.extend(s);
+                }
+            }
+            report(
+                &format!("{level} existing pods: {k}-way parallel, {n} pods, interleaved"),
+                &mut par,
+            );
+            summary.push((level, format!("{k}-par"), row(&mut par)));
         }
+        if traced > 0 {
+            breakdown(&host, "ours", &bin, &ours_conf, traced, &format!("b{li}"));
+            if let Some(b) = base.as_deref() {
+                // The baseline build's phases, for before/after (its timing line has the same
+                // format when it has the same timing module).
+                breakdown(&host, "baseline", b, &ours_conf, traced, &format!("bb{li}"));
+            }
+        }
+        // Peak memory of one ADD at this level.
+        let pod = TestNetns::new("bpod").expect("pod");
+        let path = pod.path().display().to_string();
+        let ours_rss = peak_rss_kib(
+            &host,
+            &bin,
+            &cni_env("ADD", &format!("rss{li}a"), &path, &format!("rss{li}")),
+            &ours_conf,
+        );
+        let base_rss = base.as_deref().and_then(|b| {
+            let bpod = TestNetns::new("bpod").ok()?;
+            let bpath = bpod.path().display().to_string();
+            peak_rss_kib(
+                &host,
+                b,
+                &cni_env("ADD", &format!("rss{li}b"), &bpath, &format!("rss{li}b")),
+                &ours_conf,
+            )
+        });
+        let mut ptp_env = cni_env("ADD", &format!("rss{li}p"), &path, "rss");
+        ptp_env[3].1 = "ptp0".into();
+        let ptp_rss = peak_rss_kib(&host, PTP, &ptp_env, &ptp_conf);
+        println!(
+            "peak RSS (VmHWM) of one ADD at {level} existing pods: ours {ours_rss:?} KiB, \
+             baseline {base_rss:?} KiB, ptp (+host-local child not counted) {ptp_rss:?} KiB"
+        );
+        println!("loadavg at the end of the level: {}", loadavg());
     }
-    report(&format!("2-way parallel, {n} pods, interleaved"), &mut par);
-    if traced > 0 {
-        breakdown(&host, &bin, &ours_conf, traced);
+    println!("\nsummary (ms: p50/p99; ours/ptp and ours/baseline medians)");
+    println!(
+        "{:>8} {:>7} {:>15} {:>15} {:>15} {:>15} {:>6} {:>6}{}",
+        "existing",
+        "round",
+        "ours ADD",
+        "ptp ADD",
+        "ours DEL",
+        "ptp DEL",
+        "ADD x",
+        "DEL x",
+        if base.is_some() {
+            "   baseline ADD     baseline DEL  ADD x  DEL x"
+        } else {
+            ""
+        }
+    );
+    for (level, round, r) in &summary {
+        let f = |(a, b): (Duration, Duration)| {
+            format!("{:.2}/{:.2}", a.as_secs_f64() * 1e3, b.as_secs_f64() * 1e3)
+        };
+        let x = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+        print!(
+            "{level:>8} {round:>7} {:>15} {:>15} {:>15} {:>15} {:>6.2} {:>6.2}",
+            f(r.ours_add),
+            f(r.ptp_add),
+            f(r.ours_del),
+            f(r.ptp_del),
+            x(r.ours_add.0, r.ptp_add.0),
+            x(r.ours_del.0, r.ptp_del.0),
+        );
+        if let (Some(ba), Some(bd)) = (r.base_add, r.base_del) {
+            print!(
+                " {:>15} {:>15} {:>6.2} {:>6.2}",
+                f(ba),
+                f(bd),
+                x(r.ours_add.0, ba.0),
+                x(r.ours_del.0, bd.0)
+            );
+        }
+        println!();
     }
-    // Size and peak memory of one ADD.
     let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
     let ptp_size = std::fs::metadata(PTP).map(|m| m.len()).unwrap_or(0);
-    let pod = TestNetns::new("bpod").expect("pod");
-    let path = pod.path().display().to_string();
-    let ours_rss = peak_rss_kib(
-        &host,
-        &bin,
-        &cni_env("ADD", "rss1", &path, "rss"),
-        &ours_conf,
-    );
-    let mut ptp_env = cni_env("ADD", "rss2", &path, "rss");
-    ptp_env[3].1 = "ptp0".into();
-    let ptp_rss = peak_rss_kib(&host, PTP, &ptp_env, &ptp_conf);
     println!(
         "\nbinary size: ours {:.2} MiB ({bin}, stripped copy of {BIN}), ptp {:.2} MiB",
         size as f64 / 1048576.0,
         ptp_size as f64 / 1048576.0
     );
-    println!("peak RSS (VmHWM) of one ADD: ours {ours_rss:?} KiB, ptp (+host-local child not counted) {ptp_rss:?} KiB");
     if let Ipamd::Real(r) = &ipamd {
         let e = r.enis();
         println!(
@@ -537,10 +688,92 @@ fn main() {
             e.assigned, e.total
         );
     }
-    println!(
-        "loadavg after: {}",
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-    );
+    drop(bystanders);
+    println!("loadavg after: {}", loadavg());
+}
+
+/// p50 and p99 of each contender's ADD and DEL in one round.
+struct Row {
+    ours_add: (Duration, Duration),
+    ours_del: (Duration, Duration),
+    ptp_add: (Duration, Duration),
+    ptp_del: (Duration, Duration),
+    base_add: Option<(Duration, Duration)>,
+    base_del: Option<(Duration, Duration)>,
+}
+
+fn row(s: &mut Samples) -> Row {
+    let q = |v: &mut Vec<Duration>| (pct(v, 0.5), pct(v, 0.99));
+    let qo = |v: &mut Vec<Duration>| (!v.is_empty()).then(|| (pct(v, 0.5), pct(v, 0.99)));
+    Row {
+        ours_add: q(&mut s.ours_add),
+        ours_del: q(&mut s.ours_del),
+        ptp_add: q(&mut s.ptp_add),
+        ptp_del: q(&mut s.ptp_del),
+        base_add: qo(&mut s.base_add),
+        base_del: qo(&mut s.base_del),
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// A comma-separated list of numbers from the environment (`default` when unset; empty when
+/// set to the empty string).
+fn env_list(key: &str, default: &[usize]) -> Vec<usize> {
+    match std::env::var(key) {
+        Ok(v) => v
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| p.trim().parse().expect("a comma-separated list of numbers"))
+            .collect(),
+        Err(_) => default.to_vec(),
+    }
+}
+
+fn host_link_count(host: &Netns) -> usize {
+    common::rt().block_on(async {
+        vpc_cni_net::Netlink::open(host)
+            .expect("netlink")
+            .links()
+            .await
+            .expect("links")
+            .len()
+    })
+}
+
+/// Wires pods into `host` in-process, as an ADD does, until `bystanders` holds `level` of
+/// them (addresses 10.128.0.0/16, ENI table 2, so each has rules 512 and 1536).
+fn add_bystanders(host: &TestNetns, bystanders: &mut Vec<TestNetns>, level: usize) {
+    use vpc_cni_net::{NetlinkPodNetwork, PodNetwork, PodSpec};
+    if bystanders.len() >= level {
+        return;
+    }
+    common::rt().block_on(async {
+        let net = NetlinkPodNetwork::new(host.try_clone().expect("dup")).expect("netlink");
+        while bystanders.len() < level {
+            let i = bystanders.len();
+            let ns = TestNetns::new("bby").expect("bystander ns");
+            let spec = PodSpec {
+                netns: ns.path().to_path_buf(),
+                host_veth: vpc_cni_net::names::host_veth_name(
+                    "eni",
+                    "bystanders",
+                    &format!("pod-{i}"),
+                    0,
+                ),
+                container_ifname: "eth0".into(),
+                index: 0,
+                ipv4: Ipv4Addr::new(10, 128, (i / 250) as u8, (i % 250) as u8 + 1),
+                mtu: 9001,
+                route_table: 2,
+            };
+            net.setup_pod(&spec).await.expect("wire a bystander pod");
+            bystanders.push(ns);
+        }
+    });
 }

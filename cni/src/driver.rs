@@ -218,9 +218,35 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
             netns: inv.netns.clone(),
             requires_multi_nic_attachment: conf.requires_multi_nic,
         };
-        let reply = self.assign(&req, conf).await?;
+        // The veth pair does not depend on the address: build it while ipamd answers (both are
+        // waits on sockets, so they overlap on the one-thread runtime). Interface 0 only; any
+        // further interfaces of a multi-NIC pod are built after the reply.
+        let first = self.spec(inv, conf, 0, Ipv4Addr::UNSPECIFIED, 0).link();
+        let (assigned, prepared) =
+            tokio::join!(self.assign(&req, conf), self.net.prepare_link(&first));
+        if let Err(e) = &prepared {
+            tracing::debug!(error = %e, "building the veth ahead of ipamd failed; setup redoes it");
+        }
+        let out = match assigned {
+            Ok(reply) => self.add_assigned(inv, conf, &reply).await,
+            Err(e) => Err(e),
+        };
+        if out.is_err() {
+            // Undoes the early veth unless a setup took it over (and undid it itself).
+            self.net.discard_link(&first).await;
+        }
+        out
+    }
+
+    /// ADD once ipamd has answered.
+    async fn add_assigned(
+        &self,
+        inv: &Invocation,
+        conf: &NetConf,
+        reply: &AddNetworkReply,
+    ) -> Result<AddResult, CniError> {
         crate::timing::mark("specs");
-        let specs = match self.specs(inv, conf, &reply) {
+        let specs = match self.specs(inv, conf, reply) {
             Ok(s) => s,
             Err(e) => {
                 self.release(inv, conf, REASON_SETUP_NS_FAILED).await;

@@ -414,3 +414,115 @@ fn version_status_gc_and_bad_input_answer_one_json_document() {
     );
     assert_eq!(del.code, 0);
 }
+
+/// A driver over the real netlink pod network in `host`, with `ipam`.
+fn netlink_driver(
+    rt: &tokio::runtime::Runtime,
+    host: &TestNetns,
+    ipam: MemoryIpam,
+) -> Driver<MemoryIpam, NetlinkPodNetwork, MemoryPolicyAgent> {
+    let net = rt
+        .block_on(async { NetlinkPodNetwork::new(host.try_clone().expect("dup")) })
+        .expect("netlink");
+    Driver::new(ipam, net, MemoryPolicyAgent::default(), "v")
+}
+
+fn add_invocation(pod: &TestNetns, name: &str) -> vpc_cni_plugin::env::Invocation {
+    vpc_cni_plugin::env::Invocation {
+        command: vpc_cni_plugin::env::Command::Add,
+        container_id: format!("c-{name}"),
+        netns: ns_path(pod),
+        ifname: "eth0".into(),
+        args: vpc_cni_plugin::env::CniArgs::parse(&format!(
+            "K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"
+        ))
+        .expect("args"),
+        path: "/usr/lib/cni".into(),
+    }
+}
+
+fn no_wait_conf() -> vpc_cni_plugin::config::NetConf {
+    let mut c = conf("1.0.0", std::path::Path::new("/nonexistent"));
+    c["poolWaitSeconds"] = json!(0);
+    vpc_cni_plugin::config::NetConf::parse(c.to_string().as_bytes()).expect("conf")
+}
+
+#[test]
+fn an_add_that_ipamd_refuses_leaves_no_veth_in_either_namespace() {
+    if skip_netns_test("an_add_that_ipamd_refuses_leaves_no_veth") {
+        return;
+    }
+    // The veth pair is built while ipamd is asked; a refusal must take it away again.
+    let host = TestNetns::new("host").expect("host ns");
+    let pod = TestNetns::new("pod").expect("pod ns");
+    let rt = rt();
+    let d = netlink_driver(&rt, &host, MemoryIpam::new("v", Vec::new()));
+    let e = rt
+        .block_on(d.add(&add_invocation(&pod, "refused"), &no_wait_conf()))
+        .expect_err("empty pool");
+    assert_eq!(e.code(), 102, "{e}");
+    assert!(host_links(&host).is_empty(), "{:?}", host_links(&host));
+    let pod_links = rt.block_on(async {
+        Netlink::open(&pod)
+            .expect("nl")
+            .links()
+            .await
+            .expect("links")
+    });
+    assert!(pod_links.iter().all(|l| l.name == "lo"), "{pod_links:?}");
+    // And the same pod wires cleanly once there is an address.
+    let d = netlink_driver(
+        &rt,
+        &host,
+        MemoryIpam::new("v", MemoryIpam::pool(Ipv4Addr::new(10, 0, 8, 10), 1, 1, 2)),
+    );
+    rt.block_on(d.add(&add_invocation(&pod, "refused"), &no_wait_conf()))
+        .expect("add");
+    let veth = host_veth_name("eni", "default", "refused", 0);
+    assert_wired(&host, &pod, &veth, Ipv4Addr::new(10, 0, 8, 10), 2, 9001);
+}
+
+#[test]
+fn add_and_del_through_the_driver_among_many_pods_are_exact_and_dump_nothing() {
+    if skip_netns_test("add_and_del_through_the_driver_among_many_pods") {
+        return;
+    }
+    let host = TestNetns::new("host").expect("host ns");
+    let rt = rt();
+    let d = netlink_driver(
+        &rt,
+        &host,
+        MemoryIpam::new("v", MemoryIpam::pool(Ipv4Addr::new(10, 0, 9, 10), 61, 1, 2)),
+    );
+    let conf = no_wait_conf();
+    let pods: Vec<TestNetns> = (0..61)
+        .map(|_| TestNetns::new("pod").expect("pod ns"))
+        .collect();
+    let mut results = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        let r = rt
+            .block_on(d.add(&add_invocation(pod, &format!("crowd-{i}")), &conf))
+            .expect("add");
+        results.push(r.render(conf.cni_version));
+    }
+    assert_eq!(
+        d.net().dump_requests(),
+        0,
+        "61 ADDs read no whole table of the host or a pod"
+    );
+    let last = pods.last().expect("pods");
+    let veth = host_veth_name("eni", "default", "crowd-60", 0);
+    let ip: Ipv4Addr = results[60]["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .expect("the last pod's address");
+    assert_wired(&host, last, &veth, ip, 2, 9001);
+    let mut del = add_invocation(last, "crowd-60");
+    del.command = vpc_cni_plugin::env::Command::Del;
+    let mut c = conf.clone();
+    c.prev_result = Some(results[60].clone());
+    rt.block_on(d.del(&del, &c)).expect("del");
+    assert_eq!(d.net().dump_requests(), 0, "DEL reads no whole table");
+    assert_eq!(pod_rules(&host).len(), 2 * 60, "the other pods' rules stay");
+}

@@ -5,6 +5,8 @@
 //! in the namespace while requests are made (ARCHITECTURE.md style rule 7).
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
@@ -18,7 +20,7 @@ use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
-use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth};
 
 use crate::error::{NetError, Result};
@@ -232,6 +234,16 @@ impl RuleFilter {
         }
     }
 
+    /// True when the kernel can select exactly these rules by itself (see
+    /// [`Netlink::delete_rules`]): every prefix selector is longer than `/0`, a table is not
+    /// 0 (which the kernel reads as "any"), and the interface name is not empty.
+    pub fn kernel_selectable(&self) -> bool {
+        self.from.is_none_or(|c| c.prefix_len > 0)
+            && self.to.is_none_or(|c| c.prefix_len > 0)
+            && self.table != Some(0)
+            && self.iif.as_ref().is_none_or(|i| !i.is_empty())
+    }
+
     /// True when `rule` is selected.
     pub fn matches(&self, rule: &Rule) -> bool {
         rule.family == self.family
@@ -263,6 +275,90 @@ pub struct Neighbour {
 #[derive(Clone, Debug)]
 pub struct Netlink {
     handle: rtnetlink::Handle,
+    /// Dump requests (whole-table reads) made through this socket and the sockets opened
+    /// with [`Netlink::open_sharing_counter`] from it.
+    dumps: Arc<AtomicUsize>,
+}
+
+/// A link notification seen by a [`LinkWatch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkEvent {
+    /// `RTM_NEWLINK` (created or changed) when true, `RTM_DELLINK` when false.
+    pub new: bool,
+    /// Interface index.
+    pub index: u32,
+    /// Interface name.
+    pub name: String,
+}
+
+/// The link notifications (`RTNLGRP_LINK`) of one namespace from the moment the watch is
+/// opened: what a test uses to see which links ever appeared in a namespace, e.g. that a
+/// pod's interface was never created on the host side and moved.
+pub struct LinkWatch {
+    nl: Netlink,
+    events: Box<dyn futures_util::Stream<Item = Notification> + Send + Unpin>,
+}
+
+type Notification = (
+    rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+);
+
+impl std::fmt::Debug for LinkWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkWatch").finish_non_exhaustive()
+    }
+}
+
+impl LinkWatch {
+    /// Subscribes to the link notifications of `ns`. Must be called within a tokio runtime.
+    pub fn open(ns: &Netns) -> Result<LinkWatch> {
+        let rt = tokio::runtime::Handle::try_current().map_err(|e| NetError::Thread {
+            what: format!("LinkWatch::open needs a tokio runtime: {e}"),
+        })?;
+        let rt2 = rt.clone();
+        let (conn, handle, events) = ns
+            .run(move || {
+                let _rt = rt2.enter();
+                rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link])
+            })?
+            .map_err(|source| NetError::Netns {
+                op: "open a netlink link watch in",
+                path: ns.path().to_path_buf(),
+                source,
+            })?;
+        rt.spawn(conn);
+        Ok(LinkWatch {
+            nl: Netlink {
+                handle,
+                dumps: Arc::default(),
+            },
+            events: Box::new(events),
+        })
+    }
+
+    /// Every notification received so far. A request answered on the same socket first makes
+    /// sure that everything the kernel sent before this call has been read.
+    pub async fn events(&mut self) -> Result<Vec<LinkEvent>> {
+        self.nl.link_by_index(1).await?;
+        let mut out = Vec::new();
+        use futures_util::{FutureExt, StreamExt};
+        use rtnetlink::packet_core::NetlinkPayload;
+        while let Some(Some((msg, _))) = self.events.next().now_or_never() {
+            let (new, m) = match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => (true, m),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => (false, m),
+                _ => continue,
+            };
+            let l = link_from_message(&m);
+            out.push(LinkEvent {
+                new,
+                index: l.index,
+                name: l.name,
+            });
+        }
+        Ok(out)
+    }
 }
 
 fn family_of(f: Family) -> AddressFamily {
@@ -376,6 +472,36 @@ fn rule_message(r: &Rule) -> RuleMessage {
         m.attributes.push(RuleAttribute::FwMask(mask));
     }
     if let Some(i) = &r.iif {
+        m.attributes.push(RuleAttribute::Iifname(i.clone()));
+    }
+    m
+}
+
+/// Bound on the rules one [`Netlink::delete_rules`] call removes.
+const MAX_RULE_DELETES: usize = 4096;
+
+/// An `RTM_DELRULE` selecting what `f` selects: only the set fields are sent; the kernel's
+/// rule lookup (`rule_find`) treats an absent table, priority, action, prefix or interface
+/// as "any".
+fn rule_filter_message(f: &RuleFilter) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header.family = family_of(f.family);
+    if let Some(t) = f.table {
+        m.header.table = u8::try_from(t).unwrap_or(RT_TABLE_COMPAT);
+        m.attributes.push(RuleAttribute::Table(t));
+    }
+    if let Some(p) = f.priority {
+        m.attributes.push(RuleAttribute::Priority(p));
+    }
+    if let Some(c) = f.from {
+        m.header.src_len = c.prefix_len;
+        m.attributes.push(RuleAttribute::Source(c.addr));
+    }
+    if let Some(c) = f.to {
+        m.header.dst_len = c.prefix_len;
+        m.attributes.push(RuleAttribute::Destination(c.addr));
+    }
+    if let Some(i) = &f.iif {
         m.attributes.push(RuleAttribute::Iifname(i.clone()));
     }
     m
@@ -528,6 +654,27 @@ impl Netlink {
     ///
     /// Must be called from within a tokio runtime.
     pub fn open(ns: &Netns) -> Result<Netlink> {
+        Netlink::open_with_counter(ns, Arc::default())
+    }
+
+    /// Like [`Netlink::open`], but dump requests made through the new socket are counted
+    /// together with `other`'s (see [`Netlink::dump_requests`]).
+    pub fn open_sharing_counter(ns: &Netns, other: &Netlink) -> Result<Netlink> {
+        Netlink::open_with_counter(ns, other.dumps.clone())
+    }
+
+    /// How many dump requests (whole-table reads: links, addresses, routes, rules,
+    /// neighbours) were made through this socket and those sharing its counter. The per-pod
+    /// hot path makes none, so that its cost does not grow with what the node already has.
+    pub fn dump_requests(&self) -> usize {
+        self.dumps.load(Ordering::Relaxed)
+    }
+
+    fn counted_dump(&self) {
+        self.dumps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn open_with_counter(ns: &Netns, dumps: Arc<AtomicUsize>) -> Result<Netlink> {
         let rt = tokio::runtime::Handle::try_current().map_err(|e| NetError::Thread {
             what: format!("Netlink::open needs a tokio runtime: {e}"),
         })?;
@@ -543,7 +690,7 @@ impl Netlink {
                 source,
             })?;
         rt.spawn(conn);
-        Ok(Netlink { handle })
+        Ok(Netlink { handle, dumps })
     }
 
     /// Opens a netlink socket in the calling thread's current namespace.
@@ -555,6 +702,7 @@ impl Netlink {
 
     /// All links.
     pub async fn links(&self) -> Result<Vec<Link>> {
+        self.counted_dump();
         let msgs: Vec<LinkMessage> = self
             .handle
             .link()
@@ -626,18 +774,16 @@ impl Netlink {
             })
     }
 
-    /// Creates a veth pair in one request: `local` in this socket's namespace and `peer`
-    /// directly in `peer_ns` (no later move), each with its explicit MAC and MTU.
-    ///
-    /// The peer cannot be brought up inside the creating request (the kernel refuses to open a
-    /// veth end before its pair is complete), so `peer.up` is applied right after, through a
-    /// socket in the peer's namespace. Returns the local end as created.
-    pub async fn create_veth(
+    /// Creates a veth pair in one `RTM_NEWLINK`: `local` in this socket's namespace and `peer`
+    /// directly in `peer_ns` (`IFLA_NET_NS_FD` in the peer's attributes: the peer is born
+    /// there, never moved), each with its explicit MAC and MTU. `peer.up` is not applied (see
+    /// [`Netlink::create_veth`]); `local.up` is. Reads nothing back.
+    pub async fn add_veth(
         &self,
         local: &VethEnd,
         peer: &VethEnd,
         peer_ns: Option<&Netns>,
-    ) -> Result<Link> {
+    ) -> Result<()> {
         use std::os::fd::{AsFd, AsRawFd};
         let mut p = LinkMessageBuilder::<LinkUnspec>::new()
             .name(peer.name.clone())
@@ -665,7 +811,19 @@ impl Netlink {
             .await
             .map_err(|e| {
                 NetError::netlink(format!("create veth {} <-> {}", local.name, peer.name), e)
-            })?;
+            })
+    }
+
+    /// [`Netlink::add_veth`], then `peer.up` applied through a socket in the peer's namespace
+    /// (the kernel refuses to open a veth end inside the request that creates the pair).
+    /// Returns the local end as created.
+    pub async fn create_veth(
+        &self,
+        local: &VethEnd,
+        peer: &VethEnd,
+        peer_ns: Option<&Netns>,
+    ) -> Result<Link> {
+        self.add_veth(local, peer, peer_ns).await?;
         if peer.up {
             let other;
             let nl = match peer_ns {
@@ -744,10 +902,22 @@ impl Netlink {
     }
 
     /// Deletes the link called `name` if it exists. Returns whether one was deleted.
+    ///
+    /// One `RTM_DELLINK` that names the link (`IFLA_IFNAME`, index 0): no lookup first, and
+    /// nothing that grows with the number of links in the namespace.
     pub async fn delete_link_by_name(&self, name: &str) -> Result<bool> {
-        match self.link_by_name(name).await? {
-            Some(l) => self.delete_link(l.index).await,
-            None => Ok(false),
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.handle.link().del_with_message(m).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = NetError::netlink(format!("delete link {name}"), e);
+                if e.is_not_found() {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
         }
     }
 
@@ -764,6 +934,7 @@ impl Netlink {
 
     /// Addresses of link `index` (all links when `None`).
     pub async fn addresses(&self, index: Option<u32>) -> Result<Vec<Address>> {
+        self.counted_dump();
         let mut req = self.handle.address().get();
         if let Some(i) = index {
             req = req.set_link_index_filter(i);
@@ -868,6 +1039,7 @@ impl Netlink {
 
     /// Unicast routes of `family`, in `table` (every table when `None`).
     pub async fn routes(&self, family: Family, table: Option<u32>) -> Result<Vec<Route>> {
+        self.counted_dump();
         let mut query = RouteMessage::default();
         query.header.address_family = family_of(family);
         query.header.table = RouteHeader::RT_TABLE_UNSPEC;
@@ -923,6 +1095,7 @@ impl Netlink {
 
     /// All rules of `family`, in kernel order (ascending priority).
     pub async fn rules(&self, family: Family) -> Result<Vec<Rule>> {
+        self.counted_dump();
         let msgs: Vec<RuleMessage> = self
             .handle
             .rule()
@@ -936,10 +1109,37 @@ impl Netlink {
 
     /// Deletes every rule selected by `filter`, repeating until none is left (the reference
     /// loops until ENOENT because old plugins left several copies). Returns how many went.
+    ///
+    /// Each round is one `RTM_DELRULE` carrying only the filter's fields, which the kernel
+    /// treats as wildcards for the rest, so no rule list is dumped: the cost does not grow with
+    /// the number of rules (pods) on the node. A filter with a `/0` selector (which the kernel
+    /// would read as "any") falls back to dumping the rules and deleting the exact matches.
     pub async fn delete_rules(&self, filter: &RuleFilter) -> Result<usize> {
+        if !filter.kernel_selectable() {
+            return self.delete_rules_listed(filter).await;
+        }
+        let msg = rule_filter_message(filter);
         let mut deleted = 0;
-        // Each pass removes at least one rule or stops; the bound only guards against a rule
-        // that keeps reappearing.
+        // Each request removes one rule or ends the loop; the bound only guards against a
+        // rule that keeps reappearing.
+        for _ in 0..MAX_RULE_DELETES {
+            match self.handle.rule().del(msg.clone()).execute().await {
+                Ok(()) => deleted += 1,
+                Err(e) => {
+                    let e = NetError::netlink(format!("delete rules {filter:?}"), e);
+                    if e.is_not_found() {
+                        return Ok(deleted);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// [`Netlink::delete_rules`] by listing: dump, delete the exact matches, repeat.
+    async fn delete_rules_listed(&self, filter: &RuleFilter) -> Result<usize> {
+        let mut deleted = 0;
         for _ in 0..64 {
             let matching: Vec<Rule> = self
                 .rules(filter.family)
@@ -983,6 +1183,7 @@ impl Netlink {
 
     /// Neighbour entries of `family` on link `index` (all links when `None`).
     pub async fn neighbours(&self, family: Family, index: Option<u32>) -> Result<Vec<Neighbour>> {
+        self.counted_dump();
         let msgs: Vec<NeighbourMessage> = self
             .handle
             .neighbours()
@@ -1021,5 +1222,61 @@ impl Netlink {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cidr(s: &str) -> IpCidr {
+        s.parse().expect("cidr")
+    }
+
+    #[test]
+    fn a_rule_filter_with_host_prefixes_is_left_to_the_kernel_and_a_slash_zero_is_not() {
+        let pod = RuleFilter {
+            priority: Some(512),
+            to: Some(cidr("10.0.0.5/32")),
+            ..RuleFilter::any(Family::V4)
+        };
+        assert!(pod.kernel_selectable());
+        let all = RuleFilter {
+            from: Some(cidr("0.0.0.0/0")),
+            ..RuleFilter::any(Family::V4)
+        };
+        assert!(!all.kernel_selectable());
+        let table0 = RuleFilter {
+            table: Some(0),
+            ..RuleFilter::any(Family::V4)
+        };
+        assert!(!table0.kernel_selectable());
+    }
+
+    #[test]
+    fn the_delete_request_of_a_filter_carries_only_its_set_fields() {
+        let m = rule_filter_message(&RuleFilter {
+            priority: Some(1536),
+            from: Some(cidr("10.0.0.5/32")),
+            table: Some(2),
+            ..RuleFilter::any(Family::V4)
+        });
+        assert_eq!(m.header.family, AddressFamily::Inet);
+        assert_eq!(m.header.action, RuleAction::Unspec);
+        assert_eq!(
+            (m.header.src_len, m.header.dst_len, m.header.table),
+            (32, 0, 2)
+        );
+        assert_eq!(m.attributes.len(), 3, "{:?}", m.attributes);
+        let any_table = rule_filter_message(&RuleFilter {
+            priority: Some(512),
+            to: Some(cidr("10.0.0.5/32")),
+            ..RuleFilter::any(Family::V4)
+        });
+        assert_eq!(any_table.header.table, 0, "no table: any table");
+        assert!(!any_table
+            .attributes
+            .iter()
+            .any(|a| matches!(a, RuleAttribute::Table(_))));
     }
 }

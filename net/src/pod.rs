@@ -48,25 +48,61 @@ pub struct PodSpec {
     pub route_table: u32,
 }
 
+/// The part of a pod interface that does not depend on its address (so ADD can build it while
+/// ipamd is still choosing one): see [`PodNetwork::prepare_link`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodLinkSpec {
+    /// The pod's network namespace (`CNI_NETNS`).
+    pub netns: PathBuf,
+    /// Host-side veth name.
+    pub host_veth: String,
+    /// Container-side interface name.
+    pub container_ifname: String,
+    /// MTU of both veth ends.
+    pub mtu: u32,
+}
+
+impl PodLinkSpec {
+    /// Checks names and MTU before anything is touched.
+    pub fn validate(&self) -> Result<()> {
+        validate_link(&self.host_veth, &self.container_ifname, self.mtu)
+    }
+}
+
+fn validate_link(host_veth: &str, container_ifname: &str, mtu: u32) -> Result<()> {
+    for (what, n) in [
+        ("host veth name", host_veth),
+        ("container interface name", container_ifname),
+    ] {
+        if n.is_empty()
+            || n.len() > MAX_IFNAME_LEN
+            || n.contains(['/', ' ', '\0', ':'])
+            || n == "."
+            || n == ".."
+        {
+            return Err(NetError::invalid(format!("{what} {n:?}")));
+        }
+    }
+    if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+        return Err(NetError::invalid(format!("MTU {mtu}")));
+    }
+    Ok(())
+}
+
 impl PodSpec {
+    /// The address-independent part of this interface.
+    pub fn link(&self) -> PodLinkSpec {
+        PodLinkSpec {
+            netns: self.netns.clone(),
+            host_veth: self.host_veth.clone(),
+            container_ifname: self.container_ifname.clone(),
+            mtu: self.mtu,
+        }
+    }
+
     /// Checks names, MTU and index before anything is touched.
     pub fn validate(&self) -> Result<()> {
-        for (what, n) in [
-            ("host veth name", &self.host_veth),
-            ("container interface name", &self.container_ifname),
-        ] {
-            if n.is_empty()
-                || n.len() > MAX_IFNAME_LEN
-                || n.contains(['/', ' ', '\0', ':'])
-                || n == "."
-                || n == ".."
-            {
-                return Err(NetError::invalid(format!("{what} {n:?}")));
-            }
-        }
-        if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
-            return Err(NetError::invalid(format!("MTU {}", self.mtu)));
-        }
+        validate_link(&self.host_veth, &self.container_ifname, self.mtu)?;
         if pod_gateway_v4(self.index).is_none() {
             return Err(NetError::invalid(format!("interface index {}", self.index)));
         }
@@ -148,7 +184,8 @@ pub struct TeardownReport {
 pub enum SetupStep {
     /// Delete a leftover host veth of the same name (a re-created StatefulSet pod).
     RemoveStaleHostVeth,
-    /// Create the veth pair from the pod namespace, host end placed in the host namespace.
+    /// Create the veth pair from the host namespace, the container end placed directly in the
+    /// pod namespace (one request, no move).
     CreateVeth,
     /// Write the host veth's IPv6 sysctls (before link-up).
     HostVethSysctls,
@@ -445,6 +482,23 @@ pub trait PodNetwork: Send + Sync {
     /// On failure everything this call created is removed again before the error returns.
     fn setup_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<PodWiring>> + Send;
 
+    /// Optionally starts an ADD before the address is known: builds what does not depend on
+    /// it (stale veth removal, the veth pair, host sysctls, links up) so that this overlaps
+    /// with the ipamd round trip. A later [`PodNetwork::setup_pod`] for the same link goes on
+    /// from there; [`PodNetwork::discard_link`] undoes it when the ADD stops. On failure
+    /// nothing is left and `setup_pod` does the whole work itself. The default does nothing.
+    fn prepare_link(&self, link: &PodLinkSpec) -> impl Future<Output = Result<()>> + Send {
+        let _ = link;
+        std::future::ready(Ok(()))
+    }
+
+    /// Undoes a [`PodNetwork::prepare_link`] that no `setup_pod` took over (nothing to do
+    /// otherwise). Best-effort: failures are logged.
+    fn discard_link(&self, link: &PodLinkSpec) -> impl Future<Output = ()> + Send {
+        let _ = link;
+        std::future::ready(())
+    }
+
     /// DEL: removes the host rules (512, and every 1536 copy for non-main tables) and the host
     /// /32 route. Never enters the pod namespace; things already gone count as done.
     fn teardown_pod(&self, t: &PodTeardown) -> impl Future<Output = Result<TeardownReport>> + Send;
@@ -468,6 +522,23 @@ pub struct NetlinkPodNetwork {
     host_ns: Netns,
     host: Netlink,
     fault: Option<SetupStep>,
+    prepared: std::sync::Mutex<Option<PreparedLink>>,
+}
+
+/// A veth pair built by [`PodNetwork::prepare_link`], waiting for its address.
+#[derive(Debug)]
+struct PreparedLink {
+    link: PodLinkSpec,
+    pod: Netlink,
+    built: BuiltLink,
+}
+
+/// What the address-independent steps built.
+#[derive(Clone, Debug)]
+struct BuiltLink {
+    host_link: Link,
+    cont: Link,
+    host_mac: MacAddr,
 }
 
 impl NetlinkPodNetwork {
@@ -479,6 +550,7 @@ impl NetlinkPodNetwork {
             host_ns,
             host,
             fault: None,
+            prepared: std::sync::Mutex::new(None),
         })
     }
 
@@ -493,6 +565,23 @@ impl NetlinkPodNetwork {
         &self.host
     }
 
+    /// Dump requests (whole-table reads) made so far by this pod network, in the host and
+    /// every pod namespace: ADD and DEL make none (see [`Netlink::dump_requests`]).
+    pub fn dump_requests(&self) -> usize {
+        self.host.dump_requests()
+    }
+
+    /// The prepared link for `link`, taken out of the slot (`None` when there is none or it
+    /// was made for another link).
+    fn take_prepared(&self, link: &PodLinkSpec) -> Option<PreparedLink> {
+        let mut slot = self.prepared.lock().ok()?;
+        if slot.as_ref().is_some_and(|p| &p.link == link) {
+            slot.take()
+        } else {
+            None
+        }
+    }
+
     fn step(&self, step: SetupStep) -> Result<()> {
         tracing::trace!(%step, "pod setup step");
         if self.fault == Some(step) {
@@ -503,59 +592,52 @@ impl NetlinkPodNetwork {
         Ok(())
     }
 
-    async fn unique_host_mac(&self) -> Result<MacAddr> {
-        let used: Vec<Option<MacAddr>> = self
-            .host
-            .links()
-            .await?
-            .into_iter()
-            .map(|l| l.mac)
-            .collect();
-        for _ in 0..10 {
-            let mac = MacAddr::random_local()?;
-            if !used.contains(&Some(mac)) {
-                return Ok(mac);
-            }
-        }
-        Err(NetError::invalid("no unused random MAC after 10 tries"))
-    }
-
-    async fn setup_steps(
+    /// The steps that do not need the address: stale veth, veth pair, sysctls, links up.
+    async fn link_steps(
         &self,
-        spec: &PodSpec,
+        spec: &PodLinkSpec,
+        pod_ns: &Netns,
         pod: &Netlink,
         undo: &mut Vec<Undo>,
-    ) -> Result<PodWiring> {
-        let ip = IpCidr::host_v4(spec.ipv4);
-        let gw = IpAddr::V4(spec.gateway());
-        let table = spec.pod_table();
-
+    ) -> Result<BuiltLink> {
         self.step(SetupStep::RemoveStaleHostVeth)?;
         if self.host.delete_link_by_name(&spec.host_veth).await? {
             tracing::info!(veth = %spec.host_veth, "deleted leftover host veth");
         }
 
         self.step(SetupStep::CreateVeth)?;
-        let host_mac = self.unique_host_mac().await?;
-        let cont = pod
-            .create_veth(
-                &VethEnd {
-                    name: spec.container_ifname.clone(),
-                    mtu: spec.mtu,
-                    mac: None,
-                    up: true,
-                },
+        // A fresh random locally administered MAC (46 random bits), not compared with the
+        // node's other links: that needed a dump of every link, whose cost grew with the pods
+        // on the node. A clash among 1,000 links has a chance of about 1e-11, and would be
+        // harmless anyway: a veth is point to point, so frames for the pod's gateway reach this
+        // host end whatever other links use the same address.
+        let host_mac = MacAddr::random_local()?;
+        // One RTM_NEWLINK from the host socket: the host end here, the container end born in
+        // the pod namespace (IFLA_NET_NS_FD), never created on the host and moved.
+        self.host
+            .add_veth(
                 &VethEnd {
                     name: spec.host_veth.clone(),
                     mtu: spec.mtu,
                     mac: Some(host_mac),
                     up: false,
                 },
-                Some(&self.host_ns),
+                &VethEnd {
+                    name: spec.container_ifname.clone(),
+                    mtu: spec.mtu,
+                    mac: None,
+                    up: false,
+                },
+                Some(pod_ns),
             )
             .await?;
         undo.push(Undo::HostVeth(spec.host_veth.clone()));
-        let host_link = self.host.require_link(&spec.host_veth).await?;
+        // Both ends read back at once, each by name (no dump), on their own sockets.
+        let (host_link, cont) = futures_util::future::try_join(
+            self.host.require_link(&spec.host_veth),
+            pod.require_link(&spec.container_ifname),
+        )
+        .await?;
 
         self.step(SetupStep::HostVethSysctls)?;
         let v6 = |k: &str| format!("net/ipv6/conf/{}/{k}", spec.host_veth);
@@ -574,6 +656,30 @@ impl NetlinkPodNetwork {
 
         self.step(SetupStep::ContainerLinkUp)?;
         pod.set_up(cont.index).await?;
+        Ok(BuiltLink {
+            host_link,
+            cont,
+            host_mac,
+        })
+    }
+
+    /// The steps that need the address: pod rule, routes, address, neighbour, host route and
+    /// rules.
+    async fn address_steps(
+        &self,
+        spec: &PodSpec,
+        pod: &Netlink,
+        built: BuiltLink,
+        undo: &mut Vec<Undo>,
+    ) -> Result<PodWiring> {
+        let BuiltLink {
+            host_link,
+            cont,
+            host_mac,
+        } = built;
+        let ip = IpCidr::host_v4(spec.ipv4);
+        let gw = IpAddr::V4(spec.gateway());
+        let table = spec.pod_table();
 
         self.step(SetupStep::PodRule)?;
         if spec.index > 0 {
@@ -649,10 +755,25 @@ impl NetlinkPodNetwork {
 impl PodNetwork for NetlinkPodNetwork {
     async fn setup_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
         spec.validate()?;
-        let pod_ns = Netns::open(&spec.netns)?;
-        let pod = Netlink::open(&pod_ns)?;
+        let link = spec.link();
         let mut undo = Vec::new();
-        match self.setup_steps(spec, &pod, &mut undo).await {
+        let (pod, result) = match self.take_prepared(&link) {
+            Some(p) => {
+                undo.push(Undo::HostVeth(link.host_veth.clone()));
+                let r = self.address_steps(spec, &p.pod, p.built, &mut undo).await;
+                (p.pod, r)
+            }
+            None => {
+                let pod_ns = Netns::open(&spec.netns)?;
+                let pod = Netlink::open_sharing_counter(&pod_ns, &self.host)?;
+                let r = match self.link_steps(&link, &pod_ns, &pod, &mut undo).await {
+                    Ok(built) => self.address_steps(spec, &pod, built, &mut undo).await,
+                    Err(e) => Err(e),
+                };
+                (pod, r)
+            }
+        };
+        match result {
             Ok(w) => {
                 tracing::info!(veth = %w.host_veth, ip = %w.ipv4, table = w.host_table, "pod wired");
                 Ok(w)
@@ -662,6 +783,45 @@ impl PodNetwork for NetlinkPodNetwork {
                 self.rollback(&pod, undo).await;
                 Err(e)
             }
+        }
+    }
+
+    async fn prepare_link(&self, link: &PodLinkSpec) -> Result<()> {
+        link.validate()?;
+        // One prepared link at a time: an older one (never taken over) is undone first.
+        let older = self.prepared.lock().ok().and_then(|mut slot| slot.take());
+        if let Some(p) = older {
+            self.rollback(&p.pod, vec![Undo::HostVeth(p.link.host_veth.clone())])
+                .await;
+        }
+        let pod_ns = Netns::open(&link.netns)?;
+        let pod = Netlink::open_sharing_counter(&pod_ns, &self.host)?;
+        let mut undo = Vec::new();
+        match self.link_steps(link, &pod_ns, &pod, &mut undo).await {
+            Ok(built) => {
+                let prepared = PreparedLink {
+                    link: link.clone(),
+                    pod,
+                    built,
+                };
+                if let Ok(mut slot) = self.prepared.lock() {
+                    *slot = Some(prepared);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, veth = %link.host_veth, "preparing the pod link failed; rolling back");
+                self.rollback(&pod, undo).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn discard_link(&self, link: &PodLinkSpec) {
+        if let Some(p) = self.take_prepared(link) {
+            tracing::debug!(veth = %link.host_veth, "discarding the prepared pod link");
+            self.rollback(&p.pod, vec![Undo::HostVeth(link.host_veth.clone())])
+                .await;
         }
     }
 
@@ -707,7 +867,7 @@ impl PodNetwork for NetlinkPodNetwork {
     async fn check_pod(&self, spec: &PodSpec) -> Result<Vec<PodDrift>> {
         spec.validate()?;
         let pod_ns = Netns::open(&spec.netns)?;
-        let pod = Netlink::open(&pod_ns)?;
+        let pod = Netlink::open_sharing_counter(&pod_ns, &self.host)?;
         let host = NsSnapshot::read(&self.host).await?;
         let pod = NsSnapshot::read(&pod).await?;
         Ok(diff_pod(spec, &host, &pod))

@@ -5,10 +5,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 
 use vpc_cni_net::names::host_veth_name;
+use vpc_cni_net::netlink::LinkWatch;
 use vpc_cni_net::pod::{PodDrift, SetupStep};
 use vpc_cni_net::testing::{skip_netns_test, TestNetns};
 use vpc_cni_net::{
     sysctl, Family, IpCidr, Netlink, NetlinkPodNetwork, Netns, PodNetwork, PodSpec, Rule, Scope,
+    VethEnd,
 };
 
 fn spec(pod: &TestNetns, name: &str, ip: Ipv4Addr, table: u32) -> PodSpec {
@@ -397,4 +399,100 @@ fn a_panicking_test_still_deletes_its_namespace() {
     assert!(!vpc_cni_net::netns::list_named()
         .expect("list")
         .contains(&name));
+}
+
+#[tokio::test]
+async fn the_container_end_is_born_in_the_pod_namespace_and_never_appears_on_the_host() {
+    if skip_netns_test("the_container_end_is_born_in_the_pod_namespace") {
+        return;
+    }
+    let host = TestNetns::new("host").expect("host ns");
+    let pod = TestNetns::new("pod").expect("pod ns");
+    let net = NetlinkPodNetwork::new(host.try_clone().expect("dup")).expect("net");
+    let mut host_watch = LinkWatch::open(&host).expect("host watch");
+    let mut pod_watch = LinkWatch::open(&pod).expect("pod watch");
+    let s = spec(&pod, "born-0", Ipv4Addr::new(10, 0, 6, 1), 2);
+    let w = net.setup_pod(&s).await.expect("setup");
+
+    // Created on the host and then moved, eth0 would have been announced (RTM_NEWLINK) and
+    // withdrawn (RTM_DELLINK) in the host namespace; created in the pod and the host end
+    // moved, the host veth's name would show up in the pod namespace.
+    let host_events = host_watch.events().await.expect("host events");
+    assert!(
+        host_events
+            .iter()
+            .any(|e| e.new && e.name == w.host_veth && e.index == w.host_ifindex),
+        "the host end appears on the host: {host_events:?}"
+    );
+    assert!(
+        host_events.iter().all(|e| e.name == w.host_veth),
+        "nothing but the host end ever appears on the host: {host_events:?}"
+    );
+    let pod_events = pod_watch.events().await.expect("pod events");
+    assert!(
+        pod_events
+            .iter()
+            .any(|e| e.new && e.name == "eth0" && e.index == w.container_ifindex),
+        "eth0 appears in the pod: {pod_events:?}"
+    );
+    assert!(
+        pod_events.iter().all(|e| e.name == "eth0") && pod_events.iter().all(|e| e.new),
+        "nothing but eth0 appears in the pod, and nothing leaves it: {pod_events:?}"
+    );
+    assert_eq!(net.check_pod(&s).await.expect("check"), vec![]);
+}
+
+#[tokio::test]
+async fn add_and_del_among_many_unrelated_links_and_rules_are_exact_and_dump_nothing() {
+    if skip_netns_test("add_and_del_among_many_unrelated_links_and_rules") {
+        return;
+    }
+    let host = TestNetns::new("host").expect("host ns");
+    let pod = TestNetns::new("pod").expect("pod ns");
+    let h = Netlink::open(&host).expect("host nl");
+    // 300 unrelated links (150 veth pairs) and other pods' rules on the node, some for the
+    // same table as ours.
+    let mut others = Vec::new();
+    for i in 0..150u32 {
+        let end = |n: String| VethEnd {
+            name: n,
+            mtu: 1500,
+            mac: None,
+            up: false,
+        };
+        h.add_veth(&end(format!("xa{i}")), &end(format!("xb{i}")), None)
+            .await
+            .expect("unrelated veth");
+        let ip = IpCidr::host_v4(Ipv4Addr::new(10, 7, (i / 200) as u8, (i % 200) as u8 + 1));
+        for r in [
+            Rule::new(Family::V4, 512, 254).to(ip),
+            Rule::new(Family::V4, 1536, 2).from(ip),
+        ] {
+            assert!(h.rule_add(&r).await.expect("other pod's rule"));
+            others.push(r);
+        }
+    }
+    let net = NetlinkPodNetwork::new(host.try_clone().expect("dup")).expect("net");
+    let s = spec(&pod, "crowd-0", Ipv4Addr::new(10, 0, 7, 9), 2);
+    let w = net.setup_pod(&s).await.expect("setup");
+    assert_eq!(
+        net.dump_requests(),
+        0,
+        "ADD reads no whole table (links, rules, routes, neighbours)"
+    );
+    assert_eq!(net.check_pod(&s).await.expect("check"), vec![]);
+    let hl = h.require_link(&s.host_veth).await.expect("host veth");
+    assert_eq!((hl.index, hl.mac), (w.host_ifindex, Some(w.host_mac)));
+
+    let before = net.dump_requests();
+    let r = net.teardown_pod(&s.teardown()).await.expect("teardown");
+    assert_eq!(net.dump_requests(), before, "DEL reads no whole table");
+    assert_eq!(r.rules_deleted, 2);
+    assert!(r.host_route_deleted);
+    let left = h.rules(Family::V4).await.expect("rules");
+    assert!(host_rules_for(&left, IpCidr::host_v4(s.ipv4)).is_empty());
+    for o in &others {
+        assert!(left.contains(o), "another pod's rule survives: {o}");
+    }
+    assert_eq!(h.links().await.expect("links").len(), 301 + 1);
 }
