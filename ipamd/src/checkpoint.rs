@@ -125,12 +125,23 @@ pub enum CheckpointError {
     },
 }
 
+/// The last step of a staged write ([`CheckpointStore::write_staged`]): makes it durable.
+pub type FinishWrite = Box<dyn FnOnce() -> Result<(), CheckpointError> + Send>;
+
 /// Where checkpoints go.
 pub trait CheckpointStore: Send + Sync {
     /// Reads the checkpoint; `None` when there is none (fresh node).
     fn read(&self) -> Result<Option<CheckpointFile>, CheckpointError>;
     /// Replaces the checkpoint durably.
     fn write(&self, file: &CheckpointFile) -> Result<(), CheckpointError>;
+    /// Replaces the checkpoint, leaving the step that makes the replacement durable to the
+    /// returned function (for the file: the directory sync after the rename). A later staged
+    /// write may begin before an earlier one is finished; each is durable once its finish
+    /// returns. The default does the whole write at once.
+    fn write_staged(&self, file: &CheckpointFile) -> Result<FinishWrite, CheckpointError> {
+        self.write(file)?;
+        Ok(Box::new(|| Ok(())))
+    }
 }
 
 /// The checkpoint as a file: temp file in the same directory, fsync, rename, fsync directory.
@@ -206,19 +217,10 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<CheckpointFile, CheckpointErro
     })
 }
 
-impl CheckpointStore for FileStore {
-    fn read(&self) -> Result<Option<CheckpointFile>, CheckpointError> {
-        match fs::read(&self.path) {
-            Ok(b) => parse(&self.path, &b).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(CheckpointError::Read {
-                path: self.path.clone(),
-                source,
-            }),
-        }
-    }
-
-    fn write(&self, file: &CheckpointFile) -> Result<(), CheckpointError> {
+impl FileStore {
+    /// Writes `file` to a temporary file beside the checkpoint, syncs it and renames it over
+    /// the checkpoint; returns the directory to sync.
+    fn write_and_rename(&self, file: &CheckpointFile) -> Result<PathBuf, CheckpointError> {
         let werr = |source| CheckpointError::Write {
             path: self.path.clone(),
             source,
@@ -227,8 +229,9 @@ impl CheckpointStore for FileStore {
             .path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).map_err(werr)?;
+            .unwrap_or(Path::new("."))
+            .to_owned();
+        fs::create_dir_all(&dir).map_err(werr)?;
         let name = self
             .path
             .file_name()
@@ -247,14 +250,47 @@ impl CheckpointStore for FileStore {
             f.sync_all()?;
             drop(f);
             crate::failpoint::hit(crate::failpoint::CHECKPOINT_BEFORE_RENAME);
-            fs::rename(&tmp, &self.path)?;
-            crate::failpoint::hit(crate::failpoint::CHECKPOINT_BEFORE_DIR_SYNC);
-            fs::File::open(dir)?.sync_all()
+            fs::rename(&tmp, &self.path)
         })();
         if res.is_err() {
             let _ = fs::remove_file(&tmp);
         }
-        res.map_err(werr)
+        res.map_err(werr)?;
+        Ok(dir)
+    }
+
+    fn sync_dir(path: &Path, dir: &Path) -> Result<(), CheckpointError> {
+        crate::failpoint::hit(crate::failpoint::CHECKPOINT_BEFORE_DIR_SYNC);
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| CheckpointError::Write {
+                path: path.to_owned(),
+                source,
+            })
+    }
+}
+
+impl CheckpointStore for FileStore {
+    fn read(&self) -> Result<Option<CheckpointFile>, CheckpointError> {
+        match fs::read(&self.path) {
+            Ok(b) => parse(&self.path, &b).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(CheckpointError::Read {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    fn write(&self, file: &CheckpointFile) -> Result<(), CheckpointError> {
+        let dir = self.write_and_rename(file)?;
+        Self::sync_dir(&self.path, &dir)
+    }
+
+    fn write_staged(&self, file: &CheckpointFile) -> Result<FinishWrite, CheckpointError> {
+        let dir = self.write_and_rename(file)?;
+        let path = self.path.clone();
+        Ok(Box::new(move || Self::sync_dir(&path, &dir)))
     }
 }
 

@@ -3,10 +3,12 @@
 //!
 //! A change to assignments is made in memory under the datastore lock and joins the *open
 //! batch*; one committer thread takes the open batch, snapshots the datastore (under the lock,
-//! in memory), then writes and syncs the checkpoint with no lock held, while later changes
-//! gather in the next batch. Every change of a batch is acknowledged together once its write
-//! is on disk, or undone (newest first) and refused if the write failed. The traps, each with
-//! a test below:
+//! in memory), then writes, syncs and renames the checkpoint with no lock held, while later
+//! changes gather in the next batch. The directory sync that makes the rename durable runs on
+//! a second thread, overlapping the next batch's write (each snapshot holds everything before
+//! it, so a later rename never loses an earlier batch). Every change of a batch is
+//! acknowledged together once its directory sync returned, or undone (newest first) and
+//! refused if its write failed. The traps, each with a test below:
 //! 1. A change is acknowledged only by a write whose snapshot was taken after it: a write
 //!    already in flight when the change arrives does not carry it.
 //! 2. An idempotent repeat of an assignment that is not on disk yet waits for the batch that
@@ -15,14 +17,14 @@
 //! 3. A released address stays unusable (for pods and for the pool's release to EC2) until the
 //!    release is on disk: a failed write gives it back to its pod, which must find it free.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{oneshot, Notify};
 
-use crate::checkpoint::{CheckpointError, CheckpointStore, IpamMetadata};
+use crate::checkpoint::{CheckpointError, CheckpointStore, FinishWrite, IpamMetadata};
 use crate::datastore::{Assignment, DataStore, DsError, IpamKey, Unassignment};
 
 /// Time since the Unix epoch, as the datastore and the policy see it.
@@ -100,10 +102,12 @@ impl Batch {
 /// Everything behind the datastore lock.
 struct Inner {
     ds: DataStore,
-    /// Id of the batch accepting changes; the one in flight, if any, is `open_id - 1`.
+    /// Id of the batch accepting changes; lower ids are in flight or settled.
     open_id: u64,
     open: Batch,
-    in_flight: Option<Batch>,
+    /// Batches taken by the committer and not settled yet: at most one being written and one
+    /// waiting for its directory sync.
+    in_flight: BTreeMap<u64, Batch>,
     /// Keys whose assignment is not on disk yet, with the batch that carries it (trap 2).
     undurable: HashMap<IpamKey, u64>,
     closed: bool,
@@ -115,7 +119,7 @@ impl Inner {
         let (tx, rx) = oneshot::channel();
         if id == self.open_id {
             self.open.acks.push(tx);
-        } else if let Some(b) = self.in_flight.as_mut().filter(|_| id + 1 == self.open_id) {
+        } else if let Some(b) = self.in_flight.get_mut(&id) {
             b.acks.push(tx);
         } else {
             // Already settled (cannot happen: settled batches leave `undurable`); a write of
@@ -143,10 +147,12 @@ impl Shared {
         }
     }
 
-    /// The committer thread: one batch at a time, the disk IO outside the lock.
-    fn commit_loop(&self) {
+    /// The committer thread: one batch at a time is snapshotted, written and renamed into
+    /// place, with the disk IO outside the lock; the directory sync that makes it durable is
+    /// handed to the syncer thread (`synced`), so that the next batch's write overlaps it.
+    fn commit_loop(&self, synced: std::sync::mpsc::SyncSender<(u64, FinishWrite)>) {
         loop {
-            let (snapshot, n) = {
+            let (id, snapshot) = {
                 let mut g = self.lock();
                 while g.open.is_empty() && !g.closed {
                     g = match self.wake.wait(g) {
@@ -157,49 +163,71 @@ impl Shared {
                 if g.open.is_empty() {
                     return;
                 }
+                let id = g.open_id;
                 let batch = std::mem::take(&mut g.open);
-                let n = batch.acks.len() as u64;
-                g.in_flight = Some(batch);
+                g.in_flight.insert(id, batch);
                 g.open_id += 1;
-                (g.ds.checkpoint(), n)
+                (id, g.ds.checkpoint())
             };
             crate::failpoint::hit(crate::failpoint::CHECKPOINT_BEFORE_WRITE);
-            let res = self.store.write(&snapshot);
+            let res = self.store.write_staged(&snapshot);
             drop(snapshot);
-            let mut g = self.lock();
-            let id = g.open_id - 1;
-            let batch = g.in_flight.take().unwrap_or_default();
-            g.undurable.retain(|_, b| *b != id);
-            let res = match res {
-                Ok(()) => {
-                    for c in &batch.changes {
-                        if let Change::Released(u) = c {
-                            g.ds.confirm_unassign(u);
-                        }
+            match res {
+                Ok(finish) => {
+                    if let Err(std::sync::mpsc::SendError((id, finish))) = synced.send((id, finish))
+                    {
+                        // The syncer is gone: finish here.
+                        self.settle(id, finish());
                     }
-                    self.writes.fetch_add(1, Ordering::Relaxed);
-                    self.grouped.fetch_add(n, Ordering::Relaxed);
-                    Ok(())
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, changes = batch.changes.len(), "checkpoint write failed: the batch's changes are undone");
-                    for c in batch.changes.iter().rev() {
-                        match c {
-                            Change::Assigned(k, a) => g.ds.undo_assign(k, a),
-                            Change::Released(u) => {
-                                if !g.ds.undo_unassign(u) {
-                                    tracing::warn!(ip = %u.ip, container = %u.key.container_id, "release stands: the address is no longer free to give back");
-                                }
+                Err(e) => self.settle(id, Err(e)),
+            }
+        }
+    }
+
+    /// The syncer thread: finishes staged writes in order and settles their batches.
+    fn sync_loop(&self, staged: std::sync::mpsc::Receiver<(u64, FinishWrite)>) {
+        for (id, finish) in staged {
+            self.settle(id, finish());
+        }
+    }
+
+    /// Acknowledges batch `id` (its write is durable) or undoes its changes, newest first, and
+    /// refuses them (the write failed).
+    fn settle(&self, id: u64, res: Result<(), CheckpointError>) {
+        let mut g = self.lock();
+        let batch = g.in_flight.remove(&id).unwrap_or_default();
+        g.undurable.retain(|_, b| *b != id);
+        let res = match res {
+            Ok(()) => {
+                for c in &batch.changes {
+                    if let Change::Released(u) = c {
+                        g.ds.confirm_unassign(u);
+                    }
+                }
+                self.writes.fetch_add(1, Ordering::Relaxed);
+                self.grouped
+                    .fetch_add(batch.acks.len() as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, changes = batch.changes.len(), "checkpoint write failed: the batch's changes are undone");
+                for c in batch.changes.iter().rev() {
+                    match c {
+                        Change::Assigned(k, a) => g.ds.undo_assign(k, a),
+                        Change::Released(u) => {
+                            if !g.ds.undo_unassign(u) {
+                                tracing::warn!(ip = %u.ip, container = %u.key.container_id, "release stands: the address is no longer free to give back");
                             }
                         }
                     }
-                    Err(Arc::new(e))
                 }
-            };
-            drop(g);
-            for ack in batch.acks {
-                let _ = ack.send(res.clone());
+                Err(Arc::new(e))
             }
+        };
+        drop(g);
+        for ack in batch.acks {
+            let _ = ack.send(res.clone());
         }
     }
 }
@@ -290,6 +318,7 @@ impl<T> Commit<T> {
 pub struct PoolState {
     shared: Arc<Shared>,
     committer: Option<std::thread::JoinHandle<()>>,
+    syncer: Option<std::thread::JoinHandle<()>>,
     clock: Arc<dyn Clock>,
     /// Woken when an assignment takes the pool low (immediate top-up).
     pub low: Notify,
@@ -336,7 +365,7 @@ impl PoolState {
                 ds,
                 open_id: 1,
                 open: Batch::default(),
-                in_flight: None,
+                in_flight: BTreeMap::new(),
                 undurable: HashMap::new(),
                 closed: false,
             }),
@@ -345,10 +374,17 @@ impl PoolState {
             writes: AtomicU64::new(0),
             grouped: AtomicU64::new(0),
         });
+        // One batch may wait for the syncer while another is written: a bounded pipeline.
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let s = shared.clone();
+        let syncer = std::thread::Builder::new()
+            .name("checkpoint-sync".into())
+            .spawn(move || s.sync_loop(rx))
+            .ok();
         let s = shared.clone();
         let committer = std::thread::Builder::new()
             .name("checkpoint".into())
-            .spawn(move || s.commit_loop())
+            .spawn(move || s.commit_loop(tx))
             .ok();
         if committer.is_none() {
             tracing::error!("could not start the checkpoint thread: assignments will be refused");
@@ -356,6 +392,7 @@ impl PoolState {
         Self {
             shared,
             committer,
+            syncer,
             clock,
             low: Notify::new(),
             terminating: AtomicBool::new(false),
@@ -464,7 +501,12 @@ impl Drop for PoolState {
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.wake.notify_all();
+        // The committer ends after its last batch and drops the syncer's channel; the
+        // syncer ends once it has settled what was left.
         if let Some(t) = self.committer.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.syncer.take() {
             let _ = t.join();
         }
     }
@@ -790,6 +832,105 @@ mod tests {
                 writes: 2,
                 acknowledged: 9
             }
+        );
+    }
+
+    /// A store whose two steps (write + rename, then directory sync) the test lets through
+    /// separately.
+    struct TwoStep {
+        events: Mutex<mpsc::Sender<&'static str>>,
+        write_ok: Mutex<mpsc::Receiver<bool>>,
+        sync_ok: Arc<Mutex<mpsc::Receiver<bool>>>,
+        sync_events: Arc<Mutex<mpsc::Sender<&'static str>>>,
+        on_disk: Arc<Mutex<Option<CheckpointFile>>>,
+    }
+
+    impl CheckpointStore for TwoStep {
+        fn read(&self) -> Result<Option<CheckpointFile>, CheckpointError> {
+            Ok(self.on_disk.lock().unwrap().clone())
+        }
+        fn write(&self, _: &CheckpointFile) -> Result<(), CheckpointError> {
+            unreachable!("the committer stages its writes")
+        }
+        fn write_staged(
+            &self,
+            f: &CheckpointFile,
+        ) -> Result<crate::checkpoint::FinishWrite, CheckpointError> {
+            let fail = || CheckpointError::Write {
+                path: "<two-step>".into(),
+                source: std::io::Error::other("injected"),
+            };
+            let _ = self.events.lock().unwrap().send("write");
+            if !self.write_ok.lock().unwrap().recv().unwrap_or(true) {
+                return Err(fail());
+            }
+            *self.on_disk.lock().unwrap() = Some(f.clone());
+            let (ok, ev) = (self.sync_ok.clone(), self.sync_events.clone());
+            Ok(Box::new(move || {
+                let _ = ev.lock().unwrap().send("sync");
+                if ok.lock().unwrap().recv().unwrap_or(true) {
+                    Ok(())
+                } else {
+                    Err(fail())
+                }
+            }))
+        }
+    }
+
+    #[test]
+    fn a_batch_is_acknowledged_after_its_directory_sync_which_overlaps_the_next_write() {
+        let (ev_tx, ev) = mpsc::channel();
+        let (sev_tx, sev) = mpsc::channel();
+        let (write_ok, wrx) = mpsc::channel();
+        let (sync_ok, srx) = mpsc::channel();
+        let on_disk = Arc::new(Mutex::new(None));
+        let st = PoolState::new(
+            datastore(4, Duration::from_secs(30)),
+            Box::new(TwoStep {
+                events: Mutex::new(ev_tx),
+                write_ok: Mutex::new(wrx),
+                sync_ok: Arc::new(Mutex::new(srx)),
+                sync_events: Arc::new(Mutex::new(sev_tx)),
+                on_disk: on_disk.clone(),
+            }),
+            Arc::new(TokioClock::new()),
+        );
+        let mut a = st.assign(&key("a"), &md()).unwrap();
+        assert_eq!(ev.recv().unwrap(), "write");
+        write_ok.send(true).unwrap();
+        assert_eq!(sev.recv().unwrap(), "sync");
+        assert!(!a.is_settled(), "acknowledged before its directory sync");
+        // The next batch is written while the first one's directory sync is pending.
+        let b = st.assign(&key("b"), &md()).unwrap();
+        assert_eq!(ev.recv().unwrap(), "write");
+        write_ok.send(true).unwrap();
+        assert!(!a.is_settled());
+        // The first sync fails: its batch is undone and refused; the second still stands.
+        sync_ok.send(false).unwrap();
+        assert!(a.wait().is_err());
+        assert_eq!(sev.recv().unwrap(), "sync");
+        sync_ok.send(true).unwrap();
+        let b = b.wait().unwrap();
+        assert_eq!(st.lock().lookup(&key("a")), None);
+        assert_eq!(st.lock().lookup(&key("b")), Some(b.ip));
+        // The refused assignment rode along in the second file (snapshotted before the undo);
+        // the next write drops it.
+        let c = st.assign(&key("c"), &md()).unwrap();
+        assert_eq!(ev.recv().unwrap(), "write");
+        write_ok.send(true).unwrap();
+        assert_eq!(sev.recv().unwrap(), "sync");
+        sync_ok.send(true).unwrap();
+        let c = c.wait().unwrap();
+        let file = on_disk.lock().unwrap().clone().unwrap();
+        let mut holders: Vec<_> = file
+            .allocations
+            .iter()
+            .map(|a| (a.container_id.as_str(), a.ipv4.clone()))
+            .collect();
+        holders.sort();
+        assert_eq!(
+            holders,
+            vec![("b", b.ip.to_string()), ("c", c.ip.to_string())]
         );
     }
 
