@@ -85,6 +85,10 @@ async fn one(backend: &str, run: usize, pods: usize) -> [u64; 3] {
             ("AWS_REGION", SIM_REGION.to_owned()),
             ("AWS_ACCESS_KEY_ID", SIM_CREDENTIALS.0.to_owned()),
             ("AWS_SECRET_ACCESS_KEY", SIM_CREDENTIALS.1.to_owned()),
+            // The bench runs in the machine's own namespace: the daemon must not wire it (it
+            // would set the primary link's MTU and SNAT rules). With host wiring on, it
+            // stopped at start because the simulated ENI's MAC is not on this host.
+            ("VPC_CNI_HOST_NETWORKING", "false".to_owned()),
         ];
         _sim = Some(node);
         spawn(dir.path(), &env, &["--backend", "aws"])

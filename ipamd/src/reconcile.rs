@@ -850,23 +850,41 @@ pub async fn cleanup_own_leftovers(
         .await?;
     let mut report = LeakedReport::default();
     for eni in select_own_leftovers(&cands, instance_id) {
-        let r = pacer
-            .call("DeleteNetworkInterface", || async {
-                match ec2.delete_eni(&eni).await {
-                    Err(e) if e.is_not_found() => Ok(()),
-                    other => other,
-                }
-            })
-            .await;
-        match r {
-            Ok(()) => {
-                tracing::info!(eni, "own ENI left unattached by an earlier run deleted");
-                report.deleted.push(eni);
-            }
-            Err(e) => report.errors.push(e),
-        }
+        delete_into(
+            ec2,
+            pacer,
+            eni,
+            "own ENI left unattached by an earlier run deleted",
+            &mut report,
+        )
+        .await;
     }
     Ok(report)
+}
+
+/// Deletes `eni` ("already gone" counts as deleted) and records the outcome in `report`.
+async fn delete_into(
+    ec2: &dyn Ec2Api,
+    pacer: &Pacer,
+    eni: String,
+    deleted: &'static str,
+    report: &mut LeakedReport,
+) {
+    let r = pacer
+        .call("DeleteNetworkInterface", || async {
+            match ec2.delete_eni(&eni).await {
+                Err(e) if e.is_not_found() => Ok(()),
+                other => other,
+            }
+        })
+        .await;
+    match r {
+        Ok(()) => {
+            tracing::info!(eni, "{deleted}");
+            report.deleted.push(eni);
+        }
+        Err(e) => report.errors.push(e),
+    }
 }
 
 /// What [`cleanup_leaked`] did.
@@ -909,21 +927,7 @@ pub async fn cleanup_leaked(
                 }
             }
             LeakedAction::Delete { eni } => {
-                let r = pacer
-                    .call("DeleteNetworkInterface", || async {
-                        match ec2.delete_eni(&eni).await {
-                            Err(e) if e.is_not_found() => Ok(()),
-                            other => other,
-                        }
-                    })
-                    .await;
-                match r {
-                    Ok(()) => {
-                        tracing::info!(eni, "leaked ENI deleted");
-                        report.deleted.push(eni);
-                    }
-                    Err(e) => report.errors.push(e),
-                }
+                delete_into(ec2, pacer, eni, "leaked ENI deleted", &mut report).await
             }
         }
     }

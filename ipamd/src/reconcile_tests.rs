@@ -532,6 +532,35 @@ fn leaked_enis_are_tagged_first_deleted_when_old_and_an_unparsable_date_is_not_d
     assert_eq!(select_leaked(&c, None, now, LEAKED_ENI_MIN_AGE).len(), 4);
 }
 
+#[test]
+fn own_leftovers_are_this_instances_unattached_enis_whatever_their_age() {
+    let mine = |id: &str, created: Option<&str>| {
+        let mut e = leaked(id, created);
+        e.tags.insert(TAG_INSTANCE_ID.into(), "i-me".into());
+        e
+    };
+    let mut other_node = leaked("eni-other", None);
+    other_node
+        .tags
+        .insert(TAG_INSTANCE_ID.into(), "i-other".into());
+    let mut attached = mine("eni-att", None);
+    attached.attachment = ec2eni("eni-att", 1, "10.0.1.1", &[], &[]).attachment;
+    let mut foreign = mine("eni-user", None);
+    foreign.description = "made by a user".into();
+    let c = [
+        mine("eni-new", None),
+        mine("eni-young", Some("2023-11-14T22:13:19Z")),
+        other_node,
+        attached,
+        foreign,
+    ];
+    assert_eq!(
+        crate::reconcile::select_own_leftovers(&c, "i-me"),
+        vec!["eni-new".to_owned(), "eni-young".to_owned()]
+    );
+    assert!(crate::reconcile::select_own_leftovers(&c, "").is_empty());
+}
+
 fn subnet(id: &str, available: u64, tags: &[(&str, &str)]) -> SubnetInfo {
     SubnetInfo {
         id: id.into(),

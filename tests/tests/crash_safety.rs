@@ -258,9 +258,71 @@ fn run(seed: u64, tmp: &std::path::Path) -> anyhow::Result<()> {
     );
 
     // 1. No address is held by two pods, every live pod kept its address (ipamd and the
-    //    checkpoint agree with what ADD returned).
+    //    checkpoint agree with what ADD returned), and EC2 has each on the node.
+    check_kept(&ipamd, &c.sim, &node.instance_id, &live)?;
+
+    // 2. Connectivity of every live pod: from its node, and from another node with the
+    //    source preserved. Failures are reported after the leak check, with it.
+    let refs: Vec<PodRef<'_>> = live
+        .iter()
+        .map(|p| PodRef {
+            name: &p.name,
+            ns: &p.ns,
+            ip: p.added.ip,
+        })
+        .collect();
+    let unreachable = unreachable_pods(
+        &c.fabric,
+        &refs,
+        PORT,
+        &ns,
+        Some((&other_ns, other.primary_ip)),
+    );
+    drop(refs);
+    let node_at_probe = if unreachable.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "--- node links when probed ---\n{}--- node rules when probed ---\n{}",
+            ip_in(&ns, &["-br", "link"]).unwrap_or_else(|e| format!("{e:#}\n")),
+            ip_in(&ns, &["rule"]).unwrap_or_else(|e| format!("{e:#}\n"))
+        )
+    };
+
+    // 3. Every pod goes; then nothing is leaked.
+    let settled = drain_and_settle(&ipamd, &plugin, &c.sim, &node.instance_id, &mut live);
+    let mut failures = Vec::new();
+    if !unreachable.is_empty() {
+        failures.push(format!(
+            "live pods lost connectivity after the crashes: {unreachable:#?}\n{node_at_probe}"
+        ));
+    }
+    if let Err(e) = settled {
+        failures.push(format!("{e:#}"));
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{}\n--- ipamd log (tail) ---\n{}",
+            failures.join("\n"),
+            ipamd.log_tail(80)
+        );
+    }
+    c.check_hooks()?;
+    ipamd.kill()?;
+    drop(server);
+    Ok(())
+}
+
+/// No address is held by two pods; ipamd's assignments and its checkpoint are exactly the
+/// live pods with the addresses their ADD returned; EC2 has each on one of the node's ENIs.
+fn check_kept(
+    ipamd: &Ipamd,
+    sim: &vpc_sim::server::Shared,
+    instance_id: &str,
+    live: &[Pod],
+) -> anyhow::Result<()> {
     let mut by_ip: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
-    for p in &live {
+    for p in live {
         if let Some(other) = by_ip.insert(p.added.ip, &p.name) {
             bail!("{} and {} both hold {}", other, p.name, p.added.ip);
         }
@@ -299,8 +361,8 @@ fn run(seed: u64, tmp: &std::path::Path) -> anyhow::Result<()> {
         cp.allocations.len() == cp_set.len() && cp_set == live_set,
         "checkpoint differs from the live pods\n  checkpoint: {cp_set:?}\n  pods: {live_set:?}"
     );
-    let sim = SimNodeView::of(&c.sim, &node.instance_id);
-    for p in &live {
+    let sim = SimNodeView::of(sim, instance_id);
+    for p in live {
         ensure!(
             sim.attached.values().any(|ips| ips.contains(&p.added.ip)),
             "{} ({}) is not assigned to any of the node's ENIs in EC2: {sim:?}",
@@ -308,37 +370,19 @@ fn run(seed: u64, tmp: &std::path::Path) -> anyhow::Result<()> {
             p.added.ip
         );
     }
+    Ok(())
+}
 
-    // 2. Connectivity of every live pod: from its node, and from another node with the
-    //    source preserved. Failures are reported after the leak check, with it.
-    let refs: Vec<PodRef<'_>> = live
-        .iter()
-        .map(|p| PodRef {
-            name: &p.name,
-            ns: &p.ns,
-            ip: p.added.ip,
-        })
-        .collect();
-    let unreachable = unreachable_pods(
-        &c.fabric,
-        &refs,
-        PORT,
-        &ns,
-        Some((&other_ns, other.primary_ip)),
-    );
-    drop(refs);
-    let node_at_probe = if unreachable.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "--- node links when probed ---\n{}--- node rules when probed ---\n{}",
-            ip_in(&ns, &["-br", "link"]).unwrap_or_else(|e| format!("{e:#}\n")),
-            ip_in(&ns, &["rule"]).unwrap_or_else(|e| format!("{e:#}\n"))
-        )
-    };
-
-    // 3. Every pod goes; then nothing is leaked: EC2's ENIs and addresses of the node are
-    //    exactly ipamd's pool, nothing is assigned, the checkpoint is empty.
+/// DELs every live pod, then waits until nothing is leaked: EC2's ENIs and addresses of the
+/// node are exactly ipamd's pool (no ENI of the node left unattached), nothing is assigned,
+/// the checkpoint is empty.
+fn drain_and_settle(
+    ipamd: &Ipamd,
+    plugin: &Plugin,
+    sim: &vpc_sim::server::Shared,
+    instance_id: &str,
+    live: &mut Vec<Pod>,
+) -> anyhow::Result<()> {
     for p in live.drain(..) {
         plugin.del(&p.name, p.ns.path(), Some(&p.added.result))?;
     }
@@ -348,8 +392,7 @@ fn run(seed: u64, tmp: &std::path::Path) -> anyhow::Result<()> {
         SETTLE_WAIT,
         || {
             let view = ipamd.view()?;
-            let sim = SimNodeView::of(&c.sim, &node.instance_id);
-            last = leaks(&sim, &view);
+            last = leaks(&SimNodeView::of(sim, instance_id), &view);
             if view.assigned_count != 0 {
                 last.push(format!("ipamd counts {} assigned", view.assigned_count));
             }
@@ -360,26 +403,7 @@ fn run(seed: u64, tmp: &std::path::Path) -> anyhow::Result<()> {
             Ok(last.is_empty())
         },
     );
-    let mut failures = Vec::new();
-    if !unreachable.is_empty() {
-        failures.push(format!(
-            "live pods lost connectivity after the crashes: {unreachable:#?}\n{node_at_probe}"
-        ));
-    }
-    if let Err(e) = settled {
-        failures.push(format!("{e}: {last:#?}"));
-    }
-    if !failures.is_empty() {
-        bail!(
-            "{}\n--- ipamd log (tail) ---\n{}",
-            failures.join("\n"),
-            ipamd.log_tail(80)
-        );
-    }
-    c.check_hooks()?;
-    ipamd.kill()?;
-    drop(server);
-    Ok(())
+    settled.map_err(|e| anyhow::anyhow!("{e}: {last:#?}"))
 }
 
 /// A DEL the runtime still owes after an operation failed at a crash.
@@ -572,72 +596,10 @@ fn run_failpoints(seed: u64, tmp: &std::path::Path) -> anyhow::Result<()> {
     );
 
     // Every acknowledged ADD still holds its address, nobody else does, and EC2 agrees.
-    let view = ipamd.view()?;
-    let mut held: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
-    for (ip, (_, pod)) in view.assignments() {
-        held.entry(ip).or_default().push(pod);
-    }
-    let expected: BTreeMap<Ipv4Addr, Vec<String>> = live
-        .iter()
-        .map(|p| (p.added.ip, vec![p.name.clone()]))
-        .collect();
-    ensure!(
-        held == expected,
-        "ipamd's assignments differ from the acknowledged pods\n  ipamd: {held:?}\n  pods:  \
-         {expected:?}\n--- ipamd log (tail) ---\n{}",
-        ipamd.log_tail(80)
-    );
-    let cp = ipamd.checkpoint()?;
-    let cp_set: BTreeSet<(String, Ipv4Addr)> = cp
-        .allocations
-        .iter()
-        .map(|a| (a.container_id.clone(), a.ipv4))
-        .collect();
-    let live_set: BTreeSet<(String, Ipv4Addr)> = live
-        .iter()
-        .map(|p| (format!("c-{}", p.name), p.added.ip))
-        .collect();
-    ensure!(
-        cp_set == live_set,
-        "checkpoint differs from the acknowledged pods\n  checkpoint: {cp_set:?}\n  pods: \
-         {live_set:?}"
-    );
-    let sim = SimNodeView::of(&c.sim, &node.instance_id);
-    for p in &live {
-        ensure!(
-            sim.attached.values().any(|ips| ips.contains(&p.added.ip)),
-            "{} ({}) is not on any of the node's ENIs in EC2: {sim:?}",
-            p.name,
-            p.added.ip
-        );
-    }
+    check_kept(&ipamd, &c.sim, &node.instance_id, &live)?;
     // Every pod goes; then EC2 and ipamd agree, with no ENI left unattached.
-    for p in live.drain(..) {
-        plugin.del(&p.name, p.ns.path(), Some(&p.added.result))?;
-    }
-    let mut last = Vec::new();
-    let settled = wait_until(
-        "EC2 and ipamd to agree with no pod left",
-        SETTLE_WAIT,
-        || {
-            let view = ipamd.view()?;
-            let sim = SimNodeView::of(&c.sim, &node.instance_id);
-            last = leaks(&sim, &view);
-            if view.assigned_count != 0 {
-                last.push(format!("ipamd counts {} assigned", view.assigned_count));
-            }
-            if !ipamd.checkpoint()?.allocations.is_empty() {
-                last.push("checkpoint not empty".into());
-            }
-            Ok(last.is_empty())
-        },
-    );
-    if let Err(e) = settled {
-        bail!(
-            "{e}: {last:#?}\n--- ipamd log (tail) ---\n{}",
-            ipamd.log_tail(80)
-        );
-    }
+    drain_and_settle(&ipamd, &plugin, &c.sim, &node.instance_id, &mut live)
+        .with_context(|| format!("--- ipamd log (tail) ---\n{}", ipamd.log_tail(80)))?;
     c.check_hooks()?;
     ipamd.kill()?;
     drop(server);
