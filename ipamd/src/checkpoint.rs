@@ -142,6 +142,14 @@ pub trait CheckpointStore: Send + Sync {
         self.write(file)?;
         Ok(Box::new(|| Ok(())))
     }
+
+    /// [`write_staged`](Self::write_staged) of a file already serialised (JSON with its
+    /// trailing newline, as [`crate::datastore::DataStore::checkpoint_bytes`] makes it). The
+    /// default parses it back; the file store writes the bytes as they are.
+    fn write_bytes_staged(&self, bytes: &[u8]) -> Result<FinishWrite, CheckpointError> {
+        let file = parse(Path::new("<checkpoint bytes>"), bytes)?;
+        self.write_staged(&file)
+    }
 }
 
 /// The checkpoint as a file: temp file in the same directory, fsync, rename, fsync directory.
@@ -221,6 +229,17 @@ impl FileStore {
     /// Writes `file` to a temporary file beside the checkpoint, syncs it and renames it over
     /// the checkpoint; returns the directory to sync.
     fn write_and_rename(&self, file: &CheckpointFile) -> Result<PathBuf, CheckpointError> {
+        let mut bytes = serde_json::to_vec(file).map_err(|e| CheckpointError::Write {
+            path: self.path.clone(),
+            source: e.into(),
+        })?;
+        bytes.push(b'\n');
+        self.write_and_rename_bytes(&bytes)
+    }
+
+    /// Writes `bytes` to a temporary file beside the checkpoint, syncs it and renames it over
+    /// the checkpoint; returns the directory to sync.
+    fn write_and_rename_bytes(&self, bytes: &[u8]) -> Result<PathBuf, CheckpointError> {
         let werr = |source| CheckpointError::Write {
             path: self.path.clone(),
             source,
@@ -242,11 +261,9 @@ impl FileStore {
             std::process::id(),
             self.seq.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut bytes = serde_json::to_vec(file).map_err(|e| werr(e.into()))?;
-        bytes.push(b'\n');
         let res = (|| {
             let mut f = fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
+            f.write_all(bytes)?;
             f.sync_all()?;
             drop(f);
             crate::failpoint::hit(crate::failpoint::CHECKPOINT_BEFORE_RENAME);
@@ -289,6 +306,12 @@ impl CheckpointStore for FileStore {
 
     fn write_staged(&self, file: &CheckpointFile) -> Result<FinishWrite, CheckpointError> {
         let dir = self.write_and_rename(file)?;
+        let path = self.path.clone();
+        Ok(Box::new(move || Self::sync_dir(&path, &dir)))
+    }
+
+    fn write_bytes_staged(&self, bytes: &[u8]) -> Result<FinishWrite, CheckpointError> {
+        let dir = self.write_and_rename_bytes(bytes)?;
         let path = self.path.clone();
         Ok(Box::new(move || Self::sync_dir(&path, &dir)))
     }

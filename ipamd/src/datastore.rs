@@ -248,6 +248,26 @@ pub struct DataStore {
     both_kinds: bool,
     skip_primary: bool,
     cooldown: Duration,
+    /// Each assigned address's checkpoint entry, serialised when it was assigned, in address
+    /// order: a checkpoint write joins them instead of rebuilding and serialising every entry.
+    image: BTreeMap<Ipv4Addr, Box<[u8]>>,
+}
+
+/// The checkpoint's bytes before the first entry (`serde_json` of [`CheckpointFile`]).
+const IMAGE_HEAD: &[u8] = br#"{"version":"vpc-cni-ipam/1","allocations":["#;
+/// The bytes after the last entry, with the file's trailing newline.
+const IMAGE_TAIL: &[u8] = b"]}\n";
+
+fn allocation(ip: Ipv4Addr, key: &IpamKey, a: &AddressInfo) -> Allocation {
+    Allocation {
+        network_name: key.network_name.clone(),
+        container_id: key.container_id.clone(),
+        if_name: key.if_name.clone(),
+        ipv4: ip.to_string(),
+        ipv6: String::new(),
+        allocation_timestamp: a.assigned_at.as_nanos() as i64,
+        metadata: a.metadata.clone(),
+    }
 }
 
 impl DataStore {
@@ -267,7 +287,40 @@ impl DataStore {
             both_kinds,
             skip_primary,
             cooldown,
+            image: BTreeMap::new(),
         }
+    }
+
+    /// Records `ip`'s checkpoint entry (it is now held by `key`).
+    fn image_put(&mut self, ip: Ipv4Addr, key: &IpamKey, a: &AddressInfo) {
+        // Strings and integers only: serialising cannot fail.
+        let entry = serde_json::to_vec(&allocation(ip, key, a)).unwrap_or_default();
+        self.image.insert(ip, entry.into_boxed_slice());
+    }
+
+    /// Forgets `key`'s mapping and its checkpoint entry.
+    fn forget_key(&mut self, key: &IpamKey) -> Option<(String, Ipv4Net, Ipv4Addr)> {
+        let r = self.by_key.remove(key);
+        if let Some((_, _, ip)) = &r {
+            self.image.remove(ip);
+        }
+        r
+    }
+
+    /// The checkpoint file's bytes (as `serde_json` writes [`checkpoint`](Self::checkpoint),
+    /// plus the trailing newline), from the entries kept since each assignment.
+    pub fn checkpoint_bytes(&self) -> Vec<u8> {
+        let body: usize = self.image.values().map(|e| e.len() + 1).sum();
+        let mut out = Vec::with_capacity(IMAGE_HEAD.len() + body + IMAGE_TAIL.len());
+        out.extend_from_slice(IMAGE_HEAD);
+        for (i, e) in self.image.values().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(e);
+        }
+        out.extend_from_slice(IMAGE_TAIL);
+        out
     }
 
     /// Prefix mode.
@@ -352,7 +405,7 @@ impl DataStore {
         let lost: Vec<IpamKey> = c.addresses.values().filter_map(|a| a.key.clone()).collect();
         e.cidrs.remove(&cidr);
         for k in &lost {
-            self.by_key.remove(k);
+            self.forget_key(k);
         }
         Ok(lost)
     }
@@ -373,7 +426,7 @@ impl DataStore {
         }
         self.enis.remove(eni);
         for k in &lost {
-            self.by_key.remove(k);
+            self.forget_key(k);
         }
         Ok(lost)
     }
@@ -464,6 +517,14 @@ impl DataStore {
             previous,
         };
         self.by_key.insert(key.clone(), (eni, cidr, ip));
+        let info = AddressInfo {
+            key: None,
+            metadata: metadata.clone(),
+            assigned_at: now,
+            unassigned_at: None,
+            release_pending: false,
+        };
+        self.image_put(ip, key, &info);
         Ok(out)
     }
 
@@ -477,7 +538,7 @@ impl DataStore {
         if ip != a.ip || eni != a.eni_id {
             return;
         }
-        self.by_key.remove(key);
+        self.forget_key(key);
         if let Some(c) = self.enis.get_mut(&eni).and_then(|e| e.cidrs.get_mut(&cidr)) {
             match &a.previous {
                 Some(p) => {
@@ -501,7 +562,7 @@ impl DataStore {
             }
             migrated
         };
-        let (eni, cidr, ip) = self.by_key.remove(&key).ok_or(DsError::UnknownPod)?;
+        let (eni, cidr, ip) = self.forget_key(&key).ok_or(DsError::UnknownPod)?;
         let e = self
             .enis
             .get_mut(&eni)
@@ -558,8 +619,10 @@ impl DataStore {
         a.assigned_at = u.assigned_at;
         a.unassigned_at = u.previous_unassigned_at;
         a.release_pending = false;
+        let info = a.clone();
         self.by_key
             .insert(u.key.clone(), (u.eni_id.clone(), u.cidr, u.ip));
+        self.image_put(u.ip, &u.key, &info);
         true
     }
 
@@ -577,18 +640,7 @@ impl DataStore {
             for c in e.cidrs.values() {
                 for (ip, a) in &c.addresses {
                     if let Some(k) = &a.key {
-                        allocs.push((
-                            *ip,
-                            Allocation {
-                                network_name: k.network_name.clone(),
-                                container_id: k.container_id.clone(),
-                                if_name: k.if_name.clone(),
-                                ipv4: ip.to_string(),
-                                ipv6: String::new(),
-                                allocation_timestamp: a.assigned_at.as_nanos() as i64,
-                                metadata: a.metadata.clone(),
-                            },
-                        ));
+                        allocs.push((*ip, allocation(*ip, k, a)));
                     }
                 }
             }
@@ -638,16 +690,15 @@ impl DataStore {
                 continue;
             };
             if let Some(c) = self.enis.get_mut(&eni).and_then(|e| e.cidrs.get_mut(&cidr)) {
-                c.addresses.insert(
-                    ip,
-                    AddressInfo {
-                        key: Some(key.clone()),
-                        metadata: md.clone(),
-                        assigned_at: Duration::from_nanos(a.allocation_timestamp.max(0) as u64),
-                        unassigned_at: None,
-                        release_pending: false,
-                    },
-                );
+                let info = AddressInfo {
+                    key: Some(key.clone()),
+                    metadata: md.clone(),
+                    assigned_at: Duration::from_nanos(a.allocation_timestamp.max(0) as u64),
+                    unassigned_at: None,
+                    release_pending: false,
+                };
+                c.addresses.insert(ip, info.clone());
+                self.image_put(ip, &key, &info);
                 self.by_key.insert(key, (eni, cidr, ip));
                 report.restored += 1;
             }
@@ -1115,7 +1166,14 @@ mod tests {
                 uniq.sort();
                 uniq.dedup();
                 prop_assert_eq!(uniq.len(), held.len(), "an address held twice");
+                let mut want = serde_json::to_vec(&ds.checkpoint()).unwrap();
+                want.push(b'\n');
+                prop_assert!(ds.checkpoint_bytes() == want, "kept entries differ from the file");
             }
+            // The kept entries are the file, byte for byte.
+            let mut want = serde_json::to_vec(&ds.checkpoint()).unwrap();
+            want.push(b'\n');
+            prop_assert_eq!(String::from_utf8(ds.checkpoint_bytes()).unwrap(), String::from_utf8(want).unwrap());
             // Round trip through the file format onto a fresh datastore with the same CIDRs.
             let cp = ds.checkpoint();
             let json = serde_json::to_vec(&cp).unwrap();

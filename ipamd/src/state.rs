@@ -167,10 +167,10 @@ impl Shared {
                 let batch = std::mem::take(&mut g.open);
                 g.in_flight.insert(id, batch);
                 g.open_id += 1;
-                (id, g.ds.checkpoint())
+                (id, g.ds.checkpoint_bytes())
             };
             crate::failpoint::hit(crate::failpoint::CHECKPOINT_BEFORE_WRITE);
-            let res = self.store.write_staged(&snapshot);
+            let res = self.store.write_bytes_staged(&snapshot);
             drop(snapshot);
             match res {
                 Ok(finish) => {
