@@ -91,6 +91,15 @@ async fn run(
     all
 }
 
+/// One table row per client count (1, 2, 8, 32), `ops` pairs in all per row.
+async fn sweep(st: &PoolState, sock: &std::path::Path, ops: usize, title: &str, tag: &str) {
+    for clients in [1, 2, 8, 32] {
+        let tag = format!("{tag}{clients}");
+        let mut s = run(st, sock, clients, ops / clients.max(1), &tag).await;
+        report(title, clients, &mut s);
+    }
+}
+
 fn report(title: &str, clients: usize, s: &mut Samples) {
     let pairs = s.pair.len() as f64;
     let secs = s.wall.as_secs_f64();
@@ -219,32 +228,12 @@ fn main() {
         run(&st, &sock, 2, 50, "warm").await;
 
         header();
-        for clients in [1, 2, 8, 32] {
-            let mut s = run(
-                &st,
-                &sock,
-                clients,
-                ops / clients.max(1),
-                &format!("e{clients}"),
-            )
-            .await;
-            report("empty node", clients, &mut s);
-        }
+        sweep(&st, &sock, ops, "empty node", "e").await;
         let mut bg = client(&sock).await;
         for i in 0..250 {
             add_ok(&mut bg, &format!("held-{i}"), Duration::from_secs(60)).await;
         }
-        for clients in [1, 2, 8, 32] {
-            let mut s = run(
-                &st,
-                &sock,
-                clients,
-                ops / clients.max(1),
-                &format!("h{clients}"),
-            )
-            .await;
-            report("250 pods held", clients, &mut s);
-        }
+        sweep(&st, &sock, ops, "250 pods held", "h").await;
 
         println!("\nbreakdown (250 pods held, 1 client)");
         let mut repeat = Vec::with_capacity(ops);

@@ -258,15 +258,16 @@ const IMAGE_HEAD: &[u8] = br#"{"version":"vpc-cni-ipam/1","allocations":["#;
 /// The bytes after the last entry, with the file's trailing newline.
 const IMAGE_TAIL: &[u8] = b"]}\n";
 
-fn allocation(ip: Ipv4Addr, key: &IpamKey, a: &AddressInfo) -> Allocation {
+/// The checkpoint entry of `ip` held by `key`.
+fn allocation(ip: Ipv4Addr, key: &IpamKey, md: &IpamMetadata, at: Duration) -> Allocation {
     Allocation {
         network_name: key.network_name.clone(),
         container_id: key.container_id.clone(),
         if_name: key.if_name.clone(),
         ipv4: ip.to_string(),
         ipv6: String::new(),
-        allocation_timestamp: a.assigned_at.as_nanos() as i64,
-        metadata: a.metadata.clone(),
+        allocation_timestamp: at.as_nanos() as i64,
+        metadata: md.clone(),
     }
 }
 
@@ -292,9 +293,9 @@ impl DataStore {
     }
 
     /// Records `ip`'s checkpoint entry (it is now held by `key`).
-    fn image_put(&mut self, ip: Ipv4Addr, key: &IpamKey, a: &AddressInfo) {
+    fn image_put(&mut self, ip: Ipv4Addr, key: &IpamKey, md: &IpamMetadata, at: Duration) {
         // Strings and integers only: serialising cannot fail.
-        let entry = serde_json::to_vec(&allocation(ip, key, a)).unwrap_or_default();
+        let entry = serde_json::to_vec(&allocation(ip, key, md, at)).unwrap_or_default();
         self.image.insert(ip, entry.into_boxed_slice());
     }
 
@@ -517,14 +518,7 @@ impl DataStore {
             previous,
         };
         self.by_key.insert(key.clone(), (eni, cidr, ip));
-        let info = AddressInfo {
-            key: None,
-            metadata: metadata.clone(),
-            assigned_at: now,
-            unassigned_at: None,
-            release_pending: false,
-        };
-        self.image_put(ip, key, &info);
+        self.image_put(ip, key, metadata, now);
         Ok(out)
     }
 
@@ -619,10 +613,9 @@ impl DataStore {
         a.assigned_at = u.assigned_at;
         a.unassigned_at = u.previous_unassigned_at;
         a.release_pending = false;
-        let info = a.clone();
         self.by_key
             .insert(u.key.clone(), (u.eni_id.clone(), u.cidr, u.ip));
-        self.image_put(u.ip, &u.key, &info);
+        self.image_put(u.ip, &u.key, &u.metadata, u.assigned_at);
         true
     }
 
@@ -640,7 +633,7 @@ impl DataStore {
             for c in e.cidrs.values() {
                 for (ip, a) in &c.addresses {
                     if let Some(k) = &a.key {
-                        allocs.push((*ip, allocation(*ip, k, a)));
+                        allocs.push((*ip, allocation(*ip, k, &a.metadata, a.assigned_at)));
                     }
                 }
             }
@@ -690,15 +683,18 @@ impl DataStore {
                 continue;
             };
             if let Some(c) = self.enis.get_mut(&eni).and_then(|e| e.cidrs.get_mut(&cidr)) {
-                let info = AddressInfo {
-                    key: Some(key.clone()),
-                    metadata: md.clone(),
-                    assigned_at: Duration::from_nanos(a.allocation_timestamp.max(0) as u64),
-                    unassigned_at: None,
-                    release_pending: false,
-                };
-                c.addresses.insert(ip, info.clone());
-                self.image_put(ip, &key, &info);
+                let at = Duration::from_nanos(a.allocation_timestamp.max(0) as u64);
+                c.addresses.insert(
+                    ip,
+                    AddressInfo {
+                        key: Some(key.clone()),
+                        metadata: md.clone(),
+                        assigned_at: at,
+                        unassigned_at: None,
+                        release_pending: false,
+                    },
+                );
+                self.image_put(ip, &key, md, at);
                 self.by_key.insert(key, (eni, cidr, ip));
                 report.restored += 1;
             }

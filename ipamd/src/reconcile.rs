@@ -843,11 +843,7 @@ pub async fn cleanup_own_leftovers(
     instance_id: &str,
 ) -> Result<LeakedReport, Ec2Error> {
     let cluster = cluster.filter(|c| !c.is_empty());
-    let cands = pacer
-        .call("DescribeNetworkInterfaces", || {
-            ec2.describe_leaked_candidates(vpc_id, cluster)
-        })
-        .await?;
+    let cands = leaked_candidates(ec2, pacer, vpc_id, cluster).await?;
     let mut report = LeakedReport::default();
     for eni in select_own_leftovers(&cands, instance_id) {
         delete_into(
@@ -860,6 +856,20 @@ pub async fn cleanup_own_leftovers(
         .await;
     }
     Ok(report)
+}
+
+/// The VPC's available ENIs tagged with an instance id (and the cluster, when set).
+async fn leaked_candidates(
+    ec2: &dyn Ec2Api,
+    pacer: &Pacer,
+    vpc_id: &str,
+    cluster: Option<&str>,
+) -> Result<Vec<EniInfo>, Ec2Error> {
+    pacer
+        .call("DescribeNetworkInterfaces", || {
+            ec2.describe_leaked_candidates(vpc_id, cluster)
+        })
+        .await
 }
 
 /// Deletes `eni` ("already gone" counts as deleted) and records the outcome in `report`.
@@ -908,11 +918,7 @@ pub async fn cleanup_leaked(
     now: Duration,
 ) -> Result<LeakedReport, Ec2Error> {
     let cluster = cluster.filter(|c| !c.is_empty());
-    let cands = pacer
-        .call("DescribeNetworkInterfaces", || {
-            ec2.describe_leaked_candidates(vpc_id, cluster)
-        })
-        .await?;
+    let cands = leaked_candidates(ec2, pacer, vpc_id, cluster).await?;
     let mut report = LeakedReport::default();
     for a in select_leaked(&cands, cluster, now, LEAKED_ENI_MIN_AGE) {
         match a {

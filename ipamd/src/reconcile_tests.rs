@@ -480,6 +480,16 @@ fn rfc3339_parses_offsets_and_fractions_and_rejects_garbage() {
     }
 }
 
+/// Assigns an address to `pod` and waits until it is on disk.
+async fn assign_durably(state: &PoolState, pod: &IpamKey) -> crate::datastore::Assignment {
+    state
+        .assign(pod, &IpamMetadata::default())
+        .unwrap()
+        .durable()
+        .await
+        .unwrap()
+}
+
 fn leaked(id: &str, created: Option<&str>) -> EniInfo {
     let mut e = ec2eni(id, 1, "10.0.1.1", &[], &[]);
     e.attachment = None;
@@ -740,13 +750,7 @@ async fn reconcile_adopts_an_external_ip_and_evicts_a_removed_one_with_the_check
         .await
         .unwrap();
     let pod = IpamKey::new("aws-cni", "c1", "eth0");
-    let a = n
-        .state
-        .assign(&pod, &IpamMetadata::default())
-        .unwrap()
-        .durable()
-        .await
-        .unwrap();
+    let a = assign_durably(&n.state, &pod).await;
     // Behind our back: the pod's IP is unassigned in EC2 and another one is assigned.
     let extra = n.ec2.assign(&primary, Addresses::Ips(1)).await.unwrap().ips[0];
     n.ec2.unassign_ips(&primary, &[a.ip]).await.unwrap();
@@ -798,13 +802,7 @@ async fn stale_imds_after_an_assign_keeps_every_in_use_ip() {
         .await
         .unwrap();
     let pod = IpamKey::new("aws-cni", "c1", "eth0");
-    let a = n
-        .state
-        .assign(&pod, &IpamMetadata::default())
-        .unwrap()
-        .durable()
-        .await
-        .unwrap();
+    let a = assign_durably(&n.state, &pod).await;
     let r = reconcile_once(&n.state, &n.ec2, &n.pacer, &stale, &BTreeMap::new(), &n.s)
         .await
         .unwrap();
