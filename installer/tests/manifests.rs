@@ -34,10 +34,11 @@ fn cluster_role_is_exactly_the_rules_generated_from_ipamds_requests() {
     let role = yaml("clusterrole.yaml");
     assert_eq!(role["kind"], "ClusterRole");
     assert_eq!(role["metadata"]["name"], "aws-node");
-    let generated = serde_json::to_value(ipamd::k8s::cluster_role_rules(|_| true)).expect("json");
+    let generated =
+        serde_json::to_value(ipamd::io::k8s::cluster_role_rules(|_| true)).expect("json");
     assert_eq!(role["rules"], generated);
     // No non-resource URLs: ipamd only GETs /version, which every client may read.
-    assert_eq!(ipamd::k8s::NON_RESOURCE_URLS, ["/version"]);
+    assert_eq!(ipamd::io::k8s::NON_RESOURCE_URLS, ["/version"]);
     let binding = yaml("clusterrolebinding.yaml");
     assert_eq!(binding["roleRef"]["name"], "aws-node");
     assert_eq!(binding["subjects"][0]["name"], "aws-node");
@@ -47,9 +48,9 @@ fn cluster_role_is_exactly_the_rules_generated_from_ipamds_requests() {
 #[test]
 fn eniconfig_crd_is_ipamds_generated_definition() {
     let path = dir().join("eniconfig-crd.yaml");
-    let generated = ipamd::k8s::eni_config_crd_yaml().expect("yaml");
+    let generated = ipamd::io::k8s::eni_config_crd_yaml().expect("yaml");
     if std::env::var_os("UPDATE_MANIFESTS").is_some() {
-        let header = "# Generated from ipamd::k8s::eni_config_crd() (the reference chart's definition);\n\
+        let header = "# Generated from ipamd::io::k8s::eni_config_crd() (the reference chart's definition);\n\
                       # do not edit: UPDATE_MANIFESTS=1 cargo test -p vpc-cni-installer --test manifests\n";
         std::fs::write(&path, format!("{header}{generated}")).expect("write");
     }

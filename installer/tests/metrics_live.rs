@@ -9,7 +9,7 @@
 //!   or `_count` name belongs to a family of type histogram (or summary for `_sum`/`_count`);
 //! - the counters and histograms the dashboard's rate panels read have moved (above 0);
 //! - every `awscni_*` family of the reference list (spec/ipamd.md section 6.1) that ipamd claims
-//!   in `ipamd::metrics::METRIC_NAMES` is in the scrape, except the ones listed in
+//!   in `ipamd::serve::metrics::METRIC_NAMES` is in the scrape, except the ones listed in
 //!   [`NOT_SERVED`] with the reason, which must be absent (so the list stays true).
 //!
 //! ipamd runs inside a test network namespace (removed afterwards, even on failure), so nothing
@@ -502,7 +502,10 @@ fn the_reference_list_is_the_specs_and_ipamd_claims_all_of_it() {
         ),
         None => eprintln!("spec/ipamd.md not beside the repository: list not cross-checked"),
     }
-    let claimed: BTreeSet<&str> = ipamd::metrics::METRIC_NAMES.iter().copied().collect();
+    let claimed: BTreeSet<&str> = ipamd::serve::metrics::METRIC_NAMES
+        .iter()
+        .copied()
+        .collect();
     let unclaimed: Vec<&&str> = REFERENCE_METRICS
         .iter()
         .filter(|n| !claimed.contains(**n))
@@ -616,7 +619,7 @@ fn a_live_ipamd_serves_every_metric_the_dashboard_queries_and_every_reference_fa
     let not_served: BTreeMap<&str, &str> = NOT_SERVED.iter().copied().collect();
     let absent: Vec<&&str> = REFERENCE_METRICS
         .iter()
-        .filter(|n| ipamd::metrics::METRIC_NAMES.contains(n))
+        .filter(|n| ipamd::serve::metrics::METRIC_NAMES.contains(n))
         .filter(|n| !not_served.contains_key(**n))
         .filter(|n| !e.has_family(n))
         .collect();
@@ -633,7 +636,7 @@ fn a_live_ipamd_serves_every_metric_the_dashboard_queries_and_every_reference_fa
         );
     }
     // Ours too (all of METRIC_NAMES that are not reference names).
-    let ours_absent: Vec<&&str> = ipamd::metrics::METRIC_NAMES
+    let ours_absent: Vec<&&str> = ipamd::serve::metrics::METRIC_NAMES
         .iter()
         .filter(|n| !REFERENCE_METRICS.contains(n))
         .filter(|n| !e.has_family(n))

@@ -24,7 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{add_ok, client, del, env_or, loadavg, proc_status};
-use ipamd::sim_backend::{SIM_CREDENTIALS, SIM_REGION};
+use ipamd::io::sim_backend::{SIM_CREDENTIALS, SIM_REGION};
 
 /// The daemon binary of this build.
 const BIN: &str = env!("CARGO_BIN_EXE_ipamd");

@@ -30,9 +30,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{add, add_ok, client, del, env_or, loadavg, ms, pct};
-use ipamd::checkpoint::{Allocation, CheckpointFile, CheckpointStore, FileStore, IpamMetadata};
-use ipamd::datastore::IpamKey;
-use ipamd::state::PoolState;
+use ipamd::store::checkpoint::{
+    Allocation, CheckpointFile, CheckpointStore, FileStore, IpamMetadata,
+};
+use ipamd::store::commit::PoolState;
+use ipamd::store::datastore::IpamKey;
 
 /// Samples of one client count.
 #[derive(Default)]

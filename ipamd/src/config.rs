@@ -758,10 +758,10 @@ impl Config {
     /// The ENI tags every managed ENI carries (create time adds `createdAt`).
     pub fn eni_tags(&self, instance_id: &str) -> BTreeMap<String, String> {
         let mut t = self.additional_eni_tags.clone();
-        t.insert(crate::ec2::TAG_INSTANCE_ID.into(), instance_id.into());
+        t.insert(crate::io::ec2::TAG_INSTANCE_ID.into(), instance_id.into());
         if !self.cluster_name.is_empty() {
             t.insert(
-                crate::ec2::TAG_CLUSTER_NAME.into(),
+                crate::io::ec2::TAG_CLUSTER_NAME.into(),
                 self.cluster_name.clone(),
             );
             t.insert("eks:eni:owner".into(), "amazon-vpc-cni".into());

@@ -17,21 +17,23 @@ use subnet_calc::policy::NodeLimits;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::checkpoint::{CheckpointError, CheckpointStore, FileStore};
 use crate::config::Config;
-use crate::datastore::{DataStore, EniSpec};
-use crate::ec2::{
+use crate::io::ec2::pacer::{Ec2Outcome, Pacer};
+use crate::io::ec2::{
     Addresses, Assigned, CreateEni, Ec2Api, Ec2Error, Ec2Result, EniInfo, ErrorKind,
     InstanceTypeInfo, SubnetInfo, TAG_INSTANCE_ID, TAG_NO_MANAGE,
 };
-use crate::host::{HostEni, NodeHost};
-use crate::imds::{Imds, ImdsError};
-use crate::introspect::{self, EniInfos, IntrospectSource};
-use crate::k8s::K8s;
-use crate::metrics::{Ec2Outcome, Metrics, PoolSnapshot};
-use crate::pool::{NodeInfo, Pacer, PoolHost, PoolManager, PoolObserver, SubnetDiscovery};
-use crate::server::{Backend, BackendEvents, ReplySettings};
-use crate::state::{PoolState, TokioClock};
+use crate::io::host::{HostEni, NodeHost};
+use crate::io::imds::{Imds, ImdsError};
+use crate::io::k8s::K8s;
+use crate::plan::reconcile::AdoptedEni;
+use crate::run::pool::{NodeInfo, PoolHost, PoolManager, PoolObserver, SubnetDiscovery};
+use crate::serve::grpc::{Backend, BackendEvents, ReplySettings};
+use crate::serve::introspect::{self, EniInfos, IntrospectSource};
+use crate::serve::metrics::{Metrics, PoolSnapshot};
+use crate::store::checkpoint::{CheckpointError, CheckpointStore, FileStore};
+use crate::store::commit::{PoolState, TokioClock};
+use crate::store::datastore::{DataStore, EniSpec};
 use crate::types::Ipv4Net;
 
 /// Whether the host veth of pod (namespace, name) exists.
@@ -57,14 +59,14 @@ pub enum DaemonError {
     Checkpoint(#[from] CheckpointError),
     /// The first checkpoint write after the restore failed.
     #[error("checkpoint")]
-    CheckpointWrite(#[from] crate::state::StateError),
+    CheckpointWrite(#[from] crate::store::commit::StateError),
     /// The checkpoint does not fit the ENIs (duplicate address).
     #[error("checkpoint restore")]
-    Restore(#[source] crate::datastore::DsError),
+    Restore(#[source] crate::store::datastore::DsError),
     /// Pre-scaling failed (not returned by [`start`]: the pool loop retries; kept for callers
     /// that run [`PoolManager::settle`] themselves).
     #[error("pre-scaling")]
-    Prescale(#[source] crate::pool::PoolError),
+    Prescale(#[source] crate::run::pool::PoolError),
     /// A listener could not be set up.
     #[error("serving {what}: {message}")]
     Serve {
@@ -78,7 +80,7 @@ pub enum DaemonError {
     Unsupported(String),
     /// Host networking failed at start-up.
     #[error("host networking")]
-    Host(#[source] crate::host::HostError),
+    Host(#[source] crate::io::host::HostError),
     /// Custom networking cannot be set up (no API server, no ENIConfig, unknown subnet).
     #[error("custom networking: {0}")]
     CustomNetworking(String),
@@ -126,7 +128,7 @@ impl Reporter {
 }
 
 impl PoolObserver for Reporter {
-    fn decision(&self, kind: crate::metrics::PoolDecision) {
+    fn decision(&self, kind: crate::plan::pool::PoolDecision) {
         self.metrics.record_pool_decision(kind);
     }
     fn failed(&self, function: &'static str) {
@@ -160,7 +162,7 @@ impl PoolObserver for Reporter {
             "no free address"
         };
         self.warn_event(
-            crate::k8s::REASON_SUBNET_EXHAUSTED,
+            crate::io::k8s::REASON_SUBNET_EXHAUSTED,
             format!("subnet {subnet} has {what}: the warm pool stops growing for a while"),
         );
     }
@@ -170,7 +172,7 @@ impl PoolObserver for Reporter {
             .with_label_values(&["missingIAMPermissions"])
             .inc();
         self.warn_event(
-            crate::k8s::REASON_MISSING_IAM_PERMISSIONS,
+            crate::io::k8s::REASON_MISSING_IAM_PERMISSIONS,
             format!("ec2:{action} refused: {message}"),
         );
     }
@@ -635,7 +637,7 @@ async fn start_inner(
     let pacer = Arc::new(Pacer::new(cfg.ec2));
     let k8s = parts.k8s.clone();
     if k8s.is_none() {
-        let needs = crate::k8s::api_server_needed_by(
+        let needs = crate::io::k8s::api_server_needed_by(
             cfg.custom_networking,
             cfg.annotate_pod_ip,
             cfg.enable_pod_eni,
@@ -701,7 +703,7 @@ async fn start_inner(
         cfg.ip_cooldown,
     );
     let clock = Arc::new(TokioClock::new());
-    let now = crate::state::Clock::now(clock.as_ref());
+    let now = crate::store::commit::Clock::now(clock.as_ref());
     let tags = cfg.eni_tags(&id.instance_id);
     let mut unmanaged = 0u32;
     let mut host_enis: Vec<HostEni> = Vec::new();
@@ -934,7 +936,7 @@ async fn start_inner(
     if !cfg.disable_provisioning {
         // An ENI created by an earlier run that was killed before attaching it (or after
         // detaching it, before the delete) is ours alone: delete it before growing.
-        match crate::reconcile::cleanup_own_leftovers(
+        match crate::run::reconcile::cleanup_own_leftovers(
             ec2.as_ref(),
             &pacer,
             &primary.vpc_id,
@@ -979,11 +981,11 @@ async fn start_inner(
             region: id.region.clone(),
         },
     )
-    .with_low_check(crate::server::pool_is_low(pool_cfg, node_limits))
+    .with_low_check(crate::serve::grpc::pool_is_low(pool_cfg, node_limits))
     .with_events(reporter.clone());
     let listener = vpc_cni_rpc::bind_unix(&cfg.grpc_socket)
         .map_err(|e| serve_err("gRPC")(format!("{}: {e}", cfg.grpc_socket.display())))?;
-    let routes = crate::server::routes(backend, health_srv);
+    let routes = crate::serve::grpc::routes(backend, health_srv);
     let sd = stopped(rx.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = vpc_cni_rpc::serve_listener(listener, routes, sd).await {
@@ -995,9 +997,9 @@ async fn start_inner(
 
     let mut metrics_addr = None;
     if !cfg.disable_metrics {
-        let addr = crate::metrics::parse_bind_address(&cfg.metrics_bind)
+        let addr = crate::serve::metrics::parse_bind_address(&cfg.metrics_bind)
             .map_err(|e| serve_err("metrics")(e.to_string()))?;
-        let srv = crate::metrics::MetricsServer::bind(addr)
+        let srv = crate::serve::metrics::MetricsServer::bind(addr)
             .await
             .map_err(|e| serve_err("metrics")(e.to_string()))?;
         metrics_addr = srv.local_addr();
@@ -1051,7 +1053,7 @@ async fn start_inner(
             pacer: pacer.clone(),
             imds: deps.imds.clone(),
             primary_mac: id.primary_mac.clone(),
-            settings: crate::reconcile::ReconcileSettings::from_config(cfg, &id.instance_id),
+            settings: crate::plan::reconcile::ReconcileSettings::from_config(cfg, &id.instance_id),
             host: parts.host.clone(),
             mtu: cfg.eni_mtu,
             metrics: metrics.clone(),
@@ -1102,7 +1104,7 @@ struct Reconciler {
     pacer: Arc<Pacer>,
     imds: Arc<dyn Imds>,
     primary_mac: String,
-    settings: crate::reconcile::ReconcileSettings,
+    settings: crate::plan::reconcile::ReconcileSettings,
     host: Option<Arc<dyn NodeHost>>,
     mtu: u32,
     metrics: Arc<Metrics>,
@@ -1136,16 +1138,16 @@ impl Reconciler {
     }
 
     /// One reconcile run.
-    async fn once(&self) -> Result<crate::reconcile::ApplyReport, String> {
+    async fn once(&self) -> Result<crate::run::reconcile::ApplyReport, String> {
         let _busy = self.metrics.in_progress("nodeIPPoolReconcile");
         let enis = self
             .imds
             .enis(&self.primary_mac)
             .await
             .map_err(|e| format!("instance metadata: {e}"))?;
-        let imds: Vec<crate::reconcile::ImdsEni> = enis
+        let imds: Vec<crate::plan::reconcile::ImdsEni> = enis
             .iter()
-            .map(|m| crate::reconcile::ImdsEni {
+            .map(|m| crate::plan::reconcile::ImdsEni {
                 id: m.interface_id.clone(),
                 mac: m.mac.clone(),
                 device_number: m.device_number,
@@ -1158,7 +1160,7 @@ impl Reconciler {
             })
             .collect();
         let released = self.pool.recently_released();
-        let report = crate::reconcile::reconcile_once(
+        let report = crate::run::reconcile::reconcile_once(
             &self.state,
             self.ec2.as_ref(),
             &self.pacer,
@@ -1205,7 +1207,7 @@ impl Reconciler {
         m.force_removed_ips.inc_by(report.lost_pods.len() as u64);
         if let Some(h) = &self.host {
             for e in &report.adopted {
-                let he = HostEni::from_adopted(e);
+                let he = adopted_host_eni(e);
                 if he.is_primary() {
                     continue;
                 }
@@ -1247,7 +1249,7 @@ async fn leaked_eni_loop(
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
-        match crate::reconcile::cleanup_leaked(
+        match crate::run::reconcile::cleanup_leaked(
             ec2.as_ref(),
             &pacer,
             &vpc,
@@ -1307,6 +1309,19 @@ fn publish_pool(state: &PoolState, metrics: &Metrics, published: &mut Published)
         metrics.remove_cidr(gone);
     }
     *published = now_published;
+}
+
+/// What host wiring needs to know of an ENI that reconcile adopted.
+fn adopted_host_eni(e: &AdoptedEni) -> HostEni {
+    HostEni {
+        id: e.id.clone(),
+        mac: e.mac.clone(),
+        primary_ip: e.primary_ip,
+        subnet_cidr: e.subnet_cidr,
+        network_card: e.network_card,
+        device_number: e.device_number,
+        is_trunk: e.is_trunk,
+    }
 }
 
 #[cfg(test)]

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use ipamd::aws::{AwsEc2, AwsSettings};
 use ipamd::config::{Backend, Config, Flags};
 use ipamd::daemon::{self, Deps};
-use ipamd::imds::{AwsImds, Imds, ImdsSettings};
+use ipamd::io::ec2::aws::{AwsEc2, AwsSettings};
+use ipamd::io::imds::{AwsImds, Imds, ImdsSettings};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// How long the daemon keeps serving after the first SIGTERM.
@@ -72,8 +72,8 @@ fn init_logging(cfg: &Config) {
 
 /// The Kubernetes API, when an enabled feature needs it or the daemon runs in a cluster
 /// (`KUBERNETES_SERVICE_HOST` or `CLUSTER_ENDPOINT` set). `None`: run without it.
-async fn kubernetes(cfg: &Config) -> anyhow::Result<Option<ipamd::k8s::K8s>> {
-    use ipamd::k8s::{self, ApiServerStatus, ConnectPolicy};
+async fn kubernetes(cfg: &Config) -> anyhow::Result<Option<ipamd::io::k8s::K8s>> {
+    use ipamd::io::k8s::{self, ApiServerStatus, ConnectPolicy};
     let needed_by = k8s::api_server_needed_by(
         cfg.custom_networking,
         cfg.annotate_pod_ip,
@@ -118,7 +118,7 @@ async fn run(mut cfg: Config, process_start: std::time::Instant) -> anyhow::Resu
     let mut _sim = None;
     let mut static_credentials = None;
     if cfg.backend == Backend::Sim {
-        let node = ipamd::sim_backend::start(&cfg.sim, vpc_sim::sim::SimConfig::default())
+        let node = ipamd::io::sim_backend::start(&cfg.sim, vpc_sim::sim::SimConfig::default())
             .await
             .context("starting the embedded VPC simulator")?;
         eprintln!(
@@ -132,8 +132,8 @@ async fn run(mut cfg: Config, process_start: std::time::Instant) -> anyhow::Resu
         cfg.ec2_endpoint = Some(node.ec2_url());
         cfg.imds_endpoint = Some(node.imds_url());
         static_credentials = Some((
-            ipamd::sim_backend::SIM_CREDENTIALS.0.to_owned(),
-            ipamd::sim_backend::SIM_CREDENTIALS.1.to_owned(),
+            ipamd::io::sim_backend::SIM_CREDENTIALS.0.to_owned(),
+            ipamd::io::sim_backend::SIM_CREDENTIALS.1.to_owned(),
         ));
         _sim = Some(node);
     }
@@ -164,10 +164,10 @@ async fn run(mut cfg: Config, process_start: std::time::Instant) -> anyhow::Resu
     let veth_exists = daemon::host_veth_check()
         .await
         .context("listing host links for checkpoint normalisation")?;
-    let host: Option<Arc<dyn ipamd::host::NodeHost>> = if cfg.host_networking {
+    let host: Option<Arc<dyn ipamd::io::host::NodeHost>> = if cfg.host_networking {
         let ns = vpc_cni_net::Netns::current().context("opening the host's network namespace")?;
         let h = vpc_cni_net::NetlinkHostNetwork::new(ns).context("host netlink")?;
-        Some(Arc::new(ipamd::host::Host(Arc::new(h))))
+        Some(Arc::new(ipamd::io::host::Host(Arc::new(h))))
     } else {
         tracing::info!("host networking off (VPC_CNI_HOST_NETWORKING=false or the sim backend): ENI routes, rules and SNAT are not touched");
         None

@@ -3,7 +3,7 @@
 //! (method, path, query, body) and answers with API-server-shaped JSON.
 //!
 //! Every request is also classified into its RBAC need; `requests_made_are_exactly_the_published_set`
-//! runs every scenario and checks that the union is `ipamd::k8s::API_REQUESTS` (plus
+//! runs every scenario and checks that the union is `ipamd::io::k8s::API_REQUESTS` (plus
 //! `NON_RESOURCE_URLS`), which is what the deployment's ClusterRole is checked against.
 
 use std::collections::BTreeSet;
@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
-use ipamd::k8s::{
+use ipamd::io::k8s::{
     self, ApiServerStatus, ConnectPolicy, K8s, K8sError, NodeInfo, RbacNeed, API_REQUESTS,
     NON_RESOURCE_URLS, POD_IPS_ANNOTATION, REASON_MISSING_IAM_PERMISSIONS,
 };

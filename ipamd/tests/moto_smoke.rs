@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
-use ipamd::aws::AwsEc2;
 use ipamd::config::Config;
 use ipamd::daemon::{self, Deps};
-use ipamd::imds::{FakeImds, Identity, ImdsEni};
+use ipamd::io::ec2::aws::AwsEc2;
+use ipamd::io::imds::{FakeImds, Identity, ImdsEni};
 use vpc_cni_rpc::{AddNetworkRequest, DelNetworkRequest};
 use vpc_sim::moto::MotoServer;
 

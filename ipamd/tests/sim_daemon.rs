@@ -11,11 +11,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipamd::aws::{AwsEc2, AwsSettings};
 use ipamd::config::{Config, SimSettings};
 use ipamd::daemon::{self, Daemon, Deps, VethCheck};
-use ipamd::imds::{AwsImds, ImdsSettings};
-use ipamd::sim_backend::{self, SimNode, SIM_CREDENTIALS, SIM_REGION};
+use ipamd::io::ec2::aws::{AwsEc2, AwsSettings};
+use ipamd::io::imds::{AwsImds, ImdsSettings};
+use ipamd::io::sim_backend::{self, SimNode, SIM_CREDENTIALS, SIM_REGION};
 use vpc_cni_rpc::{AddNetworkRequest, DelNetworkRequest};
 use vpc_sim::control::FaultSpec;
 use vpc_sim::sim::SimConfig;
@@ -426,7 +426,7 @@ fn ds_has(d: &Daemon, ip: Ipv4Addr) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_evicts_addresses_removed_behind_its_back_and_adopts_added_ones() {
-    use ipamd::ec2::{Addresses, Ec2Api};
+    use ipamd::io::ec2::{Addresses, Ec2Api};
     let node = sim("m5.large", SimConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(
@@ -518,7 +518,7 @@ async fn start_with_host(
         cfg,
         deps(cfg, all_veths()).await,
         daemon::NodeParts {
-            host: Some(Arc::new(ipamd::host::Host(host.clone()))),
+            host: Some(Arc::new(ipamd::io::host::Host(host.clone()))),
             ..Default::default()
         },
     )
@@ -766,7 +766,7 @@ async fn custom_networking_max_pods_pod_annotation_and_subnet_exhaustion_event()
         "spec": {"subnet": pod_subnet, "securityGroups": [pod_sg]}
     });
     let (api_client, writes) = fake_api_server(node_json, eni_config);
-    let k8s = ipamd::k8s::K8s::new(api_client, "node-1", "aws-node-1", "kube-system");
+    let k8s = ipamd::io::k8s::K8s::new(api_client, "node-1", "aws-node-1", "kube-system");
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(
         dir.path(),
@@ -844,7 +844,7 @@ fn mutating_calls(node: &SimNode) -> usize {
     node.shared.with(|s| {
         s.calls()
             .iter()
-            .filter(|c| ipamd::ec2::is_mutating(&c.action))
+            .filter(|c| ipamd::io::ec2::is_mutating(&c.action))
             .count()
     })
 }

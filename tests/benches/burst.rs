@@ -28,11 +28,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ipamd::aws::{AwsEc2, AwsSettings};
 use ipamd::config::{Config, SimSettings};
 use ipamd::daemon::{self, Deps, VethCheck};
-use ipamd::imds::{AwsImds, ImdsSettings};
-use ipamd::sim_backend::{self, SimNode, SIM_CREDENTIALS, SIM_REGION};
+use ipamd::io::ec2::aws::{AwsEc2, AwsSettings};
+use ipamd::io::imds::{AwsImds, ImdsSettings};
+use ipamd::io::sim_backend::{self, SimNode, SIM_CREDENTIALS, SIM_REGION};
 use vpc_cni_e2e::demo::add_network_with;
 use vpc_sim::control::LatencyModel;
 use vpc_sim::sim::SimConfig;

@@ -10,7 +10,7 @@
 //!   through the simulator, as if ipamd had crashed between `AttachNetworkInterface` and
 //!   `ModifyNetworkInterfaceAttribute`.
 //! - The cleanup deletes only ENIs whose `node.k8s.amazonaws.com/createdAt` tag is at least
-//!   5 minutes old (`ipamd::reconcile::LEAKED_ENI_MIN_AGE`, against the wall clock). Instead of
+//!   5 minutes old (`ipamd::run::reconcile::LEAKED_ENI_MIN_AGE`, against the wall clock). Instead of
 //!   waiting, the test rewrites the tag through the simulator: one ENI gets a `createdAt` 10
 //!   minutes in the past (deleted on the next run), the other an unparsable value (the cleanup
 //!   must first tag it with the current time and keep it). Once the test has seen that tag
@@ -30,9 +30,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context};
-use ipamd::ec2::{DESCRIPTION_PREFIX, TAG_CLUSTER_NAME, TAG_CREATED_AT, TAG_INSTANCE_ID};
-use ipamd::pool::rfc3339;
-use ipamd::reconcile::{parse_rfc3339, LEAKED_ENI_MIN_AGE};
+use ipamd::io::ec2::{DESCRIPTION_PREFIX, TAG_CLUSTER_NAME, TAG_CREATED_AT, TAG_INSTANCE_ID};
+use ipamd::plan::reconcile::LEAKED_ENI_MIN_AGE;
+use ipamd::types::{parse_rfc3339, rfc3339};
+
 use vpc_cni_e2e::node::{leaks, wait_until, workspace_bin, Ipamd, SimNodeView, START_WAIT};
 use vpc_cni_e2e::serve::serve;
 use vpc_cni_e2e::SimCluster;

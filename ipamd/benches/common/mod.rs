@@ -9,11 +9,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipamd::aws::{AwsEc2, AwsSettings};
 use ipamd::config::{Config, SimSettings};
 use ipamd::daemon::{self, Daemon, Deps, VethCheck};
-use ipamd::imds::{AwsImds, ImdsSettings};
-use ipamd::sim_backend::{self, SimNode, SIM_CREDENTIALS, SIM_REGION};
+use ipamd::io::ec2::aws::{AwsEc2, AwsSettings};
+use ipamd::io::imds::{AwsImds, ImdsSettings};
+use ipamd::io::sim_backend::{self, SimNode, SIM_CREDENTIALS, SIM_REGION};
 use tonic::transport::Channel;
 use vpc_cni_rpc::{AddNetworkRequest, CniBackendClient, DelNetworkRequest};
 use vpc_sim::sim::SimConfig;

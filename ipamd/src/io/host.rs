@@ -65,32 +65,6 @@ impl HostEni {
     pub fn is_primary(&self) -> bool {
         self.network_card == 0 && self.device_number == 0
     }
-
-    /// From a datastore ENI (network card 0: multi-NIC is refused at start).
-    pub fn from_datastore(e: &crate::datastore::Eni) -> Self {
-        Self {
-            id: e.id.clone(),
-            mac: e.mac.clone(),
-            primary_ip: e.primary_ip,
-            subnet_cidr: e.subnet_cidr,
-            network_card: 0,
-            device_number: e.device_number,
-            is_trunk: e.is_trunk,
-        }
-    }
-
-    /// From an ENI adopted by reconcile.
-    pub fn from_adopted(e: &crate::reconcile::AdoptedEni) -> Self {
-        Self {
-            id: e.id.clone(),
-            mac: e.mac.clone(),
-            primary_ip: e.primary_ip,
-            subnet_cidr: e.subnet_cidr,
-            network_card: e.network_card,
-            device_number: e.device_number,
-            is_trunk: e.is_trunk,
-        }
-    }
 }
 
 fn cidr(n: Ipv4Net) -> IpCidr {

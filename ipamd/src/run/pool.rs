@@ -1,23 +1,30 @@
-//! The pool manager: gathers the datastore's view, asks the calculator's policy
-//! (`subnet_calc::policy::decide`), carries the change out through EC2, then frees an ENI when
-//! the policy says so. EC2 calls are paced per call class, retried with exponential backoff and
-//! jitter on throttling, 5xx and transport errors, and growth pauses after subnet exhaustion.
+//! The pool manager: asks its [`PoolPlanner`] what the pool should do next, carries the
+//! change out through EC2 (every call through the [`Pacer`]), wires the ENIs it creates on the
+//! host and unwires those it frees, then frees an ENI when the planner says so. Growth pauses
+//! after EC2 says the subnet is full (the planner remembers when).
 
-use std::collections::{BTreeMap, VecDeque};
-use std::future::Future;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use subnet_calc::policy::{
-    self, AddressKind, Decision, NodeLimits, PoolChange, PoolConfig, PoolInput, Reason,
-};
+use subnet_calc::policy::{AddressKind, Decision, NodeLimits, PoolChange, PoolConfig, Reason};
 use tokio::time::Instant;
 
-use crate::config::Ec2Pacing;
-use crate::datastore::EniSpec;
-use crate::ec2::{Addresses, CreateEni, Ec2Api, Ec2Error, Ec2Result, DESCRIPTION_PREFIX};
-use crate::state::PoolState;
-use crate::types::Ipv4Net;
+use crate::io::ec2::pacer::Pacer;
+use crate::io::ec2::{Addresses, CreateEni, Ec2Api, Ec2Error, Ec2Result, DESCRIPTION_PREFIX};
+use crate::plan::pool::{PoolDecision, PoolPlanner, PoolView};
+use crate::plan::reconcile::RECONCILE_COOLDOWN;
+use crate::plan::subnets::subnets_for_new_eni;
+use crate::store::commit::PoolState;
+use crate::store::datastore::EniSpec;
+use crate::types::{rfc3339, Ipv4Net};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
 
 /// Pool manager failures.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +40,7 @@ pub enum PoolError {
     },
     /// A new ENI could not be wired on the host (it was detached and deleted again).
     #[error("pool change: host wiring of a new ENI")]
-    Host(#[source] crate::host::HostError),
+    Host(#[source] crate::io::host::HostError),
     /// The checkpoint could not be written after a forced change.
     #[error("pool change {op}: checkpoint")]
     Checkpoint {
@@ -41,7 +48,7 @@ pub enum PoolError {
         op: &'static str,
         /// Cause.
         #[source]
-        source: crate::checkpoint::CheckpointError,
+        source: crate::store::checkpoint::CheckpointError,
     },
 }
 
@@ -81,7 +88,7 @@ pub struct SubnetDiscovery {
 /// has a no-op default.
 pub trait PoolObserver: Send + Sync {
     /// A decision was carried out.
-    fn decision(&self, _kind: crate::metrics::PoolDecision) {}
+    fn decision(&self, _kind: PoolDecision) {}
     /// A decision failed; `function` is the reference's name for the failure
     /// (`increaseIPPoolAllocENI`, `decreaseIPPoolFreeENIFailed`...).
     fn failed(&self, _function: &'static str) {}
@@ -103,226 +110,11 @@ pub trait PoolObserver: Send + Sync {
 #[derive(Clone)]
 pub struct PoolHost {
     /// The host.
-    pub host: Arc<dyn crate::host::NodeHost>,
+    pub host: Arc<dyn crate::io::host::NodeHost>,
     /// `AWS_VPC_ENI_MTU`.
     pub mtu: u32,
     /// How long to wait for a new ENI's link to appear after the attach.
     pub link_wait: Duration,
-}
-
-/// governor's clock over tokio's (so paused-clock tests drive the rate limiters too): time
-/// since the pacer was made.
-#[derive(Debug, Clone, Copy)]
-pub struct TokioRateClock {
-    start: Instant,
-}
-
-impl TokioRateClock {
-    /// Starts now.
-    pub fn new() -> Self {
-        Self {
-            start: Instant::now(),
-        }
-    }
-}
-
-impl Default for TokioRateClock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl governor::clock::Clock for TokioRateClock {
-    type Instant = Duration;
-
-    fn now(&self) -> Duration {
-        self.start.elapsed()
-    }
-}
-
-type Limiter = governor::RateLimiter<
-    governor::state::NotKeyed,
-    governor::state::InMemoryState,
-    TokioRateClock,
-    governor::middleware::NoOpMiddleware<Duration>,
->;
-
-fn limiter(per_sec: u32, burst: u32, clock: TokioRateClock) -> Limiter {
-    let one = std::num::NonZeroU32::MIN;
-    let rate = std::num::NonZeroU32::new(per_sec).unwrap_or(one);
-    let burst = std::num::NonZeroU32::new(burst).unwrap_or(one);
-    governor::RateLimiter::direct_with_clock(
-        governor::Quota::per_second(rate).allow_burst(burst),
-        clock,
-    )
-}
-
-/// EC2 call counts of one action.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Ec2CallStats {
-    /// Calls made (each attempt counts).
-    pub calls: u64,
-    /// Attempts that were retried.
-    pub retries: u64,
-    /// Attempts EC2 throttled.
-    pub throttles: u64,
-    /// Attempts that failed (throttles included).
-    pub errors: u64,
-    /// Calls that failed for good.
-    pub failures: u64,
-}
-
-/// Told about every EC2 attempt: action, latency, outcome (the daemon passes
-/// [`crate::metrics::Metrics::record_ec2_call`]).
-pub type Ec2Observer =
-    Arc<dyn Fn(&'static str, Duration, crate::metrics::Ec2Outcome<'_>) + Send + Sync>;
-
-/// EC2 pacing (a `governor` rate limiter per call class: mutating and describe) and retries,
-/// counted per action.
-pub struct Pacer {
-    cfg: Ec2Pacing,
-    clock: TokioRateClock,
-    mutating: Limiter,
-    describe: Limiter,
-    seed: Mutex<u64>,
-    counts: Mutex<BTreeMap<&'static str, Ec2CallStats>>,
-    observer: Mutex<Option<Ec2Observer>>,
-}
-
-impl std::fmt::Debug for Pacer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pacer")
-            .field("cfg", &self.cfg)
-            .field("counts", &*lock(&self.counts))
-            .finish_non_exhaustive()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
-
-impl Pacer {
-    /// Pacing per `cfg`.
-    pub fn new(cfg: Ec2Pacing) -> Self {
-        let clock = TokioRateClock::new();
-        Self {
-            cfg,
-            clock,
-            mutating: limiter(cfg.mutating_per_sec, cfg.mutating_burst, clock),
-            describe: limiter(cfg.describe_per_sec, cfg.describe_burst, clock),
-            seed: Mutex::new(0x9e37_79b9_7f4a_7c15),
-            counts: Mutex::new(BTreeMap::new()),
-            observer: Mutex::new(None),
-        }
-    }
-
-    /// Sets the observer told about every attempt (metrics).
-    pub fn set_observer(&self, observer: Ec2Observer) {
-        *lock(&self.observer) = Some(observer);
-    }
-
-    /// Counts per action so far.
-    pub fn stats(&self) -> BTreeMap<&'static str, Ec2CallStats> {
-        lock(&self.counts).clone()
-    }
-
-    fn jitter(&self) -> f64 {
-        let mut s = lock(&self.seed);
-        *s ^= *s << 13;
-        *s ^= *s >> 7;
-        *s ^= *s << 17;
-        (*s % 1000) as f64 / 1000.0
-    }
-
-    /// The delay before retry `attempt` (1-based): base × 2^(attempt-1), capped at 20 s, plus
-    /// up to 30 % jitter.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let base = self.cfg.retry_base.as_secs_f64() * 2f64.powi(attempt.min(16) as i32 - 1);
-        let d = base.min(20.0);
-        Duration::from_secs_f64(d * (1.0 + 0.3 * self.jitter()))
-    }
-
-    /// Waits for the rate limiter of `action`'s class.
-    async fn pace(&self, action: &str) {
-        let l = if crate::ec2::is_mutating(action) {
-            &self.mutating
-        } else {
-            &self.describe
-        };
-        loop {
-            match l.check() {
-                Ok(()) => return,
-                Err(not_until) => {
-                    use governor::clock::Clock as _;
-                    let wait = not_until.wait_time_from(self.clock.now());
-                    tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
-                }
-            }
-        }
-    }
-
-    fn observe(&self, action: &'static str, elapsed: Duration, res: Result<(), &Ec2Error>) {
-        let obs = lock(&self.observer).clone();
-        let mut counts = lock(&self.counts);
-        let c = counts.entry(action).or_default();
-        c.calls += 1;
-        let outcome = match res {
-            Ok(()) => crate::metrics::Ec2Outcome::Ok,
-            Err(e) => {
-                c.errors += 1;
-                if e.kind == crate::ec2::ErrorKind::Throttled {
-                    c.throttles += 1;
-                    crate::metrics::Ec2Outcome::Throttled { code: &e.code }
-                } else {
-                    crate::metrics::Ec2Outcome::Failed { code: &e.code }
-                }
-            }
-        };
-        drop(counts);
-        if let Some(o) = obs {
-            o(action, elapsed, outcome);
-        }
-    }
-
-    /// Runs one EC2 call with pacing and retries.
-    pub async fn call<T, F, Fut>(&self, action: &'static str, f: F) -> Ec2Result<T>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = Ec2Result<T>>,
-    {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            self.pace(action).await;
-            let t0 = Instant::now();
-            let res = f().await;
-            self.observe(action, t0.elapsed(), res.as_ref().map(|_| ()));
-            match res {
-                Ok(v) => return Ok(v),
-                Err(e) if e.retryable() && attempt < self.cfg.max_attempts => {
-                    lock(&self.counts).entry(action).or_default().retries += 1;
-                    tracing::debug!(action, attempt, code = %e.code, "EC2 call retried");
-                    tokio::time::sleep(self.backoff(attempt)).await;
-                }
-                Err(e) => {
-                    lock(&self.counts).entry(action).or_default().failures += 1;
-                    return Err(e);
-                }
-            }
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct History {
-    last_decrease: Option<Duration>,
-    last_insufficient_addresses: Option<Duration>,
-    last_insufficient_cidr: Option<Duration>,
-    cooling: VecDeque<(Duration, u32)>,
 }
 
 /// What one tick did.
@@ -342,7 +134,7 @@ pub struct PoolManager {
     limits: NodeLimits,
     node: NodeInfo,
     pacer: Arc<Pacer>,
-    history: Mutex<History>,
+    planner: Mutex<PoolPlanner>,
     released: Mutex<BTreeMap<Ipv4Net, Duration>>,
     tick_period: Duration,
     host: Option<PoolHost>,
@@ -370,6 +162,7 @@ impl PoolManager {
         pacer: Arc<Pacer>,
         tick_period: Duration,
     ) -> Self {
+        let unmanaged_enis = node.unmanaged_enis;
         Self {
             state,
             ec2,
@@ -377,7 +170,7 @@ impl PoolManager {
             limits,
             node,
             pacer,
-            history: Mutex::new(History::default()),
+            planner: Mutex::new(PoolPlanner::new(cfg, limits, unmanaged_enis)),
             released: Mutex::new(BTreeMap::new()),
             tick_period,
             host: None,
@@ -436,35 +229,21 @@ impl PoolManager {
         &self.pacer
     }
 
+    fn view(&self, now: Duration) -> PoolView {
+        PoolView::of(&self.state.lock(), now)
+    }
+
     fn decide(&self, now: Duration) -> (Vec<String>, Decision) {
-        let (ids, views) = self.state.lock().views(now);
-        let mut h = lock(&self.history);
-        let cooling: u32 = views.iter().map(|v| v.cooling()).sum();
-        h.cooling.push_back((now, cooling));
-        let window = self.cfg.timers.churn_window;
-        while h
-            .cooling
-            .front()
-            .is_some_and(|(t, _)| now.saturating_sub(*t) > window)
-        {
-            h.cooling.pop_front();
-        }
-        let mut input = PoolInput::new(&views);
-        input.unmanaged_enis = self.node.unmanaged_enis;
-        input.last_decrease = h.last_decrease;
-        input.last_insufficient_addresses = h.last_insufficient_addresses;
-        input.last_insufficient_cidr = h.last_insufficient_cidr;
-        input.paused = self.state.terminating() || self.is_cordon_paused();
-        input.recent_cooling_peak = h.cooling.iter().map(|(_, c)| *c).max().unwrap_or(0);
-        let d = policy::decide(&self.cfg, &self.limits, &input, now);
-        (ids, d)
+        let view = self.view(now);
+        let paused = self.state.terminating() || self.is_cordon_paused();
+        let d = lock(&self.planner).decide(&view, now, paused);
+        (view.eni_ids, d)
     }
 
     /// Whether the pool is below target now.
     pub fn is_low(&self) -> bool {
-        let now = self.state.now();
-        let (_, views) = self.state.lock().views(now);
-        policy::is_low(&self.cfg, &self.limits, &policy::stats(&self.cfg, &views))
+        let view = self.view(self.state.now());
+        lock(&self.planner).is_low(&view)
     }
 
     /// One tick: decide, execute, then the free-ENI phase.
@@ -480,7 +259,7 @@ impl PoolManager {
         }
         if let Some(change) = &decision.change {
             tracing::info!(?change, reason = ?decision.reason, "pool change");
-            use crate::metrics::PoolDecision as K;
+            use PoolDecision as K;
             let (action, kind, failure) = match change {
                 PoolChange::Assign { .. } => (
                     "increaseDatastorePool",
@@ -510,22 +289,16 @@ impl PoolManager {
         let mut freed_eni = None;
         if decision.free_eni_phase && !self.state.terminating() {
             let now = self.state.now();
-            let (ids, views) = self.state.lock().views(now);
-            let pick = {
-                let h = lock(&self.history);
-                let mut input = PoolInput::new(&views);
-                input.unmanaged_enis = self.node.unmanaged_enis;
-                input.last_decrease = h.last_decrease;
-                input.recent_cooling_peak = h.cooling.iter().map(|(_, c)| *c).max().unwrap_or(0);
-                policy::choose_eni_to_free(&self.cfg, &self.limits, &input, now)
-            };
-            if let Some(i) = pick {
-                let id = ids[i].clone();
+            let view = self.view(now);
+            let pick = lock(&self.planner)
+                .eni_to_free(&view, now)
+                .map(str::to_owned);
+            if let Some(id) = pick {
                 self.observe(|o| o.action_started("decreaseDatastorePool"));
                 let res = self.free_eni(&id).await;
                 self.observe(|o| o.action_finished("decreaseDatastorePool"));
                 match &res {
-                    Ok(()) => self.observe(|o| o.decision(crate::metrics::PoolDecision::FreeEni)),
+                    Ok(()) => self.observe(|o| o.decision(PoolDecision::FreeEni)),
                     Err(_) => self.observe(|o| o.failed("decreaseIPPoolFreeENIFailed")),
                 }
                 res?;
@@ -573,19 +346,16 @@ impl PoolManager {
 
     fn note_capacity_error(&self, e: &Ec2Error, subnet: &str) {
         let now = self.state.now();
-        {
-            let mut h = lock(&self.history);
-            if e.is_insufficient_addresses() {
-                tracing::warn!(subnet, "subnet has no free addresses: growth paused");
-                h.last_insufficient_addresses = Some(now);
-            } else if e.is_insufficient_cidr() {
-                tracing::warn!(subnet, "subnet has no free /28 block: prefix growth paused");
-                h.last_insufficient_cidr = Some(now);
-            } else {
-                return;
-            }
-        }
-        let prefixes = e.is_insufficient_cidr();
+        let prefixes = if e.is_insufficient_addresses() {
+            tracing::warn!(subnet, "subnet has no free addresses: growth paused");
+            false
+        } else if e.is_insufficient_cidr() {
+            tracing::warn!(subnet, "subnet has no free /28 block: prefix growth paused");
+            true
+        } else {
+            return;
+        };
+        lock(&self.planner).subnet_full(now, prefixes);
         self.observe(|o| o.subnet_exhausted(subnet, prefixes));
     }
 
@@ -654,13 +424,13 @@ impl PoolManager {
                         }
                     }
                 }
-                lock(&self.history).last_decrease = Some(self.state.now());
+                lock(&self.planner).released(self.state.now());
                 Ok(())
             }
         }
     }
 
-    async fn assign_call(&self, id: &str, what: Addresses) -> Ec2Result<crate::ec2::Assigned> {
+    async fn assign_call(&self, id: &str, what: Addresses) -> Ec2Result<crate::io::ec2::Assigned> {
         let ec2 = self.ec2.clone();
         self.pacer
             .call("AssignPrivateIpAddresses", || {
@@ -694,7 +464,7 @@ impl PoolManager {
         let fresh = |c: &Ipv4Net| {
             released
                 .get(c)
-                .is_some_and(|t| now.saturating_sub(*t) < crate::reconcile::RECONCILE_COOLDOWN)
+                .is_some_and(|t| now.saturating_sub(*t) < RECONCILE_COOLDOWN)
         };
         let mut ds = self.state.lock();
         for e in described.iter().filter(|e| e.id == id) {
@@ -715,12 +485,12 @@ impl PoolManager {
         Ok(())
     }
 
-    /// CIDRs released to EC2 in the last [`crate::reconcile::RECONCILE_COOLDOWN`], with when
+    /// CIDRs released to EC2 in the last [`RECONCILE_COOLDOWN`], with when
     /// (reconcile must not re-add them while EC2 or IMDS may still list them).
     pub fn recently_released(&self) -> BTreeMap<Ipv4Net, Duration> {
         let now = self.state.now();
         let mut r = lock(&self.released);
-        r.retain(|_, t| now.saturating_sub(*t) < crate::reconcile::RECONCILE_COOLDOWN);
+        r.retain(|_, t| now.saturating_sub(*t) < RECONCILE_COOLDOWN);
         r.clone()
     }
 
@@ -797,12 +567,7 @@ impl PoolManager {
                 None
             }
         };
-        let ids = crate::reconcile::subnets_for_new_eni(
-            true,
-            subnets.as_deref(),
-            &self.node.subnet_id,
-            &d.cluster,
-        );
+        let ids = subnets_for_new_eni(true, subnets.as_deref(), &self.node.subnet_id, &d.cluster);
         ids.into_iter()
             .filter_map(|id| {
                 if id == self.node.subnet_id {
@@ -835,7 +600,10 @@ impl PoolManager {
             .find(|d| !used.iter().any(|(card, dev)| *card == 0 && dev == d))
             .unwrap_or(1);
         let mut tags = self.node.tags.clone();
-        tags.insert(crate::ec2::TAG_CREATED_AT.into(), rfc3339(self.state.now()));
+        tags.insert(
+            crate::io::ec2::TAG_CREATED_AT.into(),
+            rfc3339(self.state.now()),
+        );
         let subnets = self.subnets_for_new_eni().await;
         if subnets.is_empty() {
             tracing::warn!("no eligible subnet for a new ENI (subnets tagged kubernetes.io/role/cni=0 or for another cluster)");
@@ -918,7 +686,7 @@ impl PoolManager {
         let primary_ip = eni.primary_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
         // The host side before any pod can get an address from it.
         if let Some(h) = &self.host {
-            let he = crate::host::HostEni {
+            let he = crate::io::host::HostEni {
                 id: eni.id.clone(),
                 mac: eni.mac.clone(),
                 primary_ip,
@@ -928,7 +696,7 @@ impl PoolManager {
                 is_trunk: false,
             };
             if let Err(e) =
-                crate::host::wire_when_present(h.host.as_ref(), &he, h.mtu, h.link_wait).await
+                crate::io::host::wire_when_present(h.host.as_ref(), &he, h.mtu, h.link_wait).await
             {
                 tracing::warn!(eni = %eni.id, error = %e, "new ENI cannot be wired: detaching and deleting it");
                 let _ = h.host.unwire(&eni.id, primary_ip).await;
@@ -1058,39 +826,16 @@ fn not_found_ok(r: Ec2Result<()>) -> Ec2Result<()> {
     }
 }
 
-/// RFC 3339 (UTC, seconds) of a time since the Unix epoch.
-pub fn rfc3339(t: Duration) -> String {
-    let secs = t.as_secs() as i64;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::{IpamMetadata, MemoryStore};
     use crate::config::Config;
-    use crate::datastore::{DataStore, IpamKey};
-    use crate::ec2::fake::FakeEc2;
-    use crate::ec2::InstanceTypeInfo;
-    use crate::state::{Clock, TokioClock};
+    use crate::config::Ec2Pacing;
+    use crate::io::ec2::fake::FakeEc2;
+    use crate::io::ec2::InstanceTypeInfo;
+    use crate::store::checkpoint::{IpamMetadata, MemoryStore};
+    use crate::store::commit::{Clock, TokioClock};
+    use crate::store::datastore::{DataStore, IpamKey};
 
     struct Node {
         ec2: FakeEc2,
@@ -1316,7 +1061,7 @@ mod tests {
         );
         n.pool.settle().await.unwrap();
         assert_eq!(n.state.lock().usable_total(), 2);
-        let low = crate::server::pool_is_low(
+        let low = crate::serve::grpc::pool_is_low(
             Config::for_test(&[("WARM_IP_TARGET", "2")])
                 .unwrap()
                 .pool_config(false),
@@ -1413,9 +1158,11 @@ mod tests {
         let s2 = seen.clone();
         pacer.set_observer(Arc::new(move |a, _d, o| {
             let kind = match o {
-                crate::metrics::Ec2Outcome::Ok => "ok".to_owned(),
-                crate::metrics::Ec2Outcome::Throttled { code } => format!("throttled {code}"),
-                crate::metrics::Ec2Outcome::Failed { code } => format!("failed {code}"),
+                crate::io::ec2::pacer::Ec2Outcome::Ok => "ok".to_owned(),
+                crate::io::ec2::pacer::Ec2Outcome::Throttled { code } => {
+                    format!("throttled {code}")
+                }
+                crate::io::ec2::pacer::Ec2Outcome::Failed { code } => format!("failed {code}"),
             };
             s2.lock().unwrap().push((a, kind));
         }));
@@ -1449,15 +1196,6 @@ mod tests {
         assert_eq!(
             (st.calls, st.retries, st.throttles, st.errors, st.failures),
             (9, 2, 1, 2, 0)
-        );
-    }
-
-    #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(Duration::from_secs(0)), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            rfc3339(Duration::from_secs(1_700_000_000)),
-            "2023-11-14T22:13:20Z"
         );
     }
 }

@@ -144,7 +144,7 @@ pub trait CheckpointStore: Send + Sync {
     }
 
     /// [`write_staged`](Self::write_staged) of a file already serialised (JSON with its
-    /// trailing newline, as [`crate::datastore::DataStore::checkpoint_bytes`] makes it). The
+    /// trailing newline, as [`crate::store::datastore::DataStore::checkpoint_bytes`] makes it). The
     /// default parses it back; the file store writes the bytes as they are.
     fn write_bytes_staged(&self, bytes: &[u8]) -> Result<FinishWrite, CheckpointError> {
         let file = parse(Path::new("<checkpoint bytes>"), bytes)?;

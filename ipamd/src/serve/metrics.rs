@@ -29,7 +29,9 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::introspect::{self, HttpListener, Route};
+use crate::io::ec2::pacer::Ec2Outcome;
+use crate::plan::pool::PoolDecision;
+use crate::serve::introspect::{self, HttpListener, Route};
 
 /// Default metrics bind address of the reference daemon (`:61678`, all interfaces).
 pub const DEFAULT_METRICS_BIND: &str = ":61678";
@@ -102,58 +104,6 @@ pub enum MetricsError {
     /// The HTTP listener failed.
     #[error("metrics server")]
     Serve(#[source] introspect::IntrospectError),
-}
-
-/// How an EC2 call ended, for [`Metrics::record_ec2_call`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ec2Outcome<'a> {
-    /// The call succeeded.
-    Ok,
-    /// EC2 throttled the call (`RequestLimitExceeded` and friends); `code` is the AWS error code.
-    Throttled {
-        /// AWS error code, e.g. `RequestLimitExceeded`.
-        code: &'a str,
-    },
-    /// The call failed for another reason; `code` is the AWS error code (or a short class such
-    /// as `Timeout` when there is none).
-    Failed {
-        /// AWS error code, e.g. `InsufficientFreeAddressesInSubnet`.
-        code: &'a str,
-    },
-}
-
-/// Kinds of pool decision the pool manager executes, the `kind` label of
-/// `awscni_pool_decisions_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PoolDecision {
-    /// Assign secondary IPs or prefixes to an attached ENI.
-    Assign,
-    /// Create and attach a new ENI.
-    CreateEni,
-    /// Release (unassign) surplus IPs or prefixes from an ENI.
-    Release,
-    /// Detach and delete a surplus ENI.
-    FreeEni,
-}
-
-impl PoolDecision {
-    /// Every kind, in label order.
-    pub const ALL: [PoolDecision; 4] = [
-        PoolDecision::Assign,
-        PoolDecision::CreateEni,
-        PoolDecision::Release,
-        PoolDecision::FreeEni,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PoolDecision::Assign => "assign",
-            PoolDecision::CreateEni => "create_eni",
-            PoolDecision::Release => "release",
-            PoolDecision::FreeEni => "free_eni",
-        }
-    }
 }
 
 /// A datastore snapshot for [`Metrics::set_pool`]: the unlabelled pool gauges.

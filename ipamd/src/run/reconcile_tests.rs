@@ -3,10 +3,19 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use super::*;
-use crate::checkpoint::{IpamMetadata, MemoryStore};
-use crate::ec2::fake::FakeEc2;
-use crate::ec2::{Addresses, Attachment, InstanceTypeInfo};
-use crate::state::{Clock, TokioClock};
+use crate::io::ec2::fake::FakeEc2;
+use crate::io::ec2::SubnetInfo;
+use crate::io::ec2::{Addresses, Attachment, InstanceTypeInfo};
+use crate::io::ec2::{
+    DESCRIPTION_PREFIX, TAG_CLUSTER_NAME, TAG_CREATED_AT, TAG_INSTANCE_ID, TAG_NO_MANAGE,
+    TAG_SUBNET_ROLE,
+};
+use crate::plan::reconcile::*;
+use crate::plan::subnets::*;
+use crate::store::checkpoint::{IpamMetadata, MemoryStore};
+use crate::store::commit::{Clock, TokioClock};
+use crate::types::{parse_rfc3339, rfc3339};
+use std::collections::BTreeSet;
 
 const INSTANCE: &str = "i-1";
 
@@ -481,7 +490,7 @@ fn rfc3339_parses_offsets_and_fractions_and_rejects_garbage() {
 }
 
 /// Assigns an address to `pod` and waits until it is on disk.
-async fn assign_durably(state: &PoolState, pod: &IpamKey) -> crate::datastore::Assignment {
+async fn assign_durably(state: &PoolState, pod: &IpamKey) -> crate::store::datastore::Assignment {
     state
         .assign(pod, &IpamMetadata::default())
         .unwrap()
@@ -565,10 +574,10 @@ fn own_leftovers_are_this_instances_unattached_enis_whatever_their_age() {
         foreign,
     ];
     assert_eq!(
-        crate::reconcile::select_own_leftovers(&c, "i-me"),
+        crate::run::reconcile::select_own_leftovers(&c, "i-me"),
         vec!["eni-new".to_owned(), "eni-young".to_owned()]
     );
-    assert!(crate::reconcile::select_own_leftovers(&c, "").is_empty());
+    assert!(crate::run::reconcile::select_own_leftovers(&c, "").is_empty());
 }
 
 fn subnet(id: &str, available: u64, tags: &[(&str, &str)]) -> SubnetInfo {
@@ -648,16 +657,19 @@ struct Node {
 }
 
 struct SharedStore(Arc<MemoryStore>);
-impl crate::checkpoint::CheckpointStore for SharedStore {
+impl crate::store::checkpoint::CheckpointStore for SharedStore {
     fn read(
         &self,
-    ) -> Result<Option<crate::checkpoint::CheckpointFile>, crate::checkpoint::CheckpointError> {
+    ) -> Result<
+        Option<crate::store::checkpoint::CheckpointFile>,
+        crate::store::checkpoint::CheckpointError,
+    > {
         self.0.read()
     }
     fn write(
         &self,
-        f: &crate::checkpoint::CheckpointFile,
-    ) -> Result<(), crate::checkpoint::CheckpointError> {
+        f: &crate::store::checkpoint::CheckpointFile,
+    ) -> Result<(), crate::store::checkpoint::CheckpointError> {
         self.0.write(f)
     }
 }

@@ -19,7 +19,7 @@ use aws_sdk_ec2::types::{
     TagSpecification,
 };
 
-use crate::ec2::{
+use crate::io::ec2::{
     Addresses, Assigned, Attachment, CreateEni, Ec2Api, Ec2Error, Ec2Result, EniInfo, ErrorKind,
     InstanceTypeInfo, SubnetInfo, TAG_CLUSTER_NAME, TAG_INSTANCE_ID,
 };

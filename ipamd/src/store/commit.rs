@@ -24,8 +24,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{oneshot, Notify};
 
-use crate::checkpoint::{CheckpointError, CheckpointStore, FinishWrite, IpamMetadata};
-use crate::datastore::{Assignment, DataStore, DsError, IpamKey, Unassignment};
+use crate::store::checkpoint::{CheckpointError, CheckpointStore, FinishWrite, IpamMetadata};
+use crate::store::datastore::{Assignment, DataStore, DsError, IpamKey, Unassignment};
 
 /// Time since the Unix epoch, as the datastore and the policy see it.
 pub trait Clock: Send + Sync {
@@ -515,8 +515,8 @@ impl Drop for PoolState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::{CheckpointFile, MemoryStore};
-    use crate::datastore::EniSpec;
+    use crate::store::checkpoint::{CheckpointFile, MemoryStore};
+    use crate::store::datastore::EniSpec;
     use std::sync::mpsc;
 
     fn datastore(addresses: u8, cooldown: Duration) -> DataStore {
@@ -855,7 +855,7 @@ mod tests {
         fn write_staged(
             &self,
             f: &CheckpointFile,
-        ) -> Result<crate::checkpoint::FinishWrite, CheckpointError> {
+        ) -> Result<crate::store::checkpoint::FinishWrite, CheckpointError> {
             let fail = || CheckpointError::Write {
                 path: "<two-step>".into(),
                 source: std::io::Error::other("injected"),

@@ -1,12 +1,14 @@
 //! EC2 behind a narrow trait in our own nouns. No SDK type crosses it: the real implementation
-//! is in [`crate::aws`], an in-memory one in [`fake`].
+//! is in [`crate::io::ec2::aws`], an in-memory one in [`fake`].
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use crate::types::Ipv4Net;
 
+pub mod aws;
 pub mod fake;
+pub mod pacer;
 
 /// Tag naming the instance that owns an ENI.
 pub const TAG_INSTANCE_ID: &str = "node.k8s.amazonaws.com/instance_id";

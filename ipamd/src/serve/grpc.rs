@@ -10,9 +10,9 @@ use vpc_cni_rpc::{
     DelNetworkRequest, IpAllocationMetadata, NetworkPolicyAgentConfigReply,
 };
 
-use crate::checkpoint::IpamMetadata;
-use crate::datastore::{DsError, IpamKey};
-use crate::state::{PoolState, StateError};
+use crate::store::checkpoint::IpamMetadata;
+use crate::store::commit::{PoolState, StateError};
+use crate::store::datastore::{DsError, IpamKey};
 
 /// The build version the plugin must send (`ClientVersion`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -108,9 +108,8 @@ impl Backend {
 /// Whether the pool is low per the policy (for [`Backend::with_low_check`]).
 pub fn pool_is_low(cfg: policy::PoolConfig, limits: policy::NodeLimits) -> LowCheck {
     Arc::new(move |st: &PoolState| {
-        let now = st.now();
-        let (_, views) = st.lock().views(now);
-        policy::is_low(&cfg, &limits, &policy::stats(&cfg, &views))
+        let view = crate::plan::pool::PoolView::of(&st.lock(), st.now());
+        crate::plan::pool::is_low(&cfg, &limits, &view)
     })
 }
 
@@ -240,9 +239,9 @@ pub fn routes(backend: Backend, health: vpc_cni_rpc::HealthServer) -> tonic::ser
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::{CheckpointStore, FileStore};
-    use crate::datastore::{DataStore, EniSpec};
-    use crate::state::TokioClock;
+    use crate::store::checkpoint::{CheckpointStore, FileStore};
+    use crate::store::commit::TokioClock;
+    use crate::store::datastore::{DataStore, EniSpec};
     use std::collections::HashSet;
     use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! The datastore: ENIs, their /32s and /28s, and which pod holds which address
 //! (spec/ipamd.md 3.1-3.4). Pure and synchronous: time is a parameter (a [`Duration`] since the
-//! Unix epoch), and persistence is the caller's job (see [`crate::state`]), which writes the
+//! Unix epoch), and persistence is the caller's job (see [`crate::store::commit`]), which writes the
 //! checkpoint after changes (in groups), confirms releases once they are on disk and undoes
 //! the changes of a write that failed.
 
@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use subnet_calc::policy::{EniView, IPS_PER_PREFIX};
 
-use crate::checkpoint::{Allocation, CheckpointFile, IpamMetadata};
+use crate::store::checkpoint::{Allocation, CheckpointFile, IpamMetadata};
 use crate::types::Ipv4Net;
 
 /// The network name of entries migrated from the CRI checkpoint.
@@ -1173,7 +1173,7 @@ mod tests {
             // Round trip through the file format onto a fresh datastore with the same CIDRs.
             let cp = ds.checkpoint();
             let json = serde_json::to_vec(&cp).unwrap();
-            let back = crate::checkpoint::parse(std::path::Path::new("x"), &json).unwrap();
+            let back = crate::store::checkpoint::parse(std::path::Path::new("x"), &json).unwrap();
             let mut fresh = DataStore::new(true, true, false, s(30));
             fresh.add_eni(spec("eni-0", 0), s(0));
             fresh.add_eni(spec("eni-1", 1), s(0));
