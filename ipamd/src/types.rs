@@ -1,7 +1,7 @@
 //! Small value types shared by the modules.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -99,6 +99,101 @@ impl FromStr for Ipv4Net {
     }
 }
 
+/// An IPv6 network (`2600:1f14:0:1:8a3f::/80`); the address is kept as given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv6Net {
+    addr: Ipv6Addr,
+    len: u8,
+}
+
+impl Ipv6Net {
+    /// `addr/len`; `None` if `len > 128`.
+    pub fn new(addr: Ipv6Addr, len: u8) -> Option<Self> {
+        (len <= 128).then_some(Self { addr, len })
+    }
+
+    /// A /128 of one address.
+    pub fn host(addr: Ipv6Addr) -> Self {
+        Self { addr, len: 128 }
+    }
+
+    /// The address as given.
+    pub fn addr(&self) -> Ipv6Addr {
+        self.addr
+    }
+
+    /// Prefix length.
+    pub fn prefix_len(&self) -> u8 {
+        self.len
+    }
+
+    fn mask(&self) -> u128 {
+        if self.len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(self.len))
+        }
+    }
+
+    /// The network address.
+    pub fn network(&self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.addr) & self.mask())
+    }
+
+    /// Addresses in the network, saturating at `u64::MAX` (a /80 holds 2^48).
+    pub fn size(&self) -> u64 {
+        let bits = 128 - u32::from(self.len);
+        if bits >= 64 {
+            u64::MAX
+        } else {
+            1u64 << bits
+        }
+    }
+
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: Ipv6Addr) -> bool {
+        u128::from(ip) & self.mask() == u128::from(self.network())
+    }
+
+    /// Every address, from the network address up (lazily: a /80 is never walked whole).
+    pub fn hosts(&self) -> impl Iterator<Item = Ipv6Addr> {
+        let base = u128::from(self.network());
+        let last = base | !self.mask();
+        (base..=last).map(Ipv6Addr::from)
+    }
+
+    /// The network normalised (`2600::1/80` → `2600::/80`).
+    pub fn trunc(&self) -> Self {
+        Self {
+            addr: self.network(),
+            len: self.len,
+        }
+    }
+}
+
+impl fmt::Display for Ipv6Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Ipv6Net {
+    type Err = CidrParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, l) = s
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| CidrParseError("missing /length".into()))?;
+        let addr: Ipv6Addr = a
+            .parse()
+            .map_err(|_| CidrParseError(format!("bad address {a:?}")))?;
+        let len: u8 = l
+            .parse()
+            .map_err(|_| CidrParseError(format!("bad length {l:?}")))?;
+        Self::new(addr, len).ok_or_else(|| CidrParseError(format!("length {len} above 128")))
+    }
+}
+
 /// RFC 3339 (UTC, seconds) of a time since the Unix epoch.
 pub fn rfc3339(t: Duration) -> String {
     let secs = t.as_secs() as i64;
@@ -190,6 +285,20 @@ pub fn parse_rfc3339(s: &str) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ipv6_networks() {
+        let n: Ipv6Net = "2600:1f14:0:1:8a3f:1::5/80".parse().expect("parses");
+        assert_eq!(n.trunc().to_string(), "2600:1f14:0:1:8a3f::/80");
+        assert_eq!(n.size(), 1 << 48);
+        assert!(n.contains("2600:1f14:0:1:8a3f:ffff:ffff:ffff".parse().expect("addr")));
+        assert!(!n.contains("2600:1f14:0:1:8a40::".parse().expect("addr")));
+        let first: Vec<_> = n.hosts().take(2).map(|a| a.to_string()).collect();
+        assert_eq!(first, ["2600:1f14:0:1:8a3f::", "2600:1f14:0:1:8a3f::1"]);
+        assert_eq!("::/0".parse::<Ipv6Net>().expect("parses").size(), u64::MAX);
+        assert!("2600::/129".parse::<Ipv6Net>().is_err());
+        assert!("10.0.0.0/8".parse::<Ipv6Net>().is_err());
+    }
+
     #[test]
     fn rfc3339_dates() {
         assert_eq!(rfc3339(Duration::from_secs(0)), "1970-01-01T00:00:00Z");

@@ -1,5 +1,6 @@
-//! The datastore: ENIs, their /32s and /28s, and which pod holds which address
-//! (spec/ipamd.md 3.1-3.4). Pure and synchronous: time is a parameter (a [`Duration`] since the
+//! The datastore: ENIs, their CIDRs (IPv4 /32s and /28s, or IPv6 /80s) and which pod holds
+//! which address (spec/ipamd.md 3.1-3.4). One datastore holds one card's addresses of one
+//! [`Family`]; `DataStore` alone means the IPv4 one. Pure and synchronous: time is a parameter (a [`Duration`] since the
 //! Unix epoch), and persistence is the caller's job (see [`crate::store::commit`]), which writes the
 //! checkpoint after changes (in groups), confirms releases once they are on disk and undoes
 //! the changes of a write that failed.
@@ -9,9 +10,10 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use subnet_calc::policy::{EniView, IPS_PER_PREFIX};
+use subnet_calc::policy::EniView;
 
 use crate::store::checkpoint::{Allocation, CheckpointFile, IpamMetadata};
+pub use crate::store::family::{Family, V4, V6};
 use crate::types::Ipv4Net;
 
 /// The network name of entries migrated from the CRI checkpoint.
@@ -60,18 +62,18 @@ pub struct AddressInfo {
     pub release_pending: bool,
 }
 
-/// A /32 or /28 on an ENI.
+/// A secondary address (/32) or prefix (/28, /80) on an ENI.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CidrInfo {
+pub struct CidrInfo<F: Family = V4> {
     /// The network.
-    pub cidr: Ipv4Net,
-    /// A /28 prefix (else a /32 secondary IP).
+    pub cidr: F::Net,
+    /// A prefix (else a secondary IP).
     pub is_prefix: bool,
     /// Addresses with bookkeeping.
-    pub addresses: BTreeMap<Ipv4Addr, AddressInfo>,
+    pub addresses: BTreeMap<F::Addr, AddressInfo>,
 }
 
-impl CidrInfo {
+impl<F: Family> CidrInfo<F> {
     /// Addresses held by a pod, or whose release is not yet durable.
     fn assigned(&self) -> usize {
         self.addresses
@@ -97,7 +99,7 @@ fn is_cooling(a: &AddressInfo, now: Duration, cooldown: Duration) -> bool {
 
 /// What the datastore knows about one ENI.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Eni {
+pub struct Eni<F: Family = V4> {
     /// ENI id.
     pub id: String,
     /// MAC address.
@@ -122,8 +124,8 @@ pub struct Eni {
     pub route_table_id: u32,
     /// When the datastore learnt of the ENI.
     pub created_at: Duration,
-    /// /32s and /28s.
-    pub cidrs: BTreeMap<Ipv4Net, CidrInfo>,
+    /// Secondary addresses and prefixes of the datastore's family.
+    pub cidrs: BTreeMap<F::Net, CidrInfo<F>>,
 }
 
 /// A new ENI for [`DataStore::add_eni`].
@@ -168,7 +170,7 @@ pub enum DsError {
     InUse(String),
     /// Two checkpoint allocations name the same address.
     #[error("checkpoint: address {0} is allocated twice")]
-    DuplicateIp(Ipv4Addr),
+    DuplicateIp(String),
     /// A checkpoint allocation with an unparsable address.
     #[error("checkpoint: bad address {0:?}")]
     BadAddress(String),
@@ -176,9 +178,9 @@ pub enum DsError {
 
 /// A successful assignment.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Assignment {
+pub struct Assignment<F: Family = V4> {
     /// The address.
-    pub ip: Ipv4Addr,
+    pub ip: F::Addr,
     /// Its ENI.
     pub eni_id: String,
     /// The ENI's device number.
@@ -194,9 +196,9 @@ pub struct Assignment {
 
 /// A successful unassignment (enough to undo it).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unassignment {
+pub struct Unassignment<F: Family = V4> {
     /// The address.
-    pub ip: Ipv4Addr,
+    pub ip: F::Addr,
     /// Its ENI.
     pub eni_id: String,
     /// The ENI's device number.
@@ -204,7 +206,7 @@ pub struct Unassignment {
     /// The ENI's route table.
     pub route_table_id: u32,
     /// The CIDR holding it.
-    pub cidr: Ipv4Net,
+    pub cidr: F::Net,
     /// The key that held it.
     pub key: IpamKey,
     /// Its metadata.
@@ -216,14 +218,24 @@ pub struct Unassignment {
 }
 
 /// What a restore did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RestoreReport {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreReport<F: Family = V4> {
     /// Allocations restored.
     pub restored: usize,
     /// Allocations dropped because the pod's host veth is gone (their ip rules should go too).
-    pub dropped_stale: Vec<(Ipv4Addr, IpamKey)>,
+    pub dropped_stale: Vec<(F::Addr, IpamKey)>,
     /// Allocations dropped because no known CIDR holds the address.
-    pub dropped_unknown: Vec<(Ipv4Addr, IpamKey)>,
+    pub dropped_unknown: Vec<(F::Addr, IpamKey)>,
+}
+
+impl<F: Family> Default for RestoreReport<F> {
+    fn default() -> Self {
+        Self {
+            restored: 0,
+            dropped_stale: Vec::new(),
+            dropped_unknown: Vec::new(),
+        }
+    }
 }
 
 /// Totals (for metrics and introspection).
@@ -239,18 +251,18 @@ pub struct Totals {
     pub enis: u64,
 }
 
-/// The datastore of one network card.
+/// The datastore of one network card and address family.
 #[derive(Debug, Clone)]
-pub struct DataStore {
-    enis: BTreeMap<String, Eni>,
-    by_key: HashMap<IpamKey, (String, Ipv4Net, Ipv4Addr)>,
+pub struct DataStore<F: Family = V4> {
+    enis: BTreeMap<String, Eni<F>>,
+    by_key: HashMap<IpamKey, (String, F::Net, F::Addr)>,
     prefix_mode: bool,
     both_kinds: bool,
     skip_primary: bool,
     cooldown: Duration,
     /// Each assigned address's checkpoint entry, serialised when it was assigned, in address
     /// order: a checkpoint write joins them instead of rebuilding and serialising every entry.
-    image: BTreeMap<Ipv4Addr, Box<[u8]>>,
+    image: BTreeMap<F::Addr, Box<[u8]>>,
 }
 
 /// The checkpoint's bytes before the first entry (`serde_json` of [`CheckpointFile`]).
@@ -258,20 +270,7 @@ const IMAGE_HEAD: &[u8] = br#"{"version":"vpc-cni-ipam/1","allocations":["#;
 /// The bytes after the last entry, with the file's trailing newline.
 const IMAGE_TAIL: &[u8] = b"]}\n";
 
-/// The checkpoint entry of `ip` held by `key`.
-fn allocation(ip: Ipv4Addr, key: &IpamKey, md: &IpamMetadata, at: Duration) -> Allocation {
-    Allocation {
-        network_name: key.network_name.clone(),
-        container_id: key.container_id.clone(),
-        if_name: key.if_name.clone(),
-        ipv4: ip.to_string(),
-        ipv6: String::new(),
-        allocation_timestamp: at.as_nanos() as i64,
-        metadata: md.clone(),
-    }
-}
-
-impl DataStore {
+impl DataStore<V4> {
     /// An empty datastore. `both_kinds`: addresses of both kinds serve pods (our prefix
     /// fallback); otherwise only the current mode's kind does. `skip_primary`: custom
     /// networking (the primary ENI carries no pods).
@@ -291,16 +290,34 @@ impl DataStore {
             image: BTreeMap::new(),
         }
     }
+}
 
+impl DataStore<V6> {
+    /// An empty IPv6 datastore: /80 prefixes on ENIs, every ENI serving pods unless its
+    /// subnet is excluded (the reference's IPv6 mode: prefix delegation, no custom networking).
+    pub fn new_v6(cooldown: Duration) -> Self {
+        Self {
+            enis: BTreeMap::new(),
+            by_key: HashMap::new(),
+            prefix_mode: true,
+            both_kinds: false,
+            skip_primary: false,
+            cooldown,
+            image: BTreeMap::new(),
+        }
+    }
+}
+
+impl<F: Family> DataStore<F> {
     /// Records `ip`'s checkpoint entry (it is now held by `key`).
-    fn image_put(&mut self, ip: Ipv4Addr, key: &IpamKey, md: &IpamMetadata, at: Duration) {
+    fn image_put(&mut self, ip: F::Addr, key: &IpamKey, md: &IpamMetadata, at: Duration) {
         // Strings and integers only: serialising cannot fail.
-        let entry = serde_json::to_vec(&allocation(ip, key, md, at)).unwrap_or_default();
+        let entry = serde_json::to_vec(&F::allocation(ip, key, md, at)).unwrap_or_default();
         self.image.insert(ip, entry.into_boxed_slice());
     }
 
     /// Forgets `key`'s mapping and its checkpoint entry.
-    fn forget_key(&mut self, key: &IpamKey) -> Option<(String, Ipv4Net, Ipv4Addr)> {
+    fn forget_key(&mut self, key: &IpamKey) -> Option<(String, F::Net, F::Addr)> {
         let r = self.by_key.remove(key);
         if let Some((_, _, ip)) = &r {
             self.image.remove(ip);
@@ -330,18 +347,18 @@ impl DataStore {
     }
 
     /// The ENIs, by id.
-    pub fn enis(&self) -> &BTreeMap<String, Eni> {
+    pub fn enis(&self) -> &BTreeMap<String, Eni<F>> {
         &self.enis
     }
 
     /// One ENI.
-    pub fn eni(&self, id: &str) -> Option<&Eni> {
+    pub fn eni(&self, id: &str) -> Option<&Eni<F>> {
         self.enis.get(id)
     }
 
     /// ENI ids in policy order: primary first, then by device number.
     pub fn ordered_ids(&self) -> Vec<String> {
-        let mut v: Vec<&Eni> = self.enis.values().collect();
+        let mut v: Vec<&Eni<F>> = self.enis.values().collect();
         v.sort_by_key(|e| (!e.is_primary, e.device_number, e.id.clone()));
         v.into_iter().map(|e| e.id.clone()).collect()
     }
@@ -370,13 +387,13 @@ impl DataStore {
         });
     }
 
-    /// Adds a /32 or /28 to an ENI (idempotent).
-    pub fn add_cidr(&mut self, eni: &str, cidr: Ipv4Net, is_prefix: bool) -> Result<(), DsError> {
+    /// Adds a secondary address or prefix to an ENI (idempotent).
+    pub fn add_cidr(&mut self, eni: &str, cidr: F::Net, is_prefix: bool) -> Result<(), DsError> {
         let e = self
             .enis
             .get_mut(eni)
             .ok_or_else(|| DsError::UnknownEni(eni.into()))?;
-        let cidr = cidr.trunc();
+        let cidr = F::trunc(cidr);
         e.cidrs.entry(cidr).or_insert(CidrInfo {
             cidr,
             is_prefix,
@@ -390,7 +407,7 @@ impl DataStore {
     pub fn remove_cidr(
         &mut self,
         eni: &str,
-        cidr: Ipv4Net,
+        cidr: F::Net,
         force: bool,
     ) -> Result<Vec<IpamKey>, DsError> {
         let e = self
@@ -432,16 +449,16 @@ impl DataStore {
         Ok(lost)
     }
 
-    fn usable(&self, c: &CidrInfo) -> bool {
+    fn usable(&self, c: &CidrInfo<F>) -> bool {
         self.both_kinds || c.is_prefix == self.prefix_mode
     }
 
-    fn eni_serves_pods(&self, e: &Eni) -> bool {
+    fn eni_serves_pods(&self, e: &Eni<F>) -> bool {
         !(e.excluded || e.is_trunk || (self.skip_primary && e.is_primary))
     }
 
     /// The address `key` holds, if any.
-    pub fn lookup(&self, key: &IpamKey) -> Option<Ipv4Addr> {
+    pub fn lookup(&self, key: &IpamKey) -> Option<F::Addr> {
         self.by_key.get(key).map(|(_, _, ip)| *ip)
     }
 
@@ -454,7 +471,7 @@ impl DataStore {
         key: &IpamKey,
         metadata: &IpamMetadata,
         now: Duration,
-    ) -> Result<Assignment, DsError> {
+    ) -> Result<Assignment<F>, DsError> {
         if let Some((eni, _, ip)) = self.by_key.get(key) {
             let e = &self.enis[eni];
             return Ok(Assignment {
@@ -466,15 +483,15 @@ impl DataStore {
                 previous: None,
             });
         }
-        let mut reuse: Option<(Duration, String, Ipv4Net, Ipv4Addr)> = None;
-        let mut fresh: Option<(String, Ipv4Net, Ipv4Addr)> = None;
+        let mut reuse: Option<(Duration, String, F::Net, F::Addr)> = None;
+        let mut fresh: Option<(String, F::Net, F::Addr)> = None;
         'outer: for id in self.ordered_ids() {
             let e = &self.enis[&id];
             if !self.eni_serves_pods(e) {
                 continue;
             }
             for c in e.cidrs.values().filter(|c| self.usable(c)) {
-                if let Some(ip) = c.cidr.hosts().find(|ip| !c.addresses.contains_key(ip)) {
+                if let Some(ip) = F::hosts(&c.cidr).find(|ip| !c.addresses.contains_key(ip)) {
                     fresh = Some((id.clone(), c.cidr, ip));
                     break 'outer;
                 }
@@ -525,7 +542,7 @@ impl DataStore {
     /// Undoes a fresh [`assign`](Self::assign) (the checkpoint write that would have recorded
     /// it failed): the address gets back its previous bookkeeping. Nothing happens when `key`
     /// no longer holds `a.ip` (a later DEL already released it; that release stands).
-    pub fn undo_assign(&mut self, key: &IpamKey, a: &Assignment) {
+    pub fn undo_assign(&mut self, key: &IpamKey, a: &Assignment<F>) {
         let Some((eni, cidr, ip)) = self.by_key.get(key).cloned() else {
             return;
         };
@@ -546,7 +563,7 @@ impl DataStore {
     }
 
     /// Releases the address `key` holds (with the reference's CRI-migration fallback key).
-    pub fn unassign(&mut self, key: &IpamKey, now: Duration) -> Result<Unassignment, DsError> {
+    pub fn unassign(&mut self, key: &IpamKey, now: Duration) -> Result<Unassignment<F>, DsError> {
         let key = if self.by_key.contains_key(key) {
             key.clone()
         } else {
@@ -585,7 +602,7 @@ impl DataStore {
 
     /// Makes an [`unassign`](Self::unassign) final (its checkpoint write is on disk): the
     /// address may be handed out again once its cooldown ends.
-    pub fn confirm_unassign(&mut self, u: &Unassignment) {
+    pub fn confirm_unassign(&mut self, u: &Unassignment<F>) {
         if let Some(a) = self.address_mut(&u.eni_id, u.cidr, u.ip) {
             a.release_pending = false;
         }
@@ -594,7 +611,7 @@ impl DataStore {
     /// Undoes an [`unassign`](Self::unassign) (the checkpoint write failed): the pod holds its
     /// address again. Returns false when that is impossible (the address is gone or held by
     /// another key), which the release-pending rule is there to prevent.
-    pub fn undo_unassign(&mut self, u: &Unassignment) -> bool {
+    pub fn undo_unassign(&mut self, u: &Unassignment<F>) -> bool {
         if self.by_key.contains_key(&u.key) {
             // The key got another address after the release (a later ADD): keep that one.
             if let Some(a) = self.address_mut(&u.eni_id, u.cidr, u.ip) {
@@ -619,7 +636,7 @@ impl DataStore {
         true
     }
 
-    fn address_mut(&mut self, eni: &str, cidr: Ipv4Net, ip: Ipv4Addr) -> Option<&mut AddressInfo> {
+    fn address_mut(&mut self, eni: &str, cidr: F::Net, ip: F::Addr) -> Option<&mut AddressInfo> {
         self.enis
             .get_mut(eni)
             .and_then(|e| e.cidrs.get_mut(&cidr))
@@ -628,12 +645,12 @@ impl DataStore {
 
     /// The checkpoint of the current assignments (sorted by address).
     pub fn checkpoint(&self) -> CheckpointFile {
-        let mut allocs: Vec<(Ipv4Addr, Allocation)> = Vec::with_capacity(self.by_key.len());
+        let mut allocs: Vec<(F::Addr, Allocation)> = Vec::with_capacity(self.by_key.len());
         for e in self.enis.values() {
             for c in e.cidrs.values() {
                 for (ip, a) in &c.addresses {
                     if let Some(k) = &a.key {
-                        allocs.push((*ip, allocation(*ip, k, &a.metadata, a.assigned_at)));
+                        allocs.push((*ip, F::allocation(*ip, k, &a.metadata, a.assigned_at)));
                     }
                 }
             }
@@ -649,19 +666,19 @@ impl DataStore {
         &mut self,
         file: &CheckpointFile,
         veth_exists: &dyn Fn(&str, &str) -> bool,
-    ) -> Result<RestoreReport, DsError> {
+    ) -> Result<RestoreReport<F>, DsError> {
         let mut report = RestoreReport::default();
         let mut seen = std::collections::HashSet::new();
         for a in &file.allocations {
-            if a.ipv4.is_empty() {
+            let text = F::entry_address(a);
+            if text.is_empty() {
                 continue;
             }
-            let ip: Ipv4Addr = a
-                .ipv4
+            let ip: F::Addr = text
                 .parse()
-                .map_err(|_| DsError::BadAddress(a.ipv4.clone()))?;
+                .map_err(|_| DsError::BadAddress(text.to_owned()))?;
             if !seen.insert(ip) {
-                return Err(DsError::DuplicateIp(ip));
+                return Err(DsError::DuplicateIp(ip.to_string()));
             }
             let key = IpamKey::new(&a.network_name, &a.container_id, &a.if_name);
             let md = &a.metadata;
@@ -675,7 +692,7 @@ impl DataStore {
             let place = self.enis.iter().find_map(|(id, e)| {
                 e.cidrs
                     .keys()
-                    .find(|c| c.contains(ip))
+                    .find(|c| F::contains(c, ip))
                     .map(|c| (id.clone(), *c))
             });
             let Some((eni, cidr)) = place else {
@@ -751,7 +768,7 @@ impl DataStore {
         n: usize,
         now: Duration,
         cold_only: bool,
-    ) -> Vec<Ipv4Net> {
+    ) -> Vec<F::Net> {
         let Some(e) = self.enis.get(eni) else {
             return Vec::new();
         };
@@ -773,7 +790,7 @@ impl DataStore {
         };
         for e in self.enis.values() {
             for c in e.cidrs.values() {
-                t.total += c.cidr.size();
+                t.total = t.total.saturating_add(F::size(&c.cidr));
                 t.assigned += c.assigned() as u64;
                 if c.is_prefix {
                     t.prefixes += 1;
@@ -784,7 +801,7 @@ impl DataStore {
     }
 
     /// Every assigned address with its key (for checks and introspection).
-    pub fn assignments(&self) -> Vec<(Ipv4Addr, IpamKey)> {
+    pub fn assignments(&self) -> Vec<(F::Addr, IpamKey)> {
         let mut v: Vec<_> = self
             .by_key
             .iter()
@@ -801,13 +818,7 @@ impl DataStore {
             .filter(|e| self.eni_serves_pods(e))
             .flat_map(|e| e.cidrs.values())
             .filter(|c| self.usable(c))
-            .map(|c| {
-                if c.is_prefix {
-                    u64::from(IPS_PER_PREFIX)
-                } else {
-                    1
-                }
-            })
+            .map(|c| if c.is_prefix { F::PREFIX_ADDRESSES } else { 1 })
             .sum()
     }
 }
@@ -1102,7 +1113,7 @@ mod tests {
         ]);
         assert_eq!(
             sip_store().restore(&dup, &|_, _| true),
-            Err(DsError::DuplicateIp("10.0.1.1".parse().unwrap()))
+            Err(DsError::DuplicateIp("10.0.1.1".into()))
         );
     }
 
@@ -1180,6 +1191,145 @@ mod tests {
             fresh.add_cidr("eni-0", "10.0.3.0/28".parse().unwrap(), true).unwrap();
             fresh.add_cidr("eni-1", "10.0.3.16/28".parse().unwrap(), true).unwrap();
             fresh.add_cidr("eni-1", ip("10.0.4.1"), false).unwrap();
+            let r = fresh.restore(&back, &|_, _| true).unwrap();
+            prop_assert_eq!(r.restored, model.len());
+            prop_assert_eq!(fresh.checkpoint(), cp);
+        }
+    }
+
+    // IPv6: one /80 on the primary ENI, addresses handed out from its base, the checkpoint's
+    // `ipv6` field.
+
+    const V6_PREFIX: &str = "2600:1f14:abc:de01:5c3a::/80";
+
+    fn v6_store() -> DataStore<V6> {
+        let mut ds = DataStore::new_v6(s(30));
+        ds.add_eni(spec("eni-0", 0), s(0));
+        ds.add_cidr("eni-0", V6_PREFIX.parse().unwrap(), true)
+            .unwrap();
+        ds
+    }
+
+    #[test]
+    fn ipv6_pods_get_addresses_of_the_80_and_checkpoint_entries_name_them_in_ipv6() {
+        let mut ds = v6_store();
+        let a = ds
+            .assign(&key("a"), &IpamMetadata::default(), s(1))
+            .unwrap();
+        let b = ds
+            .assign(&key("b"), &IpamMetadata::default(), s(1))
+            .unwrap();
+        let net: crate::types::Ipv6Net = V6_PREFIX.parse().unwrap();
+        assert!(net.contains(a.ip) && net.contains(b.ip) && a.ip != b.ip);
+        assert_eq!((a.route_table_id, a.device_number), (254, 0));
+        assert_eq!(
+            ds.assign(&key("a"), &IpamMetadata::default(), s(2))
+                .unwrap()
+                .ip,
+            a.ip
+        );
+        let cp = ds.checkpoint();
+        assert_eq!(cp.allocations.len(), 2);
+        assert!(cp
+            .allocations
+            .iter()
+            .all(|e| e.ipv4.is_empty() && !e.ipv6.is_empty()));
+        let text = String::from_utf8(ds.checkpoint_bytes()).unwrap();
+        assert!(text.contains(&format!("\"ipv6\":\"{}\"", a.ip)), "{text}");
+        assert!(!text.contains("\"ipv4\""), "{text}");
+        // A released address cools down; the next pod gets a fresh one, not it.
+        let u = ds.unassign(&key("a"), s(3)).unwrap();
+        ds.confirm_unassign(&u);
+        let c = ds
+            .assign(&key("c"), &IpamMetadata::default(), s(4))
+            .unwrap();
+        assert_ne!(c.ip, a.ip);
+        let t = ds.totals();
+        assert_eq!(
+            (t.total, t.assigned, t.prefixes, t.enis),
+            (1 << 48, 2, 1, 1)
+        );
+    }
+
+    #[test]
+    fn a_reference_written_ipv6_checkpoint_is_restored_and_ipv4_entries_are_not_ours() {
+        // As the reference daemon writes it in IPv6 mode (spec/ipamd.md 3.4).
+        let json = br#"{"version":"vpc-cni-ipam/1","allocations":[
+            {"networkName":"aws-cni","containerID":"c1","ifName":"eth0","ipv6":"2600:1f14:abc:de01:5c3a::","allocationTimestamp":1700000000000000000,"metadata":{"k8sPodNamespace":"default","k8sPodName":"web-1"}},
+            {"networkName":"aws-cni","containerID":"c2","ifName":"eth0","ipv6":"2600:1f14:abc:de01:5c3a::7","allocationTimestamp":1700000000000000001,"metadata":{"k8sPodNamespace":"default","k8sPodName":"gone"}},
+            {"networkName":"aws-cni","containerID":"c3","ifName":"eth0","ipv6":"2600:1f14:abc:de02::1","allocationTimestamp":1,"metadata":{}},
+            {"networkName":"aws-cni","containerID":"c4","ifName":"eth0","ipv4":"10.0.0.9","allocationTimestamp":1,"metadata":{}}]}"#;
+        let file = crate::store::checkpoint::parse(std::path::Path::new("x"), json).unwrap();
+        let mut ds = v6_store();
+        let r = ds.restore(&file, &|_, pod| pod != "gone").unwrap();
+        assert_eq!(r.restored, 1);
+        assert_eq!(r.dropped_stale.len(), 1);
+        assert_eq!(r.dropped_unknown.len(), 1, "outside every /80: dropped");
+        let k = IpamKey::new("aws-cni", "c1", "eth0");
+        assert_eq!(
+            ds.lookup(&k).map(|a| a.to_string()).as_deref(),
+            Some("2600:1f14:abc:de01:5c3a::")
+        );
+        // The restored pod's address is not handed out again.
+        let n = ds
+            .assign(&key("new"), &IpamMetadata::default(), s(5))
+            .unwrap();
+        assert_eq!(n.ip.to_string(), "2600:1f14:abc:de01:5c3a::1");
+        // A duplicate IPv6 entry is refused, naming the address.
+        let dup = br#"{"version":"vpc-cni-ipam/1","allocations":[
+            {"networkName":"aws-cni","containerID":"c1","ifName":"eth0","ipv6":"2600:1f14:abc:de01:5c3a::1"},
+            {"networkName":"aws-cni","containerID":"c2","ifName":"eth0","ipv6":"2600:1f14:abc:de01:5c3a::1"}]}"#;
+        let file = crate::store::checkpoint::parse(std::path::Path::new("x"), dup).unwrap();
+        let e = v6_store().restore(&file, &|_, _| true).unwrap_err();
+        assert_eq!(e, DsError::DuplicateIp("2600:1f14:abc:de01:5c3a::1".into()));
+        let bad = br#"{"version":"vpc-cni-ipam/1","allocations":[
+            {"networkName":"aws-cni","containerID":"c1","ifName":"eth0","ipv6":"2600::zz"}]}"#;
+        let file = crate::store::checkpoint::parse(std::path::Path::new("x"), bad).unwrap();
+        assert_eq!(
+            v6_store().restore(&file, &|_, _| true).unwrap_err(),
+            DsError::BadAddress("2600::zz".into())
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn ipv6_no_address_is_ever_held_twice_and_checkpoints_round_trip(ops in proptest::collection::vec(op(), 1..300)) {
+            let mut ds = v6_store();
+            let mut now = s(0);
+            let mut model: HashMap<IpamKey, std::net::Ipv6Addr> = HashMap::new();
+            for o in ops {
+                match o {
+                    Op::Add(c, i) => {
+                        let k = IpamKey::new("aws-cni", &format!("c{c}"), &format!("eth{i}"));
+                        let a = ds.assign(&k, &IpamMetadata::default(), now).unwrap();
+                        if let Some(prev) = model.get(&k) { prop_assert_eq!(*prev, a.ip); }
+                        model.insert(k, a.ip);
+                    }
+                    Op::Del(c, i) => {
+                        let k = IpamKey::new("aws-cni", &format!("c{c}"), &format!("eth{i}"));
+                        match ds.unassign(&k, now) {
+                            Ok(u) => {
+                                ds.confirm_unassign(&u);
+                                prop_assert_eq!(model.remove(&k), Some(u.ip));
+                            }
+                            Err(e) => { prop_assert_eq!(e, DsError::UnknownPod); prop_assert!(!model.contains_key(&k)); }
+                        }
+                    }
+                    Op::Tick(n) => now += s(u64::from(n)),
+                }
+                let mut held: Vec<_> = model.values().copied().collect();
+                let n = held.len();
+                held.sort();
+                held.dedup();
+                prop_assert_eq!(held.len(), n, "an address held twice");
+                let mut want = serde_json::to_vec(&ds.checkpoint()).unwrap();
+                want.push(b'\n');
+                prop_assert!(ds.checkpoint_bytes() == want, "kept entries differ from the file");
+            }
+            let cp = ds.checkpoint();
+            let json = serde_json::to_vec(&cp).unwrap();
+            let back = crate::store::checkpoint::parse(std::path::Path::new("x"), &json).unwrap();
+            let mut fresh = v6_store();
             let r = fresh.restore(&back, &|_, _| true).unwrap();
             prop_assert_eq!(r.restored, model.len());
             prop_assert_eq!(fresh.checkpoint(), cp);

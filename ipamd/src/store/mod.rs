@@ -9,3 +9,4 @@
 pub mod checkpoint;
 pub mod commit;
 pub mod datastore;
+pub mod family;
