@@ -73,6 +73,9 @@ pub struct SimSettings {
     pub vpc_cidr: Ipv4Net,
     /// Node subnet CIDR (`VPC_CNI_SIM_SUBNET_CIDR`, default `10.0.0.0/20`).
     pub subnet_cidr: Ipv4Net,
+    /// Dual stack: the VPC gets an Amazon-provided IPv6 /56 and the subnet its first /64
+    /// (on with `ENABLE_IPv6=true`).
+    pub ipv6: bool,
 }
 
 /// EC2 call pacing: a token bucket per call class, and retries.
@@ -411,11 +414,6 @@ impl Config {
                 "exactly one of ENABLE_IPv4 and ENABLE_IPv6 must be true (no dual stack)".into(),
             ));
         }
-        if enable_ipv6 {
-            return Err(ConfigError::Combination(
-                "ENABLE_IPv6=true: IPv6 mode is not implemented by this daemon yet".into(),
-            ));
-        }
         let prefix_delegation = env.bool("ENABLE_PREFIX_DELEGATION", false)?;
         let warm_eni_target = env.count("WARM_ENI_TARGET", 1)?;
         let warm_ip_target = env.count("WARM_IP_TARGET", 0)?;
@@ -512,14 +510,20 @@ impl Config {
                 }
             },
         };
+        // IPv6 needs at least the IPv6 minimum link MTU.
+        let min_mtu = if enable_ipv6 { 1280 } else { 576 };
         let eni_mtu = match env.int("AWS_VPC_ENI_MTU")? {
             None => 9001,
-            Some(n) if (576..=9001).contains(&n) => n as u32,
+            Some(n) if (min_mtu..=9001).contains(&n) => n as u32,
             Some(n) => {
                 return Err(invalid(
                     "AWS_VPC_ENI_MTU",
                     &n.to_string(),
-                    "must be in 576..=9001",
+                    if enable_ipv6 {
+                        "must be in 1280..=9001 with ENABLE_IPv6=true"
+                    } else {
+                        "must be in 576..=9001"
+                    },
                 ))
             }
         };
@@ -586,6 +590,7 @@ impl Config {
             instance_type: env.string("VPC_CNI_SIM_INSTANCE_TYPE", "m5.large"),
             vpc_cidr: sim_net("VPC_CNI_SIM_VPC_CIDR", "10.0.0.0/16")?,
             subnet_cidr: sim_net("VPC_CNI_SIM_SUBNET_CIDR", "10.0.0.0/20")?,
+            ipv6: enable_ipv6,
         };
         let positive = |var: &str, default: u32| -> Result<u32, ConfigError> {
             let n = env.count(var, default)?;
@@ -717,8 +722,21 @@ impl Config {
             backend,
             sim,
         };
+        if cfg.enable_ipv6 && !cfg.prefix_delegation {
+            return Err(ConfigError::Combination(
+                "ENABLE_IPv6=true needs ENABLE_PREFIX_DELEGATION=true (pods get addresses of a /80 prefix)".into(),
+            ));
+        }
+        if cfg.enable_ipv6 && cfg.custom_networking {
+            return Err(ConfigError::Combination(
+                "ENABLE_IPv6=true does not work with AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true"
+                    .into(),
+            ));
+        }
         // The reference entrypoint compares the three targets as strings; "all ≤ 0" refuses.
+        // IPv6 mode keeps no warm pool (one /80 serves every pod): the targets do not apply.
         if cfg.prefix_delegation
+            && !cfg.enable_ipv6
             && cfg.warm_ip_target == 0
             && cfg.minimum_ip_target == 0
             && cfg.warm_prefix_target == 0
@@ -948,11 +966,44 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_mode_needs_prefix_delegation_and_names_both_variables() {
+        let msg = Config::for_test(&[("ENABLE_IPv6", "true")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("ENABLE_IPv6") && msg.contains("ENABLE_PREFIX_DELEGATION"),
+            "{msg}"
+        );
+        let c = Config::for_test(&[
+            ("ENABLE_IPv6", "true"),
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+        ])
+        .expect("IPv6 with prefix delegation");
+        assert!(c.enable_ipv6 && !c.enable_ipv4 && c.prefix_delegation);
+        let msg = Config::for_test(&[
+            ("ENABLE_IPv6", "true"),
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+            ("AWS_VPC_ENI_MTU", "1000"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("AWS_VPC_ENI_MTU") && msg.contains("1280"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn combinations_are_refused() {
         for vars in [
             &[("ENABLE_IPv4", "false")][..],
             &[("ENABLE_IPv4", "true"), ("ENABLE_IPv6", "true")],
             &[("ENABLE_IPv6", "true")],
+            &[
+                ("ENABLE_IPv6", "true"),
+                ("ENABLE_PREFIX_DELEGATION", "true"),
+                ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true"),
+            ],
             &[("ENABLE_POD_ENI", "true")],
             &[("ENABLE_MULTI_NIC", "true")],
             &[("ENABLE_PREFIX_DELEGATION", "true")],

@@ -176,39 +176,63 @@ async fn run(mut cfg: Config, process_start: std::time::Instant) -> anyhow::Resu
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let k8s = kubernetes(&cfg).await?;
-    let d = daemon::start_node(
-        &cfg,
-        Deps {
-            ec2: Arc::new(ec2),
-            imds,
-            veth_exists,
-        },
-        daemon::NodeParts {
-            host,
-            k8s,
-            process_start: Some(process_start),
-        },
-    )
-    .await
-    .context("start-up")?;
+    let deps = Deps {
+        ec2: Arc::new(ec2),
+        imds,
+        veth_exists,
+    };
+    let parts = daemon::NodeParts {
+        host,
+        k8s,
+        process_start: Some(process_start),
+    };
+    let d = if cfg.enable_ipv6 {
+        Running::V6(
+            daemon::start_v6(&cfg, deps, parts)
+                .await
+                .context("start-up (IPv6 mode)")?,
+        )
+    } else {
+        Running::V4(
+            daemon::start_node(&cfg, deps, parts)
+                .await
+                .context("start-up")?,
+        )
+    };
+    let (metrics_addr, introspection_addr) = match &d {
+        Running::V4(d) => (d.metrics_addr(), d.introspection_addr()),
+        Running::V6(d) => (d.metrics_addr(), d.introspection_addr()),
+    };
     eprintln!(
         "ipamd: ready: gRPC {} metrics {:?} introspection {:?}",
         cfg.grpc_socket.display(),
-        d.metrics_addr(),
-        d.introspection_addr()
+        metrics_addr,
+        introspection_addr
     );
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    d.terminate();
+    match &d {
+        Running::V4(d) => d.terminate(),
+        Running::V6(d) => d.terminate(),
+    }
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
         _ = tokio::time::sleep(GRACE) => {}
     }
-    d.stop().await;
+    match d {
+        Running::V4(d) => d.stop().await,
+        Running::V6(d) => d.stop().await,
+    }
     Ok(())
+}
+
+/// The daemon of the configured address family.
+enum Running {
+    V4(daemon::Daemon),
+    V6(daemon::DaemonV6),
 }
 
 fn main() -> ExitCode {

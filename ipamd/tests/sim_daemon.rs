@@ -28,6 +28,7 @@ async fn sim(instance_type: &str, cfg: SimConfig) -> SimNode {
             instance_type: instance_type.into(),
             vpc_cidr: "10.0.0.0/16".parse().unwrap(),
             subnet_cidr: "10.0.0.0/20".parse().unwrap(),
+            ipv6: false,
         },
         cfg,
     )
@@ -897,4 +898,138 @@ async fn after_sigterm_it_keeps_serving_but_neither_grows_nor_shrinks_the_pool()
         .await
         .expect("clean stop");
     node.running.shutdown();
+}
+
+/// IPv6 mode on a dual-stack simulated node: one /80 assigned to the primary ENI through
+/// `AssignIpv6Addresses` (the simulator holds it), pods answered in `IPv6Addr` with the VPC's
+/// IPv6 CIDR, no pool growth, the checkpoint's `ipv6` entries, and a restart that keeps every
+/// assignment and assigns no second /80.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_mode_serves_pods_from_one_80_and_a_restart_keeps_them() {
+    let node = sim_backend::start(
+        &SimSettings {
+            instance_type: "m5.large".into(),
+            vpc_cidr: "10.0.0.0/16".parse().unwrap(),
+            subnet_cidr: "10.0.0.0/20".parse().unwrap(),
+            ipv6: true,
+        },
+        SimConfig::default(),
+    )
+    .await
+    .expect("simulator");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &node,
+        &[
+            ("ENABLE_IPv6", "true"),
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+        ],
+    );
+    let sim_prefixes = || {
+        node.shared.with(|s| {
+            s.model()
+                .instance_enis(&node.instance_id)
+                .iter()
+                .flat_map(|e| e.ipv6_prefixes.iter().map(|p| p.to_string()))
+                .collect::<Vec<_>>()
+        })
+    };
+    let d = daemon::start_v6(&cfg, deps(&cfg, all_veths()).await, Default::default())
+        .await
+        .expect("IPv6 start-up");
+    let prefix = d.prefix();
+    assert_eq!(prefix.prefix_len(), 80);
+    assert_eq!(
+        sim_prefixes(),
+        [prefix.to_string()],
+        "EC2 holds exactly the /80"
+    );
+    let mut c = client(&cfg.grpc_socket).await;
+    let mut held: BTreeMap<std::net::Ipv6Addr, String> = BTreeMap::new();
+    for i in 0..60 {
+        let id = format!("c{i}");
+        let r = c
+            .add_network(add(&id))
+            .await
+            .expect("AddNetwork")
+            .into_inner();
+        assert!(r.success, "AddNetwork {id}: {r:?}");
+        let m = &r.ip_allocation_metadata[0];
+        assert!(m.i_pv4_addr.is_empty(), "{m:?}");
+        assert_eq!((m.device_number, m.route_table_id), (0, 254));
+        assert_eq!(r.vp_cv6_cid_rs.len(), 1, "the VPC's /56: {r:?}");
+        let ip: std::net::Ipv6Addr = m.i_pv6_addr.parse().expect("an IPv6 address");
+        assert!(prefix.contains(ip), "{ip} outside {prefix}");
+        if let Some(other) = held.insert(ip, id.clone()) {
+            panic!("{ip} handed to {id} while {other} holds it");
+        }
+        if i % 3 == 2 {
+            let gone = format!("c{}", i - 1);
+            let r = c
+                .del_network(del(&gone))
+                .await
+                .expect("DelNetwork")
+                .into_inner();
+            assert!(r.success, "DelNetwork {gone}: {r:?}");
+            assert!(!r.ip_allocation_metadata[0].i_pv6_addr.is_empty());
+            held.retain(|_, v| *v != gone);
+        }
+    }
+    let text = std::fs::read_to_string(cfg.checkpoint_path(0)).expect("checkpoint");
+    let file: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let entries = file["allocations"].as_array().expect("allocations");
+    assert_eq!(entries.len(), held.len());
+    assert!(entries
+        .iter()
+        .all(|e| e.get("ipv4").is_none() && e["ipv6"].is_string()));
+    d.stop().await;
+    let d = daemon::start_v6(&cfg, deps(&cfg, all_veths()).await, Default::default())
+        .await
+        .expect("IPv6 restart");
+    assert_eq!(d.prefix(), prefix);
+    assert_eq!(
+        sim_prefixes(),
+        [prefix.to_string()],
+        "no second /80 after a restart"
+    );
+    let restored: BTreeMap<std::net::Ipv6Addr, String> = d
+        .state()
+        .lock()
+        .assignments()
+        .into_iter()
+        .map(|(ip, k)| (ip, k.container_id))
+        .collect();
+    assert_eq!(restored, held);
+    let mut c = client(&cfg.grpc_socket).await;
+    let r = c
+        .add_network(add("after"))
+        .await
+        .expect("AddNetwork")
+        .into_inner();
+    let ip: std::net::Ipv6Addr = r.ip_allocation_metadata[0]
+        .i_pv6_addr
+        .parse()
+        .expect("IPv6");
+    assert!(!held.contains_key(&ip), "{ip} is still held");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_mode_on_a_subnet_without_ipv6_fails_at_start_naming_the_call() {
+    let node = sim("m5.large", SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &node,
+        &[
+            ("ENABLE_IPv6", "true"),
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+        ],
+    );
+    let e = daemon::start_v6(&cfg, deps(&cfg, all_veths()).await, Default::default())
+        .await
+        .expect_err("no IPv6 on the subnet");
+    let msg = format!("{e}: {:?}", std::error::Error::source(&e));
+    assert!(msg.contains("IPv6 /80"), "{msg}");
 }

@@ -100,6 +100,7 @@ async fn one_run(flavour: Flavour, pods: usize, seed: u64) -> anyhow::Result<Sam
             instance_type: INSTANCE_TYPE.into(),
             vpc_cidr: "10.0.0.0/16".parse().context("VPC CIDR")?,
             subnet_cidr: "10.0.0.0/18".parse().context("subnet CIDR")?,
+            ipv6: false,
         },
         SimConfig {
             seed,

@@ -67,6 +67,7 @@ pub async fn sim(instance_type: &str, seed: u64) -> SimNode {
             instance_type: instance_type.into(),
             vpc_cidr: "10.0.0.0/16".parse().expect("cidr"),
             subnet_cidr: "10.0.0.0/18".parse().expect("cidr"),
+            ipv6: false,
         },
         SimConfig {
             seed,

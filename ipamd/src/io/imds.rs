@@ -3,11 +3,11 @@
 //! one ([`FakeImds`]). Paths are those of spec/ipamd.md 5.7.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::types::Ipv4Net;
+use crate::types::{Ipv4Net, Ipv6Net};
 
 /// An instance-metadata failure.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -95,6 +95,19 @@ impl ImdsEni {
     }
 }
 
+/// The IPv6 keys of one interface (read in IPv6 mode only).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImdsEniV6 {
+    /// `ipv6s`.
+    pub ipv6s: Vec<Ipv6Addr>,
+    /// `ipv6-prefix` (the /80s).
+    pub ipv6_prefixes: Vec<Ipv6Net>,
+    /// `subnet-ipv6-cidr-blocks`.
+    pub subnet_ipv6_cidrs: Vec<Ipv6Net>,
+    /// `vpc-ipv6-cidr-blocks`.
+    pub vpc_ipv6_cidrs: Vec<Ipv6Net>,
+}
+
 /// The instance metadata ipamd reads.
 #[async_trait::async_trait]
 pub trait Imds: Send + Sync {
@@ -104,6 +117,10 @@ pub trait Imds: Send + Sync {
     async fn macs(&self) -> ImdsResult<Vec<String>>;
     /// One interface; `primary` forces device number 0.
     async fn eni(&self, mac: &str, primary: bool) -> ImdsResult<ImdsEni>;
+    /// One interface's IPv6 keys.
+    async fn eni_v6(&self, mac: &str) -> ImdsResult<ImdsEniV6>;
+    /// The top-level `ipv6` (the primary interface's first IPv6 address), if any.
+    async fn node_ipv6(&self) -> ImdsResult<Option<Ipv6Addr>>;
 
     /// Every attached interface, primary first, then by device number.
     async fn enis(&self, primary_mac: &str) -> ImdsResult<Vec<ImdsEni>> {
@@ -266,12 +283,44 @@ impl Imds for AwsImds {
             ipv4_prefixes: parse_lines(&p("ipv4-prefix"), self.get_opt(&p("ipv4-prefix")).await?)?,
         })
     }
+
+    async fn eni_v6(&self, mac: &str) -> ImdsResult<ImdsEniV6> {
+        let base = format!("meta-data/network/interfaces/macs/{mac}");
+        let p = |f: &str| format!("{base}/{f}");
+        let lines = |f: &'static str| {
+            let path = p(f);
+            async move {
+                let v = self.get_opt(&path).await?;
+                Ok::<_, ImdsError>((path, v))
+            }
+        };
+        let (ps, v) = lines("ipv6s").await?;
+        let ipv6s = parse_lines(&ps, v)?;
+        let (pp, v) = lines("ipv6-prefix").await?;
+        let ipv6_prefixes = parse_lines(&pp, v)?;
+        let (psub, v) = lines("subnet-ipv6-cidr-blocks").await?;
+        let subnet_ipv6_cidrs = parse_lines(&psub, v)?;
+        let (pvpc, v) = lines("vpc-ipv6-cidr-blocks").await?;
+        let vpc_ipv6_cidrs = parse_lines(&pvpc, v)?;
+        Ok(ImdsEniV6 {
+            ipv6s,
+            ipv6_prefixes,
+            subnet_ipv6_cidrs,
+            vpc_ipv6_cidrs,
+        })
+    }
+
+    async fn node_ipv6(&self) -> ImdsResult<Option<Ipv6Addr>> {
+        const P: &str = "meta-data/ipv6";
+        self.get_opt(P).await?.map(|v| parse(P, &v)).transpose()
+    }
 }
 
 /// An in-memory instance: tests set what it shows.
 #[derive(Debug, Clone)]
 pub struct FakeImds {
     inner: Arc<Mutex<(Identity, BTreeMap<String, ImdsEni>)>>,
+    v6: Arc<Mutex<BTreeMap<String, ImdsEniV6>>>,
 }
 
 impl FakeImds {
@@ -282,7 +331,25 @@ impl FakeImds {
                 identity,
                 enis.into_iter().map(|e| (e.mac.clone(), e)).collect(),
             ))),
+            v6: Arc::new(Mutex::new(BTreeMap::new())),
         }
+    }
+
+    /// Sets the IPv6 keys of the interface `mac`.
+    pub fn set_v6(&self, mac: &str, v6: ImdsEniV6) {
+        let mut g = match self.v6.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.insert(mac.to_owned(), v6);
+    }
+
+    fn v6_of(&self, mac: &str) -> ImdsEniV6 {
+        let g = match self.v6.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.get(mac).cloned().unwrap_or_default()
     }
 
     /// Runs `f` on the interfaces (add, remove, change addresses).
@@ -325,6 +392,15 @@ impl Imds for FakeImds {
             e.device_number = 0;
         }
         Ok(e)
+    }
+
+    async fn eni_v6(&self, mac: &str) -> ImdsResult<ImdsEniV6> {
+        Ok(self.v6_of(mac))
+    }
+
+    async fn node_ipv6(&self) -> ImdsResult<Option<Ipv6Addr>> {
+        let mac = self.snapshot().0.primary_mac;
+        Ok(self.v6_of(&mac).ipv6s.first().copied())
     }
 }
 

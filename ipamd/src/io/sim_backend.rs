@@ -94,19 +94,37 @@ pub async fn start(settings: &SimSettings, cfg: SimConfig) -> Result<SimNode, Si
         .await
         .map_err(SimError::Serve)?;
     let client = client(&running.ec2_url());
-    let vpc_id = client
+    let vpc = client
         .create_vpc()
         .cidr_block(settings.vpc_cidr.to_string())
+        .amazon_provided_ipv6_cidr_block(settings.ipv6)
         .send()
         .await
-        .map_err(setup("CreateVpc"))?
-        .vpc()
-        .and_then(|v| v.vpc_id().map(str::to_owned))
+        .map_err(setup("CreateVpc"))?;
+    let vpc = vpc.vpc().ok_or_else(|| setup("CreateVpc")("no VPC"))?;
+    let vpc_id = vpc
+        .vpc_id()
+        .map(str::to_owned)
         .ok_or_else(|| setup("CreateVpc")("no VPC id"))?;
+    // Dual stack: the subnet takes the first /64 of the VPC's /56.
+    let subnet_ipv6 = if settings.ipv6 {
+        let block = vpc
+            .ipv6_cidr_block_association_set()
+            .iter()
+            .find_map(|a| a.ipv6_cidr_block())
+            .ok_or_else(|| setup("CreateVpc")("no IPv6 CIDR block on the VPC"))?;
+        let net: crate::types::Ipv6Net = block.parse().map_err(setup("CreateVpc"))?;
+        let first = crate::types::Ipv6Net::new(net.network(), 64)
+            .ok_or_else(|| setup("CreateVpc")("IPv6 block longer than /64"))?;
+        Some(first.to_string())
+    } else {
+        None
+    };
     let subnet_id = client
         .create_subnet()
         .vpc_id(&vpc_id)
         .cidr_block(settings.subnet_cidr.to_string())
+        .set_ipv6_cidr_block(subnet_ipv6)
         .availability_zone(SIM_AZ)
         .send()
         .await

@@ -91,6 +91,7 @@ fn ec2eni(id: &str, device: u32, primary: &str, ips: &[&str], prefixes: &[&str])
         primary_ip: Some(ip(primary)),
         secondary_ips: ips.iter().map(|s| ip(s)).collect(),
         prefixes: prefixes.iter().map(|s| net(s)).collect(),
+        ipv6_prefixes: Vec::new(),
         tags: BTreeMap::from([(TAG_INSTANCE_ID.to_owned(), INSTANCE.to_owned())]),
         security_groups: vec![],
         attachment: Some(Attachment {

@@ -13,6 +13,7 @@ use vpc_cni_rpc::{
 use crate::store::checkpoint::IpamMetadata;
 use crate::store::commit::{PoolState, StateError};
 use crate::store::datastore::{DsError, IpamKey};
+use crate::store::family::{Family, V4};
 
 /// The build version the plugin must send (`ClientVersion`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -22,12 +23,16 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct ReplySettings {
     /// VPC IPv4 CIDRs (from instance metadata), plus SNAT exclusions when SNAT is ours.
     pub vpc_cidrs: Vec<String>,
+    /// VPC IPv6 CIDRs (from instance metadata; IPv6 mode).
+    pub vpc_v6_cidrs: Vec<String>,
     /// `AWS_VPC_K8S_CNI_EXTERNALSNAT`.
     pub external_snat: bool,
     /// `NETWORK_POLICY_ENFORCING_MODE`.
     pub network_policy_mode: String,
-    /// Node primary IP.
+    /// Node primary IPv4 address.
     pub node_ip: String,
+    /// Node primary IPv6 address (IPv6 mode).
+    pub node_ipv6: String,
     /// Instance id.
     pub instance_id: String,
     /// Region.
@@ -35,7 +40,7 @@ pub struct ReplySettings {
 }
 
 /// Called after each successful assignment to say whether the pool is now below target.
-pub type LowCheck = Arc<dyn Fn(&PoolState) -> bool + Send + Sync>;
+pub type LowCheck<F = V4> = Arc<dyn Fn(&PoolState<F>) -> bool + Send + Sync>;
 
 /// What the backend reports per request (metrics, the pod IP annotation). Every method has a
 /// no-op default; none may block.
@@ -47,20 +52,31 @@ pub trait BackendEvents: Send + Sync {
     /// An AddNetwork found no free address.
     fn no_available_ip(&self) {}
     /// An address was assigned to pod `namespace/name`.
-    fn assigned(&self, _namespace: &str, _name: &str, _ip: std::net::Ipv4Addr) {}
+    fn assigned(&self, _namespace: &str, _name: &str, _ip: std::net::IpAddr) {}
 }
 
-/// The gRPC backend.
-#[derive(Clone)]
-pub struct Backend {
-    state: Arc<PoolState>,
+/// The gRPC backend over the datastore of one address family.
+pub struct Backend<F: Family = V4> {
+    state: Arc<PoolState<F>>,
     reply: ReplySettings,
     version: String,
-    low_check: Option<LowCheck>,
+    low_check: Option<LowCheck<F>>,
     events: Option<Arc<dyn BackendEvents>>,
 }
 
-impl std::fmt::Debug for Backend {
+impl<F: Family> Clone for Backend<F> {
+    fn clone(&self) -> Self {
+        Self {
+            state: self.state.clone(),
+            reply: self.reply.clone(),
+            version: self.version.clone(),
+            low_check: self.low_check.clone(),
+            events: self.events.clone(),
+        }
+    }
+}
+
+impl<F: Family> std::fmt::Debug for Backend<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Backend")
             .field("reply", &self.reply)
@@ -68,9 +84,9 @@ impl std::fmt::Debug for Backend {
     }
 }
 
-impl Backend {
+impl<F: Family> Backend<F> {
     /// A backend over `state`.
-    pub fn new(state: Arc<PoolState>, reply: ReplySettings) -> Self {
+    pub fn new(state: Arc<PoolState<F>>, reply: ReplySettings) -> Self {
         Self {
             state,
             reply,
@@ -93,7 +109,7 @@ impl Backend {
     }
 
     /// Wakes the pool manager when an assignment takes the pool below target.
-    pub fn with_low_check(mut self, f: LowCheck) -> Self {
+    pub fn with_low_check(mut self, f: LowCheck<F>) -> Self {
         self.low_check = Some(f);
         self
     }
@@ -114,7 +130,7 @@ pub fn pool_is_low(cfg: policy::PoolConfig, limits: policy::NodeLimits) -> LowCh
 }
 
 #[tonic::async_trait]
-impl CniBackend for Backend {
+impl<F: Family> CniBackend for Backend<F> {
     async fn add_network(
         &self,
         request: Request<AddNetworkRequest>,
@@ -164,17 +180,17 @@ impl CniBackend for Backend {
             }
         }
         tracing::info!(ip = %a.ip, eni = %a.eni_id, pod = %r.k8s_pod_name, namespace = %r.k8s_pod_namespace, "assigned");
-        self.event(|e| e.assigned(&r.k8s_pod_namespace, &r.k8s_pod_name, a.ip));
+        self.event(|e| e.assigned(&r.k8s_pod_namespace, &r.k8s_pod_name, F::ip(a.ip)));
         Ok(Response::new(AddNetworkReply {
             success: true,
-            ip_allocation_metadata: vec![IpAllocationMetadata {
-                i_pv4_addr: a.ip.to_string(),
-                i_pv6_addr: String::new(),
-                device_number: a.device_number as i32,
-                route_table_id: a.route_table_id as i32,
-            }],
+            ip_allocation_metadata: vec![allocation_metadata::<F>(
+                a.ip,
+                a.device_number,
+                a.route_table_id,
+            )],
             use_external_snat: self.reply.external_snat,
             vp_cv4_cid_rs: self.reply.vpc_cidrs.clone(),
+            vp_cv6_cid_rs: self.reply.vpc_v6_cidrs.clone(),
             network_policy_mode: self.reply.network_policy_mode.clone(),
             ..Default::default()
         }))
@@ -197,12 +213,11 @@ impl CniBackend for Backend {
                 tracing::info!(ip = %u.ip, pod = %r.k8s_pod_name, reason = %r.reason, "released");
                 Ok(Response::new(DelNetworkReply {
                     success: true,
-                    ip_allocation_metadata: vec![IpAllocationMetadata {
-                        i_pv4_addr: u.ip.to_string(),
-                        i_pv6_addr: String::new(),
-                        device_number: u.device_number as i32,
-                        route_table_id: u.route_table_id as i32,
-                    }],
+                    ip_allocation_metadata: vec![allocation_metadata::<F>(
+                        u.ip,
+                        u.device_number,
+                        u.route_table_id,
+                    )],
                     network_policy_mode: self.reply.network_policy_mode.clone(),
                     ..Default::default()
                 }))
@@ -213,7 +228,7 @@ impl CniBackend for Backend {
 }
 
 #[tonic::async_trait]
-impl ConfigServerBackend for Backend {
+impl<F: Family> ConfigServerBackend for Backend<F> {
     async fn get_network_policy_configs(
         &self,
         _request: Request<()>,
@@ -222,15 +237,37 @@ impl ConfigServerBackend for Backend {
             network_policy_mode: self.reply.network_policy_mode.clone(),
             multi_nic_enabled: false,
             node_i_pv4: self.reply.node_ip.clone(),
-            node_i_pv6: String::new(),
+            node_i_pv6: self.reply.node_ipv6.clone(),
             instance_id: self.reply.instance_id.clone(),
             region: self.reply.region.clone(),
         }))
     }
 }
 
+/// The reply's entry for `ip`: the address in the field of its family (the reference's
+/// `IPv4Addr` or `IPv6Addr`), the other one empty.
+fn allocation_metadata<F: Family>(
+    ip: F::Addr,
+    device_number: u32,
+    route_table_id: u32,
+) -> IpAllocationMetadata {
+    let (v4, v6) = match F::ip(ip) {
+        std::net::IpAddr::V4(a) => (a.to_string(), String::new()),
+        std::net::IpAddr::V6(a) => (String::new(), a.to_string()),
+    };
+    IpAllocationMetadata {
+        i_pv4_addr: v4,
+        i_pv6_addr: v6,
+        device_number: device_number as i32,
+        route_table_id: route_table_id as i32,
+    }
+}
+
 /// The routes to serve: CNIBackend, ConfigServerBackend and health.
-pub fn routes(backend: Backend, health: vpc_cni_rpc::HealthServer) -> tonic::service::Routes {
+pub fn routes<F: Family>(
+    backend: Backend<F>,
+    health: vpc_cni_rpc::HealthServer,
+) -> tonic::service::Routes {
     tonic::service::Routes::new(vpc_cni_rpc::CniBackendServer::new(backend.clone()))
         .add_service(vpc_cni_rpc::ConfigServerBackendServer::new(backend))
         .add_service(health)

@@ -26,6 +26,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::store::checkpoint::{CheckpointError, CheckpointStore, FinishWrite, IpamMetadata};
 use crate::store::datastore::{Assignment, DataStore, DsError, IpamKey, Unassignment};
+use crate::store::family::{Family, V4};
 
 /// Time since the Unix epoch, as the datastore and the policy see it.
 pub trait Clock: Send + Sync {
@@ -82,38 +83,47 @@ type Ack = oneshot::Sender<Result<(), Arc<CheckpointError>>>;
 
 /// An in-memory change waiting for the write that records it, and how to undo it.
 #[derive(Debug)]
-enum Change {
-    Assigned(IpamKey, Assignment),
-    Released(Unassignment),
+enum Change<F: Family> {
+    Assigned(IpamKey, Assignment<F>),
+    Released(Unassignment<F>),
 }
 
-#[derive(Debug, Default)]
-struct Batch {
-    changes: Vec<Change>,
+#[derive(Debug)]
+struct Batch<F: Family> {
+    changes: Vec<Change<F>>,
     acks: Vec<Ack>,
 }
 
-impl Batch {
+impl<F: Family> Default for Batch<F> {
+    fn default() -> Self {
+        Self {
+            changes: Vec::new(),
+            acks: Vec::new(),
+        }
+    }
+}
+
+impl<F: Family> Batch<F> {
     fn is_empty(&self) -> bool {
         self.changes.is_empty() && self.acks.is_empty()
     }
 }
 
 /// Everything behind the datastore lock.
-struct Inner {
-    ds: DataStore,
+struct Inner<F: Family> {
+    ds: DataStore<F>,
     /// Id of the batch accepting changes; lower ids are in flight or settled.
     open_id: u64,
-    open: Batch,
+    open: Batch<F>,
     /// Batches taken by the committer and not settled yet: at most one being written and one
     /// waiting for its directory sync.
-    in_flight: BTreeMap<u64, Batch>,
+    in_flight: BTreeMap<u64, Batch<F>>,
     /// Keys whose assignment is not on disk yet, with the batch that carries it (trap 2).
     undurable: HashMap<IpamKey, u64>,
     closed: bool,
 }
 
-impl Inner {
+impl<F: Family> Inner<F> {
     /// Registers an acknowledgement in batch `id` (open or in flight).
     fn ack_in(&mut self, id: u64) -> AckRx {
         let (tx, rx) = oneshot::channel();
@@ -130,8 +140,8 @@ impl Inner {
     }
 }
 
-struct Shared {
-    inner: Mutex<Inner>,
+struct Shared<F: Family> {
+    inner: Mutex<Inner<F>>,
     /// Wakes the committer (a change joined the open batch, or the state is dropped).
     wake: Condvar,
     store: Box<dyn CheckpointStore>,
@@ -139,8 +149,8 @@ struct Shared {
     grouped: AtomicU64,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+impl<F: Family> Shared<F> {
+    fn lock(&self) -> MutexGuard<'_, Inner<F>> {
         match self.inner.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -315,8 +325,8 @@ impl<T> Commit<T> {
 }
 
 /// The shared pool state.
-pub struct PoolState {
-    shared: Arc<Shared>,
+pub struct PoolState<F: Family = V4> {
+    shared: Arc<Shared<F>>,
     committer: Option<std::thread::JoinHandle<()>>,
     syncer: Option<std::thread::JoinHandle<()>>,
     clock: Arc<dyn Clock>,
@@ -325,24 +335,24 @@ pub struct PoolState {
     terminating: AtomicBool,
 }
 
-impl std::fmt::Debug for PoolState {
+impl<F: Family> std::fmt::Debug for PoolState<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PoolState").finish_non_exhaustive()
     }
 }
 
 /// The datastore, locked (see [`PoolState::lock`]).
-pub struct DsGuard<'a>(MutexGuard<'a, Inner>);
+pub struct DsGuard<'a, F: Family = V4>(MutexGuard<'a, Inner<F>>);
 
-impl std::ops::Deref for DsGuard<'_> {
-    type Target = DataStore;
-    fn deref(&self) -> &DataStore {
+impl<F: Family> std::ops::Deref for DsGuard<'_, F> {
+    type Target = DataStore<F>;
+    fn deref(&self) -> &DataStore<F> {
         &self.0.ds
     }
 }
 
-impl std::ops::DerefMut for DsGuard<'_> {
-    fn deref_mut(&mut self) -> &mut DataStore {
+impl<F: Family> std::ops::DerefMut for DsGuard<'_, F> {
+    fn deref_mut(&mut self) -> &mut DataStore<F> {
         &mut self.0.ds
     }
 }
@@ -356,10 +366,10 @@ pub struct CommitStats {
     pub acknowledged: u64,
 }
 
-impl PoolState {
+impl<F: Family> PoolState<F> {
     /// Wraps a datastore (already restored) and its checkpoint store, and starts the
     /// committer thread (stopped when the state is dropped, after its last batch).
-    pub fn new(ds: DataStore, store: Box<dyn CheckpointStore>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(ds: DataStore<F>, store: Box<dyn CheckpointStore>, clock: Arc<dyn Clock>) -> Self {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 ds,
@@ -411,7 +421,7 @@ impl PoolState {
 
     /// Locks the datastore for reading or for pool changes that do not touch assignments
     /// (never held across disk IO: the committer writes outside it).
-    pub fn lock(&self) -> DsGuard<'_> {
+    pub fn lock(&self) -> DsGuard<'_, F> {
         DsGuard(self.shared.lock())
     }
 
@@ -433,7 +443,12 @@ impl PoolState {
         self.terminating.load(Ordering::SeqCst)
     }
 
-    fn enqueue(&self, mut g: MutexGuard<'_, Inner>, change: Option<Change>, batch: u64) -> AckRx {
+    fn enqueue(
+        &self,
+        mut g: MutexGuard<'_, Inner<F>>,
+        change: Option<Change<F>>,
+        batch: u64,
+    ) -> AckRx {
         if let Some(c) = change {
             g.open.changes.push(c);
         }
@@ -449,7 +464,7 @@ impl PoolState {
         &self,
         key: &IpamKey,
         md: &IpamMetadata,
-    ) -> Result<Commit<Assignment>, StateError> {
+    ) -> Result<Commit<Assignment<F>>, StateError> {
         if self.committer.is_none() {
             return Err(StateError::CommitterStopped);
         }
@@ -470,7 +485,7 @@ impl PoolState {
 
     /// Releases the address `key` holds in memory; durable with the [`Commit`]. The address
     /// is handed out again only after that (trap 3).
-    pub fn unassign(&self, key: &IpamKey) -> Result<Commit<Unassignment>, StateError> {
+    pub fn unassign(&self, key: &IpamKey) -> Result<Commit<Unassignment<F>>, StateError> {
         if self.committer.is_none() {
             return Err(StateError::CommitterStopped);
         }
@@ -485,7 +500,7 @@ impl PoolState {
     /// written after it. Such changes are not undone when the write fails.
     pub async fn mutate_and_save<R>(
         &self,
-        f: impl FnOnce(&mut DataStore) -> R,
+        f: impl FnOnce(&mut DataStore<F>) -> R,
     ) -> Result<R, StateError> {
         let rx = {
             let mut g = self.shared.lock();
@@ -497,7 +512,7 @@ impl PoolState {
     }
 }
 
-impl Drop for PoolState {
+impl<F: Family> Drop for PoolState<F> {
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.wake.notify_all();

@@ -4,7 +4,7 @@
 
 use std::fmt::{Debug, Display};
 use std::hash::Hash;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -20,6 +20,8 @@ pub trait Family: Debug + Clone + Copy + PartialEq + Eq + Default + Send + Sync 
     type Net: Copy + Ord + Hash + Debug + Display + Send + Sync + 'static;
     /// `IPv4` or `IPv6`, for messages.
     const NAME: &'static str;
+    /// True for IPv6.
+    const IS_V6: bool;
     /// Addresses in one prefix of this family's prefix mode (16 in a /28, 2^48 in a /80).
     const PREFIX_ADDRESSES: u64;
 
@@ -50,6 +52,10 @@ pub trait Family: Debug + Clone + Copy + PartialEq + Eq + Default + Send + Sync 
     }
     /// Puts `ip` in this family's field of `a`.
     fn set_address(a: &mut Allocation, ip: Self::Addr);
+    /// The address as a `std` address of either family.
+    fn ip(a: Self::Addr) -> IpAddr;
+    /// A CIDR's address (as given) and prefix length.
+    fn net_parts(n: &Self::Net) -> (IpAddr, u8);
 }
 
 /// IPv4: /32 secondary addresses and /28 prefixes.
@@ -64,6 +70,7 @@ impl Family for V4 {
     type Addr = Ipv4Addr;
     type Net = Ipv4Net;
     const NAME: &'static str = "IPv4";
+    const IS_V6: bool = false;
     const PREFIX_ADDRESSES: u64 = 16;
 
     fn trunc(net: Ipv4Net) -> Ipv4Net {
@@ -84,12 +91,19 @@ impl Family for V4 {
     fn set_address(a: &mut Allocation, ip: Ipv4Addr) {
         a.ipv4 = ip.to_string();
     }
+    fn ip(a: Ipv4Addr) -> IpAddr {
+        IpAddr::V4(a)
+    }
+    fn net_parts(n: &Ipv4Net) -> (IpAddr, u8) {
+        (IpAddr::V4(n.addr()), n.prefix_len())
+    }
 }
 
 impl Family for V6 {
     type Addr = Ipv6Addr;
     type Net = Ipv6Net;
     const NAME: &'static str = "IPv6";
+    const IS_V6: bool = true;
     const PREFIX_ADDRESSES: u64 = 1 << 48;
 
     fn trunc(net: Ipv6Net) -> Ipv6Net {
@@ -109,5 +123,11 @@ impl Family for V6 {
     }
     fn set_address(a: &mut Allocation, ip: Ipv6Addr) {
         a.ipv6 = ip.to_string();
+    }
+    fn ip(a: Ipv6Addr) -> IpAddr {
+        IpAddr::V6(a)
+    }
+    fn net_parts(n: &Ipv6Net) -> (IpAddr, u8) {
+        (IpAddr::V6(n.addr()), n.prefix_len())
     }
 }

@@ -23,7 +23,7 @@ use crate::io::ec2::{
     Addresses, Assigned, Attachment, CreateEni, Ec2Api, Ec2Error, Ec2Result, EniInfo, ErrorKind,
     InstanceTypeInfo, SubnetInfo, TAG_CLUSTER_NAME, TAG_INSTANCE_ID,
 };
-use crate::types::Ipv4Net;
+use crate::types::{Ipv4Net, Ipv6Net};
 
 /// The user-agent key of the reference daemon.
 pub const USER_AGENT_KEY: &str = "amazon-vpc-cni-k8s";
@@ -197,6 +197,15 @@ fn parse_ip(action: &'static str, s: &str) -> Ec2Result<Ipv4Addr> {
     })
 }
 
+fn parse_net6(action: &'static str, s: &str) -> Ec2Result<Ipv6Net> {
+    s.parse().map_err(|_| Ec2Error {
+        action,
+        code: "BadAnswer".into(),
+        message: format!("not an IPv6 CIDR: {s}"),
+        kind: ErrorKind::Client,
+    })
+}
+
 fn parse_net(action: &'static str, s: &str) -> Ec2Result<Ipv4Net> {
     s.parse().map_err(|_| Ec2Error {
         action,
@@ -232,6 +241,12 @@ fn eni_of(action: &'static str, n: &NetworkInterface) -> Ec2Result<EniInfo> {
         .filter_map(|p| p.ipv4_prefix())
         .map(|p| parse_net(action, p))
         .collect::<Ec2Result<Vec<_>>>()?;
+    let ipv6_prefixes = n
+        .ipv6_prefixes()
+        .iter()
+        .filter_map(|p| p.ipv6_prefix())
+        .map(|p| parse_net6(action, p))
+        .collect::<Ec2Result<Vec<_>>>()?;
     let attachment = n.attachment().and_then(|a| {
         Some(Attachment {
             id: a.attachment_id()?.to_owned(),
@@ -257,6 +272,7 @@ fn eni_of(action: &'static str, n: &NetworkInterface) -> Ec2Result<EniInfo> {
         primary_ip,
         secondary_ips,
         prefixes,
+        ipv6_prefixes,
         tags: tags_of(n.tag_set()),
         security_groups: n
             .groups()
@@ -545,6 +561,34 @@ impl Ec2Api for AwsEc2 {
             .unassign_private_ip_addresses()
             .network_interface_id(eni_id)
             .set_ipv4_prefixes(Some(prefixes.iter().map(ToString::to_string).collect()))
+            .send()
+            .await
+            .map_err(|e| map_err(A, e))?;
+        Ok(())
+    }
+
+    async fn assign_ipv6_prefixes(&self, eni_id: &str, n: u32) -> Ec2Result<Vec<Ipv6Net>> {
+        const A: &str = "AssignIpv6Addresses";
+        let out = self
+            .client
+            .assign_ipv6_addresses()
+            .network_interface_id(eni_id)
+            .ipv6_prefix_count(count(n))
+            .send()
+            .await
+            .map_err(|e| map_err(A, e))?;
+        out.assigned_ipv6_prefixes()
+            .iter()
+            .map(|s| parse_net6(A, s))
+            .collect()
+    }
+
+    async fn unassign_ipv6_prefixes(&self, eni_id: &str, prefixes: &[Ipv6Net]) -> Ec2Result<()> {
+        const A: &str = "UnassignIpv6Addresses";
+        self.client
+            .unassign_ipv6_addresses()
+            .network_interface_id(eni_id)
+            .set_ipv6_prefixes(Some(prefixes.iter().map(ToString::to_string).collect()))
             .send()
             .await
             .map_err(|e| map_err(A, e))?;

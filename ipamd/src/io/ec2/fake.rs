@@ -10,7 +10,7 @@ use super::{
     Addresses, Assigned, Attachment, CreateEni, Ec2Api, Ec2Error, Ec2Result, EniInfo,
     InstanceTypeInfo, SubnetInfo,
 };
-use crate::types::Ipv4Net;
+use crate::types::{Ipv4Net, Ipv6Net};
 
 /// The fake's state (public so tests can inspect and change it).
 #[derive(Debug, Clone)]
@@ -31,6 +31,9 @@ pub struct FakeState {
     pub queued_errors: BTreeMap<String, VecDeque<String>>,
     /// Calls made, in order.
     pub calls: Vec<String>,
+    /// The subnet's IPv6 /64, when it has one (/80s are handed out from it in order).
+    pub subnet_ipv6: Option<Ipv6Net>,
+    next_v6_prefix: u128,
     next_id: u32,
 }
 
@@ -65,6 +68,8 @@ impl FakeEc2 {
             used,
             queued_errors: BTreeMap::new(),
             calls: Vec::new(),
+            subnet_ipv6: None,
+            next_v6_prefix: 0,
             next_id: 0,
         };
         let primary = st.new_eni("primary", BTreeMap::new());
@@ -177,6 +182,7 @@ impl FakeState {
             primary_ip,
             secondary_ips: Vec::new(),
             prefixes: Vec::new(),
+            ipv6_prefixes: Vec::new(),
             tags,
             security_groups: vec!["sg-1".into()],
             attachment: None,
@@ -483,6 +489,50 @@ impl Ec2Api for FakeEc2 {
                 st.release_ip(ip);
             }
         }
+        Ok(())
+    }
+
+    async fn assign_ipv6_prefixes(&self, eni_id: &str, n: u32) -> Ec2Result<Vec<Ipv6Net>> {
+        let action = "AssignIpv6Addresses";
+        let mut st = self.enter(action)?;
+        let Some(block) = st.subnet_ipv6 else {
+            return Err(Ec2Error::coded(
+                action,
+                "InvalidParameterValue",
+                "the subnet has no IPv6 CIDR block",
+            ));
+        };
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let i = st.next_v6_prefix;
+            st.next_v6_prefix += 1;
+            let base = u128::from(block.network()) | (i << 48);
+            let p = Ipv6Net::new(base.into(), 80)
+                .ok_or_else(|| Ec2Error::coded(action, "InsufficientCidrBlocks", "no /80 left"))?;
+            out.push(p);
+        }
+        let eni = st.enis.get_mut(eni_id).ok_or_else(|| {
+            Ec2Error::coded(
+                action,
+                "InvalidNetworkInterfaceID.NotFound",
+                eni_id.to_owned(),
+            )
+        })?;
+        eni.ipv6_prefixes.extend(out.iter().copied());
+        Ok(out)
+    }
+
+    async fn unassign_ipv6_prefixes(&self, eni_id: &str, prefixes: &[Ipv6Net]) -> Ec2Result<()> {
+        let action = "UnassignIpv6Addresses";
+        let mut st = self.enter(action)?;
+        let eni = st.enis.get_mut(eni_id).ok_or_else(|| {
+            Ec2Error::coded(
+                action,
+                "InvalidNetworkInterfaceID.NotFound",
+                eni_id.to_owned(),
+            )
+        })?;
+        eni.ipv6_prefixes.retain(|p| !prefixes.contains(p));
         Ok(())
     }
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use crate::types::Ipv4Net;
+use crate::types::{Ipv4Net, Ipv6Net};
 
 pub mod aws;
 pub mod fake;
@@ -138,6 +138,8 @@ pub struct EniInfo {
     pub secondary_ips: Vec<Ipv4Addr>,
     /// /28 prefixes.
     pub prefixes: Vec<Ipv4Net>,
+    /// IPv6 prefixes (/80s).
+    pub ipv6_prefixes: Vec<Ipv6Net>,
     /// Tags.
     pub tags: BTreeMap<String, String>,
     /// Security groups.
@@ -245,6 +247,10 @@ pub trait Ec2Api: Send + Sync {
     async fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> Ec2Result<()>;
     /// `UnassignPrivateIpAddresses` with `Ipv4Prefixes`.
     async fn unassign_prefixes(&self, eni_id: &str, prefixes: &[Ipv4Net]) -> Ec2Result<()>;
+    /// `AssignIpv6Addresses` with `Ipv6PrefixCount=n`: the /80s assigned.
+    async fn assign_ipv6_prefixes(&self, eni_id: &str, n: u32) -> Ec2Result<Vec<Ipv6Net>>;
+    /// `UnassignIpv6Addresses` of these /80s.
+    async fn unassign_ipv6_prefixes(&self, eni_id: &str, prefixes: &[Ipv6Net]) -> Ec2Result<()>;
     /// `CreateTags` on one resource.
     async fn create_tags(&self, resource: &str, tags: &BTreeMap<String, String>) -> Ec2Result<()>;
 }

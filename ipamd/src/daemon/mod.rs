@@ -6,6 +6,8 @@
 //! with normalisation (pods whose host veth is gone are dropped) → pre-scaling (one pool
 //! decision round) → gRPC with health SERVING, metrics, introspection, pool loop.
 
+mod v6;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,7 +36,9 @@ use crate::serve::metrics::{Metrics, PoolSnapshot};
 use crate::store::checkpoint::{CheckpointError, CheckpointStore, FileStore};
 use crate::store::commit::{PoolState, TokioClock};
 use crate::store::datastore::{DataStore, EniSpec};
+use crate::store::family::{Family, V4};
 use crate::types::Ipv4Net;
+pub use v6::{start_v6, DaemonV6};
 
 /// Whether the host veth of pod (namespace, name) exists.
 pub type VethCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
@@ -191,7 +195,7 @@ impl BackendEvents for Reporter {
     fn no_available_ip(&self) {
         self.metrics.no_available_ip_addresses.inc();
     }
-    fn assigned(&self, namespace: &str, name: &str, ip: std::net::Ipv4Addr) {
+    fn assigned(&self, namespace: &str, name: &str, ip: std::net::IpAddr) {
         let Some(k) = self.k8s.clone().filter(|_| self.annotate_pod_ip) else {
             return;
         };
@@ -354,6 +358,28 @@ impl Ec2Api for MeteredEc2 {
         )
         .await
     }
+    async fn assign_ipv6_prefixes(
+        &self,
+        eni_id: &str,
+        n: u32,
+    ) -> Ec2Result<Vec<crate::types::Ipv6Net>> {
+        self.rec(
+            "AssignIpv6Addresses",
+            self.inner.assign_ipv6_prefixes(eni_id, n),
+        )
+        .await
+    }
+    async fn unassign_ipv6_prefixes(
+        &self,
+        eni_id: &str,
+        p: &[crate::types::Ipv6Net],
+    ) -> Ec2Result<()> {
+        self.rec(
+            "UnassignIpv6Addresses",
+            self.inner.unassign_ipv6_prefixes(eni_id, p),
+        )
+        .await
+    }
     async fn create_tags(&self, resource: &str, tags: &BTreeMap<String, String>) -> Ec2Result<()> {
         self.rec("CreateTags", self.inner.create_tags(resource, tags))
             .await
@@ -418,8 +444,8 @@ pub fn is_managed(eni: &EniInfo, primary: bool, instance_id: &str, manage_untagg
 }
 
 /// The datastore as the introspection endpoints show it.
-struct View {
-    state: Arc<PoolState>,
+struct View<F: Family = V4> {
+    state: Arc<PoolState<F>>,
     cfg: Config,
 }
 
@@ -427,7 +453,7 @@ fn go_time(d: Duration) -> Option<SystemTime> {
     (!d.is_zero()).then(|| SystemTime::UNIX_EPOCH + d)
 }
 
-impl IntrospectSource for View {
+impl<F: Family> IntrospectSource for View<F> {
     async fn enis(&self) -> BTreeMap<u32, EniInfos> {
         let ds = self.state.lock();
         let totals = ds.totals();
@@ -470,9 +496,9 @@ impl IntrospectSource for View {
                     (
                         c.cidr.to_string(),
                         introspect::CidrInfo {
-                            cidr: introspect::IpNet {
-                                addr: c.cidr.addr().into(),
-                                prefix_len: c.cidr.prefix_len(),
+                            cidr: {
+                                let (addr, prefix_len) = F::net_parts(&c.cidr);
+                                introspect::IpNet { addr, prefix_len }
                             },
                             ip_addresses: addresses,
                             is_prefix: c.is_prefix,
@@ -481,6 +507,12 @@ impl IntrospectSource for View {
                     )
                 })
                 .collect();
+            // The reference keeps IPv6 /80s apart from the IPv4 CIDRs.
+            let (available_ipv4_cidrs, ipv6_cidrs) = if F::IS_V6 {
+                (BTreeMap::new(), cidrs)
+            } else {
+                (cidrs, BTreeMap::new())
+            };
             infos.enis.insert(
                 id.clone(),
                 introspect::EniInfo {
@@ -489,8 +521,8 @@ impl IntrospectSource for View {
                     is_trunk: e.is_trunk,
                     is_efa: e.is_efa,
                     device_number: i64::from(e.device_number),
-                    available_ipv4_cidrs: cidrs,
-                    ipv6_cidrs: BTreeMap::new(),
+                    available_ipv4_cidrs,
+                    ipv6_cidrs,
                     is_excluded_for_pod_ips: e.excluded,
                     route_table_id: i64::from(e.route_table_id),
                     subnet_id: e.subnet_id.clone(),
@@ -603,6 +635,11 @@ pub async fn start(cfg: &Config, deps: Deps) -> Result<Daemon, DaemonError> {
 /// Starts the daemon: the start-up sequence, then every server, the pool loop, reconcile and
 /// leaked-ENI cleanup.
 pub async fn start_node(cfg: &Config, deps: Deps, parts: NodeParts) -> Result<Daemon, DaemonError> {
+    if cfg.enable_ipv6 {
+        return Err(DaemonError::Unsupported(
+            "ENABLE_IPv6=true: IPv6 mode starts with daemon::start_v6".into(),
+        ));
+    }
     let process_start = parts.process_start.unwrap_or_else(Instant::now);
     let metrics = Arc::new(Metrics::new().map_err(|e| serve_err("metrics")(e.to_string()))?);
     let init_start = Instant::now();
@@ -964,25 +1001,101 @@ async fn start_inner(
     }
 
     // 5. Serving.
-    let (shutdown, rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-    let mut tasks = Vec::new();
-    let (health, health_srv) = vpc_cni_rpc::health_service().await;
     let backend = Backend::new(
         state.clone(),
         ReplySettings {
             vpc_cidrs: primary.vpc_cidrs.iter().map(ToString::to_string).collect(),
+            vpc_v6_cidrs: Vec::new(),
             external_snat: cfg.external_snat,
             network_policy_mode: cfg.network_policy_mode.clone(),
             node_ip: id.local_ipv4.to_string(),
+            node_ipv6: String::new(),
             instance_id: id.instance_id.clone(),
             region: id.region.clone(),
         },
     )
     .with_low_check(crate::serve::grpc::pool_is_low(pool_cfg, node_limits))
     .with_events(reporter.clone());
+    let Serving {
+        metrics_addr,
+        introspection_addr,
+        shutdown,
+        rx,
+        mut tasks,
+    } = serve(cfg, &state, backend, &metrics).await?;
+    // Reconcile with instance metadata and EC2.
+    {
+        let r = Reconciler {
+            state: state.clone(),
+            pool: pool.clone(),
+            ec2: ec2.clone(),
+            pacer: pacer.clone(),
+            imds: deps.imds.clone(),
+            primary_mac: id.primary_mac.clone(),
+            settings: crate::plan::reconcile::ReconcileSettings::from_config(cfg, &id.instance_id),
+            host: parts.host.clone(),
+            mtu: cfg.eni_mtu,
+            metrics: metrics.clone(),
+            k8s: k8s.clone(),
+            manage_non_schedulable: cfg.manage_enis_non_schedulable,
+        };
+        let (period, rx) = (cfg.reconcile_interval, rx.clone());
+        tasks.push(tokio::spawn(async move { r.run(period, rx).await }));
+    }
+    if !cfg.disable_leaked_eni_cleanup && !cfg.disable_provisioning {
+        let (ec2, pacer, rx) = (ec2.clone(), pacer.clone(), rx.clone());
+        let (vpc, cluster) = (primary.vpc_id.clone(), cfg.cluster_name.clone());
+        let first = cfg.leaked_eni_first_delay.unwrap_or_else(|| {
+            // The reference's random 0–300 s, so that a fleet does not describe at once.
+            let nanos = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            Duration::from_millis(u64::from(nanos) % 300_000)
+        });
+        let every = cfg.leaked_eni_interval;
+        tasks.push(tokio::spawn(async move {
+            leaked_eni_loop(ec2, pacer, vpc, cluster, first, every, rx).await;
+        }));
+    }
+    if !cfg.disable_provisioning {
+        tasks.push(tokio::spawn(pool.clone().run(rx)));
+    } else {
+        tracing::info!("DISABLE_NETWORK_RESOURCE_PROVISIONING: no pool manager");
+    }
+    Ok(Daemon {
+        state,
+        pool,
+        metrics,
+        metrics_addr,
+        introspection_addr,
+        shutdown,
+        tasks,
+        with_api_server: k8s.is_some(),
+    })
+}
+
+/// The servers of every mode, started in the reference's order: gRPC (health SERVING once
+/// it listens), metrics, introspection, and the pool gauges refreshed every second.
+struct Serving {
+    metrics_addr: Option<SocketAddr>,
+    introspection_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    rx: watch::Receiver<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn serve<F: Family>(
+    cfg: &Config,
+    state: &Arc<PoolState<F>>,
+    backend: Backend<F>,
+    metrics: &Arc<Metrics>,
+) -> Result<Serving, DaemonError> {
+    let (shutdown, rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let mut tasks = Vec::new();
+    let (health, health_srv) = vpc_cni_rpc::health_service().await;
     let listener = vpc_cni_rpc::bind_unix(&cfg.grpc_socket)
         .map_err(|e| serve_err("gRPC")(format!("{}: {e}", cfg.grpc_socket.display())))?;
     let routes = crate::serve::grpc::routes(backend, health_srv);
@@ -1044,54 +1157,12 @@ async fn start_inner(
             }
         }));
     }
-    // Reconcile with instance metadata and EC2.
-    {
-        let r = Reconciler {
-            state: state.clone(),
-            pool: pool.clone(),
-            ec2: ec2.clone(),
-            pacer: pacer.clone(),
-            imds: deps.imds.clone(),
-            primary_mac: id.primary_mac.clone(),
-            settings: crate::plan::reconcile::ReconcileSettings::from_config(cfg, &id.instance_id),
-            host: parts.host.clone(),
-            mtu: cfg.eni_mtu,
-            metrics: metrics.clone(),
-            k8s: k8s.clone(),
-            manage_non_schedulable: cfg.manage_enis_non_schedulable,
-        };
-        let (period, rx) = (cfg.reconcile_interval, rx.clone());
-        tasks.push(tokio::spawn(async move { r.run(period, rx).await }));
-    }
-    if !cfg.disable_leaked_eni_cleanup && !cfg.disable_provisioning {
-        let (ec2, pacer, rx) = (ec2.clone(), pacer.clone(), rx.clone());
-        let (vpc, cluster) = (primary.vpc_id.clone(), cfg.cluster_name.clone());
-        let first = cfg.leaked_eni_first_delay.unwrap_or_else(|| {
-            // The reference's random 0–300 s, so that a fleet does not describe at once.
-            let nanos = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos());
-            Duration::from_millis(u64::from(nanos) % 300_000)
-        });
-        let every = cfg.leaked_eni_interval;
-        tasks.push(tokio::spawn(async move {
-            leaked_eni_loop(ec2, pacer, vpc, cluster, first, every, rx).await;
-        }));
-    }
-    if !cfg.disable_provisioning {
-        tasks.push(tokio::spawn(pool.clone().run(rx)));
-    } else {
-        tracing::info!("DISABLE_NETWORK_RESOURCE_PROVISIONING: no pool manager");
-    }
-    Ok(Daemon {
-        state,
-        pool,
-        metrics,
+    Ok(Serving {
         metrics_addr,
         introspection_addr,
         shutdown,
+        rx,
         tasks,
-        with_api_server: k8s.is_some(),
     })
 }
 
@@ -1275,7 +1346,7 @@ struct Published {
     cidrs: std::collections::BTreeSet<String>,
 }
 
-fn publish_pool(state: &PoolState, metrics: &Metrics, published: &mut Published) {
+fn publish_pool<F: Family>(state: &PoolState<F>, metrics: &Metrics, published: &mut Published) {
     let now = state.now();
     let ds = state.lock();
     let t = ds.totals();
@@ -1287,7 +1358,7 @@ fn publish_pool(state: &PoolState, metrics: &Metrics, published: &mut Published)
         assigned_ips: t.assigned as i64,
         cooldown_ips: cooling as i64,
         warm_ips: t.total.saturating_sub(t.assigned).saturating_sub(cooling) as i64,
-        ipv4_prefixes: t.prefixes as i64,
+        ipv4_prefixes: if F::IS_V6 { 0 } else { t.prefixes as i64 },
     });
     let mut now_published = Published::default();
     for (id, e) in ds.enis() {
@@ -1340,6 +1411,7 @@ mod tests {
             primary_ip: None,
             secondary_ips: vec![],
             prefixes: vec![],
+            ipv6_prefixes: vec![],
             tags: tags
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
