@@ -97,7 +97,9 @@ pub fn vpc_ipv6_association_id(vpc_id: &str) -> String {
 pub fn subnet_ipv6_association_id(subnet_id: &str) -> String {
     format!(
         "subnet-cidr-assoc-6{}",
-        subnet_id.trim_start_matches("subnet-").trim_start_matches('0')
+        subnet_id
+            .trim_start_matches("subnet-")
+            .trim_start_matches('0')
     )
 }
 
@@ -825,8 +827,7 @@ impl Model {
             let n = loop {
                 let host = self.rng.next_u64();
                 let n = net.base | u128::from(host);
-                if host > 3 && host != u64::MAX && !s.v6_addrs.contains(&n) && !in_prefix(&s, n)
-                {
+                if host > 3 && host != u64::MAX && !s.v6_addrs.contains(&n) && !in_prefix(&s, n) {
                     break n;
                 }
             };
@@ -2821,7 +2822,11 @@ fn check_ipv6_invariants(m: &Model) -> Result<(), String> {
         let a = addrs.remove(s.id.as_str()).unwrap_or_default();
         let p = prefixes.remove(s.id.as_str()).unwrap_or_default();
         if let Some(x) = a.iter().find(|x| p.contains(&(**x & P80))) {
-            return Err(format!("{}: {} inside an assigned /80", s.id, Ipv6Addr::from(*x)));
+            return Err(format!(
+                "{}: {} inside an assigned /80",
+                s.id,
+                Ipv6Addr::from(*x)
+            ));
         }
         if a != s.v6_addrs || p != s.v6_prefixes {
             return Err(format!("{}: IPv6 bookkeeping differs from its ENIs", s.id));

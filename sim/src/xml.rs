@@ -8,8 +8,8 @@ use crate::api::{Reply, ReservationView};
 use crate::error::ApiError;
 use crate::ipv6::Ipv6Block;
 use crate::model::{
-    card_max_enis, subnet_ipv6_association_id, vpc_ipv6_association_id, Eni, Instance,
-    SubnetView, Tags, Vpc,
+    card_max_enis, subnet_ipv6_association_id, vpc_ipv6_association_id, Eni, Instance, SubnetView,
+    Tags, Vpc,
 };
 
 /// EC2's XML namespace.

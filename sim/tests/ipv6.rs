@@ -174,11 +174,24 @@ async fn ipv6_blocks_prefixes_addresses_filters_errors_and_metadata_through_the_
         Some("associated")
     );
     for (f, v, n) in [
-        ("ipv6-cidr-block-association.ipv6-cidr-block", v56.to_string(), 1),
+        (
+            "ipv6-cidr-block-association.ipv6-cidr-block",
+            v56.to_string(),
+            1,
+        ),
         ("ipv6-cidr-block-association.association-id", vpc_assoc, 1),
-        ("ipv6-cidr-block-association.ipv6-cidr-block", "2001:db8::/56".into(), 0),
+        (
+            "ipv6-cidr-block-association.ipv6-cidr-block",
+            "2001:db8::/56".into(),
+            0,
+        ),
     ] {
-        let d = c.describe_vpcs().filters(filter(f, &v)).send().await.unwrap();
+        let d = c
+            .describe_vpcs()
+            .filters(filter(f, &v))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(d.vpcs().len(), n, "DescribeVpcs {f}={v}");
     }
 
