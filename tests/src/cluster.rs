@@ -51,6 +51,16 @@ fn parse_cidr(s: &str) -> Result<Ipv4Cidr> {
     })
 }
 
+/// The `index`th /64 of a /56.
+fn nth_64(v56: Ipv6Block, index: u8) -> Result<Ipv6Block> {
+    Ipv6Block::new(v56.base | (u128::from(index) << 64), 64)
+        .filter(|b| v56.contains_block(b))
+        .ok_or_else(|| FabricError::Sim {
+            action: "pick a /64",
+            message: format!("/64 number {index} of {v56}"),
+        })
+}
+
 impl SimCluster {
     /// A fabric and a simulator configured by `cfg`, with the fabric's hooks installed.
     pub fn new(cfg: SimConfig) -> Result<SimCluster> {
@@ -118,6 +128,46 @@ impl SimCluster {
         Ok((v.id.clone(), block))
     }
 
+    /// `AssociateVpcCidrBlock` with `AmazonProvidedIpv6CidrBlock=true` on an existing VPC (an
+    /// IPv4 cluster's VPC turning dual-stack); registers the /56 with the fabric. Returns it.
+    pub fn associate_vpc_ipv6(&self, vpc_id: &str) -> Result<Ipv6Block> {
+        let r = self.call(Request::AssociateVpcCidrBlock {
+            vpc_id: vpc_id.to_owned(),
+            amazon_ipv6: true,
+        })?;
+        let Reply::VpcCidrAssociated { block, .. } = r else {
+            return Err(Self::unexpected("AssociateVpcCidrBlock", &r));
+        };
+        self.fabric.add_vpc_cidr6(block)?;
+        Ok(block)
+    }
+
+    /// `AssociateSubnetCidrBlock` of the `index`th /64 of the VPC's /56 on an existing subnet;
+    /// registers it with the fabric. Only nodes booted afterwards get an IPv6 default route
+    /// (an ENI attached before knows no /64). Returns the /64.
+    pub fn associate_subnet_ipv6(&self, subnet_id: &str, index: u8) -> Result<Ipv6Block> {
+        let v56 = self
+            .sim
+            .with(|s| {
+                let vpc = &s.model().subnets.get(subnet_id)?.vpc_id;
+                s.model().vpcs.get(vpc)?.ipv6_cidr
+            })
+            .ok_or_else(|| FabricError::Unknown {
+                what: "subnet in a VPC with an IPv6 /56",
+                id: subnet_id.to_owned(),
+            })?;
+        let block = nth_64(v56, index)?;
+        let r = self.call(Request::AssociateSubnetCidrBlock {
+            subnet_id: subnet_id.to_owned(),
+            ipv6_cidr: block,
+        })?;
+        let Reply::SubnetCidrAssociated { block, .. } = r else {
+            return Err(Self::unexpected("AssociateSubnetCidrBlock", &r));
+        };
+        self.fabric.add_subnet6(subnet_id, block)?;
+        Ok(block)
+    }
+
     /// `CreateSubnet` with IPv4 `cidr` and the `index`th /64 of the VPC's /56 (index 0 is the
     /// /56's first /64), in the region's first availability zone; registers both with the
     /// fabric. Returns the subnet id and its /64.
@@ -134,12 +184,7 @@ impl SimCluster {
                 what: "VPC with an IPv6 /56",
                 id: vpc_id.to_owned(),
             })?;
-        let block = Ipv6Block::new(v56.base | (u128::from(index) << 64), 64).ok_or_else(|| {
-            FabricError::Sim {
-                action: "CreateSubnet",
-                message: format!("/64 number {index} of {v56}"),
-            }
-        })?;
+        let block = nth_64(v56, index)?;
         let cidr = parse_cidr(cidr)?;
         let az = self
             .sim

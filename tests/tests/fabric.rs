@@ -656,3 +656,41 @@ fn ipv6_80s_and_addresses_are_routed_to_their_enis_through_fe80_ec2_1_with_sourc
     ensure!(left.is_empty(), "namespaces left behind: {left:?}");
     Ok(())
 }
+
+#[test]
+fn an_ipv4_vpc_turned_dual_stack_by_association_carries_ipv6_for_nodes_booted_after(
+) -> anyhow::Result<()> {
+    if skip_netns_test("dual-stack association scenario") {
+        return Ok(());
+    }
+    let c = SimCluster::new(SimConfig {
+        seed: 17,
+        ..SimConfig::default()
+    })?;
+    let vpc = c.create_vpc("10.3.0.0/16")?;
+    let s = c.create_subnet(&vpc, "10.3.1.0/24")?;
+    let before = c.run_instance(&s, "t3.medium")?;
+    ensure!(before.primary_ipv6.is_none() && before.subnet6.is_none());
+    let v56 = c.associate_vpc_ipv6(&vpc)?;
+    let net = c.associate_subnet_ipv6(&s, 3)?;
+    ensure!(v56.contains_block(&net) && net.len == 64, "{net} in {v56}");
+    ensure!(c.fabric.vpc_cidrs6() == vec![v56]);
+    let node = c.run_instance_ipv6(&s, "t3.medium")?;
+    c.check_hooks()?;
+    ensure!(node.subnet6 == Some(net), "node's /64: {:?}", node.subnet6);
+    let v6 = node.primary_ipv6.context("IPv6 at launch")?;
+    let ns = node.netns()?;
+    let out_ns = c.fabric.outside_ns()?;
+    let outside6 = UdpListener::start_any(&out_ns, sa6(OUTSIDE_ADDR6, PORT))?;
+    let seen = expect_echo(
+        udp_probe_any(&ns, None, outside6.socket_addr(), WAIT)?,
+        "dual-stack node to the IPv6 outside",
+    )?;
+    assert_eq!(seen, IpAddr::V6(v6));
+    // The node booted before the association has no IPv6 route: the network says so at once.
+    match udp_probe_any(&before.netns()?, None, outside6.socket_addr(), WAIT)? {
+        ProbeOutcome::Unreachable(_) => {}
+        other => bail!("node booted before the /64 reached the IPv6 outside: {other:?}"),
+    }
+    Ok(())
+}
