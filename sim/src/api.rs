@@ -80,6 +80,8 @@ pub struct RunInstances {
     pub security_groups: Vec<String>,
     /// `PrivateIpAddress`.
     pub private_ip: Option<Ipv4Addr>,
+    /// `Ipv6AddressCount`: IPv6 addresses for the primary ENI from the subnet's /64.
+    pub ipv6_count: Option<i64>,
     /// Tags from `TagSpecification` of resource type `instance`.
     pub tags: Tags,
     /// Tags from `TagSpecification` of resource type `network-interface`.
@@ -123,6 +125,19 @@ pub enum Request {
         availability_zone: Option<String>,
         ipv6_cidr: Option<Ipv6Block>,
         tags: Tags,
+    },
+    /// `AssociateVpcCidrBlock` with `AmazonProvidedIpv6CidrBlock=true`: an Amazon /56.
+    AssociateVpcCidrBlock { vpc_id: String, amazon_ipv6: bool },
+    /// `AssociateSubnetCidrBlock`: a /64 of the VPC's /56.
+    AssociateSubnetCidrBlock {
+        subnet_id: String,
+        ipv6_cidr: Ipv6Block,
+    },
+    /// `DescribeVpcs`.
+    DescribeVpcs {
+        ids: Vec<String>,
+        filters: Vec<Filter>,
+        page: Page,
     },
     /// `CreateSecurityGroup`.
     CreateSecurityGroup {
@@ -220,6 +235,9 @@ impl Request {
         match self {
             Self::CreateVpc { .. } => "CreateVpc",
             Self::CreateSubnet { .. } => "CreateSubnet",
+            Self::AssociateVpcCidrBlock { .. } => "AssociateVpcCidrBlock",
+            Self::AssociateSubnetCidrBlock { .. } => "AssociateSubnetCidrBlock",
+            Self::DescribeVpcs { .. } => "DescribeVpcs",
             Self::CreateSecurityGroup { .. } => "CreateSecurityGroup",
             Self::RunInstances(_) => "RunInstances",
             Self::TerminateInstances { .. } => "TerminateInstances",
@@ -246,6 +264,9 @@ impl Request {
 pub const ACTIONS: &[&str] = &[
     "CreateVpc",
     "CreateSubnet",
+    "AssociateVpcCidrBlock",
+    "AssociateSubnetCidrBlock",
+    "DescribeVpcs",
     "CreateSecurityGroup",
     "RunInstances",
     "TerminateInstances",
@@ -296,6 +317,23 @@ pub enum Reply {
     Vpc(Vpc),
     /// `CreateSubnet`.
     Subnet(SubnetView),
+    /// `AssociateVpcCidrBlock`.
+    VpcCidrAssociated {
+        vpc_id: String,
+        association_id: String,
+        block: Ipv6Block,
+    },
+    /// `AssociateSubnetCidrBlock`.
+    SubnetCidrAssociated {
+        subnet_id: String,
+        association_id: String,
+        block: Ipv6Block,
+    },
+    /// `DescribeVpcs`.
+    Vpcs {
+        vpcs: Vec<Vpc>,
+        next_token: Option<String>,
+    },
     /// `CreateSecurityGroup`.
     SecurityGroup(SecurityGroup),
     /// `RunInstances`.

@@ -85,6 +85,24 @@ pub struct Vpc {
     pub owner_id: String,
 }
 
+/// The id of a VPC's Amazon-provided IPv6 block association (stable for the VPC).
+pub fn vpc_ipv6_association_id(vpc_id: &str) -> String {
+    format!(
+        "vpc-cidr-assoc-6{}",
+        vpc_id.trim_start_matches("vpc-").trim_start_matches('0')
+    )
+}
+
+/// The id of a subnet's IPv6 block association (stable for the subnet).
+pub fn subnet_ipv6_association_id(subnet_id: &str) -> String {
+    format!(
+        "subnet-cidr-assoc-6{}",
+        subnet_id
+            .trim_start_matches("subnet-")
+            .trim_start_matches('0')
+    )
+}
+
 /// A subnet with its address allocator.
 #[derive(Debug, Clone, Serialize)]
 pub struct Subnet {
@@ -408,6 +426,17 @@ impl Model {
                 ipv6_cidr,
                 tags,
             } => self.create_subnet(&vpc_id, cidr, availability_zone, ipv6_cidr, tags),
+            Request::AssociateVpcCidrBlock {
+                vpc_id,
+                amazon_ipv6,
+            } => self.associate_vpc_cidr(&vpc_id, amazon_ipv6),
+            Request::AssociateSubnetCidrBlock {
+                subnet_id,
+                ipv6_cidr,
+            } => self.associate_subnet_cidr(&subnet_id, ipv6_cidr),
+            Request::DescribeVpcs { ids, filters, page } => {
+                self.describe_vpcs(&ids, &filters, &page)
+            }
             Request::CreateSecurityGroup {
                 vpc_id,
                 name,
@@ -641,6 +670,17 @@ impl Model {
         Ok(())
     }
 
+    /// Marks the instances of every attached ENI matching `f` (their metadata changed).
+    fn mark_dirty_where(&mut self, f: impl Fn(&Eni) -> bool) {
+        let ids: Vec<String> = self
+            .enis
+            .values()
+            .filter(|e| f(e))
+            .filter_map(|e| e.instance_id().map(str::to_owned))
+            .collect();
+        self.dirty.extend(ids);
+    }
+
     fn mark_dirty(&mut self, eni_id: &str) {
         if let Some(i) = self.enis.get(eni_id).and_then(|e| e.instance_id()) {
             self.dirty.insert(i.to_owned());
@@ -783,10 +823,11 @@ impl Model {
             addrs.push(*a);
         }
         for _ in 0..count {
+            // EC2 reserves the first four addresses and the last one of the /64.
             let n = loop {
-                let host = self.rng.next_u64() as u128;
-                let n = net.base | host;
-                if host > 3 && !s.v6_addrs.contains(&n) && !in_prefix(&s, n) {
+                let host = self.rng.next_u64();
+                let n = net.base | u128::from(host);
+                if host > 3 && host != u64::MAX && !s.v6_addrs.contains(&n) && !in_prefix(&s, n) {
                     break n;
                 }
             };
@@ -812,8 +853,10 @@ impl Model {
             s.v6_prefixes.insert(p.base);
             pfx.push(*p);
         }
+        // A /64 has 65,536 aligned /80s; the first and the last hold reserved addresses.
+        let last = net.base | (0xffffu128 << 48);
         for _ in 0..prefix_count {
-            if s.v6_prefixes.len() >= (1 << 16) - 1 {
+            if s.v6_prefixes.len() >= (1 << 16) - 2 {
                 return Err(ApiError::new(
                     "InsufficientCidrBlocks",
                     "There are not enough free cidr blocks in the specified subnet to satisfy the request.",
@@ -821,7 +864,7 @@ impl Model {
             }
             let base = loop {
                 let b = net.base | (u128::from(self.rng.next_u64() as u16) << 48);
-                if b != net.base && prefix_free(&s, b) {
+                if b != net.base && b != last && prefix_free(&s, b) {
                     break b;
                 }
             };
@@ -859,13 +902,7 @@ impl Model {
         }
         check_tags(&tags)?;
         let id = self.new_id("vpc");
-        let ipv6_cidr = amazon_ipv6.then(|| {
-            let r = u128::from(self.rng.next_u64() as u32 & 0x00ff_ffff);
-            Ipv6Block {
-                base: (0x2600_1f14u128 << 96) | (r << 72),
-                len: 56,
-            }
-        });
+        let ipv6_cidr = amazon_ipv6.then(|| self.new_amazon_56());
         let sg_id = self.new_id("sg");
         self.security_groups.insert(
             sg_id.clone(),
@@ -887,6 +924,115 @@ impl Model {
         };
         self.vpcs.insert(id, vpc.clone());
         Ok(Reply::Vpc(vpc))
+    }
+
+    /// A fresh Amazon-provided /56 from the region's pool (`2600:1f14::/32` here), unique in the
+    /// account.
+    fn new_amazon_56(&mut self) -> Ipv6Block {
+        loop {
+            let r = u128::from(self.rng.next_u64() as u32 & 0x00ff_ffff);
+            let b = Ipv6Block {
+                base: (0x2600_1f14u128 << 96) | (r << 72),
+                len: 56,
+            };
+            if !self.vpcs.values().any(|v| v.ipv6_cidr == Some(b)) {
+                return b;
+            }
+        }
+    }
+
+    fn associate_vpc_cidr(&mut self, vpc_id: &str, amazon_ipv6: bool) -> Result<Reply, ApiError> {
+        let vpc = self.vpc(vpc_id)?.clone();
+        if !amazon_ipv6 {
+            return Err(ApiError::missing("AmazonProvidedIpv6CidrBlock"));
+        }
+        if vpc.ipv6_cidr.is_some() {
+            return Err(ApiError::new(
+                "CidrLimitExceeded",
+                format!("This network '{vpc_id}' has met its maximum number of allowed CIDRs: 1"),
+            ));
+        }
+        let block = self.new_amazon_56();
+        if let Some(v) = self.vpcs.get_mut(vpc_id) {
+            v.ipv6_cidr = Some(block);
+        }
+        self.mark_dirty_where(|e| e.vpc_id == vpc_id);
+        Ok(Reply::VpcCidrAssociated {
+            vpc_id: vpc_id.to_owned(),
+            association_id: vpc_ipv6_association_id(vpc_id),
+            block,
+        })
+    }
+
+    /// EC2's checks of a subnet IPv6 block: a /64 inside the VPC's /56, overlapping no other
+    /// subnet's.
+    fn check_subnet_ipv6(&self, vpc: &Vpc, b6: &Ipv6Block) -> Result<(), ApiError> {
+        let ok = vpc.ipv6_cidr.is_some_and(|v| v.contains_block(b6)) && b6.len == 64;
+        if !ok {
+            return Err(ApiError::new(
+                "InvalidSubnet.Range",
+                format!("The IPv6 CIDR '{b6}' is invalid."),
+            ));
+        }
+        if self
+            .subnets
+            .values()
+            .any(|s| s.ipv6_cidr.is_some_and(|o| o.overlaps(b6)))
+        {
+            return Err(ApiError::new(
+                "InvalidSubnet.Conflict",
+                format!("The CIDR '{b6}' conflicts with another subnet"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn associate_subnet_cidr(
+        &mut self,
+        subnet_id: &str,
+        block: Ipv6Block,
+    ) -> Result<Reply, ApiError> {
+        let s = self.subnet(subnet_id)?.clone();
+        let vpc = self.vpc(&s.vpc_id)?.clone();
+        if s.ipv6_cidr.is_some() {
+            return Err(ApiError::new(
+                "CidrLimitExceeded",
+                format!("This subnet '{subnet_id}' has met its maximum number of allowed CIDRs: 1"),
+            ));
+        }
+        self.check_subnet_ipv6(&vpc, &block)?;
+        if let Some(s) = self.subnets.get_mut(subnet_id) {
+            s.ipv6_cidr = Some(block);
+        }
+        self.mark_dirty_where(|e| e.subnet_id == subnet_id);
+        Ok(Reply::SubnetCidrAssociated {
+            subnet_id: subnet_id.to_owned(),
+            association_id: subnet_ipv6_association_id(subnet_id),
+            block,
+        })
+    }
+
+    fn describe_vpcs(
+        &self,
+        ids: &[String],
+        filters: &[Filter],
+        page: &Page,
+    ) -> Result<Reply, ApiError> {
+        check_filters(filters, VPC_FILTERS)?;
+        for id in ids {
+            self.vpc(id)?;
+        }
+        let mut out = Vec::new();
+        for v in self.vpcs.values() {
+            if !ids.is_empty() && !ids.contains(&v.id) {
+                continue;
+            }
+            if matches_all(filters, |f| vpc_filter(v, f))? {
+                out.push(v.clone());
+            }
+        }
+        let (vpcs, next_token) = paginate(out, |v| v.id.clone(), page, 5, 1000, None)?;
+        Ok(Reply::Vpcs { vpcs, next_token })
     }
 
     fn create_subnet(
@@ -928,23 +1074,7 @@ impl Model {
             None => zones[self.rng.below(zones.len() as u64) as usize].clone(),
         };
         if let Some(b6) = ipv6_cidr {
-            let ok = vpc.ipv6_cidr.is_some_and(|v| v.contains_block(&b6)) && b6.len == 64;
-            if !ok {
-                return Err(ApiError::new(
-                    "InvalidSubnet.Range",
-                    format!("The IPv6 CIDR '{b6}' is invalid."),
-                ));
-            }
-            if self
-                .subnets
-                .values()
-                .any(|s| s.ipv6_cidr.is_some_and(|o| o.overlaps(&b6)))
-            {
-                return Err(ApiError::new(
-                    "InvalidSubnet.Conflict",
-                    format!("The CIDR '{b6}' conflicts with another subnet"),
-                ));
-            }
+            self.check_subnet_ipv6(&vpc, &b6)?;
         }
         check_tags(&tags)?;
         let id = self.new_id("subnet");
@@ -1081,6 +1211,23 @@ impl Model {
                 "PrivateIpAddress can only be used when launching a single instance.",
             ));
         }
+        let v6_count = match r.ipv6_count {
+            None | Some(0) => 0,
+            Some(n) if n < 0 => {
+                return Err(ApiError::bad_value(
+                    "Ipv6AddressCount",
+                    &n.to_string(),
+                    "Must be a non-negative integer.",
+                ))
+            }
+            Some(_) if subnet.ipv6_cidr.is_none() => {
+                return Err(ApiError::invalid(format!(
+                    "Subnet {subnet_id} does not have an IPv6 CIDR block associated; Ipv6AddressCount cannot be used."
+                )))
+            }
+            Some(n) if n > i64::from(limits.ipv6_per_eni) => return Err(limit_exceeded()),
+            Some(n) => n as u32,
+        };
         let free = i64::from(subnet.alloc.free_addresses());
         if free < r.min_count {
             return Err(insufficient_addresses(&subnet));
@@ -1096,6 +1243,13 @@ impl Model {
             };
             let want = u32::from(specific.is_empty());
             let (ips, _) = self.alloc_v4(&subnet_id, &specific, want, &[], 0)?;
+            let (v6, _) = match self.alloc_v6(&subnet_id, &[], v6_count, &[], 0) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.release_v4(&subnet_id, &ips, &[]);
+                    return Err(e);
+                }
+            };
             let iid = self.new_id("i");
             let eid = self.new_id("eni");
             let aid = self.new_id("eni-attach");
@@ -1123,7 +1277,7 @@ impl Model {
                 primary_ip: ips[0],
                 secondary_ips: Vec::new(),
                 ipv4_prefixes: Vec::new(),
-                ipv6_addresses: Vec::new(),
+                ipv6_addresses: v6,
                 ipv6_prefixes: Vec::new(),
                 interface_type: "interface".into(),
                 source_dest_check: true,
@@ -1642,7 +1796,9 @@ impl Model {
         if eni.ipv4_slots() > l.ipv4_per_eni || eni.ipv6_slots() > l.ipv6_per_eni {
             return Err(limit_exceeded());
         }
-        if !eni.ipv4_prefixes.is_empty() && !l.supports_prefix_delegation() {
+        if (!eni.ipv4_prefixes.is_empty() || !eni.ipv6_prefixes.is_empty())
+            && !l.supports_prefix_delegation()
+        {
             return Err(ApiError::invalid(format!(
                 "Prefix delegation is not supported for instance type {}.",
                 inst.instance_type
@@ -1947,6 +2103,9 @@ impl Model {
             }
             None => (addresses.len() + prefixes.len()) as u64,
         };
+        if prefix_count.is_some() || !prefixes.is_empty() {
+            self.prefix_delegation_ok(&eni)?;
+        }
         if u64::from(eni.ipv6_slots()) + n > u64::from(self.ipv6_limit(&eni)) {
             return Err(limit_exceeded());
         }
@@ -2234,12 +2393,31 @@ pub const ENI_FILTERS: &[&str] = &[
     "owner-id",
     "ipv6-addresses.ipv6-address",
 ];
+/// Filters `DescribeVpcs` accepts (plus `tag:KEY`).
+pub const VPC_FILTERS: &[&str] = &[
+    "vpc-id",
+    "cidr",
+    "cidr-block-association.cidr-block",
+    "ipv6-cidr-block-association.ipv6-cidr-block",
+    "ipv6-cidr-block-association.association-id",
+    "ipv6-cidr-block-association.state",
+    "ipv6-cidr-block-association.ipv6-pool",
+    "is-default",
+    "owner-id",
+    "state",
+    "tag-key",
+    "tag-value",
+];
 /// Filters `DescribeSubnets` accepts (plus `tag:KEY`).
 pub const SUBNET_FILTERS: &[&str] = &[
     "vpc-id",
     "availability-zone",
     "subnet-id",
     "cidr-block",
+    "ipv6-cidr-block-association.ipv6-cidr-block",
+    "ipv6-cidr-block-association.association-id",
+    "ipv6-cidr-block-association.state",
+    "ipv6-native",
     "state",
     "tag-key",
     "tag-value",
@@ -2256,6 +2434,8 @@ pub const INSTANCE_FILTERS: &[&str] = &[
     "availability-zone",
     "private-ip-address",
     "network-interface.network-interface-id",
+    "ipv6-address",
+    "network-interface.ipv6-addresses.ipv6-address",
     "tag-key",
     "tag-value",
 ];
@@ -2337,6 +2517,37 @@ fn subnet_filter(s: &Subnet, name: &str) -> Vec<String> {
         "subnet-id" => vec![s.id.clone()],
         "cidr-block" => vec![s.cidr.to_string()],
         "state" => vec!["available".into()],
+        "ipv6-cidr-block-association.ipv6-cidr-block" => {
+            s.ipv6_cidr.iter().map(|b| b.to_string()).collect()
+        }
+        "ipv6-cidr-block-association.association-id" => s
+            .ipv6_cidr
+            .iter()
+            .map(|_| subnet_ipv6_association_id(&s.id))
+            .collect(),
+        "ipv6-cidr-block-association.state" => {
+            s.ipv6_cidr.iter().map(|_| "associated".into()).collect()
+        }
+        "ipv6-native" => vec!["false".into()],
+        _ => Vec::new(),
+    }
+}
+
+fn vpc_filter(v: &Vpc, name: &str) -> Vec<String> {
+    if let Some(t) = tag_filter(&v.tags, name) {
+        return t;
+    }
+    let v6 = |f: &dyn Fn(&Ipv6Block) -> String| v.ipv6_cidr.iter().map(f).collect::<Vec<_>>();
+    match name {
+        "vpc-id" => vec![v.id.clone()],
+        "cidr" | "cidr-block-association.cidr-block" => vec![v.cidr.to_string()],
+        "ipv6-cidr-block-association.ipv6-cidr-block" => v6(&|b| b.to_string()),
+        "ipv6-cidr-block-association.association-id" => v6(&|_| vpc_ipv6_association_id(&v.id)),
+        "ipv6-cidr-block-association.state" => v6(&|_| "associated".into()),
+        "ipv6-cidr-block-association.ipv6-pool" => v6(&|_| "Amazon".into()),
+        "is-default" => vec!["false".into()],
+        "owner-id" => vec![v.owner_id.clone()],
+        "state" => vec!["available".into()],
         _ => Vec::new(),
     }
 }
@@ -2359,6 +2570,11 @@ fn instance_filter(i: &Instance, enis: &[Eni], name: &str) -> Vec<String> {
             .map(|e| e.primary_ip.to_string())
             .collect(),
         "network-interface.network-interface-id" => enis.iter().map(|e| e.id.clone()).collect(),
+        "ipv6-address" | "network-interface.ipv6-addresses.ipv6-address" => enis
+            .iter()
+            .filter(|e| name != "ipv6-address" || e.id == i.primary_eni)
+            .flat_map(|e| e.ipv6_addresses.iter().map(|a| a.to_string()))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -2544,6 +2760,7 @@ pub fn check_invariants(m: &Model) -> Result<(), String> {
             }
         }
     }
+    check_ipv6_invariants(m)?;
     for s in m.subnets.values() {
         let used = per_subnet.get(s.id.as_str()).copied().unwrap_or(0);
         let expect = s.cidr.size() as u32 - 5 - used;
@@ -2554,6 +2771,65 @@ pub fn check_invariants(m: &Model) -> Result<(), String> {
                 s.alloc.free_addresses(),
                 expect
             ));
+        }
+    }
+    Ok(())
+}
+
+/// IPv6 invariants: every address and /80 of an ENI lies in its subnet's /64 (prefixes
+/// aligned), none is held twice or inside another ENI's prefix, the per-ENI limit holds, and
+/// each subnet's bookkeeping matches what its ENIs hold.
+fn check_ipv6_invariants(m: &Model) -> Result<(), String> {
+    const P80: u128 = !((1u128 << 48) - 1);
+    let mut addrs: BTreeMap<&str, BTreeSet<u128>> = BTreeMap::new();
+    let mut prefixes: BTreeMap<&str, BTreeSet<u128>> = BTreeMap::new();
+    for e in m.enis.values() {
+        let s = m
+            .subnets
+            .get(&e.subnet_id)
+            .ok_or(format!("{}: unknown subnet", e.id))?;
+        if e.ipv6_slots() == 0 {
+            continue;
+        }
+        let net = s
+            .ipv6_cidr
+            .ok_or(format!("{}: IPv6 in subnet {} without a /64", e.id, s.id))?;
+        let a = addrs.entry(s.id.as_str()).or_default();
+        for x in &e.ipv6_addresses {
+            let n = u128::from(*x);
+            if !net.contains(n) || !a.insert(n) {
+                return Err(format!("{}: {x} outside {net} or held twice", e.id));
+            }
+        }
+        let p = prefixes.entry(s.id.as_str()).or_default();
+        for x in &e.ipv6_prefixes {
+            if x.len != 80 || !net.contains_block(x) || !p.insert(x.base) {
+                return Err(format!("{}: {x} not a free aligned /80 of {net}", e.id));
+            }
+        }
+        if let Some(i) = e.instance_id().and_then(|i| m.instances.get(i)) {
+            if e.ipv6_slots() > i.limits.ipv6_per_eni {
+                return Err(format!(
+                    "{}: {} IPv6 slots > {}",
+                    e.id,
+                    e.ipv6_slots(),
+                    i.limits.ipv6_per_eni
+                ));
+            }
+        }
+    }
+    for s in m.subnets.values() {
+        let a = addrs.remove(s.id.as_str()).unwrap_or_default();
+        let p = prefixes.remove(s.id.as_str()).unwrap_or_default();
+        if let Some(x) = a.iter().find(|x| p.contains(&(**x & P80))) {
+            return Err(format!(
+                "{}: {} inside an assigned /80",
+                s.id,
+                Ipv6Addr::from(*x)
+            ));
+        }
+        if a != s.v6_addrs || p != s.v6_prefixes {
+            return Err(format!("{}: IPv6 bookkeeping differs from its ENIs", s.id));
         }
     }
     Ok(())

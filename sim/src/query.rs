@@ -200,6 +200,14 @@ fn accepted(action: &str) -> &'static [&'static str] {
             "Ipv6CidrBlock",
             "TagSpecification",
         ],
+        "AssociateVpcCidrBlock" => &[
+            "VpcId",
+            "AmazonProvidedIpv6CidrBlock",
+            "CidrBlock",
+            "Ipv6CidrBlockNetworkBorderGroup",
+        ],
+        "AssociateSubnetCidrBlock" => &["SubnetId", "Ipv6CidrBlock"],
+        "DescribeVpcs" => &["VpcId", "Filter", "MaxResults", "NextToken"],
         "CreateSecurityGroup" => &["GroupName", "GroupDescription", "VpcId", "TagSpecification"],
         "RunInstances" => &[
             "ImageId",
@@ -210,6 +218,7 @@ fn accepted(action: &str) -> &'static [&'static str] {
             "SecurityGroupId",
             "SecurityGroup",
             "PrivateIpAddress",
+            "Ipv6AddressCount",
             "TagSpecification",
             "ClientToken",
             "KeyName",
@@ -345,6 +354,33 @@ pub fn parse(p: &Params) -> Result<Parsed, ApiError> {
             ipv6_cidr: p.parsed::<Ipv6Block>("Ipv6CidrBlock", "IPv6 CIDR block")?,
             tags: single_tags(&["subnet"])?,
         },
+        "AssociateVpcCidrBlock" => {
+            if p.get("CidrBlock").is_some() {
+                return Err(ApiError::new(
+                    "UnsupportedOperation",
+                    "The simulator associates only Amazon-provided IPv6 blocks (AmazonProvidedIpv6CidrBlock), not secondary IPv4 CidrBlock.",
+                ));
+            }
+            let amazon_ipv6 = p.boolean("AmazonProvidedIpv6CidrBlock")?.unwrap_or(false);
+            if !amazon_ipv6 {
+                return Err(ApiError::missing("AmazonProvidedIpv6CidrBlock"));
+            }
+            Request::AssociateVpcCidrBlock {
+                vpc_id: p.req("VpcId")?,
+                amazon_ipv6,
+            }
+        }
+        "AssociateSubnetCidrBlock" => Request::AssociateSubnetCidrBlock {
+            subnet_id: p.req("SubnetId")?,
+            ipv6_cidr: p
+                .parsed::<Ipv6Block>("Ipv6CidrBlock", "IPv6 CIDR block")?
+                .ok_or_else(|| ApiError::missing("Ipv6CidrBlock"))?,
+        },
+        "DescribeVpcs" => Request::DescribeVpcs {
+            ids: p.list("VpcId")?,
+            filters: p.filters()?,
+            page: p.page()?,
+        },
         "CreateSecurityGroup" => Request::CreateSecurityGroup {
             vpc_id: p.get("VpcId").map(str::to_owned),
             name: p.req("GroupName")?,
@@ -365,6 +401,7 @@ pub fn parse(p: &Params) -> Result<Parsed, ApiError> {
                 subnet_id: p.get("SubnetId").map(str::to_owned),
                 security_groups: p.list("SecurityGroupId")?,
                 private_ip: v4("PrivateIpAddress")?,
+                ipv6_count: p.int("Ipv6AddressCount")?,
                 tags: specs.remove("instance").unwrap_or_default(),
                 eni_tags: specs.remove("network-interface").unwrap_or_default(),
                 client_token: p.get("ClientToken").map(str::to_owned),

@@ -6,7 +6,11 @@ use subnet_calc::limits::{Hypervisor, InstanceLimits};
 
 use crate::api::{Reply, ReservationView};
 use crate::error::ApiError;
-use crate::model::{card_max_enis, Eni, Instance, SubnetView, Tags};
+use crate::ipv6::Ipv6Block;
+use crate::model::{
+    card_max_enis, subnet_ipv6_association_id, vpc_ipv6_association_id, Eni, Instance, SubnetView,
+    Tags, Vpc,
+};
 
 /// EC2's XML namespace.
 pub const XMLNS: &str = "http://ec2.amazonaws.com/doc/2016-11-15/";
@@ -121,31 +125,35 @@ pub fn render(action: &str, reply: &Reply, request_id: &str, epoch_ms: u64) -> S
     match reply {
         Reply::Vpc(v) => {
             w.open("vpc");
-            w.leaf("vpcId", &v.id);
-            w.leaf("ownerId", &v.owner_id);
-            w.leaf("state", "available");
-            w.leaf("cidrBlock", v.cidr);
-            w.set("cidrBlockAssociationSet", &[v.cidr], |w, c| {
-                w.leaf("associationId", format!("vpc-cidr-assoc-{}", &v.id[4..]));
-                w.leaf("cidrBlock", c);
-                w.open("cidrBlockState");
-                w.leaf("state", "associated");
-                w.close("cidrBlockState");
-            });
-            let v6: Vec<_> = v.ipv6_cidr.iter().collect();
-            w.set("ipv6CidrBlockAssociationSet", &v6, |w, c| {
-                w.leaf("associationId", format!("vpc-cidr-assoc-6{}", &v.id[5..]));
-                w.leaf("ipv6CidrBlock", c);
-                w.open("ipv6CidrBlockState");
-                w.leaf("state", "associated");
-                w.close("ipv6CidrBlockState");
-                w.leaf("networkBorderGroup", "");
-            });
-            w.leaf("dhcpOptionsId", "default");
-            w.leaf("instanceTenancy", "default");
-            w.leaf("isDefault", false);
-            w.tags(&v.tags);
+            vpc(&mut w, v);
             w.close("vpc");
+        }
+        Reply::Vpcs { vpcs, next_token } => {
+            w.set("vpcSet", vpcs, vpc);
+            if let Some(t) = next_token {
+                w.leaf("nextToken", t);
+            }
+        }
+        Reply::VpcCidrAssociated {
+            vpc_id,
+            association_id,
+            block,
+        } => {
+            w.open("ipv6CidrBlockAssociation");
+            ipv6_association(&mut w, association_id, block, "associating");
+            w.leaf("ipv6Pool", "Amazon");
+            w.close("ipv6CidrBlockAssociation");
+            w.leaf("vpcId", vpc_id);
+        }
+        Reply::SubnetCidrAssociated {
+            subnet_id,
+            association_id,
+            block,
+        } => {
+            w.open("ipv6CidrBlockAssociation");
+            ipv6_association(&mut w, association_id, block, "associating");
+            w.close("ipv6CidrBlockAssociation");
+            w.leaf("subnetId", subnet_id);
         }
         Reply::Subnet(s) => {
             w.open("subnet");
@@ -256,6 +264,37 @@ pub fn render(action: &str, reply: &Reply, request_id: &str, epoch_ms: u64) -> S
     w.s
 }
 
+fn ipv6_association(w: &mut W, id: &str, block: &Ipv6Block, state: &str) {
+    w.leaf("associationId", id);
+    w.leaf("ipv6CidrBlock", block);
+    w.open("ipv6CidrBlockState");
+    w.leaf("state", state);
+    w.close("ipv6CidrBlockState");
+}
+
+fn vpc(w: &mut W, v: &Vpc) {
+    w.leaf("vpcId", &v.id);
+    w.leaf("ownerId", &v.owner_id);
+    w.leaf("state", "available");
+    w.leaf("cidrBlock", v.cidr);
+    w.set("cidrBlockAssociationSet", &[v.cidr], |w, c| {
+        w.leaf("associationId", format!("vpc-cidr-assoc-{}", &v.id[4..]));
+        w.leaf("cidrBlock", c);
+        w.open("cidrBlockState");
+        w.leaf("state", "associated");
+        w.close("cidrBlockState");
+    });
+    let v6: Vec<_> = v.ipv6_cidr.iter().collect();
+    w.set("ipv6CidrBlockAssociationSet", &v6, |w, c| {
+        ipv6_association(w, &vpc_ipv6_association_id(&v.id), c, "associated");
+        w.leaf("ipv6Pool", "Amazon");
+    });
+    w.leaf("dhcpOptionsId", "default");
+    w.leaf("instanceTenancy", "default");
+    w.leaf("isDefault", false);
+    w.tags(&v.tags);
+}
+
 fn text_set<T: Display>(w: &mut W, tag: &str, items: &[T]) {
     w.open(tag);
     for i in items {
@@ -297,11 +336,7 @@ fn subnet(w: &mut W, s: &SubnetView) {
     w.leaf("cidrBlock", s.cidr);
     let v6: Vec<_> = s.ipv6_cidr.iter().collect();
     w.set("ipv6CidrBlockAssociationSet", &v6, |w, c| {
-        w.leaf("associationId", format!("subnet-cidr-assoc-{}", &s.id[7..]));
-        w.leaf("ipv6CidrBlock", c);
-        w.open("ipv6CidrBlockState");
-        w.leaf("state", "associated");
-        w.close("ipv6CidrBlockState");
+        ipv6_association(w, &subnet_ipv6_association_id(&s.id), c, "associated");
     });
     w.leaf("availableIpAddressCount", s.available_ip_address_count);
     w.leaf("availabilityZone", &s.availability_zone);
@@ -309,6 +344,7 @@ fn subnet(w: &mut W, s: &SubnetView) {
     w.leaf("defaultForAz", false);
     w.leaf("mapPublicIpOnLaunch", false);
     w.leaf("assignIpv6AddressOnCreation", false);
+    w.leaf("ipv6Native", false);
     w.tags(&s.tags);
 }
 
@@ -415,6 +451,9 @@ fn instance(w: &mut W, i: &Instance, enis: &[Eni]) {
     w.leaf("vpcId", &i.vpc_id);
     if let Some(p) = primary {
         w.leaf("privateIpAddress", p.primary_ip);
+        if let Some(a) = p.ipv6_addresses.first() {
+            w.leaf("ipv6Address", a);
+        }
     }
     w.leaf("sourceDestCheck", true);
     w.set("groupSet", &i.security_groups, |w, g| w.leaf("groupId", g));

@@ -696,8 +696,10 @@ enum Op {
     Delete { eni: usize },
     Assign { eni: usize, n: u8, prefix: bool },
     Unassign { eni: usize, k: u8 },
+    AssignV6 { eni: usize, n: u8, prefix: bool },
+    UnassignV6 { eni: usize, k: u8 },
     Terminate { inst: usize },
-    Launch,
+    Launch { ipv6: bool },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -715,8 +717,14 @@ fn op() -> impl Strategy<Value = Op> {
             prefix
         }),
         (0usize..64, 0u8..8).prop_map(|(eni, k)| Op::Unassign { eni, k }),
+        (0usize..64, 1u8..8, any::<bool>()).prop_map(|(eni, n, prefix)| Op::AssignV6 {
+            eni,
+            n,
+            prefix
+        }),
+        (0usize..64, 0u8..4).prop_map(|(eni, k)| Op::UnassignV6 { eni, k }),
         (0usize..4).prop_map(|inst| Op::Terminate { inst }),
-        Just(Op::Launch),
+        any::<bool>().prop_map(|ipv6| Op::Launch { ipv6 }),
     ]
 }
 
@@ -767,11 +775,25 @@ proptest! {
                     if addrs.is_empty() && pfx.is_empty() { continue; }
                     w.sim.call(now, Request::UnassignPrivateIpAddresses { eni_id: e.id, addresses: addrs, prefixes: pfx })
                 }
+                Op::AssignV6 { eni, n, prefix } => w.sim.call(now, Request::AssignIpv6Addresses {
+                    eni_id: pick(eni),
+                    count: (!prefix).then_some(i64::from(n)),
+                    addresses: vec![],
+                    prefix_count: prefix.then_some(i64::from(n % 3 + 1)),
+                    prefixes: vec![],
+                }),
+                Op::UnassignV6 { eni, k } => {
+                    let Some(e) = w.sim.model().enis.get(&pick(eni)).cloned() else { continue };
+                    let addrs: Vec<std::net::Ipv6Addr> = e.ipv6_addresses.iter().take(usize::from(k)).copied().collect();
+                    let pfx: Vec<_> = e.ipv6_prefixes.iter().take(usize::from(k % 2 + 1)).copied().collect();
+                    if addrs.is_empty() && pfx.is_empty() { continue; }
+                    w.sim.call(now, Request::UnassignIpv6Addresses { eni_id: e.id, addresses: addrs, prefixes: pfx })
+                }
                 Op::Terminate { inst } => w.sim.call(now, Request::TerminateInstances { ids: vec![instances[inst % instances.len()].clone()] }),
-                Op::Launch => {
+                Op::Launch { ipv6 } => {
                     match w.sim.call(now, Request::RunInstances(RunInstances {
                         image_id: "ami-1".into(), instance_type: "t3.medium".into(), min_count: 1, max_count: 1,
-                        subnet_id: Some(w.subnet.clone()), ..Default::default()
+                        subnet_id: Some(w.subnet.clone()), ipv6_count: ipv6.then_some(1), ..Default::default()
                     })) {
                         Ok(Reply::Reservation(r)) => { instances.push(r.instances[0].0.id.clone()); Ok(Reply::Done) }
                         other => other,

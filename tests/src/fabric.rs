@@ -28,18 +28,34 @@
 //!   address and the outside sees that address; the reply needs nothing more, since the VPC
 //!   namespace routes every assigned address and prefix to the ENI that holds it (the
 //!   mapping service above), whichever ENI the pod is on (tests/tests/network_model.rs).
+//! - **IPv6** (issue 10), as AWS does it: each VPC /56 is a `prohibit` route in the VPC
+//!   namespace as in IPv4 (ICMPv6 "administratively prohibited", which a connected socket sees
+//!   as `EACCES`; the "no route" code would not reach it, being a soft error), each subnet's /64 has
+//!   its router address (base + 1) there, and every VPC-side veth carries the ENI gateway
+//!   [`ENI_GATEWAY6`] (`fe80:ec2::1`) as its link-local address, which is how a node reaches the
+//!   VPC router (its IPv6 default route, `via fe80:ec2::1 dev eth0`; AWS advertises it by RA,
+//!   the fabric writes it). Every IPv6 address and /80 prefix assigned to an ENI is a route
+//!   `via <the ENI's EUI-64 link-local> dev <its veth>` with a permanent neighbour entry for that
+//!   link-local, so a /80 needs one route and no per-address neighbours, and the node never has
+//!   to answer neighbour solicitations for its pods. A node's launch-time IPv6 address
+//!   (`RunInstances` with `Ipv6AddressCount`) is a `/128` on eth0, as DHCPv6 gives it; the /64
+//!   is not on-link, so nodes of one subnet also talk through the router. The source check has
+//!   an `ip6 vpc` table like the `ip vpc` one; link-local sources (`fe80::/10`, neighbour
+//!   discovery and the gateway) always pass. The outside namespace also holds
+//!   [`OUTSIDE_ADDR6`] and routes all of IPv6 back to the VPC (so the VPC's /56s come back).
 //! - **Service address**: [`SERVICE_ADDR`] (169.254.169.254) is a VPC-namespace address every
 //!   node reaches through its default route, where the simulator's EC2/IMDS server can listen
 //!   ([`crate::serve`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use subnet_calc::subnet::Ipv4Cidr;
 use vpc_cni_net::testing::TestNetns;
 use vpc_cni_net::{sysctl, Netns};
 use vpc_sim::hooks::{AddressSet, AddressesChanged, EniAttached, EniDetached, Hooks};
+use vpc_sim::ipv6::Ipv6Block;
 
 use crate::cmd::{ip_batch, nft, run_in};
 use crate::error::{FabricError, Result};
@@ -50,6 +66,14 @@ pub const OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const IGW_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// Prefix length of the VPC ↔ outside link.
 const IGW_PREFIX_LEN: u8 = 24;
+/// The outside namespace's IPv6 address ("the IPv6 internet", a documentation address).
+pub const OUTSIDE_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
+/// The internet gateway's IPv6 address on the VPC side of the outside link.
+pub const IGW_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1);
+/// Prefix length of the VPC ↔ outside link in IPv6.
+const IGW_PREFIX_LEN6: u8 = 64;
+/// The ENI gateway in IPv6 (spec/cni.md 2.5): the VPC router's link-local address on every ENI.
+pub const ENI_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0xec2, 0, 0, 0, 0, 0, 1);
 /// The link-local service address held by the VPC namespace (IMDS's address in AWS).
 pub const SERVICE_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// MTU of every fabric link (EC2's jumbo frames).
@@ -60,6 +84,27 @@ pub const SRCCHK_TABLE: &str = "vpc";
 /// A subnet's gateway: base + 1.
 pub fn subnet_gateway(cidr: Ipv4Cidr) -> Ipv4Addr {
     Ipv4Addr::from(cidr.base().wrapping_add(1))
+}
+
+/// The router address of an IPv6 subnet: base + 1 (reserved by EC2, as in IPv4).
+pub fn subnet_router6(block: Ipv6Block) -> Ipv6Addr {
+    Ipv6Addr::from(block.base.wrapping_add(1))
+}
+
+/// The EUI-64 link-local address the kernel gives a link with `mac` (`02:…` → `fe80::…`); `None`
+/// for a malformed MAC.
+pub fn eui64_link_local(mac: &str) -> Option<Ipv6Addr> {
+    let b: Vec<u8> = mac
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    let [m0, m1, m2, m3, m4, m5] = <[u8; 6]>::try_from(b).ok()?;
+    let iid = [m0 ^ 0x02, m1, m2, 0xff, 0xfe, m3, m4, m5];
+    let mut o = [0u8; 16];
+    o[0] = 0xfe;
+    o[1] = 0x80;
+    o[8..].copy_from_slice(&iid);
+    Some(Ipv6Addr::from(o))
 }
 
 /// Every address of a prefix.
@@ -92,6 +137,14 @@ pub struct EniPort {
     pub ipv4: BTreeSet<Ipv4Addr>,
     /// /28 prefixes routed to it.
     pub prefixes: BTreeSet<Ipv4Cidr>,
+    /// The subnet's IPv6 /64, if it has one.
+    pub subnet6: Option<Ipv6Block>,
+    /// The node end's link-local address (EUI-64 of the MAC): the next hop of its IPv6 routes.
+    pub link_local: Ipv6Addr,
+    /// IPv6 addresses routed to it.
+    pub ipv6: BTreeSet<Ipv6Addr>,
+    /// IPv6 /80 prefixes routed to it.
+    pub ipv6_prefixes: BTreeSet<Ipv6Block>,
 }
 
 /// A node (a running instance) as the fabric booted it.
@@ -109,6 +162,10 @@ pub struct Node {
     pub primary_ip: Ipv4Addr,
     /// Subnet of the primary ENI.
     pub subnet: Ipv4Cidr,
+    /// The primary ENI's first IPv6 address at launch (a /128 on eth0), if it had one.
+    pub primary_ipv6: Option<Ipv6Addr>,
+    /// The primary ENI's subnet /64, if the subnet has one.
+    pub subnet6: Option<Ipv6Block>,
 }
 
 impl Node {
@@ -120,6 +177,11 @@ impl Node {
     /// The subnet gateway the node routes through.
     pub fn gateway(&self) -> Ipv4Addr {
         subnet_gateway(self.subnet)
+    }
+
+    /// The IPv6 gateway the node routes through (every ENI's): [`ENI_GATEWAY6`].
+    pub fn gateway6(&self) -> Ipv6Addr {
+        ENI_GATEWAY6
     }
 }
 
@@ -135,7 +197,9 @@ struct State {
     vpc: Option<TestNetns>,
     outside: Option<TestNetns>,
     vpc_cidrs: Vec<Ipv4Cidr>,
+    vpc_cidrs6: Vec<Ipv6Block>,
     subnets: BTreeMap<String, Ipv4Cidr>,
+    subnets6: BTreeMap<String, Ipv6Block>,
     nodes: BTreeMap<String, NodeState>,
     enis: BTreeMap<String, EniPort>,
     next_node: u32,
@@ -179,6 +243,18 @@ impl State {
             ip_batch(&node.ns, node.ns.name(), &["link set lo up".into()])?;
             sysctl::write(&node.ns, "net/ipv4/ip_forward", "1")
                 .map_err(FabricError::net("node ip_forward"))?;
+            // IPv6 forwarding as the reference's init container sets it; links that appear
+            // later (hot-plugged ENIs) skip duplicate address detection, so their addresses
+            // are usable at once.
+            let v6: Vec<(String, String)> = [
+                ("net/ipv6/conf/all/forwarding", "1"),
+                ("net/ipv6/conf/default/accept_dad", "0"),
+            ]
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+            sysctl::write_all(&node.ns, &v6, false)
+                .map_err(FabricError::net("node IPv6 sysctls"))?;
             self.nodes.insert(ev.instance_id.clone(), node);
         }
         let node = self
@@ -203,12 +279,22 @@ impl State {
             )
         };
         let node_ns_name = node.ns.name().to_owned();
+        let link_local = eui64_link_local(&ev.mac).ok_or_else(|| FabricError::Unknown {
+            what: "MAC (not six hex octets) of ENI",
+            id: format!("{} {}", ev.eni_id, ev.mac),
+        })?;
+        let subnet6 = self.subnets6.get(&ev.subnet_id).copied();
         self.vpc_ip(&[
             format!(
                 "link add {vpc_ifname} mtu {FABRIC_MTU} type veth peer name {node_ifname} netns {node_ns_name} address {} mtu {FABRIC_MTU}",
                 ev.mac
             ),
             format!("link set {vpc_ifname} up"),
+            format!("addr add {ENI_GATEWAY6}/64 dev {vpc_ifname} nodad"),
+            format!(
+                "neigh replace {link_local} lladdr {} dev {vpc_ifname} nud permanent",
+                ev.mac
+            ),
         ])?;
         let mut port = EniPort {
             eni_id: ev.eni_id.clone(),
@@ -222,6 +308,10 @@ impl State {
             vpc_ifname: vpc_ifname.clone(),
             ipv4: BTreeSet::new(),
             prefixes: BTreeSet::new(),
+            subnet6,
+            link_local,
+            ipv6: BTreeSet::new(),
+            ipv6_prefixes: BTreeSet::new(),
         };
         // The source check exists before any address is routed to the ENI.
         let t = SRCCHK_TABLE;
@@ -230,6 +320,11 @@ impl State {
             format!("add chain ip {t} c_{vpc_ifname}"),
             format!("add rule ip {t} c_{vpc_ifname} ip saddr != @s_{vpc_ifname} counter drop"),
             format!("add element ip {t} srcchk {{ \"{vpc_ifname}\" : jump c_{vpc_ifname} }}"),
+            format!("add set ip6 {t} s_{vpc_ifname} {{ type ipv6_addr; flags interval; }}"),
+            format!("add element ip6 {t} s_{vpc_ifname} {{ fe80::/10 }}"),
+            format!("add chain ip6 {t} c_{vpc_ifname}"),
+            format!("add rule ip6 {t} c_{vpc_ifname} ip6 saddr != @s_{vpc_ifname} counter drop"),
+            format!("add element ip6 {t} srcchk {{ \"{vpc_ifname}\" : jump c_{vpc_ifname} }}"),
         ])?;
         self.route_addresses(&mut port, &ev.addresses)?;
         if ev.device_index == 0 && ev.network_card_index == 0 {
@@ -243,18 +338,24 @@ impl State {
                         id: ev.eni_id.clone(),
                     })?;
             let gw = subnet_gateway(subnet);
-            ip_batch(
-                &node.ns,
-                &node_ns_name,
-                &[
-                    format!("link set {node_ifname} up"),
-                    format!(
-                        "addr add {primary}/{} dev {node_ifname}",
-                        subnet.prefix_len()
-                    ),
-                    format!("route add default via {gw} dev {node_ifname}"),
-                ],
-            )?;
+            let primary_ipv6 = ev.addresses.ipv6.first().copied();
+            let mut lines = vec![
+                format!("link set {node_ifname} up"),
+                format!(
+                    "addr add {primary}/{} dev {node_ifname}",
+                    subnet.prefix_len()
+                ),
+                format!("route add default via {gw} dev {node_ifname}"),
+            ];
+            if let Some(a) = primary_ipv6 {
+                lines.push(format!("addr add {a}/128 dev {node_ifname} nodad"));
+            }
+            if subnet6.is_some() {
+                lines.push(format!(
+                    "route add ::/0 via {ENI_GATEWAY6} dev {node_ifname}"
+                ));
+            }
+            ip_batch(&node.ns, &node_ns_name, &lines)?;
             sysctl::write(
                 &node.ns,
                 &format!("net/ipv4/conf/{node_ifname}/rp_filter"),
@@ -268,6 +369,8 @@ impl State {
                 primary_mac: ev.mac.clone(),
                 primary_ip: primary,
                 subnet,
+                primary_ipv6,
+                subnet6,
             };
             if let Some(n) = self.nodes.get_mut(&ev.instance_id) {
                 n.info = Some(info);
@@ -298,15 +401,35 @@ impl State {
             ip.extend(prefix_addrs(p).map(neigh));
             elems.push(p.to_string());
         }
+        let mut elems6 = Vec::new();
+        let via = port.link_local;
+        for a in &set.ipv6 {
+            ip.push(format!("route replace {a}/128 via {via} dev {dev}"));
+            elems6.push(a.to_string());
+        }
+        for p in &set.ipv6_prefixes {
+            ip.push(format!("route replace {p} via {via} dev {dev}"));
+            elems6.push(p.to_string());
+        }
         self.vpc_ip(&ip)?;
+        let mut nft = Vec::new();
         if !elems.is_empty() {
-            self.vpc_nft(&[format!(
+            nft.push(format!(
                 "add element ip {SRCCHK_TABLE} s_{dev} {{ {} }}",
                 elems.join(", ")
-            )])?;
+            ));
         }
+        if !elems6.is_empty() {
+            nft.push(format!(
+                "add element ip6 {SRCCHK_TABLE} s_{dev} {{ {} }}",
+                elems6.join(", ")
+            ));
+        }
+        self.vpc_nft(&nft)?;
         port.ipv4.extend(set.ipv4.iter().copied());
         port.prefixes.extend(set.ipv4_prefixes.iter().copied());
+        port.ipv6.extend(set.ipv6.iter().copied());
+        port.ipv6_prefixes.extend(set.ipv6_prefixes.iter().copied());
         Ok(())
     }
 
@@ -329,18 +452,46 @@ impl State {
             ip.extend(prefix_addrs(p).map(neigh));
             elems.push(p.to_string());
         }
+        let mut elems6 = Vec::new();
+        for a in set.ipv6.iter().filter(|a| port.ipv6.contains(a)) {
+            ip.push(format!("route del {a}/128 dev {dev}"));
+            elems6.push(a.to_string());
+        }
+        for p in set
+            .ipv6_prefixes
+            .iter()
+            .filter(|p| port.ipv6_prefixes.contains(p))
+        {
+            ip.push(format!("route del {p} dev {dev}"));
+            elems6.push(p.to_string());
+        }
+        let mut nft = Vec::new();
         if !elems.is_empty() {
-            self.vpc_nft(&[format!(
+            nft.push(format!(
                 "delete element ip {SRCCHK_TABLE} s_{dev} {{ {} }}",
                 elems.join(", ")
-            )])?;
+            ));
         }
+        if !elems6.is_empty() {
+            nft.push(format!(
+                "delete element ip6 {SRCCHK_TABLE} s_{dev} {{ {} }}",
+                elems6.join(", ")
+            ));
+        }
+        // The source check first: once unassigned, the address may no longer be used.
+        self.vpc_nft(&nft)?;
         self.vpc_ip(&ip)?;
         for a in &set.ipv4 {
             port.ipv4.remove(a);
         }
         for p in &set.ipv4_prefixes {
             port.prefixes.remove(p);
+        }
+        for a in &set.ipv6 {
+            port.ipv6.remove(a);
+        }
+        for p in &set.ipv6_prefixes {
+            port.ipv6_prefixes.remove(p);
         }
         Ok(())
     }
@@ -360,12 +511,16 @@ impl State {
         // Deleting one end deletes the pair, its routes and neighbours.
         self.vpc_ip(&[format!("link del {dev}")])?;
         let t = SRCCHK_TABLE;
-        self.vpc_nft(&[
-            format!("delete element ip {t} srcchk {{ \"{dev}\" }}"),
-            format!("flush chain ip {t} c_{dev}"),
-            format!("delete chain ip {t} c_{dev}"),
-            format!("delete set ip {t} s_{dev}"),
-        ])
+        let mut lines = Vec::new();
+        for fam in ["ip", "ip6"] {
+            lines.extend([
+                format!("delete element {fam} {t} srcchk {{ \"{dev}\" }}"),
+                format!("flush chain {fam} {t} c_{dev}"),
+                format!("delete chain {fam} {t} c_{dev}"),
+                format!("delete set {fam} {t} s_{dev}"),
+            ]);
+        }
+        self.vpc_nft(&lines)
     }
 
     fn assign(&mut self, ev: &AddressesChanged, add: bool) -> Result<()> {
@@ -495,11 +650,21 @@ impl Fabric {
             ("net/ipv4/conf/default/proxy_arp", "1"),
             ("net/ipv4/conf/all/send_redirects", "0"),
             ("net/ipv4/conf/default/send_redirects", "0"),
+            ("net/ipv6/conf/all/forwarding", "1"),
+            ("net/ipv6/conf/default/accept_dad", "0"),
+            // Every refused IPv6 packet gets its ICMPv6 answer (no per-peer rate limit).
+            ("net/ipv6/icmp/ratelimit", "0"),
         ]
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
         sysctl::write_all(vpc, &pairs, false).map_err(FabricError::net("VPC sysctls"))?;
+        let out_pairs = vec![(
+            "net/ipv6/conf/default/accept_dad".to_owned(),
+            "0".to_owned(),
+        )];
+        sysctl::write_all(outside, &out_pairs, false)
+            .map_err(FabricError::net("outside sysctls"))?;
         let igw = format!("{IGW_ADDR}/{IGW_PREFIX_LEN}");
         ip_batch(
             vpc,
@@ -514,6 +679,8 @@ impl Fabric {
                 "link set igw up".into(),
                 format!("addr add {igw} dev igw"),
                 format!("route add default via {OUTSIDE_ADDR} dev igw"),
+                format!("addr add {IGW_ADDR6}/{IGW_PREFIX_LEN6} dev igw nodad"),
+                format!("route add ::/0 via {OUTSIDE_ADDR6} dev igw"),
             ],
         )?;
         ip_batch(
@@ -524,6 +691,8 @@ impl Fabric {
                 "link set eth0 up".into(),
                 format!("addr add {OUTSIDE_ADDR}/{IGW_PREFIX_LEN} dev eth0"),
                 format!("route add default via {IGW_ADDR} dev eth0"),
+                format!("addr add {OUTSIDE_ADDR6}/{IGW_PREFIX_LEN6} dev eth0 nodad"),
+                format!("route add ::/0 via {IGW_ADDR6} dev eth0"),
             ],
         )?;
         let t = SRCCHK_TABLE;
@@ -537,6 +706,12 @@ impl Fabric {
                     "add chain ip {t} pre {{ type filter hook prerouting priority -300; policy accept; }}"
                 ),
                 format!("add rule ip {t} pre iifname vmap @srcchk"),
+                format!("add table ip6 {t}"),
+                format!("add map ip6 {t} srcchk {{ type ifname : verdict; }}"),
+                format!(
+                    "add chain ip6 {t} pre {{ type filter hook prerouting priority -300; policy accept; }}"
+                ),
+                format!("add rule ip6 {t} pre iifname vmap @srcchk"),
             ],
         )
     }
@@ -564,6 +739,31 @@ impl Fabric {
         s.vpc_ip(&[format!("addr add {}/32 dev lo", subnet_gateway(cidr))])?;
         s.subnets.insert(subnet_id.to_owned(), cidr);
         Ok(())
+    }
+
+    /// Tells the fabric about a VPC's IPv6 /56: addresses in it that no ENI holds are refused by
+    /// the VPC router (ICMPv6 administratively prohibited) instead of going to the internet
+    /// gateway.
+    pub fn add_vpc_cidr6(&self, block: Ipv6Block) -> Result<()> {
+        let mut s = lock(&self.state);
+        s.vpc_ip(&[format!("route add prohibit {block}")])?;
+        s.vpc_cidrs6.push(block);
+        Ok(())
+    }
+
+    /// Tells the fabric about a subnet's IPv6 /64 (before any of its ENIs is attached): its
+    /// router address (base + 1) becomes an address of the VPC router, and nodes booted in it
+    /// get their IPv6 default route via [`ENI_GATEWAY6`].
+    pub fn add_subnet6(&self, subnet_id: &str, block: Ipv6Block) -> Result<()> {
+        let mut s = lock(&self.state);
+        s.vpc_ip(&[format!("addr add {}/128 dev lo", subnet_router6(block))])?;
+        s.subnets6.insert(subnet_id.to_owned(), block);
+        Ok(())
+    }
+
+    /// The VPC IPv6 /56s registered so far.
+    pub fn vpc_cidrs6(&self) -> Vec<Ipv6Block> {
+        lock(&self.state).vpc_cidrs6.clone()
     }
 
     /// The VPC namespace's name.
@@ -628,8 +828,21 @@ impl Fabric {
         lock(&self.state).errors.clone()
     }
 
-    /// Packets the source/destination check dropped on `eni_id`'s link so far.
+    /// Packets the source/destination check dropped on `eni_id`'s link so far, IPv4 and IPv6
+    /// together.
     pub fn source_check_drops(&self, eni_id: &str) -> Result<u64> {
+        Ok(
+            self.source_check_drops_of("ip", eni_id)?
+                + self.source_check_drops_of("ip6", eni_id)?,
+        )
+    }
+
+    /// Packets the IPv6 source/destination check dropped on `eni_id`'s link so far.
+    pub fn source_check_drops6(&self, eni_id: &str) -> Result<u64> {
+        self.source_check_drops_of("ip6", eni_id)
+    }
+
+    fn source_check_drops_of(&self, family: &str, eni_id: &str) -> Result<u64> {
         let s = lock(&self.state);
         let port = s.enis.get(eni_id).ok_or_else(|| FabricError::Unknown {
             what: "ENI",
@@ -643,7 +856,7 @@ impl Fabric {
             &[
                 "list",
                 "chain",
-                "ip",
+                family,
                 SRCCHK_TABLE,
                 &format!("c_{}", port.vpc_ifname),
             ],
@@ -697,6 +910,30 @@ mod tests {
         assert_eq!(all.len(), 16);
         assert_eq!(all[0], Ipv4Addr::new(10, 0, 2, 32));
         assert_eq!(all[15], Ipv4Addr::new(10, 0, 2, 47));
+    }
+
+    #[test]
+    fn link_local_is_the_eui64_of_the_mac() {
+        assert_eq!(
+            eui64_link_local("02:1a:2b:3c:4d:5e"),
+            Some("fe80::1a:2bff:fe3c:4d5e".parse().unwrap())
+        );
+        assert_eq!(
+            eui64_link_local("00:00:00:00:00:01"),
+            Some("fe80::200:ff:fe00:1".parse().unwrap())
+        );
+        assert_eq!(eui64_link_local("02:1a:2b:3c:4d"), None);
+        assert_eq!(eui64_link_local("02:1a:2b:3c:4d:zz"), None);
+    }
+
+    #[test]
+    fn the_ipv6_router_is_base_plus_one_and_the_gateway_is_fe80_ec2_1() {
+        let b: Ipv6Block = "2600:1f14:abcd:1201::/64".parse().unwrap();
+        assert_eq!(
+            subnet_router6(b),
+            "2600:1f14:abcd:1201::1".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(ENI_GATEWAY6.to_string(), "fe80:ec2::1");
     }
 
     #[test]

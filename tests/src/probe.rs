@@ -5,7 +5,7 @@
 //! test's own thread: a socket belongs to the namespace it was created in for its whole life.
 
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -24,6 +24,11 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> FabricError {
 
 /// Binds a UDP socket to `addr` inside `ns`.
 pub fn udp_socket_in(ns: &Netns, addr: SocketAddrV4) -> Result<UdpSocket> {
+    udp_socket_in_any(ns, addr.into())
+}
+
+/// Binds a UDP socket to `addr` (IPv4 or IPv6) inside `ns`.
+pub fn udp_socket_in_any(ns: &Netns, addr: SocketAddr) -> Result<UdpSocket> {
     ns.run(move || UdpSocket::bind(addr))
         .map_err(FabricError::net(format!(
             "enter {} to bind {addr}",
@@ -47,7 +52,7 @@ type Seen = Arc<(Mutex<Vec<Datagram>>, Condvar)>;
 /// `echo <payload> from <peer>` back. Stops when dropped.
 #[derive(Debug)]
 pub struct UdpListener {
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     seen: Seen,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -56,13 +61,15 @@ pub struct UdpListener {
 impl UdpListener {
     /// Listens on `addr` (port 0 picks one) inside `ns`.
     pub fn start(ns: &Netns, addr: SocketAddrV4) -> Result<UdpListener> {
-        let sock = udp_socket_in(ns, addr)?;
+        Self::start_any(ns, addr.into())
+    }
+
+    /// Listens on `addr`, IPv4 or IPv6 (port 0 picks one), inside `ns`.
+    pub fn start_any(ns: &Netns, addr: SocketAddr) -> Result<UdpListener> {
+        let sock = udp_socket_in_any(ns, addr)?;
         sock.set_read_timeout(Some(TICK))
             .map_err(io("set listener timeout".into()))?;
-        let addr = match sock.local_addr().map_err(io("listener address".into()))? {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => addr,
-        };
+        let addr = sock.local_addr().map_err(io("listener address".into()))?;
         let seen: Seen = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (seen2, stop2) = (Arc::clone(&seen), Arc::clone(&stop));
@@ -95,8 +102,17 @@ impl UdpListener {
         })
     }
 
-    /// Where it listens.
+    /// Where it listens, for a listener started on IPv4 ([`UdpListener::start`]); `0.0.0.0:0`
+    /// for an IPv6 one (see [`UdpListener::socket_addr`]).
     pub fn addr(&self) -> SocketAddrV4 {
+        match self.addr {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+        }
+    }
+
+    /// Where it listens, either family.
+    pub fn socket_addr(&self) -> SocketAddr {
         self.addr
     }
 
@@ -183,7 +199,11 @@ pub fn nonce(tag: &str) -> String {
 fn unreachable_kind(k: ErrorKind) -> bool {
     matches!(
         k,
-        ErrorKind::ConnectionRefused | ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable
+        ErrorKind::ConnectionRefused
+            | ErrorKind::HostUnreachable
+            | ErrorKind::NetworkUnreachable
+            // ICMPv6 "administratively prohibited" (the fabric's refusal in IPv6).
+            | ErrorKind::PermissionDenied
     )
 }
 
@@ -196,10 +216,22 @@ pub fn udp_probe(
     dst: SocketAddrV4,
     timeout: Duration,
 ) -> Result<ProbeOutcome> {
-    let sock = udp_socket_in(
-        ns,
-        SocketAddrV4::new(src.unwrap_or(Ipv4Addr::UNSPECIFIED), 0),
-    )?;
+    udp_probe_any(ns, src.map(IpAddr::V4), dst.into(), timeout)
+}
+
+/// [`udp_probe`] for either family: `src` (if given) and `dst` of the same family.
+pub fn udp_probe_any(
+    ns: &Netns,
+    src: Option<IpAddr>,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<ProbeOutcome> {
+    let any = if dst.is_ipv6() {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    let sock = udp_socket_in_any(ns, SocketAddr::new(src.unwrap_or(any), 0))?;
     if let Err(e) = sock.connect(dst) {
         if unreachable_kind(e.kind()) {
             return Ok(ProbeOutcome::Unreachable(e.to_string()));
@@ -240,7 +272,12 @@ pub fn udp_probe(
 
 /// Sends one datagram with `payload` from `ns` (bound to `src`) to `dst`, without waiting.
 pub fn udp_send(ns: &Netns, src: Ipv4Addr, dst: SocketAddrV4, payload: &[u8]) -> Result<()> {
-    let sock = udp_socket_in(ns, SocketAddrV4::new(src, 0))?;
+    udp_send_any(ns, IpAddr::V4(src), dst.into(), payload)
+}
+
+/// [`udp_send`] for either family.
+pub fn udp_send_any(ns: &Netns, src: IpAddr, dst: SocketAddr, payload: &[u8]) -> Result<()> {
+    let sock = udp_socket_in_any(ns, SocketAddr::new(src, 0))?;
     sock.send_to(payload, dst)
         .map(|_| ())
         .map_err(io(format!("send from {src} to {dst}")))

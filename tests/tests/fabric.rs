@@ -2,13 +2,17 @@
 //! test wires pods by hand the way the plugin and ipamd would (`vpc_cni_net`), and traffic shows
 //! the VPC's behaviour. Root only; skipped otherwise.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use vpc_cni_e2e::fabric::{subnet_gateway, OUTSIDE_ADDR};
-use vpc_cni_e2e::probe::{nonce, udp_probe, udp_send, ProbeOutcome, UdpListener};
+use vpc_cni_e2e::fabric::{
+    eui64_link_local, subnet_gateway, ENI_GATEWAY6, OUTSIDE_ADDR, OUTSIDE_ADDR6,
+};
+use vpc_cni_e2e::probe::{
+    nonce, udp_probe, udp_probe_any, udp_send, udp_send_any, ProbeOutcome, UdpListener,
+};
 use vpc_cni_e2e::process::{output_in, NsProcess};
 use vpc_cni_e2e::serve::serve;
 use vpc_cni_e2e::SimCluster;
@@ -404,5 +408,289 @@ fn a_node_reaches_the_simulator_served_in_the_vpc_and_runs_processes_in_its_name
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(9), "killed by SIGKILL");
     c.check_hooks()?;
+    Ok(())
+}
+
+/// Runs `ip ARGS...` inside `ns`; fails with its stderr.
+fn ip_in(ns: &Netns, args: &str) -> anyhow::Result<String> {
+    let mut cmd = Command::new("ip");
+    cmd.args(args.split_whitespace());
+    let out = output_in(ns, cmd, None)?;
+    ensure!(
+        out.status.success(),
+        "ip {args}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Wires an IPv6 pod namespace to `node_ns` the way the reference plugin does (spec/cni.md
+/// 2.5): the address as a /128 on the pod's eth0, `fe80::1` as a `/128 scope link` route, the
+/// default route via it and a permanent neighbour entry for it (the host veth's MAC); on the
+/// host, `<ip>/128 dev <host veth>`.
+fn wire_pod6(node_ns: &Netns, host_if: &str, mac: &str, ip: Ipv6Addr) -> anyhow::Result<TestNetns> {
+    let pod = TestNetns::new("pod6")?;
+    ip_in(
+        node_ns,
+        &format!(
+            "link add {host_if} address {mac} type veth peer name eth0 netns {}",
+            pod.name()
+        ),
+    )?;
+    ip_in(node_ns, &format!("link set {host_if} up"))?;
+    ip_in(node_ns, &format!("-6 route add {ip}/128 dev {host_if}"))?;
+    for cmd in [
+        "link set lo up".to_owned(),
+        "link set eth0 up".to_owned(),
+        format!("-6 addr add {ip}/128 dev eth0 nodad"),
+        "-6 route add fe80::1/128 dev eth0 scope link".to_owned(),
+        "-6 route add default via fe80::1 dev eth0".to_owned(),
+        format!("-6 neigh add fe80::1 lladdr {mac} dev eth0 nud permanent"),
+    ] {
+        ip_in(&pod, &cmd)?;
+    }
+    Ok(pod)
+}
+
+fn sa6(ip: Ipv6Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(ip), port)
+}
+
+#[test]
+fn ipv6_80s_and_addresses_are_routed_to_their_enis_through_fe80_ec2_1_with_sources_checked(
+) -> anyhow::Result<()> {
+    if skip_netns_test("IPv6 fabric scenario") {
+        return Ok(());
+    }
+    let c = SimCluster::new(SimConfig {
+        seed: 13,
+        ..SimConfig::default()
+    })?;
+    let (vpc, v56) = c.create_vpc_ipv6("10.2.0.0/16")?;
+    let (s1, net) = c.create_subnet_ipv6(&vpc, "10.2.1.0/24", 1)?;
+    ensure!(v56.len == 56 && net.len == 64 && v56.contains_block(&net));
+    let a = c.run_instance_ipv6(&s1, "m5.large")?;
+    let b = c.run_instance_ipv6(&s1, "m5.large")?;
+    c.check_hooks()?;
+    let (a_ns, b_ns, out_ns) = (a.netns()?, b.netns()?, c.fabric.outside_ns()?);
+    let mut owned = vec![
+        c.fabric.vpc_ns_name().to_owned(),
+        c.fabric.outside_ns_name().to_owned(),
+        a.ns_name.clone(),
+        b.ns_name.clone(),
+    ];
+    let a6 = a
+        .primary_ipv6
+        .context("node A launched with an IPv6 address")?;
+    let b6 = b
+        .primary_ipv6
+        .context("node B launched with an IPv6 address")?;
+    ensure!(
+        net.contains(u128::from(a6)) && net.contains(u128::from(b6)),
+        "{a6} and {b6} in {net}"
+    );
+    assert_eq!(a.gateway6(), ENI_GATEWAY6);
+
+    // A booted node: its IPv6 address as a /128 on eth0, the EUI-64 link-local of the ENI's
+    // MAC, and the default route via the ENI gateway fe80:ec2::1, which answers.
+    let addrs = ip_in(&a_ns, "-6 -o addr show dev eth0")?;
+    ensure!(addrs.contains(&format!("{a6}/128")), "eth0: {addrs}");
+    let ll = eui64_link_local(&a.primary_mac).context("node A's MAC")?;
+    ensure!(
+        addrs.contains(&format!("{ll}/64")),
+        "eth0 link-local {ll}: {addrs}"
+    );
+    let routes = ip_in(&a_ns, "-6 route show default")?;
+    ensure!(
+        routes.contains("via fe80:ec2::1 dev eth0"),
+        "node A's IPv6 default route: {routes}"
+    );
+    let mut ping = Command::new("ping");
+    ping.args(["-6", "-c", "1", "-w", "10", "fe80:ec2::1%eth0"]);
+    let out = output_in(&a_ns, ping, None)?;
+    ensure!(
+        out.status.success(),
+        "ping fe80:ec2::1 from node A: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Node ↔ node over IPv6 through the VPC router, sources preserved.
+    let on_b = UdpListener::start_any(&b_ns, sa6(b6, PORT))?;
+    let seen = expect_echo(
+        udp_probe_any(&a_ns, None, on_b.socket_addr(), WAIT)?,
+        "node A to node B over IPv6",
+    )?;
+    assert_eq!(seen, IpAddr::V6(a6), "node B sees node A's IPv6 address");
+    let on_a = UdpListener::start_any(&a_ns, sa6(a6, PORT))?;
+    let seen = expect_echo(
+        udp_probe_any(&b_ns, None, on_a.socket_addr(), WAIT)?,
+        "node B to node A over IPv6",
+    )?;
+    assert_eq!(seen, IpAddr::V6(b6));
+
+    // The IPv6 outside, and the IPv4 one as before.
+    let outside6 = UdpListener::start_any(&out_ns, sa6(OUTSIDE_ADDR6, PORT))?;
+    let seen = expect_echo(
+        udp_probe_any(&a_ns, None, outside6.socket_addr(), WAIT)?,
+        "node A to the IPv6 outside",
+    )?;
+    assert_eq!(seen, IpAddr::V6(a6), "no NAT66: the outside sees node A");
+    let outside4 = UdpListener::start(&out_ns, sa(OUTSIDE_ADDR, PORT))?;
+    let seen = expect_echo(
+        udp_probe(&a_ns, None, outside4.addr(), WAIT)?,
+        "node A to the IPv4 outside",
+    )?;
+    assert_eq!(seen, IpAddr::V4(a.primary_ip));
+
+    // ipamd's IPv6 mode, done through the simulator: one /80 on each node's primary ENI.
+    let (_, pa) = c.assign_ipv6(&a.primary_eni, 0, 1)?;
+    let (_, pb) = c.assign_ipv6(&b.primary_eni, 0, 1)?;
+    c.check_hooks()?;
+    let (pa, pb) = (pa[0], pb[0]);
+    ensure!(pa.len == 80 && net.contains_block(&pa), "{pa}");
+    let port = c.fabric.eni(&a.primary_eni).context("A's eth0 wired")?;
+    ensure!(port.ipv6_prefixes.contains(&pa) && port.ipv6.contains(&a6));
+    assert_eq!(port.link_local, ll);
+
+    // A pod behind node A with an address of A's /80; an address of B's /80 on B's eth0.
+    let pod_ip = Ipv6Addr::from(pa.base | 0x5);
+    let b_pfx_ip = Ipv6Addr::from(pb.base | 0x7);
+    ip_in(&b_ns, &format!("-6 addr add {b_pfx_ip}/128 dev eth0 nodad"))?;
+    let pod = wire_pod6(&a_ns, "enipod6a", "02:00:00:00:06:01", pod_ip)?;
+    owned.push(pod.name().to_owned());
+    let on_b_pfx = UdpListener::start_any(&b_ns, sa6(b_pfx_ip, PORT))?;
+    let seen = expect_echo(
+        udp_probe_any(&pod, None, on_b_pfx.socket_addr(), WAIT)?,
+        "pod on A to B's /80 address",
+    )?;
+    assert_eq!(seen, IpAddr::V6(pod_ip), "B sees the pod's own address");
+    let on_pod = UdpListener::start_any(&pod, sa6(pod_ip, PORT))?;
+    let seen = expect_echo(
+        udp_probe_any(
+            &b_ns,
+            Some(IpAddr::V6(b_pfx_ip)),
+            on_pod.socket_addr(),
+            WAIT,
+        )?,
+        "B's /80 address to the pod on A",
+    )?;
+    assert_eq!(seen, IpAddr::V6(b_pfx_ip), "the pod sees B's /80 address");
+    let seen = expect_echo(
+        udp_probe_any(&pod, None, outside6.socket_addr(), WAIT)?,
+        "pod to the IPv6 outside",
+    )?;
+    assert_eq!(
+        seen,
+        IpAddr::V6(pod_ip),
+        "the outside sees the pod's own address"
+    );
+    let seen = expect_echo(
+        udp_probe_any(&out_ns, None, on_pod.socket_addr(), WAIT)?,
+        "the IPv6 outside to the pod",
+    )?;
+    assert_eq!(seen, IpAddr::V6(OUTSIDE_ADDR6));
+
+    // Source/destination check: a pod behind A with an address of the /64 that EC2 never gave
+    // A (the /64's first /80, which EC2 never hands out) is dropped at the VPC router; a
+    // legitimate packet after it arrives.
+    let rogue_ip = Ipv6Addr::from(net.base | 0xdead_beef);
+    ensure!(!pa.contains(u128::from(rogue_ip)) && !pb.contains(u128::from(rogue_ip)));
+    let rogue = wire_pod6(&a_ns, "enirogue6", "02:00:00:00:06:02", rogue_ip)?;
+    owned.push(rogue.name().to_owned());
+    let drops_before = c.fabric.source_check_drops6(&a.primary_eni)?;
+    let spoofed = nonce("spoofed6");
+    udp_send_any(
+        &rogue,
+        IpAddr::V6(rogue_ip),
+        on_b.socket_addr(),
+        spoofed.as_bytes(),
+    )?;
+    wait_until("the IPv6 source check to count a drop on A's eth0", || {
+        Ok(c.fabric.source_check_drops6(&a.primary_eni)? > drops_before)
+    })?;
+    let legit = nonce("legit6");
+    udp_send_any(
+        &pod,
+        IpAddr::V6(pod_ip),
+        on_b.socket_addr(),
+        legit.as_bytes(),
+    )?;
+    on_b.wait_for(legit.as_bytes(), WAIT)?;
+    ensure!(
+        !on_b
+            .received()
+            .iter()
+            .any(|d| d.payload == spoofed.as_bytes()),
+        "a packet with an unassigned IPv6 source passed the source check"
+    );
+    ensure!(
+        c.fabric.source_check_drops(&a.primary_eni)?
+            >= c.fabric.source_check_drops6(&a.primary_eni)?,
+        "both families' drops add up"
+    );
+
+    // Unassigning A's /80 takes it off the VPC router: the outside is refused at once, the
+    // node's own address still works.
+    c.unassign_ipv6(&a.primary_eni, &[], &[pa])?;
+    c.check_hooks()?;
+    let port = c.fabric.eni(&a.primary_eni).context("A's eth0 wired")?;
+    ensure!(!port.ipv6_prefixes.contains(&pa), "{pa} still on the port");
+    expect_unreachable(
+        udp_probe_any(&out_ns, None, on_pod.socket_addr(), WAIT)?,
+        "the pod after its /80 was unassigned",
+    )?;
+    let seen = expect_echo(
+        udp_probe_any(&out_ns, None, on_a.socket_addr(), WAIT)?,
+        "node A after the unassign",
+    )?;
+    assert_eq!(seen, IpAddr::V6(OUTSIDE_ADDR6));
+
+    // Everything goes with the cluster.
+    drop((on_a, on_b, on_b_pfx, on_pod, outside6, outside4));
+    drop((pod, rogue));
+    drop(c);
+    let left: Vec<String> = list_named()?
+        .into_iter()
+        .filter(|n| owned.contains(n))
+        .collect();
+    ensure!(left.is_empty(), "namespaces left behind: {left:?}");
+    Ok(())
+}
+
+#[test]
+fn an_ipv4_vpc_turned_dual_stack_by_association_carries_ipv6_for_nodes_booted_after(
+) -> anyhow::Result<()> {
+    if skip_netns_test("dual-stack association scenario") {
+        return Ok(());
+    }
+    let c = SimCluster::new(SimConfig {
+        seed: 17,
+        ..SimConfig::default()
+    })?;
+    let vpc = c.create_vpc("10.3.0.0/16")?;
+    let s = c.create_subnet(&vpc, "10.3.1.0/24")?;
+    let before = c.run_instance(&s, "t3.medium")?;
+    ensure!(before.primary_ipv6.is_none() && before.subnet6.is_none());
+    let v56 = c.associate_vpc_ipv6(&vpc)?;
+    let net = c.associate_subnet_ipv6(&s, 3)?;
+    ensure!(v56.contains_block(&net) && net.len == 64, "{net} in {v56}");
+    ensure!(c.fabric.vpc_cidrs6() == vec![v56]);
+    let node = c.run_instance_ipv6(&s, "t3.medium")?;
+    c.check_hooks()?;
+    ensure!(node.subnet6 == Some(net), "node's /64: {:?}", node.subnet6);
+    let v6 = node.primary_ipv6.context("IPv6 at launch")?;
+    let ns = node.netns()?;
+    let out_ns = c.fabric.outside_ns()?;
+    let outside6 = UdpListener::start_any(&out_ns, sa6(OUTSIDE_ADDR6, PORT))?;
+    let seen = expect_echo(
+        udp_probe_any(&ns, None, outside6.socket_addr(), WAIT)?,
+        "dual-stack node to the IPv6 outside",
+    )?;
+    assert_eq!(seen, IpAddr::V6(v6));
+    // The node booted before the association has no IPv6 route: the network says so at once.
+    match udp_probe_any(&before.netns()?, None, outside6.socket_addr(), WAIT)? {
+        ProbeOutcome::Unreachable(_) => {}
+        other => bail!("node booted before the /64 reached the IPv6 outside: {other:?}"),
+    }
     Ok(())
 }
