@@ -131,7 +131,8 @@ impl NetError {
         }
     }
 
-    pub(crate) fn invalid(what: impl Into<String>) -> NetError {
+    /// An [`NetError::Invalid`] naming what was wrong.
+    pub fn invalid(what: impl Into<String>) -> NetError {
         NetError::Invalid { what: what.into() }
     }
 }
