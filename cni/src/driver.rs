@@ -7,13 +7,17 @@
 //! - DEL is idempotent and best-effort: an unknown pod is success; an unreachable ipamd still
 //!   gets the host rules and routes removed, from `prevResult`.
 //! - CHECK rebuilds what ADD built from `prevResult` and compares it with the namespaces.
+//!
+//! Each address ipamd hands out is IPv4 (an IPv4 cluster) or IPv6 (`ENABLE_IPv6`: a /128 from
+//! the node's /80 prefix, `IPv4Addr` empty); the interface is wired for its family (spec 2.2
+//! or 2.5), and DEL and CHECK follow the family of each address.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use tokio::time::{sleep, Instant};
 use vpc_cni_net::names::{container_ifname, dummy_interface_name, host_veth_name};
 use vpc_cni_net::pod::{PodDrift, Side};
-use vpc_cni_net::{NetError, PodNetwork, PodSpec, PodTeardown};
+use vpc_cni_net::{NetError, PodIfSpec, PodNetwork, PodTeardown};
 use vpc_cni_rpc::{
     is_unknown_pod, AddNetworkReply, AddNetworkRequest, DelNetworkRequest, DeleteNpRequest,
     EnforceNpRequest, IpAllocationMetadata, REASON_POD_DELETED, REASON_SETUP_NS_FAILED,
@@ -45,6 +49,26 @@ fn ipam_error(op: &'static str, e: BackendError) -> CniError {
 
 fn route_table(meta: &IpAllocationMetadata) -> u32 {
     u32::try_from(meta.route_table_id).unwrap_or(0)
+}
+
+/// The address of one allocation: `IPv4Addr` when set (an IPv4 cluster), else `IPv6Addr`
+/// (an IPv6 cluster), as the reference reads them. `Ok(None)` when both are empty.
+fn allocation_ip(meta: &IpAllocationMetadata) -> Result<Option<IpAddr>, String> {
+    if !meta.i_pv4_addr.is_empty() {
+        return meta
+            .i_pv4_addr
+            .parse::<Ipv4Addr>()
+            .map(|a| Some(IpAddr::V4(a)))
+            .map_err(|_| format!("the invalid IPv4Addr {:?}", meta.i_pv4_addr));
+    }
+    if !meta.i_pv6_addr.is_empty() {
+        return meta
+            .i_pv6_addr
+            .parse::<std::net::Ipv6Addr>()
+            .map(|a| Some(IpAddr::V6(a)))
+            .map_err(|_| format!("the invalid IPv6Addr {:?}", meta.i_pv6_addr));
+    }
+    Ok(None)
 }
 
 impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
@@ -147,16 +171,16 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         inv: &Invocation,
         conf: &NetConf,
         index: u32,
-        ipv4: Ipv4Addr,
+        ip: IpAddr,
         table: u32,
-    ) -> PodSpec {
+    ) -> PodIfSpec {
         let (ns, name) = (inv.args.pod_namespace(), inv.args.pod_name());
-        PodSpec {
+        PodIfSpec {
             netns: inv.netns.clone().into(),
             host_veth: host_veth_name(&conf.veth_prefix, ns, name, index),
             container_ifname: container_ifname(&inv.ifname, index),
             index,
-            ipv4,
+            ip,
             mtu: conf.mtu,
             route_table: table,
         }
@@ -168,7 +192,7 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         inv: &Invocation,
         conf: &NetConf,
         reply: &AddNetworkReply,
-    ) -> Result<Vec<PodSpec>, CniError> {
+    ) -> Result<Vec<PodIfSpec>, CniError> {
         if reply.pod_vlan_id != 0 {
             return Err(CniError::Unsupported {
                 what: format!(
@@ -183,19 +207,14 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         let mut specs = Vec::new();
         for (i, meta) in reply.ip_allocation_metadata.iter().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
-            if meta.i_pv4_addr.is_empty() && !meta.i_pv6_addr.is_empty() {
-                return Err(CniError::Unsupported {
-                    what: format!("IPv6 pod address {}", meta.i_pv6_addr),
-                });
-            }
-            let ipv4: Ipv4Addr = meta.i_pv4_addr.parse().map_err(|_| CniError::Ipamd {
+            let bad = |what: String| CniError::Ipamd {
                 op: "AddNetwork",
-                source: tonic::Status::internal(format!(
-                    "ipamd returned the invalid IPv4 address {:?}",
-                    meta.i_pv4_addr
-                )),
-            })?;
-            let spec = self.spec(inv, conf, index, ipv4, route_table(meta));
+                source: tonic::Status::internal(format!("ipamd returned {what}")),
+            };
+            let ip = allocation_ip(meta)
+                .map_err(bad)?
+                .ok_or_else(|| bad(format!("allocation {i} without IPv4Addr or IPv6Addr")))?;
+            let spec = self.spec(inv, conf, index, ip, route_table(meta));
             spec.validate().map_err(|source| CniError::Setup {
                 interface: spec.container_ifname.clone(),
                 source,
@@ -221,7 +240,9 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         // The veth pair does not depend on the address: build it while ipamd answers (both are
         // waits on sockets, so they overlap on the one-thread runtime). Interface 0 only; any
         // further interfaces of a multi-NIC pod are built after the reply.
-        let first = self.spec(inv, conf, 0, Ipv4Addr::UNSPECIFIED, 0).link();
+        let first = self
+            .spec(inv, conf, 0, IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+            .link();
         let (assigned, prepared) =
             tokio::join!(self.assign(&req, conf), self.net.prepare_link(&first));
         if let Err(e) = &prepared {
@@ -253,10 +274,10 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
                 return Err(e);
             }
         };
-        let mut done: Vec<&PodSpec> = Vec::with_capacity(specs.len());
+        let mut done: Vec<&PodIfSpec> = Vec::with_capacity(specs.len());
         for spec in &specs {
             crate::timing::mark("setup_pod");
-            if let Err(source) = self.net.setup_pod(spec).await {
+            if let Err(source) = self.net.setup_interface(spec).await {
                 // setup_pod undid its own steps; undo the interfaces wired before it.
                 for d in done.iter().rev() {
                     if let Err(e) = self.net.teardown_pod(&d.teardown()).await {
@@ -293,7 +314,7 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
                 host_veth: Some(s.host_veth.clone()),
                 container_ifname: s.container_ifname.clone(),
                 sandbox: inv.netns.clone(),
-                ipv4: s.ipv4,
+                ip: s.ip,
                 route_table: s.route_table,
             })
             .collect();
@@ -305,7 +326,7 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         crate::timing::mark("result");
         let dummy = dummy_interface_name(inv.args.pod_namespace(), inv.args.pod_name());
         for s in &specs {
-            tracing::info!(ip = %s.ipv4, veth = %s.host_veth, table = s.route_table, "pod added");
+            tracing::info!(ip = %s.ip, veth = %s.host_veth, table = s.route_table, "pod added");
         }
         Ok(AddResult::build(
             &attachments,
@@ -318,7 +339,7 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         let mut first_err = None;
         for t in items {
             if let Err(e) = self.net.teardown_pod(t).await {
-                tracing::warn!(error = %e, ip = %t.ipv4, "host teardown failed");
+                tracing::warn!(error = %e, ip = %t.ip, "host teardown failed");
                 first_err.get_or_insert(e);
             }
         }
@@ -341,7 +362,7 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
                 p.attachments()
                     .iter()
                     .map(|a| PodTeardown {
-                        ipv4: a.ipv4,
+                        ip: a.ip,
                         route_table: a.route_table,
                     })
                     .collect()
@@ -395,7 +416,7 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
             .iter()
             .filter_map(|m| {
                 Some(PodTeardown {
-                    ipv4: m.i_pv4_addr.parse().ok()?,
+                    ip: allocation_ip(m).ok().flatten()?,
                     route_table: table_of(m),
                 })
             })
@@ -421,7 +442,7 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
             }
         }
         for t in &items {
-            tracing::info!(ip = %t.ipv4, table = t.route_table, "pod deleted");
+            tracing::info!(ip = %t.ip, table = t.route_table, "pod deleted");
         }
         Ok(())
     }
@@ -454,12 +475,12 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         let mut missing = Vec::new();
         for (i, a) in ours.iter().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
-            let mut spec = self.spec(inv, conf, index, a.ipv4, a.route_table);
+            let mut spec = self.spec(inv, conf, index, a.ip, a.route_table);
             spec.container_ifname = a.container_ifname.clone();
             if let Some(h) = &a.host_veth {
                 spec.host_veth = h.clone();
             }
-            let drift = match self.net.check_pod(&spec).await {
+            let drift = match self.net.check_interface(&spec).await {
                 Ok(d) => d,
                 Err(e @ NetError::Netns { .. }) => {
                     return Err(CniError::UnknownContainer {
@@ -649,7 +670,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failure_at_any_step_undoes_everything_and_releases_with_setup_ns_failed() {
-        for step in SetupStep::ALL {
+        for step in SetupStep::for_family(vpc_cni_net::Family::V4) {
             let d = driver(1, 3);
             d.net().fail_at(Some(step));
             let before = d.net().state();
@@ -823,7 +844,7 @@ mod tests {
         let ip = Ipv4Addr::new(10, 0, 1, 10);
         d.net()
             .teardown_pod(&PodTeardown {
-                ipv4: ip,
+                ip: IpAddr::V4(ip),
                 route_table: 3,
             })
             .await
@@ -935,42 +956,153 @@ mod tests {
         assert_eq!(e.expect_err("agent down").code(), code::NETWORK_POLICY);
     }
 
-    struct V6Ipam;
-    impl Ipam for V6Ipam {
-        async fn add_network(&self, _: AddNetworkRequest) -> Result<AddNetworkReply, BackendError> {
-            Ok(AddNetworkReply {
-                success: true,
-                ip_allocation_metadata: vec![IpAllocationMetadata {
-                    i_pv6_addr: "2001:db8::5".into(),
-                    ..IpAllocationMetadata::default()
-                }],
-                ..AddNetworkReply::default()
-            })
-        }
-        async fn del_network(
-            &self,
-            _: DelNetworkRequest,
-        ) -> Result<vpc_cni_rpc::DelNetworkReply, BackendError> {
-            Ok(vpc_cni_rpc::DelNetworkReply {
-                success: true,
-                ..Default::default()
-            })
-        }
-        async fn ready(&self) -> Result<(), BackendError> {
-            Ok(())
+    fn driver_v6(n: u32) -> TestDriver {
+        let ipam = MemoryIpam::new(
+            CLIENT,
+            MemoryIpam::pool_v6("2001:db8:7:8:9::10".parse().expect("base"), n),
+        );
+        let net = MemoryPodNetwork::new();
+        net.add_netns(NETNS);
+        Driver::new(ipam, net, MemoryPolicyAgent::default(), CLIENT)
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_pod_is_wired_in_inet6_and_answers_a_128_with_version_6() {
+        let d = driver_v6(4);
+        let r = d
+            .add(&inv(Command::Add, "c1", NETNS), &conf())
+            .await
+            .expect("add");
+        let j = r.render(CniVersion::V0_4_0);
+        assert_eq!(j["ips"][0]["address"], "2001:db8:7:8:9::10/128");
+        assert_eq!(j["ips"][0]["version"], "6");
+        assert_eq!(j["interfaces"][1]["name"], "eth0");
+        assert_eq!(j["interfaces"][1]["mac"], "254");
+        assert_eq!(j["interfaces"][2]["sandbox"], "0");
+        let st = d.net().state();
+        assert_eq!(
+            st.host.rules.len(),
+            1,
+            "512 only: the /80 is on the primary ENI"
+        );
+        assert_eq!(st.host.rules[0].family, vpc_cni_net::Family::V6);
+        assert_eq!(st.host.rules[0].priority, 512);
+        assert_eq!(
+            d.net().steps(),
+            SetupStep::for_family(vpc_cni_net::Family::V6),
+            "pod sysctls and the DAD wait ran"
+        );
+        let pod = &st.pods[std::path::Path::new(NETNS)];
+        let gw: IpAddr = "fe80::1".parse().expect("gw");
+        assert!(pod.neighbours.iter().any(|n| n.ip == gw && n.permanent));
+        assert!(pod.routes.iter().any(|r| r.gateway == Some(gw)));
+
+        let c = with_prev(conf(), &r);
+        d.check(&inv(Command::Check, "c1", NETNS), &c)
+            .await
+            .expect("check");
+        d.del(&inv(Command::Del, "c1", NETNS), &c)
+            .await
+            .expect("del");
+        assert!(d.net().state().host.rules.is_empty());
+        assert!(d.net().state().host.routes.is_empty());
+        assert_eq!(d.ipam().assigned(), 0);
+        d.del(&inv(Command::Del, "c1", ""), &c)
+            .await
+            .expect("del twice");
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_failure_at_any_step_undoes_everything_and_releases() {
+        for step in SetupStep::for_family(vpc_cni_net::Family::V6) {
+            let d = driver_v6(1);
+            d.net().fail_at(Some(step));
+            let before = d.net().state();
+            let e = d
+                .add(&inv(Command::Add, "c1", NETNS), &conf())
+                .await
+                .expect_err("must fail");
+            assert_eq!(e.code(), code::SETUP_FAILED, "{step}");
+            assert_eq!(d.net().state().host, before.host, "{step}");
+            assert_eq!(d.ipam().assigned(), 0, "{step}");
+            assert_eq!(dels(&d)[0].reason, "SetupNSFailed", "{step}");
         }
     }
 
     #[tokio::test]
-    async fn ipv6_pods_are_refused_cleanly() {
+    async fn ipv6_del_without_ipamd_and_check_drift_use_the_prev_result() {
+        let d = driver_v6(3);
+        let r = d
+            .add(&inv(Command::Add, "c1", NETNS), &conf())
+            .await
+            .expect("add");
+        let c = with_prev(conf(), &r);
+        let ip: IpAddr = "2001:db8:7:8:9::10".parse().expect("ip");
+        d.net()
+            .teardown_pod(&PodTeardown {
+                ip,
+                route_table: 254,
+            })
+            .await
+            .expect("flush");
+        let e = d
+            .check(&inv(Command::Check, "c1", NETNS), &c)
+            .await
+            .expect_err("drift");
+        assert_eq!(e.code(), code::DRIFT);
+        assert!(e.to_string().contains("512"), "{e}");
+        // Re-add (idempotent in ipamd: same address), then DEL with ipamd down.
+        let r = d
+            .add(&inv(Command::Add, "c1", NETNS), &conf())
+            .await
+            .expect("re-add");
+        d.ipam().set_unreachable(true);
+        d.del(&inv(Command::Del, "c1", NETNS), &with_prev(conf(), &r))
+            .await
+            .expect("del");
+        assert!(d.net().state().host.rules.is_empty());
+        assert!(d.net().state().host.routes.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_allocation_without_any_address_is_refused_and_released() {
+        struct EmptyIpam;
+        impl Ipam for EmptyIpam {
+            async fn add_network(
+                &self,
+                _: AddNetworkRequest,
+            ) -> Result<AddNetworkReply, BackendError> {
+                Ok(AddNetworkReply {
+                    success: true,
+                    ip_allocation_metadata: vec![IpAllocationMetadata {
+                        i_pv6_addr: "not-an-address".into(),
+                        ..IpAllocationMetadata::default()
+                    }],
+                    ..AddNetworkReply::default()
+                })
+            }
+            async fn del_network(
+                &self,
+                _: DelNetworkRequest,
+            ) -> Result<vpc_cni_rpc::DelNetworkReply, BackendError> {
+                Ok(vpc_cni_rpc::DelNetworkReply {
+                    success: true,
+                    ..Default::default()
+                })
+            }
+            async fn ready(&self) -> Result<(), BackendError> {
+                Ok(())
+            }
+        }
         let net = MemoryPodNetwork::new();
         net.add_netns(NETNS);
-        let d = Driver::new(V6Ipam, net, MemoryPolicyAgent::default(), CLIENT);
+        let d = Driver::new(EmptyIpam, net, MemoryPolicyAgent::default(), CLIENT);
         let e = d
             .add(&inv(Command::Add, "c1", NETNS), &conf())
             .await
-            .expect_err("v6");
-        assert_eq!(e.code(), code::UNSUPPORTED);
+            .expect_err("bad address");
+        assert_eq!(e.code(), code::IPAMD_ERROR);
+        assert!(e.details().contains("IPv6Addr"), "{}", e.details());
         assert!(d.net().state().host.links.is_empty());
     }
 

@@ -9,7 +9,7 @@
 //! back every request.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Mutex, MutexGuard};
 
 use tonic::Status;
@@ -23,8 +23,9 @@ use crate::backend::{BackendError, Ipam, PolicyAgent};
 /// One address of the pool, with the ENI it lives on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolAddress {
-    /// The address.
-    pub ip: Ipv4Addr,
+    /// The address: IPv4, or IPv6 as ipamd's IPv6 mode hands out (answered in `IPv6Addr`
+    /// with `IPv4Addr` empty).
+    pub ip: IpAddr,
     /// The ENI's device number.
     pub device_number: i32,
     /// The ENI's host route table (254 for the primary ENI).
@@ -79,9 +80,21 @@ impl MemoryIpam {
     pub fn pool(base: Ipv4Addr, n: u32, device_number: i32, route_table: i32) -> Vec<PoolAddress> {
         (0..n)
             .map(|i| PoolAddress {
-                ip: Ipv4Addr::from(u32::from(base) + i),
+                ip: IpAddr::V4(Ipv4Addr::from(u32::from(base) + i)),
                 device_number,
                 route_table,
+            })
+            .collect()
+    }
+
+    /// `n` IPv6 addresses `base+0 .. base+n-1` (a node's /80 prefix on the primary ENI, as
+    /// ipamd's IPv6 mode assigns them: device 0, table main).
+    pub fn pool_v6(base: Ipv6Addr, n: u32) -> Vec<PoolAddress> {
+        (0..n)
+            .map(|i| PoolAddress {
+                ip: IpAddr::V6(Ipv6Addr::from(u128::from(base) + u128::from(i))),
+                device_number: 0,
+                route_table: 254,
             })
             .collect()
     }
@@ -136,9 +149,13 @@ impl MemoryIpam {
     }
 
     fn meta(a: &PoolAddress) -> IpAllocationMetadata {
+        let (v4, v6) = match a.ip {
+            IpAddr::V4(ip) => (ip.to_string(), String::new()),
+            IpAddr::V6(ip) => (String::new(), ip.to_string()),
+        };
         IpAllocationMetadata {
-            i_pv4_addr: a.ip.to_string(),
-            i_pv6_addr: String::new(),
+            i_pv4_addr: v4,
+            i_pv6_addr: v6,
             device_number: a.device_number,
             route_table_id: a.route_table,
         }

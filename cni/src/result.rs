@@ -7,7 +7,7 @@
 //! VLAN id, no sandbox). `ips[i].interface` points at the container entry. DEL without ipamd
 //! relies on this encoding.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -26,8 +26,8 @@ pub struct PodAttachment {
     pub container_ifname: String,
     /// The sandbox (netns path) of the container entry.
     pub sandbox: String,
-    /// The pod's address.
-    pub ipv4: Ipv4Addr,
+    /// The pod's address (IPv4, or IPv6 in an IPv6 cluster).
+    pub ip: IpAddr,
     /// The host route table of the ENI owning the address.
     pub route_table: u32,
 }
@@ -104,7 +104,7 @@ impl AddResult {
             ips.push(IpConfig {
                 version: None,
                 interface: Some(interfaces.len() - 1),
-                address: IpCidr::host_v4(a.ipv4).to_string(),
+                address: IpCidr::host(a.ip).to_string(),
                 gateway: None,
             });
         }
@@ -128,11 +128,16 @@ impl AddResult {
         if version.is_legacy_result() {
             let mut out = json!({"cniVersion": version.as_str(), "dns": {}});
             if let Some(ip) = self.ips.first() {
-                let mut ip4 = json!({ "ip": ip.address });
+                let mut entry = json!({ "ip": ip.address });
                 if let Some(gw) = &ip.gateway {
-                    ip4["gateway"] = json!(gw);
+                    entry["gateway"] = json!(gw);
                 }
-                out["ip4"] = ip4;
+                let key = if ip.address.contains(':') {
+                    "ip6"
+                } else {
+                    "ip4"
+                };
+                out[key] = entry;
             }
             return out;
         }
@@ -213,7 +218,7 @@ impl PrevResult {
     /// The pod attachments encoded in this result, as the reference's
     /// `teardownPodNetworkWithPrevResult` reads them: the table comes from the container
     /// entry's `mac` when it parses, otherwise from the dummy's device number (card 0).
-    /// IPv6 addresses are skipped (this plugin wires IPv4 only).
+    /// IPv4 and IPv6 addresses both count (an IPv6 cluster's pods have a /128).
     pub fn attachments(&self) -> Vec<PodAttachment> {
         let fallback_table = match self.dummy() {
             Some(DummyInfo::Normal { device_number }) => {
@@ -231,9 +236,6 @@ impl PrevResult {
             let Ok(cidr) = ip.address.parse::<IpCidr>() else {
                 continue;
             };
-            let IpAddr::V4(ipv4) = cidr.addr else {
-                continue;
-            };
             let host_veth = idx
                 .checked_sub(1)
                 .and_then(|h| self.interfaces.get(h))
@@ -243,7 +245,7 @@ impl PrevResult {
                 host_veth,
                 container_ifname: cont.name.clone(),
                 sandbox: cont.sandbox.clone(),
-                ipv4,
+                ip: cidr.addr,
                 route_table: cont.mac.parse().unwrap_or(fallback_table),
             });
         }
@@ -254,6 +256,7 @@ impl PrevResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn att(i: u8, table: u32) -> PodAttachment {
         PodAttachment {
@@ -264,7 +267,7 @@ mod tests {
                 format!("mNicIf{i}")
             },
             sandbox: "/var/run/netns/p1".into(),
-            ipv4: Ipv4Addr::new(10, 0, 1, 10 + i),
+            ip: IpAddr::V4(Ipv4Addr::new(10, 0, 1, 10 + i)),
             route_table: table,
         }
     }
@@ -322,6 +325,29 @@ mod tests {
             j,
             json!({"cniVersion": "0.2.0", "ip4": {"ip": "10.0.1.10/32"}, "dns": {}})
         );
+    }
+
+    #[test]
+    fn an_ipv6_pod_reports_a_128_with_version_6_and_round_trips() {
+        let mut a = att(0, 254);
+        a.ip = "2001:db8:1:2:3::7".parse().expect("ip");
+        let r = AddResult::build(
+            std::slice::from_ref(&a),
+            "dummyx",
+            DummyInfo::Normal { device_number: 0 },
+        );
+        let j = r.render(CniVersion::V0_4_0);
+        assert_eq!(j["ips"][0]["address"], "2001:db8:1:2:3::7/128");
+        assert_eq!(j["ips"][0]["version"], "6");
+        assert_eq!(j["ips"][0]["interface"], 1);
+        assert!(j["ips"][0].get("gateway").is_none());
+        for v in [CniVersion::V0_4_0, CniVersion::V1_0_0, CniVersion::V1_1_0] {
+            let p = PrevResult::parse(&r.render(v)).expect("parse");
+            assert_eq!(p.attachments(), vec![a.clone()], "{v}");
+        }
+        let j = r.render(CniVersion::V0_2_0);
+        assert_eq!(j["ip6"]["ip"], "2001:db8:1:2:3::7/128");
+        assert!(j.get("ip4").is_none());
     }
 
     #[test]

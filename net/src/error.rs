@@ -72,6 +72,15 @@ pub enum NetError {
         /// What happened.
         what: String,
     },
+    /// An IPv6 address did not pass duplicate address detection (DADFAILED), or was still
+    /// tentative when the wait ended.
+    #[error("IPv6 duplicate address detection on link {index}: {what}")]
+    Dad {
+        /// The interface index.
+        index: u32,
+        /// Which addresses, and what state they are in.
+        what: String,
+    },
     /// A failure injected by the in-memory implementation at a chosen step (tests only).
     #[error("injected failure at step {step}")]
     Injected {
@@ -122,7 +131,8 @@ impl NetError {
         }
     }
 
-    pub(crate) fn invalid(what: impl Into<String>) -> NetError {
+    /// An [`NetError::Invalid`] naming what was wrong.
+    pub fn invalid(what: impl Into<String>) -> NetError {
         NetError::Invalid { what: what.into() }
     }
 }

@@ -30,6 +30,8 @@ pub use host::{EniSpec, HostNetwork, MemoryHostNetwork, NetlinkHostNetwork};
 pub use memory::MemoryPodNetwork;
 pub use netlink::{Address, Link, Neighbour, Netlink, Route, Rule, RuleFilter, VethEnd};
 pub use netns::{Netns, NetnsGuard};
-pub use pod::{NetlinkPodNetwork, PodLinkSpec, PodNetwork, PodSpec, PodTeardown, PodWiring};
+pub use pod::{
+    NetlinkPodNetwork, PodIfSpec, PodLinkSpec, PodNetwork, PodSpec, PodTeardown, PodWiring,
+};
 pub use snat::{RandomizeSnat, SnatConfig};
 pub use types::{Family, IpCidr, MacAddr, Scope, MAIN_TABLE};

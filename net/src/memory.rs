@@ -4,14 +4,13 @@
 //! ran, and can fail at a chosen [`SetupStep`].
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::error::{NetError, Result};
 use crate::netlink::{Address, Link, Neighbour, Route, Rule, RuleFilter};
 use crate::pod::{
-    diff_pod, expected_host_objects, NsSnapshot, PodDrift, PodNetwork, PodSpec, PodTeardown,
+    diff_pod, expected_host_objects, NsSnapshot, PodDrift, PodIfSpec, PodNetwork, PodTeardown,
     PodWiring, SetupStep, TeardownReport, FROM_INTERFACE_RULE_PRIORITY, FROM_POD_RULE_PRIORITY,
     TO_CONTAINER_RULE_PRIORITY,
 };
@@ -147,9 +146,11 @@ impl Inner {
         Ok(())
     }
 
-    fn setup(&mut self, spec: &PodSpec) -> Result<PodWiring> {
-        let ip = IpCidr::host_v4(spec.ipv4);
-        let gw = IpAddr::V4(spec.gateway());
+    fn setup(&mut self, spec: &PodIfSpec) -> Result<PodWiring> {
+        let ip = spec.host_cidr();
+        let family = spec.family();
+        let v6 = family == Family::V6;
+        let gw = spec.gateway();
         let table = spec.pod_table();
         if !self.state.pods.contains_key(&spec.netns) {
             return Err(ns_not_found(&spec.netns));
@@ -227,6 +228,9 @@ impl Inner {
             l.up = true;
         }
         self.step(SetupStep::ContainerLinkUp)?;
+        if v6 {
+            self.step(SetupStep::PodSysctls)?;
+        }
         self.step(SetupStep::PodRule)?;
         let pod = self
             .state
@@ -236,7 +240,7 @@ impl Inner {
         if spec.index > 0 {
             add_rule(
                 pod,
-                Rule::new(Family::V4, FROM_INTERFACE_RULE_PRIORITY, table).from(ip),
+                Rule::new(family, FROM_INTERFACE_RULE_PRIORITY, table).from(ip),
             );
         }
         self.step(SetupStep::PodGatewayRoute)?;
@@ -245,7 +249,12 @@ impl Inner {
             .pods
             .get_mut(&spec.netns)
             .ok_or_else(|| ns_not_found(&spec.netns))?;
-        replace_route(pod, Route::link_scope(IpCidr::host(gw), cont_index, table));
+        let mut gw_route = Route::link_scope(IpCidr::host(gw), cont_index, table);
+        if v6 {
+            // As the kernel reports it: IPv6 routes have no scope.
+            gw_route.scope = Scope::Universe;
+        }
+        replace_route(pod, gw_route);
         self.step(SetupStep::PodDefaultRoute)?;
         let pod = self
             .state
@@ -276,6 +285,9 @@ impl Inner {
             mac: Some(host_mac),
             permanent: true,
         });
+        if v6 {
+            self.step(SetupStep::WaitDad)?;
+        }
         let (route, rules) = expected_host_objects(spec, host_index);
         self.step(SetupStep::HostRoute)?;
         replace_route(&mut self.state.host, route);
@@ -297,8 +309,8 @@ impl Inner {
             container_ifname: spec.container_ifname.clone(),
             container_ifindex: cont_index,
             container_mac: cont_mac,
-            ipv4: spec.ipv4,
-            gateway: spec.gateway(),
+            ip: spec.ip,
+            gateway: gw,
             host_table: spec.host_table(),
             mtu: spec.mtu,
         })
@@ -306,7 +318,7 @@ impl Inner {
 }
 
 impl PodNetwork for MemoryPodNetwork {
-    async fn setup_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
+    async fn setup_interface(&self, spec: &PodIfSpec) -> Result<PodWiring> {
         spec.validate()?;
         let mut g = self.lock();
         let before = g.state.clone();
@@ -323,7 +335,8 @@ impl PodNetwork for MemoryPodNetwork {
     }
 
     async fn teardown_pod(&self, t: &PodTeardown) -> Result<TeardownReport> {
-        let ip = IpCidr::host_v4(t.ipv4);
+        let ip = IpCidr::host(t.ip);
+        let family = ip.family();
         let table = crate::names::effective_host_table(t.route_table);
         let mut g = self.lock();
         let host = &mut g.state.host;
@@ -331,13 +344,13 @@ impl PodNetwork for MemoryPodNetwork {
         let to = RuleFilter {
             priority: Some(TO_CONTAINER_RULE_PRIORITY),
             to: Some(ip),
-            ..RuleFilter::any(Family::V4)
+            ..RuleFilter::any(family)
         };
         let from = RuleFilter {
             priority: Some(FROM_POD_RULE_PRIORITY),
             from: Some(ip),
             table: Some(table),
-            ..RuleFilter::any(Family::V4)
+            ..RuleFilter::any(family)
         };
         let before = host.rules.len();
         host.rules
@@ -345,12 +358,12 @@ impl PodNetwork for MemoryPodNetwork {
         report.rules_deleted = before - host.rules.len();
         let before = host.routes.len();
         host.routes
-            .retain(|r| !(r.table == MAIN_TABLE && r.dst == ip && r.scope == Scope::Link));
+            .retain(|r| !(r.table == MAIN_TABLE && r.dst == ip && r.gateway.is_none()));
         report.host_route_deleted = before != host.routes.len();
         Ok(report)
     }
 
-    async fn check_pod(&self, spec: &PodSpec) -> Result<Vec<PodDrift>> {
+    async fn check_interface(&self, spec: &PodIfSpec) -> Result<Vec<PodDrift>> {
         spec.validate()?;
         let g = self.lock();
         let pod = g
@@ -365,7 +378,8 @@ impl PodNetwork for MemoryPodNetwork {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
+    use crate::pod::PodSpec;
+    use std::net::{IpAddr, Ipv4Addr};
 
     fn spec(table: u32) -> PodSpec {
         PodSpec {
@@ -392,18 +406,18 @@ mod tests {
         let s = spec(3);
         net.add_netns(&s.netns);
         let w = block_on(net.setup_pod(&s)).expect("setup");
-        assert_eq!(w.gateway, Ipv4Addr::new(169, 254, 1, 1));
+        assert_eq!(w.gateway, IpAddr::V4(Ipv4Addr::new(169, 254, 1, 1)));
         assert_eq!(w.host_table, 3);
         assert_eq!(block_on(net.check_pod(&s)).expect("check"), vec![]);
         let st = net.state();
         let prios: Vec<u32> = st.host.rules.iter().map(|r| r.priority).collect();
         assert_eq!(prios, vec![512, 1536]);
-        assert_eq!(net.steps(), SetupStep::ALL.to_vec());
+        assert_eq!(net.steps(), SetupStep::for_family(Family::V4));
     }
 
     #[test]
     fn a_failure_at_any_step_leaves_the_model_as_it_was() {
-        for step in SetupStep::ALL {
+        for step in SetupStep::for_family(Family::V4) {
             let net = MemoryPodNetwork::new();
             let s = spec(3);
             net.add_netns(&s.netns);
@@ -452,6 +466,48 @@ mod tests {
         assert!(block_on(net.check_pod(&s))
             .expect_err("gone")
             .is_not_found());
+    }
+
+    fn spec6() -> PodIfSpec {
+        PodIfSpec {
+            ip: "2001:db8:0:1:2::5".parse().expect("ip"),
+            ..PodIfSpec::from(&spec(254))
+        }
+    }
+
+    #[test]
+    fn ipv6_setup_runs_every_step_with_inet6_objects_and_tears_down() {
+        let net = MemoryPodNetwork::new();
+        let s = spec6();
+        net.add_netns(&s.netns);
+        let w = block_on(net.setup_interface(&s)).expect("setup");
+        assert_eq!(w.gateway, "fe80::1".parse::<IpAddr>().expect("gw"));
+        assert_eq!(net.steps(), SetupStep::for_family(Family::V6));
+        assert_eq!(net.steps().len(), SetupStep::ALL.len());
+        assert_eq!(block_on(net.check_interface(&s)).expect("check"), vec![]);
+        let st = net.state();
+        assert_eq!(st.host.rules.len(), 1);
+        assert_eq!(st.host.rules[0].family, Family::V6);
+        assert_eq!(st.host.rules[0].to, Some(IpCidr::host(s.ip)));
+        let pod = &st.pods[&s.netns];
+        assert!(pod.addresses.iter().any(|a| a.cidr.prefix_len == 128));
+        let r = block_on(net.teardown_pod(&s.teardown())).expect("del");
+        assert_eq!(r.rules_deleted, 1);
+        assert!(r.host_route_deleted);
+        assert!(net.state().host.rules.is_empty());
+        assert!(net.state().host.routes.is_empty());
+    }
+
+    #[test]
+    fn ipv6_specs_refuse_link_local_addresses_and_small_mtus() {
+        let mut s = spec6();
+        s.ip = "fe80::5".parse().expect("ip");
+        assert!(s.validate().is_err());
+        let mut s = spec6();
+        s.mtu = 1279;
+        assert!(s.validate().is_err());
+        s.mtu = 1280;
+        s.validate().expect("1280 is the IPv6 minimum");
     }
 
     #[test]

@@ -69,6 +69,13 @@ pub fn pod_gateway_v4(index: u32) -> Option<Ipv4Addr> {
     (last < 255).then(|| Ipv4Addr::new(169, 254, 1, last))
 }
 
+/// The IPv6 gateway of pod interface `index`: `fe80::(index+1)` (`fe80::1` for eth0), the
+/// same bound on the index as [`pod_gateway_v4`].
+pub fn pod_gateway_v6(index: u32) -> Option<std::net::Ipv6Addr> {
+    let last = u16::try_from(index.checked_add(1)?).ok()?;
+    (last < 255).then(|| std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, last))
+}
+
 /// The route table inside the pod's namespace for interface `index`: main for 0, `index`
 /// otherwise.
 pub fn pod_table(index: u32) -> u32 {

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures_util::TryStreamExt;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use rtnetlink::packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
+};
 use rtnetlink::packet_route::link::{
     InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -949,6 +951,42 @@ impl Netlink {
             .filter_map(address_from_message)
             .filter(|a| index.is_none_or(|i| a.index == i))
             .collect())
+    }
+
+    /// The IPv6 addresses of link `index` that are still in duplicate address detection
+    /// (`IFA_F_TENTATIVE`) or failed it (`IFA_F_DADFAILED`, reported as `true`).
+    pub async fn unsettled_v6_addresses(&self, index: u32) -> Result<Vec<(IpCidr, bool)>> {
+        self.counted_dump();
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetError::netlink("list addresses", e))?;
+        let mut out = Vec::new();
+        for m in &msgs {
+            if m.header.index != index || m.header.family != AddressFamily::Inet6 {
+                continue;
+            }
+            // The 32-bit IFA_FLAGS attribute supersedes the header's 8 bits when present.
+            let mut tentative = m.header.flags.contains(AddressHeaderFlags::Tentative);
+            let mut failed = m.header.flags.contains(AddressHeaderFlags::Dadfailed);
+            for attr in &m.attributes {
+                if let AddressAttribute::Flags(f) = attr {
+                    tentative = f.contains(AddressFlags::Tentative);
+                    failed = f.contains(AddressFlags::Dadfailed);
+                }
+            }
+            if tentative || failed {
+                if let Some(a) = address_from_message(m) {
+                    out.push((a.cidr, failed));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Removes `cidr` from link `index`. Returns `false` when it was not there.

@@ -1,5 +1,10 @@
-//! Per-pod wiring (spec cni.md 2.2–2.4): the [`PodNetwork`] trait in our nouns, its netlink
+//! Per-pod wiring (spec cni.md 2.2–2.5): the [`PodNetwork`] trait in our nouns, its netlink
 //! implementation [`NetlinkPodNetwork`], and the pure CHECK comparison both implementations use.
+//!
+//! Both families: an interface spec ([`PodIfSpec`]) carries an IPv4 or an IPv6 address, and
+//! the wiring follows the family (IPv6: `disable_ipv6=0` on the interface and `lo`, `/128`,
+//! gateway `fe80::(i+1)`, DAD waited for, `inet6` host rule; spec 2.5). [`PodSpec`] is the
+//! IPv4-only form older callers build; it converts into a [`PodIfSpec`].
 //!
 //! ADD ([`PodNetwork::setup_pod`]) is transactional: whatever it did is undone when a step
 //! fails. DEL ([`PodNetwork::teardown_pod`]) works only on the host side, as the reference does,
@@ -8,9 +13,12 @@
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::error::{NetError, Result};
-use crate::names::{effective_host_table, pod_gateway_v4, pod_table, MAX_IFNAME_LEN};
+use crate::names::{
+    effective_host_table, pod_gateway_v4, pod_gateway_v6, pod_table, MAX_IFNAME_LEN,
+};
 use crate::netlink::{Address, Link, Neighbour, Netlink, Route, Rule, RuleFilter, VethEnd};
 use crate::netns::Netns;
 use crate::sysctl;
@@ -23,12 +31,17 @@ pub const TO_CONTAINER_RULE_PRIORITY: u32 = 512;
 /// Rule priority of `from <podIP> lookup <ENI table>` on the host.
 pub const FROM_POD_RULE_PRIORITY: u32 = 1536;
 
+/// How often ADD looks at an IPv6 pod's addresses while DAD runs (the reference's 50 ms).
+pub const DAD_POLL: Duration = Duration::from_millis(50);
+/// How long ADD waits for an IPv6 pod's addresses to leave DAD (the reference's 10 s).
+pub const DAD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The smallest MTU accepted for a pod interface (the IPv4 minimum).
 pub const MIN_MTU: u32 = 68;
 /// The largest MTU accepted (jumbo frames on EC2).
 pub const MAX_MTU: u32 = 9001;
 
-/// What to build for one pod interface.
+/// What to build for one IPv4 pod interface (the IPv4-only form of [`PodIfSpec`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodSpec {
     /// The pod's network namespace (`CNI_NETNS`).
@@ -102,14 +115,7 @@ impl PodSpec {
 
     /// Checks names, MTU and index before anything is touched.
     pub fn validate(&self) -> Result<()> {
-        validate_link(&self.host_veth, &self.container_ifname, self.mtu)?;
-        if pod_gateway_v4(self.index).is_none() {
-            return Err(NetError::invalid(format!("interface index {}", self.index)));
-        }
-        if self.ipv4.is_unspecified() || self.ipv4.is_multicast() || self.ipv4.is_broadcast() {
-            return Err(NetError::invalid(format!("pod address {}", self.ipv4)));
-        }
-        Ok(())
+        PodIfSpec::from(self).validate()
     }
 
     /// The pod's gateway, `169.254.1.(index+1)`.
@@ -130,7 +136,127 @@ impl PodSpec {
     /// The teardown request matching this spec.
     pub fn teardown(&self) -> PodTeardown {
         PodTeardown {
-            ipv4: self.ipv4,
+            ip: IpAddr::V4(self.ipv4),
+            route_table: self.route_table,
+        }
+    }
+}
+
+/// What to build for one pod interface of either family: the IPv4 wiring of spec 2.2 or the
+/// IPv6 wiring of spec 2.5, chosen by the address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodIfSpec {
+    /// The pod's network namespace (`CNI_NETNS`).
+    pub netns: PathBuf,
+    /// Host-side veth name ([`crate::names::host_veth_name`]).
+    pub host_veth: String,
+    /// Container-side interface name (`eth0`, `mNicIf<i>`).
+    pub container_ifname: String,
+    /// Interface index i (0 for the first): gateway `169.254.1.(i+1)` or `fe80::(i+1)`, pod
+    /// table main or i.
+    pub index: u32,
+    /// The pod's address (a /32 or a /128 on the interface).
+    pub ip: IpAddr,
+    /// MTU of both veth ends (`POD_MTU`).
+    pub mtu: u32,
+    /// The host route table of the ENI that owns the address (`RouteTableId`); 0, 1 or 254 mean
+    /// main, anything else adds the from-pod rule at 1536.
+    pub route_table: u32,
+}
+
+impl From<&PodSpec> for PodIfSpec {
+    fn from(s: &PodSpec) -> PodIfSpec {
+        PodIfSpec {
+            netns: s.netns.clone(),
+            host_veth: s.host_veth.clone(),
+            container_ifname: s.container_ifname.clone(),
+            index: s.index,
+            ip: IpAddr::V4(s.ipv4),
+            mtu: s.mtu,
+            route_table: s.route_table,
+        }
+    }
+}
+
+impl PodIfSpec {
+    /// The address-independent part of this interface.
+    pub fn link(&self) -> PodLinkSpec {
+        PodLinkSpec {
+            netns: self.netns.clone(),
+            host_veth: self.host_veth.clone(),
+            container_ifname: self.container_ifname.clone(),
+            mtu: self.mtu,
+        }
+    }
+
+    /// The address family of the interface.
+    pub fn family(&self) -> Family {
+        Family::of(&self.ip)
+    }
+
+    /// Checks names, MTU, index and address before anything is touched.
+    pub fn validate(&self) -> Result<()> {
+        validate_link(&self.host_veth, &self.container_ifname, self.mtu)?;
+        let gw_ok = match self.ip {
+            IpAddr::V4(_) => pod_gateway_v4(self.index).is_some(),
+            IpAddr::V6(_) => pod_gateway_v6(self.index).is_some(),
+        };
+        if !gw_ok {
+            return Err(NetError::invalid(format!("interface index {}", self.index)));
+        }
+        let bad = match self.ip {
+            IpAddr::V4(a) => a.is_unspecified() || a.is_multicast() || a.is_broadcast(),
+            IpAddr::V6(a) => {
+                a.is_unspecified()
+                    || a.is_multicast()
+                    || a.is_loopback()
+                    || (a.segments()[0] & 0xffc0) == 0xfe80
+            }
+        };
+        if bad {
+            return Err(NetError::invalid(format!("pod address {}", self.ip)));
+        }
+        if self.family() == Family::V6 && self.mtu < 1280 {
+            return Err(NetError::invalid(format!(
+                "MTU {} (IPv6 needs at least 1280)",
+                self.mtu
+            )));
+        }
+        Ok(())
+    }
+
+    /// The pod's gateway: `169.254.1.(index+1)` or `fe80::(index+1)`.
+    pub fn gateway(&self) -> IpAddr {
+        match self.ip {
+            IpAddr::V4(_) => {
+                IpAddr::V4(pod_gateway_v4(self.index).unwrap_or(crate::names::POD_GATEWAY_V4))
+            }
+            IpAddr::V6(_) => IpAddr::V6(
+                pod_gateway_v6(self.index)
+                    .unwrap_or(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)),
+            ),
+        }
+    }
+
+    /// The pod's address as a host prefix (/32 or /128).
+    pub fn host_cidr(&self) -> IpCidr {
+        IpCidr::host(self.ip)
+    }
+
+    /// The table used inside the pod (main for index 0, else the index).
+    pub fn pod_table(&self) -> u32 {
+        pod_table(self.index)
+    }
+
+    /// The host table of the from-pod rule (main when `route_table` ≤ 1).
+    pub fn host_table(&self) -> u32 {
+        effective_host_table(self.route_table)
+    }
+
+    /// The teardown request matching this spec.
+    pub fn teardown(&self) -> PodTeardown {
+        PodTeardown {
+            ip: self.ip,
             route_table: self.route_table,
         }
     }
@@ -152,9 +278,9 @@ pub struct PodWiring {
     /// Container interface MAC.
     pub container_mac: MacAddr,
     /// The pod's address.
-    pub ipv4: Ipv4Addr,
+    pub ip: IpAddr,
     /// The pod's gateway.
-    pub gateway: Ipv4Addr,
+    pub gateway: IpAddr,
     /// The host table of the from-pod rule (main when none was added).
     pub host_table: u32,
     /// MTU of both ends.
@@ -164,8 +290,8 @@ pub struct PodWiring {
 /// What DEL needs: the address and the ENI table it used (from ipamd or prevResult).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PodTeardown {
-    /// The pod's address.
-    pub ipv4: Ipv4Addr,
+    /// The pod's address (IPv4 or IPv6).
+    pub ip: IpAddr,
     /// The ENI route table (0 and 1 mean main, as for legacy state).
     pub route_table: u32,
 }
@@ -175,7 +301,7 @@ pub struct PodTeardown {
 pub struct TeardownReport {
     /// Host rules deleted (512 and 1536, including stale copies).
     pub rules_deleted: usize,
-    /// Whether the host /32 route was still there and was deleted.
+    /// Whether the host /32 (or /128) route was still there and was deleted.
     pub host_route_deleted: bool,
 }
 
@@ -193,6 +319,8 @@ pub enum SetupStep {
     HostVethUp,
     /// Set the container interface up.
     ContainerLinkUp,
+    /// IPv6 only: `disable_ipv6=0` on the container interface and `lo` inside the pod.
+    PodSysctls,
     /// Pod-side `from <podIP> lookup i` rule (interfaces i > 0).
     PodRule,
     /// Pod route `<gw>/32 dev <if> scope link`.
@@ -203,6 +331,8 @@ pub enum SetupStep {
     PodAddress,
     /// Pod permanent neighbour `<gw> → host veth MAC`.
     PodNeighbour,
+    /// IPv6 only: wait until no address of the pod interface is tentative (DAD done).
+    WaitDad,
     /// Host route `<podIP>/32 dev <hostVeth> scope link` in main.
     HostRoute,
     /// Host rule `to <podIP> lookup main` at 512.
@@ -212,22 +342,37 @@ pub enum SetupStep {
 }
 
 impl SetupStep {
-    /// Every step in execution order.
-    pub const ALL: [SetupStep; 13] = [
+    /// Every step in execution order (the IPv6 wiring runs all of them).
+    pub const ALL: [SetupStep; 15] = [
         SetupStep::RemoveStaleHostVeth,
         SetupStep::CreateVeth,
         SetupStep::HostVethSysctls,
         SetupStep::HostVethUp,
         SetupStep::ContainerLinkUp,
+        SetupStep::PodSysctls,
         SetupStep::PodRule,
         SetupStep::PodGatewayRoute,
         SetupStep::PodDefaultRoute,
         SetupStep::PodAddress,
         SetupStep::PodNeighbour,
+        SetupStep::WaitDad,
         SetupStep::HostRoute,
         SetupStep::ToPodRule,
         SetupStep::FromPodRule,
     ];
+
+    /// True for the steps only the IPv6 wiring has.
+    pub fn v6_only(self) -> bool {
+        matches!(self, SetupStep::PodSysctls | SetupStep::WaitDad)
+    }
+
+    /// The steps an ADD of `family` runs, in order.
+    pub fn for_family(family: Family) -> Vec<SetupStep> {
+        SetupStep::ALL
+            .into_iter()
+            .filter(|s| family == Family::V6 || !s.v6_only())
+            .collect()
+    }
 }
 
 impl std::fmt::Display for SetupStep {
@@ -273,7 +418,7 @@ pub enum PodDrift {
         /// Actual MTU.
         actual: u32,
     },
-    /// The pod's /32 is not on its interface.
+    /// The pod's /32 (or /128) is not on its interface.
     MissingAddress(IpCidr),
     /// A route is missing.
     MissingRoute {
@@ -305,23 +450,28 @@ pub struct NsSnapshot {
     pub links: Vec<Link>,
     /// Addresses.
     pub addresses: Vec<Address>,
-    /// IPv4 routes, all tables.
+    /// Routes of the family read, all tables.
     pub routes: Vec<Route>,
-    /// IPv4 rules.
+    /// Rules of the family read.
     pub rules: Vec<Rule>,
-    /// IPv4 neighbours.
+    /// Neighbours of the family read.
     pub neighbours: Vec<Neighbour>,
 }
 
 impl NsSnapshot {
-    /// Reads a namespace's state through `nl`.
+    /// Reads a namespace's IPv4 state through `nl`.
     pub async fn read(nl: &Netlink) -> Result<NsSnapshot> {
+        NsSnapshot::read_family(nl, Family::V4).await
+    }
+
+    /// Reads a namespace's links, addresses and the routes, rules and neighbours of `family`.
+    pub async fn read_family(nl: &Netlink, family: Family) -> Result<NsSnapshot> {
         Ok(NsSnapshot {
             links: nl.links().await?,
             addresses: nl.addresses(None).await?,
-            routes: nl.routes(Family::V4, None).await?,
-            rules: nl.rules(Family::V4).await?,
-            neighbours: nl.neighbours(Family::V4, None).await?,
+            routes: nl.routes(family, None).await?,
+            rules: nl.rules(family).await?,
+            neighbours: nl.neighbours(family, None).await?,
         })
     }
 
@@ -381,26 +531,39 @@ fn check_link(
     Some(l.clone())
 }
 
+/// `dst dev <oif>` in `table`: `scope link` for IPv4; IPv6 routes have no scope (the kernel
+/// reports every one as universe), so the IPv6 form says so.
+fn link_route(dst: IpCidr, oif: u32, table: u32) -> Route {
+    let mut r = Route::link_scope(dst, oif, table);
+    if dst.family() == Family::V6 {
+        r.scope = Scope::Universe;
+    }
+    r
+}
+
 /// The expected host-side objects of a pod interface: route, to-pod rule, optional from-pod
-/// rule.
-pub fn expected_host_objects(spec: &PodSpec, host_ifindex: u32) -> (Route, Vec<Rule>) {
-    let ip = IpCidr::host_v4(spec.ipv4);
-    let route = Route::link_scope(ip, host_ifindex, MAIN_TABLE);
-    let mut rules = vec![Rule::new(Family::V4, TO_CONTAINER_RULE_PRIORITY, MAIN_TABLE).to(ip)];
+/// rule (in the interface's family).
+pub fn expected_host_objects(spec: &PodIfSpec, host_ifindex: u32) -> (Route, Vec<Rule>) {
+    let ip = spec.host_cidr();
+    let family = spec.family();
+    let route = link_route(ip, host_ifindex, MAIN_TABLE);
+    let mut rules = vec![Rule::new(family, TO_CONTAINER_RULE_PRIORITY, MAIN_TABLE).to(ip)];
     if spec.host_table() != MAIN_TABLE {
-        rules.push(Rule::new(Family::V4, FROM_POD_RULE_PRIORITY, spec.host_table()).from(ip));
+        rules.push(Rule::new(family, FROM_POD_RULE_PRIORITY, spec.host_table()).from(ip));
     }
     (route, rules)
 }
 
-/// Compares the wiring `spec` asks for with snapshots of the host and pod namespaces.
-/// Pure: both implementations of [`PodNetwork::check_pod`] call it.
-pub fn diff_pod(spec: &PodSpec, host: &NsSnapshot, pod: &NsSnapshot) -> Vec<PodDrift> {
+/// Compares the wiring `spec` asks for with snapshots of the host and pod namespaces (read
+/// for the spec's family). Pure: both implementations of [`PodNetwork::check_interface`] call
+/// it.
+pub fn diff_pod(spec: &PodIfSpec, host: &NsSnapshot, pod: &NsSnapshot) -> Vec<PodDrift> {
     let mut drift = Vec::new();
     let host_link = check_link(Side::Host, host, &spec.host_veth, spec.mtu, &mut drift);
     let cont_link = check_link(Side::Pod, pod, &spec.container_ifname, spec.mtu, &mut drift);
-    let ip = IpCidr::host_v4(spec.ipv4);
-    let gw = IpAddr::V4(spec.gateway());
+    let ip = spec.host_cidr();
+    let family = spec.family();
+    let gw = spec.gateway();
     if let Some(h) = &host_link {
         let (route, rules) = expected_host_objects(spec, h.index);
         if !has_route(host, &route) {
@@ -436,11 +599,15 @@ pub fn diff_pod(spec: &PodSpec, host: &NsSnapshot, pod: &NsSnapshot) -> Vec<PodD
             drift.push(PodDrift::MissingAddress(ip));
         }
         let table = spec.pod_table();
-        let gw_route = Route::link_scope(IpCidr::host(gw), c.index, table);
+        let gw_route = link_route(IpCidr::host(gw), c.index, table);
         if !has_route(pod, &gw_route) {
             drift.push(PodDrift::MissingRoute {
                 side: Side::Pod,
-                route: format!("{gw}/32 dev {} scope link table {table}", c.name),
+                route: format!(
+                    "{} dev {} scope link table {table}",
+                    IpCidr::host(gw),
+                    c.name
+                ),
             });
         }
         let mut def = Route::default_via(gw, c.index, table);
@@ -452,7 +619,7 @@ pub fn diff_pod(spec: &PodSpec, host: &NsSnapshot, pod: &NsSnapshot) -> Vec<PodD
             });
         }
         if spec.index > 0 {
-            let r = Rule::new(Family::V4, FROM_INTERFACE_RULE_PRIORITY, table).from(ip);
+            let r = Rule::new(family, FROM_INTERFACE_RULE_PRIORITY, table).from(ip);
             if !has_rule(pod, &r) {
                 drift.push(PodDrift::MissingRule {
                     side: Side::Pod,
@@ -478,33 +645,52 @@ pub fn diff_pod(spec: &PodSpec, host: &NsSnapshot, pod: &NsSnapshot) -> Vec<PodD
 
 /// The per-pod network verbs the plugin needs, in our own nouns.
 pub trait PodNetwork: Send + Sync {
-    /// ADD: builds the veth pair, pod addressing, routes, neighbour, host route and rules.
-    /// On failure everything this call created is removed again before the error returns.
-    fn setup_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<PodWiring>> + Send;
+    /// ADD of one interface of either family: builds the veth pair, pod addressing, routes,
+    /// neighbour, host route and rules (IPv6: also the pod sysctls and the DAD wait). On
+    /// failure everything this call created is removed again before the error returns.
+    fn setup_interface(&self, spec: &PodIfSpec) -> impl Future<Output = Result<PodWiring>> + Send;
+
+    /// ADD of an IPv4 interface ([`PodNetwork::setup_interface`] of its [`PodIfSpec`]).
+    fn setup_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<PodWiring>> + Send {
+        let spec = PodIfSpec::from(spec);
+        async move { self.setup_interface(&spec).await }
+    }
 
     /// Optionally starts an ADD before the address is known: builds what does not depend on
     /// it (stale veth removal, the veth pair, host sysctls, links up) so that this overlaps
-    /// with the ipamd round trip. A later [`PodNetwork::setup_pod`] for the same link goes on
-    /// from there; [`PodNetwork::discard_link`] undoes it when the ADD stops. On failure
-    /// nothing is left and `setup_pod` does the whole work itself. The default does nothing.
+    /// with the ipamd round trip. A later [`PodNetwork::setup_interface`] for the same link
+    /// goes on from there; [`PodNetwork::discard_link`] undoes it when the ADD stops. On
+    /// failure nothing is left and `setup_interface` does the whole work itself. The default
+    /// does nothing.
     fn prepare_link(&self, link: &PodLinkSpec) -> impl Future<Output = Result<()>> + Send {
         let _ = link;
         std::future::ready(Ok(()))
     }
 
-    /// Undoes a [`PodNetwork::prepare_link`] that no `setup_pod` took over (nothing to do
-    /// otherwise). Best-effort: failures are logged.
+    /// Undoes a [`PodNetwork::prepare_link`] that no `setup_interface` took over (nothing to
+    /// do otherwise). Best-effort: failures are logged.
     fn discard_link(&self, link: &PodLinkSpec) -> impl Future<Output = ()> + Send {
         let _ = link;
         std::future::ready(())
     }
 
     /// DEL: removes the host rules (512, and every 1536 copy for non-main tables) and the host
-    /// /32 route. Never enters the pod namespace; things already gone count as done.
+    /// /32 or /128 route, in the address's family. Never enters the pod namespace; things
+    /// already gone count as done.
     fn teardown_pod(&self, t: &PodTeardown) -> impl Future<Output = Result<TeardownReport>> + Send;
 
-    /// CHECK: the differences between `spec` and what is there (empty when all is well).
-    fn check_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<Vec<PodDrift>>> + Send;
+    /// CHECK of one interface of either family: the differences between `spec` and what is
+    /// there (empty when all is well).
+    fn check_interface(
+        &self,
+        spec: &PodIfSpec,
+    ) -> impl Future<Output = Result<Vec<PodDrift>>> + Send;
+
+    /// CHECK of an IPv4 interface ([`PodNetwork::check_interface`] of its [`PodIfSpec`]).
+    fn check_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<Vec<PodDrift>>> + Send {
+        let spec = PodIfSpec::from(spec);
+        async move { self.check_interface(&spec).await }
+    }
 }
 
 /// What a successful ADD step created and a rollback deletes.
@@ -529,6 +715,7 @@ pub struct NetlinkPodNetwork {
 #[derive(Debug)]
 struct PreparedLink {
     link: PodLinkSpec,
+    pod_ns: Netns,
     pod: Netlink,
     built: BuiltLink,
 }
@@ -539,6 +726,38 @@ struct BuiltLink {
     host_link: Link,
     cont: Link,
     host_mac: MacAddr,
+}
+
+/// Polls the IPv6 addresses of link `index` every [`DAD_POLL`] until none is tentative
+/// (the reference's `WaitForAddressesToBeStable`, [`DAD_TIMEOUT`] at most). An address that
+/// failed DAD ends the wait at once: it will not recover.
+pub async fn wait_for_dad(nl: &Netlink, index: u32) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + DAD_TIMEOUT;
+    loop {
+        let unsettled = nl.unsettled_v6_addresses(index).await?;
+        if unsettled.is_empty() {
+            return Ok(());
+        }
+        let failed: Vec<String> = unsettled
+            .iter()
+            .filter(|(_, f)| *f)
+            .map(|(a, _)| a.to_string())
+            .collect();
+        if !failed.is_empty() {
+            return Err(NetError::Dad {
+                index,
+                what: format!("{} failed (duplicate address)", failed.join(", ")),
+            });
+        }
+        if tokio::time::Instant::now() + DAD_POLL > deadline {
+            let t: Vec<String> = unsettled.iter().map(|(a, _)| a.to_string()).collect();
+            return Err(NetError::Dad {
+                index,
+                what: format!("{} still tentative after {DAD_TIMEOUT:?}", t.join(", ")),
+            });
+        }
+        tokio::time::sleep(DAD_POLL).await;
+    }
 }
 
 impl NetlinkPodNetwork {
@@ -566,7 +785,8 @@ impl NetlinkPodNetwork {
     }
 
     /// Dump requests (whole-table reads) made so far by this pod network, in the host and
-    /// every pod namespace: ADD and DEL make none (see [`Netlink::dump_requests`]).
+    /// every pod namespace: IPv4 ADD and DEL make none (see [`Netlink::dump_requests`]); an
+    /// IPv6 ADD reads the pod interface's addresses while it waits for DAD.
     pub fn dump_requests(&self) -> usize {
         self.host.dump_requests()
     }
@@ -663,11 +883,12 @@ impl NetlinkPodNetwork {
         })
     }
 
-    /// The steps that need the address: pod rule, routes, address, neighbour, host route and
-    /// rules.
+    /// The steps that need the address: (IPv6: pod sysctls,) pod rule, routes, address,
+    /// neighbour, (IPv6: DAD wait,) host route and rules.
     async fn address_steps(
         &self,
-        spec: &PodSpec,
+        spec: &PodIfSpec,
+        pod_ns: &Netns,
         pod: &Netlink,
         built: BuiltLink,
         undo: &mut Vec<Undo>,
@@ -677,20 +898,38 @@ impl NetlinkPodNetwork {
             cont,
             host_mac,
         } = built;
-        let ip = IpCidr::host_v4(spec.ipv4);
-        let gw = IpAddr::V4(spec.gateway());
+        let ip = spec.host_cidr();
+        let family = spec.family();
+        let gw = spec.gateway();
         let table = spec.pod_table();
+
+        if family == Family::V6 {
+            self.step(SetupStep::PodSysctls)?;
+            // A pod namespace may start with IPv6 off (the runtime's or the node's defaults):
+            // the address and the gateway neighbour need it on.
+            sysctl::write_all(
+                pod_ns,
+                &[
+                    (
+                        format!("net/ipv6/conf/{}/disable_ipv6", spec.container_ifname),
+                        "0".into(),
+                    ),
+                    ("net/ipv6/conf/lo/disable_ipv6".into(), "0".into()),
+                ],
+                false,
+            )?;
+        }
 
         self.step(SetupStep::PodRule)?;
         if spec.index > 0 {
-            let r = Rule::new(Family::V4, FROM_INTERFACE_RULE_PRIORITY, table).from(ip);
+            let r = Rule::new(family, FROM_INTERFACE_RULE_PRIORITY, table).from(ip);
             if pod.rule_add(&r).await? {
                 undo.push(Undo::PodRule(r));
             }
         }
 
         self.step(SetupStep::PodGatewayRoute)?;
-        pod.route_replace(&Route::link_scope(IpCidr::host(gw), cont.index, table))
+        pod.route_replace(&link_route(IpCidr::host(gw), cont.index, table))
             .await?;
 
         self.step(SetupStep::PodDefaultRoute)?;
@@ -703,6 +942,11 @@ impl NetlinkPodNetwork {
         self.step(SetupStep::PodNeighbour)?;
         pod.neighbour_add_permanent(cont.index, gw, host_mac)
             .await?;
+
+        if family == Family::V6 {
+            self.step(SetupStep::WaitDad)?;
+            wait_for_dad(pod, cont.index).await?;
+        }
 
         let (host_route, host_rules) = expected_host_objects(spec, host_link.index);
         self.step(SetupStep::HostRoute)?;
@@ -730,8 +974,8 @@ impl NetlinkPodNetwork {
             container_ifname: spec.container_ifname.clone(),
             container_ifindex: cont.index,
             container_mac: cont.mac.unwrap_or_default(),
-            ipv4: spec.ipv4,
-            gateway: spec.gateway(),
+            ip: spec.ip,
+            gateway: gw,
             host_table: spec.host_table(),
             mtu: spec.mtu,
         })
@@ -753,21 +997,26 @@ impl NetlinkPodNetwork {
 }
 
 impl PodNetwork for NetlinkPodNetwork {
-    async fn setup_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
+    async fn setup_interface(&self, spec: &PodIfSpec) -> Result<PodWiring> {
         spec.validate()?;
         let link = spec.link();
         let mut undo = Vec::new();
         let (pod, result) = match self.take_prepared(&link) {
             Some(p) => {
                 undo.push(Undo::HostVeth(link.host_veth.clone()));
-                let r = self.address_steps(spec, &p.pod, p.built, &mut undo).await;
+                let r = self
+                    .address_steps(spec, &p.pod_ns, &p.pod, p.built, &mut undo)
+                    .await;
                 (p.pod, r)
             }
             None => {
                 let pod_ns = Netns::open(&spec.netns)?;
                 let pod = Netlink::open_sharing_counter(&pod_ns, &self.host)?;
                 let r = match self.link_steps(&link, &pod_ns, &pod, &mut undo).await {
-                    Ok(built) => self.address_steps(spec, &pod, built, &mut undo).await,
+                    Ok(built) => {
+                        self.address_steps(spec, &pod_ns, &pod, built, &mut undo)
+                            .await
+                    }
                     Err(e) => Err(e),
                 };
                 (pod, r)
@@ -775,7 +1024,7 @@ impl PodNetwork for NetlinkPodNetwork {
         };
         match result {
             Ok(w) => {
-                tracing::info!(veth = %w.host_veth, ip = %w.ipv4, table = w.host_table, "pod wired");
+                tracing::info!(veth = %w.host_veth, ip = %w.ip, table = w.host_table, "pod wired");
                 Ok(w)
             }
             Err(e) => {
@@ -801,6 +1050,7 @@ impl PodNetwork for NetlinkPodNetwork {
             Ok(built) => {
                 let prepared = PreparedLink {
                     link: link.clone(),
+                    pod_ns,
                     pod,
                     built,
                 };
@@ -826,7 +1076,8 @@ impl PodNetwork for NetlinkPodNetwork {
     }
 
     async fn teardown_pod(&self, t: &PodTeardown) -> Result<TeardownReport> {
-        let ip = IpCidr::host_v4(t.ipv4);
+        let ip = IpCidr::host(t.ip);
+        let family = ip.family();
         let table = effective_host_table(t.route_table);
         let mut report = TeardownReport::default();
         report.rules_deleted += self
@@ -834,7 +1085,7 @@ impl PodNetwork for NetlinkPodNetwork {
             .delete_rules(&RuleFilter {
                 priority: Some(TO_CONTAINER_RULE_PRIORITY),
                 to: Some(ip),
-                ..RuleFilter::any(Family::V4)
+                ..RuleFilter::any(family)
             })
             .await?;
         if table != MAIN_TABLE {
@@ -844,7 +1095,7 @@ impl PodNetwork for NetlinkPodNetwork {
                     priority: Some(FROM_POD_RULE_PRIORITY),
                     from: Some(ip),
                     table: Some(table),
-                    ..RuleFilter::any(Family::V4)
+                    ..RuleFilter::any(family)
                 })
                 .await?;
         }
@@ -864,12 +1115,13 @@ impl PodNetwork for NetlinkPodNetwork {
         Ok(report)
     }
 
-    async fn check_pod(&self, spec: &PodSpec) -> Result<Vec<PodDrift>> {
+    async fn check_interface(&self, spec: &PodIfSpec) -> Result<Vec<PodDrift>> {
         spec.validate()?;
         let pod_ns = Netns::open(&spec.netns)?;
         let pod = Netlink::open_sharing_counter(&pod_ns, &self.host)?;
-        let host = NsSnapshot::read(&self.host).await?;
-        let pod = NsSnapshot::read(&pod).await?;
+        let family = spec.family();
+        let host = NsSnapshot::read_family(&self.host, family).await?;
+        let pod = NsSnapshot::read_family(&pod, family).await?;
         Ok(diff_pod(spec, &host, &pod))
     }
 }

@@ -706,6 +706,28 @@ pub fn nft_list(ns: &Netns) -> Result<Option<String>> {
         .map(|(ok, out)| ok.then_some(out))
 }
 
+/// The iptables binary of `family` (`iptables` or `ip6tables`).
+pub fn iptables_bin(family: crate::types::Family) -> &'static str {
+    match family {
+        crate::types::Family::V4 => "iptables",
+        crate::types::Family::V6 => "ip6tables",
+    }
+}
+
+/// Runs `iptables`/`ip6tables -w 5 <args>` inside `ns`, the way the plans above are applied:
+/// `Ok((true, stdout))` on success, `Ok((false, stderr))` on exit status 1 (`-C` finding no
+/// rule, `-N` of an existing chain, ...), an error for anything else.
+pub fn iptables_in(
+    ns: &Netns,
+    family: crate::types::Family,
+    args: &[String],
+) -> Result<(bool, String)> {
+    let mut v = vec!["-w".to_string(), "5".into()];
+    v.extend(args.iter().cloned());
+    let bin = iptables_bin(family);
+    ns.run(|| run(bin, &v, None))?
+}
+
 /// The connmark backend the reference would pick inside `ns` (`iptables --version`).
 pub fn detect_connmark_backend(ns: &Netns) -> Result<ConnmarkBackend> {
     let out = ns.run(|| must("iptables", &["--version".into()], None))??;
