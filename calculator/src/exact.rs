@@ -348,11 +348,7 @@ pub fn plan(input: &PlanInput, groups: &[ResolvedGroup]) -> Result<ExactReport, 
 }
 
 fn policy_name(r: crate::policy::Rules) -> &'static str {
-    match r.flavour() {
-        Some(Flavour::Reference) => "reference",
-        Some(Flavour::Ours) => "ours",
-        None => "configured",
-    }
+    r.flavour().map_or("configured", Flavour::name)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! Everything here is pure: no IO beyond parsing inputs handed in by the caller, and time is
 //! always a parameter.
 
+pub mod demand;
 pub mod exact;
 pub mod limits;
 pub mod maxpods;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::demand::{Demand, DemandSettings, DemandState};
 use crate::policy::{
     self, AddressKind, EniView, NodeLimits, PoolChange, PoolConfig, PoolInput, Release,
     IPS_PER_PREFIX,
@@ -211,6 +212,7 @@ pub struct ModelNode {
     peak_slot: u64,
     calls: Ec2Calls,
     primary_in_subnet: bool,
+    demand: Option<(DemandSettings, DemandState)>,
 }
 
 fn splitmix(state: &mut u64) -> u64 {
@@ -254,6 +256,7 @@ impl ModelNode {
             peak_slot: 0,
             calls: Ec2Calls::default(),
             primary_in_subnet,
+            demand: None,
         };
         let ip = if primary_in_subnet {
             Some(subnet.allocate_ip(n.placement())?)
@@ -283,6 +286,18 @@ impl ModelNode {
             created_at: now,
             ..Default::default()
         });
+    }
+
+    /// Sizes the pool from the node's demand ([`policy::Flavour::Demand`]), with a history
+    /// starting at `now`.
+    pub fn with_demand(mut self, settings: DemandSettings, now: Duration) -> Self {
+        self.demand = Some((settings, DemandState::new(now)));
+        self
+    }
+
+    /// The demand history, when the pool is sized from demand.
+    pub fn demand_state(&self) -> Option<&DemandState> {
+        self.demand.as_ref().map(|d| &d.1)
     }
 
     /// The pool configuration.
@@ -335,6 +350,9 @@ impl ModelNode {
 
     /// Adds `n` pods; those that find no address wait (pending).
     pub fn add_pods(&mut self, n: u32, now: Duration) {
+        if let Some((settings, state)) = &mut self.demand {
+            state.note_requests(settings, now, n);
+        }
         self.pending += n;
         self.place_pending(now);
     }
@@ -688,6 +706,11 @@ impl ModelNode {
             last_insufficient_cidr: self.last_no_blocks,
             paused: false,
             recent_cooling_peak: self.cooling_peaks.iter().copied().max().unwrap_or(0),
+            demand: self.demand.as_ref().map(|(settings, state)| Demand {
+                settings,
+                state,
+                waiting: self.pending,
+            }),
         }
     }
 
@@ -698,6 +721,10 @@ impl ModelNode {
     pub fn tick(&mut self, subnet: &mut SubnetAllocator, now: Duration) -> TickOutcome {
         self.expire_cooldowns(now);
         self.note_cooling(now);
+        if let Some((settings, state)) = &mut self.demand {
+            let used: u32 = self.views.iter().map(|v| v.assigned() + v.cooling()).sum();
+            state.observe(settings, now, used + self.pending);
+        }
         let mut out = TickOutcome::default();
         let rounds = if self.cfg.rules.immediate_top_up {
             8

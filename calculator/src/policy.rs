@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::demand::{Demand, DemandSettings, DemandState, Estimate};
 use crate::limits::InstanceLimits;
 
 /// Addresses in one /28 prefix.
@@ -46,6 +47,10 @@ pub enum Flavour {
     Reference,
     /// Our policy: same targets, no oscillation, cooldown-aware, prefix fallback.
     Ours,
+    /// Ours, with the warm pool sized from the node's own demand ([`crate::demand`]); the
+    /// user's explicit targets stay floors. Needs [`PoolInput::demand`]; without it, decides as
+    /// [`Flavour::Ours`].
+    Demand,
 }
 
 impl std::str::FromStr for Flavour {
@@ -54,8 +59,9 @@ impl std::str::FromStr for Flavour {
         match s {
             "reference" => Ok(Self::Reference),
             "ours" => Ok(Self::Ours),
+            "demand" => Ok(Self::Demand),
             _ => Err(format!(
-                "unknown policy flavour `{s}` (expected `reference` or `ours`)"
+                "unknown policy flavour `{s}` (expected `reference`, `ours` or `demand`)"
             )),
         }
     }
@@ -66,7 +72,16 @@ impl Flavour {
     pub fn rules(self) -> Rules {
         match self {
             Self::Reference => Rules::REFERENCE,
-            Self::Ours => Rules::OURS,
+            Self::Ours | Self::Demand => Rules::OURS,
+        }
+    }
+
+    /// The flavour's name as written in settings.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Reference => "reference",
+            Self::Ours => "ours",
+            Self::Demand => "demand",
         }
     }
 }
@@ -347,6 +362,9 @@ pub struct PoolInput<'a> {
     /// Most addresses in cooldown at once over the last [`Timers::churn_window`] (0 without
     /// history).
     pub recent_cooling_peak: u32,
+    /// Demand-driven sizing ([`Flavour::Demand`]): the settings and the node's history. `None`
+    /// decides by the fixed targets alone.
+    pub demand: Option<Demand<'a>>,
 }
 
 impl<'a> PoolInput<'a> {
@@ -361,6 +379,7 @@ impl<'a> PoolInput<'a> {
             last_insufficient_cidr: None,
             paused: false,
             recent_cooling_peak: 0,
+            demand: None,
         }
     }
 }
@@ -514,6 +533,73 @@ pub struct Decision {
     pub stats: PoolStats,
     /// Whether [`choose_eni_to_free`] should run after the change.
     pub free_eni_phase: bool,
+    /// The demand-driven levels the decision used ([`PoolInput::demand`] given).
+    pub demand: Option<DemandLevels>,
+}
+
+/// The levels of one demand-driven decision, in addresses ([`Flavour::Demand`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DemandLevels {
+    /// The history's estimate.
+    pub estimate: Estimate,
+    /// The user's explicit warm target in addresses (`WARM_IP_TARGET`, `WARM_PREFIX_TARGET`
+    /// x 16, or `WARM_ENI_TARGET` x addresses per ENI when it is a floor).
+    pub floor: u32,
+    /// Grow when fewer addresses than this are available (not assigned, not cooling).
+    pub low: u32,
+    /// A growth brings the available addresses to this (`low` plus one step).
+    pub grow_to: u32,
+    /// Addresses the pool keeps: the most in use over the hold period plus `grow_to`, and at
+    /// least `MINIMUM_IP_TARGET` (whole prefixes in prefix mode).
+    pub keep: u32,
+    /// The smallest release worth an EC2 call: [`DemandSettings::min_release`] or one step if
+    /// larger; a prefix in prefix mode.
+    pub min_release: u32,
+}
+
+/// The demand-driven levels for pool totals `s` at `now`.
+pub fn demand_levels(
+    cfg: &PoolConfig,
+    limits: &NodeLimits,
+    demand: &Demand<'_>,
+    s: &PoolStats,
+    now: Duration,
+) -> DemandLevels {
+    let ds = demand.settings;
+    let e = demand.state.estimate(ds, now);
+    let pd = cfg.prefix_delegation;
+    let floor = if cfg.ip_target_mode() {
+        cfg.warm_ip_target
+    } else if pd {
+        cfg.warm_prefix_target * IPS_PER_PREFIX
+    } else if ds.eni_target_is_floor {
+        cfg.warm_eni_target * limits.slots_per_eni
+    } else {
+        0
+    };
+    let low = floor.max(e.burst).max(ds.min_warm);
+    let now_used = s.assigned + s.cooling;
+    let step = e
+        .growth_over(now_used, ds.grow_batch)
+        .clamp(1, limits.ips_per_eni(pd).max(1));
+    let grow_to = low.saturating_add(step);
+    let used = e.peak_used.max(now_used);
+    let mut keep = used.saturating_add(grow_to).max(cfg.minimum_ip_target);
+    if pd {
+        keep = round_up(keep, IPS_PER_PREFIX);
+    }
+    DemandLevels {
+        estimate: e,
+        floor,
+        low,
+        grow_to,
+        keep,
+        min_release: if pd {
+            IPS_PER_PREFIX
+        } else {
+            step.max(ds.min_release)
+        },
+    }
 }
 
 fn target_state(cfg: &PoolConfig, s: &PoolStats) -> (i64, i64) {
@@ -581,6 +667,9 @@ pub fn decide(
     input: &PoolInput<'_>,
     now: Duration,
 ) -> Decision {
+    if let Some(d) = &input.demand {
+        return decide_demand(cfg, limits, input, d, now);
+    }
     let mut s = stats(cfg, input.enis);
     s.headroom = headroom(cfg, input, &s);
     let free_eni_phase = !input.paused && should_free_enis(cfg, limits, input, &s);
@@ -589,6 +678,7 @@ pub fn decide(
         reason,
         stats: s,
         free_eni_phase,
+        demand: None,
     };
     if is_low(cfg, limits, &s) {
         if input.paused {
@@ -622,6 +712,182 @@ pub fn decide(
         };
     }
     done(None, Reason::Steady)
+}
+
+/// [`decide`] under [`Flavour::Demand`]: grow to `grow_to` when below `low`; release the
+/// surplus above `keep` in one batch once the history covers the hold period, or leave it to
+/// phase two when a whole empty ENI can go instead.
+fn decide_demand(
+    cfg: &PoolConfig,
+    limits: &NodeLimits,
+    input: &PoolInput<'_>,
+    demand: &Demand<'_>,
+    now: Duration,
+) -> Decision {
+    let mut s = stats(cfg, input.enis);
+    s.headroom = headroom(cfg, input, &s);
+    let lv = demand_levels(cfg, limits, demand, &s, now);
+    let done = |change, reason, free_eni_phase| Decision {
+        change,
+        reason,
+        stats: s,
+        free_eni_phase,
+        demand: Some(lv),
+    };
+    let capped = limits.max_pods.is_some_and(|mp| s.total >= mp);
+    let short = s.available < lv.low || s.available < demand.waiting;
+    if !capped && (short || s.total < cfg.minimum_ip_target) {
+        if input.paused {
+            return done(None, Reason::Paused, false);
+        }
+        let backoff = cfg.timers.insufficient_capacity_backoff;
+        let no_addresses = within(now, input.last_insufficient_addresses, backoff);
+        let no_blocks = within(now, input.last_insufficient_cidr, backoff);
+        let fallback = cfg.rules.prefix_fallback && no_blocks && cfg.prefix_delegation;
+        if no_addresses || (no_blocks && !fallback) {
+            return done(None, Reason::Backoff, false);
+        }
+        let mut want = (lv.grow_to.saturating_sub(s.available) + demand.waiting)
+            .max(cfg.minimum_ip_target.saturating_sub(s.total))
+            .max(1);
+        if let Some(mp) = limits.max_pods {
+            want = want.min(mp.saturating_sub(s.total)).max(1);
+        }
+        let (kind, count) = if cfg.prefix_delegation && !fallback {
+            (AddressKind::Prefix, want.div_ceil(IPS_PER_PREFIX))
+        } else {
+            (AddressKind::Ip, want)
+        };
+        return match place_growth(cfg, limits, input, &s, kind, count) {
+            Some(c) => done(Some(c), Reason::Low, false),
+            None => done(None, Reason::AtCapacity, false),
+        };
+    }
+    if input.paused {
+        return done(None, Reason::Steady, false);
+    }
+    let surplus = s.total.saturating_sub(lv.keep);
+    if !lv.estimate.settled || surplus < lv.min_release {
+        let reason = if capped {
+            Reason::MaxPods
+        } else {
+            Reason::Steady
+        };
+        return done(None, reason, false);
+    }
+    if within(now, input.last_decrease, cfg.timers.decrease_interval) {
+        return done(None, Reason::HighWaiting, false);
+    }
+    if demand_eni_to_free(cfg, input, &s, &lv, now).is_some() {
+        // Detaching the ENI returns its addresses (and its own) in two calls.
+        return done(None, Reason::High, true);
+    }
+    match release_surplus(cfg, input, surplus, lv.min_release) {
+        Some(c) => done(Some(c), Reason::High, true),
+        None => done(None, Reason::Steady, true),
+    }
+}
+
+/// An empty, old enough ENI whose addresses all fit in the surplus above `keep`.
+fn demand_eni_to_free(
+    cfg: &PoolConfig,
+    input: &PoolInput<'_>,
+    s: &PoolStats,
+    lv: &DemandLevels,
+    now: Duration,
+) -> Option<usize> {
+    if !lv.estimate.settled {
+        return None;
+    }
+    let surplus = s.total.saturating_sub(lv.keep);
+    input.enis.iter().position(|e| {
+        let (t, _, _) = if e.excluded {
+            (0, 0, 0)
+        } else {
+            e.counted(cfg)
+        };
+        !(e.primary
+            || e.trunk
+            || e.efa
+            || e.assigned() > 0
+            || e.cooling() > 0
+            || now.saturating_sub(e.created_at) < cfg.timers.min_eni_age)
+            && t <= surplus
+    })
+}
+
+/// A release of at most `surplus` addresses from one ENI (one EC2 call): the ENI that can give
+/// back the most, addresses of the other mode's kind before the current mode's; none when the
+/// best ENI gives back fewer than `min_release`.
+fn release_surplus(
+    cfg: &PoolConfig,
+    input: &PoolInput<'_>,
+    surplus: u32,
+    min_release: u32,
+) -> Option<PoolChange> {
+    let order = if cfg.prefix_delegation {
+        [AddressKind::Ip, AddressKind::Prefix]
+    } else {
+        [AddressKind::Prefix, AddressKind::Ip]
+    };
+    let mut best: Option<(u32, Release)> = None;
+    for (i, e) in input.enis.iter().enumerate() {
+        let (free_ips, free_pfx) = e.releasable(cfg);
+        let mut left = surplus;
+        let mut r = Release {
+            eni: i,
+            ips: 0,
+            prefixes: 0,
+        };
+        for kind in order {
+            let counted =
+                cfg.rules.prefix_fallback || (kind == AddressKind::Prefix) == cfg.prefix_delegation;
+            let size = match (counted && !e.excluded, kind) {
+                (false, _) => 0,
+                (true, AddressKind::Ip) => 1,
+                (true, AddressKind::Prefix) => IPS_PER_PREFIX,
+            };
+            let avail = if kind == AddressKind::Ip {
+                free_ips
+            } else {
+                free_pfx
+            };
+            let n = if size == 0 {
+                avail
+            } else {
+                avail.min(left / size)
+            };
+            left -= n * size;
+            match kind {
+                AddressKind::Ip => r.ips += n,
+                AddressKind::Prefix => r.prefixes += n,
+            }
+        }
+        let given = surplus - left;
+        if given >= min_release && best.as_ref().is_none_or(|(g, _)| given > *g) {
+            best = Some((given, r));
+        }
+    }
+    best.map(|(_, r)| PoolChange::Release(vec![r]))
+}
+
+/// Whether the pool is below its target now, with demand-driven sizing when
+/// [`PoolInput::demand`] is given (the daemon's wake-up check after an assignment).
+pub fn below_target(
+    cfg: &PoolConfig,
+    limits: &NodeLimits,
+    input: &PoolInput<'_>,
+    now: Duration,
+) -> bool {
+    let s = stats(cfg, input.enis);
+    match &input.demand {
+        None => is_low(cfg, limits, &s),
+        Some(d) => {
+            let lv = demand_levels(cfg, limits, d, &s, now);
+            !limits.max_pods.is_some_and(|mp| s.total >= mp)
+                && (s.available < lv.low.max(d.waiting) || s.total < cfg.minimum_ip_target)
+        }
+    }
 }
 
 fn has_room_for_eni(limits: &NodeLimits, input: &PoolInput<'_>, s: &PoolStats) -> bool {
@@ -679,6 +945,20 @@ fn grow(
     if wanted == 0 {
         return None;
     }
+    place_growth(cfg, limits, input, s, kind, wanted)
+}
+
+/// Where `wanted` addresses (or prefixes) of `kind` go: the first attached ENI with a free
+/// slot, else a new ENI when the node has room for one.
+fn place_growth(
+    cfg: &PoolConfig,
+    limits: &NodeLimits,
+    input: &PoolInput<'_>,
+    s: &PoolStats,
+    kind: AddressKind,
+    wanted: u32,
+) -> Option<PoolChange> {
+    let slots = limits.slots_per_eni;
     let candidate = input.enis.iter().position(|e| {
         let reserved = e.trunk || e.excluded || (e.primary && cfg.custom_networking);
         !reserved && e.slots_used() < slots
@@ -813,6 +1093,11 @@ pub fn choose_eni_to_free(
 ) -> Option<usize> {
     if input.paused {
         return None;
+    }
+    if let Some(d) = &input.demand {
+        let s = stats(cfg, input.enis);
+        let lv = demand_levels(cfg, limits, d, &s, now);
+        return demand_eni_to_free(cfg, input, &s, &lv, now);
     }
     let pd = cfg.prefix_delegation;
     let unit = if pd { IPS_PER_PREFIX } else { 1 };

@@ -183,10 +183,7 @@ pub fn exact(r: &ExactReport, f: Format) -> String {
 }
 
 fn policy_name(r: &ExactReport) -> &'static str {
-    match r.policy {
-        crate::policy::Flavour::Reference => "reference",
-        crate::policy::Flavour::Ours => "ours",
-    }
+    r.policy.name()
 }
 
 const BASIS_HEAD: [&str; 9] = [
@@ -487,10 +484,7 @@ pub fn timeline(r: &TimelineReport, f: Format, max_rows: usize) -> String {
             t.csv()
         }
         Format::Table => {
-            let policy = match r.policy {
-                crate::policy::Flavour::Reference => "reference",
-                crate::policy::Flavour::Ours => "ours",
-            };
+            let policy = r.policy.name();
             let mut out = format!(
                 "Timeline ({policy} policy): {} nodes over {}, tick {} s\n\n",
                 r.nodes,
@@ -526,6 +520,11 @@ pub fn timeline(r: &TimelineReport, f: Format, max_rows: usize) -> String {
                 out,
                 "most pods waiting for an address at once: {}; pod-seconds waiting: {}",
                 r.max_pods_pending, r.pending_pod_seconds
+            );
+            let _ = writeln!(
+                out,
+                "idle pod addresses (allocated - assigned): {:.1} on average, {} at most; most allocated {}",
+                r.idle_ips_avg, r.idle_ips_peak, r.allocated_ips_peak
             );
             for s in &r.subnets {
                 let _ = writeln!(

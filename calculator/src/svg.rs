@@ -161,10 +161,7 @@ fn at_time(secs: u64) -> String {
 }
 
 fn policy_name(f: Flavour) -> &'static str {
-    match f {
-        Flavour::Reference => "reference",
-        Flavour::Ours => "ours",
-    }
+    f.name()
 }
 
 fn capacity_error_name(e: CapacityError) -> &'static str {

@@ -455,6 +455,13 @@ pub struct TimelineReport {
     pub max_pods_pending: u64,
     /// Pod-seconds spent waiting for an address.
     pub pending_pod_seconds: u64,
+    /// Idle pod addresses (allocated minus assigned, cooling included) over the fleet,
+    /// averaged over every tick.
+    pub idle_ips_avg: f64,
+    /// Most idle pod addresses over the fleet at any tick.
+    pub idle_ips_peak: u64,
+    /// Most pod addresses allocated over the fleet at any tick.
+    pub allocated_ips_peak: u64,
     /// First refusal of each subnet that ran out.
     pub exhaustion: Vec<Exhaustion>,
 }
@@ -604,6 +611,13 @@ impl Timeline {
                     AddressPlacement::Scattered(mix(input.seed ^ 0x5eed, id)),
                     Duration::ZERO,
                 )
+                .map(|n| {
+                    if input.config.policy == Flavour::Demand {
+                        n.with_demand(input.config.demand, Duration::ZERO)
+                    } else {
+                        n
+                    }
+                })
                 .map_err(|_| {
                     InputError::new(
                         format!("{at}.count"),
@@ -654,11 +668,13 @@ impl Timeline {
             .collect();
         let mut max_pending = 0u64;
         let mut pending_seconds = 0u64;
+        let (mut idle_sum, mut idle_peak, mut alloc_peak, mut ticks) = (0u64, 0u64, 0u64, 0u64);
         let mut next_sample = 0u64;
         let mut t = 0u64;
         while t <= duration {
             let now = Duration::from_secs(t);
             let mut pending = 0u64;
+            let (mut idle, mut allocated) = (0u64, 0u64);
             for n in &mut self.nodes {
                 let want = (f64::from(self.loads[n.group].at(t)) * n.factor).round() as u32;
                 let churn = self.input.node_groups[n.group].churn_per_hour;
@@ -684,7 +700,14 @@ impl Timeline {
                     }
                 }
                 pending += u64::from(n.node.pending());
+                let pod_ips = u64::from(n.node.address_usage().0);
+                allocated += pod_ips;
+                idle += pod_ips.saturating_sub(u64::from(n.node.pods()));
             }
+            idle_sum += idle;
+            idle_peak = idle_peak.max(idle);
+            alloc_peak = alloc_peak.max(allocated);
+            ticks += 1;
             max_pending = max_pending.max(pending);
             pending_seconds += pending * tick;
             for (i, (_, a)) in self.subnets.iter().enumerate() {
@@ -720,6 +743,9 @@ impl Timeline {
             ec2_calls: calls,
             max_pods_pending: max_pending,
             pending_pod_seconds: pending_seconds,
+            idle_ips_avg: idle_sum as f64 / ticks.max(1) as f64,
+            idle_ips_peak: idle_peak,
+            allocated_ips_peak: alloc_peak,
             exhaustion,
         }
     }
