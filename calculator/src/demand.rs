@@ -55,6 +55,8 @@ pub struct DemandSettings {
     /// The fewest addresses one release call gives back (default 4): smaller surpluses stay,
     /// so frees are batched.
     pub min_release: u32,
+    /// The fewest addresses one growth call asks for, room on the ENI allowing (default 1).
+    pub min_grow: u32,
     /// `WARM_ENI_TARGET` was set explicitly, so it is a floor like the IP targets (ipamd: the
     /// variable is present in the environment). Otherwise it is the reference's default and
     /// demand replaces it.
@@ -70,6 +72,7 @@ impl Default for DemandSettings {
             hold: Duration::from_secs(600),
             min_warm: 1,
             min_release: 4,
+            min_grow: 1,
             eni_target_is_floor: false,
         }
     }
@@ -390,7 +393,7 @@ mod tests {
         st.note_requests(&cfg, s(430), 2);
         assert_eq!(st.estimate(&cfg, s(431)).burst, 7);
         // After the window, the burst is forgotten.
-        let late = s(100 + 1800 + 120);
+        let late = s(430 + 1800 + 120);
         st.observe(&cfg, late, 0);
         let e = st.estimate(&cfg, late);
         assert_eq!((e.burst, e.requests), (0, 0));

@@ -7,6 +7,7 @@
 
 pub mod demand;
 pub mod exact;
+pub mod ipv6;
 pub mod limits;
 pub mod maxpods;
 pub mod node;

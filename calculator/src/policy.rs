@@ -545,9 +545,11 @@ pub struct DemandLevels {
     /// The user's explicit warm target in addresses (`WARM_IP_TARGET`, `WARM_PREFIX_TARGET`
     /// x 16, or `WARM_ENI_TARGET` x addresses per ENI when it is a floor).
     pub floor: u32,
-    /// Grow when fewer addresses than this are available (not assigned, not cooling).
+    /// Grow when fewer addresses than this are available (not assigned, not cooling): the
+    /// floor less the addresses cooling down, the burst, or `min_warm`, whichever is highest.
     pub low: u32,
-    /// A growth brings the available addresses to this (`low` plus one step).
+    /// A growth brings the available addresses to this: `low` plus one step, the rise in use
+    /// over the window scaled to [`DemandSettings::grow_batch`].
     pub grow_to: u32,
     /// Addresses the pool keeps: the most in use over the hold period plus `grow_to`, and at
     /// least `MINIMUM_IP_TARGET` (whole prefixes in prefix mode).
@@ -577,7 +579,12 @@ pub fn demand_levels(
     } else {
         0
     };
-    let low = floor.max(e.burst).max(ds.min_warm);
+    // The floors keep their documented meaning: free addresses, those cooling down included
+    // (as the reference counts them); the demand term counts only usable ones.
+    let low = floor
+        .saturating_sub(s.cooling)
+        .max(e.burst)
+        .max(ds.min_warm);
     let now_used = s.assigned + s.cooling;
     let step = e
         .growth_over(now_used, ds.grow_batch)
@@ -756,7 +763,7 @@ fn decide_demand(
         let (kind, count) = if cfg.prefix_delegation && !fallback {
             (AddressKind::Prefix, want.div_ceil(IPS_PER_PREFIX))
         } else {
-            (AddressKind::Ip, want)
+            (AddressKind::Ip, want.max(demand.settings.min_grow))
         };
         return match place_growth(cfg, limits, input, &s, kind, count) {
             Some(c) => done(Some(c), Reason::Low, false),
@@ -852,11 +859,7 @@ fn release_surplus(
             } else {
                 free_pfx
             };
-            let n = if size == 0 {
-                avail
-            } else {
-                avail.min(left / size)
-            };
+            let n = left.checked_div(size).map_or(avail, |fit| avail.min(fit));
             left -= n * size;
             match kind {
                 AddressKind::Ip => r.ips += n,
@@ -884,7 +887,7 @@ pub fn below_target(
         None => is_low(cfg, limits, &s),
         Some(d) => {
             let lv = demand_levels(cfg, limits, d, &s, now);
-            !limits.max_pods.is_some_and(|mp| s.total >= mp)
+            limits.max_pods.is_none_or(|mp| s.total < mp)
                 && (s.available < lv.low.max(d.waiting) || s.total < cfg.minimum_ip_target)
         }
     }
