@@ -1566,4 +1566,196 @@ mod tests {
         let d = decide(&PoolConfig::default(), &limits(3, 10), &input, secs(500));
         assert_eq!(d.reason, Reason::Paused);
     }
+
+    fn demand_input<'a>(
+        enis: &'a [EniView],
+        settings: &'a DemandSettings,
+        state: &'a DemandState,
+    ) -> PoolInput<'a> {
+        let mut input = PoolInput::new(enis);
+        input.demand = Some(Demand {
+            settings,
+            state,
+            waiting: 0,
+        });
+        input
+    }
+
+    fn ours(cfg: PoolConfig) -> PoolConfig {
+        PoolConfig {
+            rules: Rules::OURS,
+            ..cfg
+        }
+    }
+
+    #[test]
+    fn demand_grows_to_the_floor_plus_a_step_and_counts_cooling_toward_the_floor() {
+        let cfg = ours(PoolConfig {
+            warm_ip_target: 3,
+            ..Default::default()
+        });
+        let l = limits(3, 10);
+        let ds = DemandSettings::default();
+        let st = DemandState::new(T0);
+        let full = [eni(true, 9, 9)];
+        let d = decide(&cfg, &l, &demand_input(&full, &ds, &st), secs(30));
+        let lv = d.demand.expect("levels");
+        assert_eq!((lv.floor, lv.low, lv.grow_to), (3, 3, 4));
+        assert_eq!(
+            d.change,
+            Some(PoolChange::CreateEni {
+                kind: AddressKind::Ip,
+                count: 4
+            })
+        );
+        // Two free addresses cooling down count toward WARM_IP_TARGET, as documented: one
+        // usable address is enough.
+        let mut e = eni(true, 9, 6);
+        e.ips_cooling = 2;
+        let d = decide(&cfg, &l, &demand_input(&[e], &ds, &st), secs(30));
+        assert_eq!((d.change, d.reason), (None, Reason::Steady));
+    }
+
+    #[test]
+    fn demand_keeps_a_burst_warm_and_serves_waiting_pods_in_one_call() {
+        let cfg = ours(PoolConfig::default());
+        let l = limits(3, 10);
+        let ds = DemandSettings::default();
+        let mut st = DemandState::new(T0);
+        st.note_requests(&ds, secs(100), 6);
+        let enis = [eni(true, 9, 6)];
+        let mut input = demand_input(&enis, &ds, &st);
+        let d = decide(&cfg, &l, &input, secs(110));
+        assert_eq!(
+            d.demand.expect("levels").low,
+            6,
+            "the burst sets the low level"
+        );
+        assert!(
+            matches!(d.change, Some(PoolChange::CreateEni { .. })),
+            "{d:?}"
+        );
+        // Without the burst, three usable addresses are plenty.
+        let quiet = DemandState::new(T0);
+        input.demand = Some(Demand {
+            settings: &ds,
+            state: &quiet,
+            waiting: 0,
+        });
+        assert_eq!(decide(&cfg, &l, &input, secs(110)).change, None);
+        // Five pods waiting: one growth for all of them and the step.
+        let enis = [eni(true, 9, 9)];
+        let mut input = demand_input(&enis, &ds, &quiet);
+        input.demand = Some(Demand {
+            settings: &ds,
+            state: &quiet,
+            waiting: 5,
+        });
+        let d = decide(&cfg, &l, &input, secs(110));
+        assert_eq!(
+            d.change,
+            Some(PoolChange::CreateEni {
+                kind: AddressKind::Ip,
+                count: 7
+            })
+        );
+    }
+
+    #[test]
+    fn demand_releases_only_a_sustained_surplus_in_one_batch() {
+        let cfg = ours(PoolConfig::default());
+        let l = limits(3, 10);
+        let ds = DemandSettings::default();
+        let mut st = DemandState::new(T0);
+        // Nine pods an hour ago, three now: six addresses are surplus once the hold has passed.
+        st.observe(&ds, secs(3000), 9);
+        let enis = [eni(true, 9, 3)];
+        let input = demand_input(&enis, &ds, &st);
+        let d = decide(&cfg, &l, &input, secs(3100));
+        assert_eq!(d.change, None, "the peak in use is less than a hold ago");
+        st.observe(&ds, secs(3700), 3);
+        let input = demand_input(&enis, &ds, &st);
+        let d = decide(&cfg, &l, &input, secs(3700));
+        let lv = d.demand.expect("levels");
+        assert_eq!(lv.keep, 3 + lv.grow_to);
+        assert_eq!(
+            d.change,
+            Some(PoolChange::Release(vec![Release {
+                eni: 0,
+                ips: 9 - lv.keep,
+                prefixes: 0
+            }]))
+        );
+        // A young history never releases (after a restart, the peak is unknown).
+        let young = DemandState::new(secs(3500));
+        let d = decide(&cfg, &l, &demand_input(&enis, &ds, &young), secs(3700));
+        assert_eq!(d.change, None);
+        // A surplus smaller than min_release stays.
+        let enis = [eni(true, 9, 6)];
+        let d = decide(&cfg, &l, &demand_input(&enis, &ds, &st), secs(3700));
+        assert_eq!(d.change, None);
+    }
+
+    #[test]
+    fn demand_frees_an_empty_eni_instead_of_releasing_its_addresses() {
+        let cfg = ours(PoolConfig::default());
+        let l = limits(3, 10);
+        let ds = DemandSettings::default();
+        let mut st = DemandState::new(T0);
+        st.observe(&ds, secs(3700), 4);
+        let enis = [eni(true, 9, 4), eni(false, 9, 0)];
+        let input = demand_input(&enis, &ds, &st);
+        let d = decide(&cfg, &l, &input, secs(3700));
+        assert_eq!((d.change.clone(), d.reason), (None, Reason::High), "{d:?}");
+        assert!(d.free_eni_phase);
+        assert_eq!(choose_eni_to_free(&cfg, &l, &input, secs(3700)), Some(1));
+        assert!(!below_target(&cfg, &l, &input, secs(3700)));
+        // The user's WARM_ENI_TARGET, when set explicitly, is a floor: the ENI stays, and only
+        // what exceeds a whole ENI of free addresses (plus a step) goes back.
+        let floor = DemandSettings {
+            eni_target_is_floor: true,
+            ..ds
+        };
+        let input = demand_input(&enis, &floor, &st);
+        assert_eq!(choose_eni_to_free(&cfg, &l, &input, secs(3700)), None);
+        let d = decide(&cfg, &l, &input, secs(3700));
+        let Some(PoolChange::Release(r)) = d.change else {
+            panic!("{d:?}")
+        };
+        let released: u32 = r.iter().map(|r| r.ips).sum();
+        assert!(
+            18 - 4 - released >= 9,
+            "{released} released below the floor"
+        );
+    }
+
+    #[test]
+    fn a_restored_demand_state_decides_as_if_the_daemon_never_stopped() {
+        let cfg = ours(PoolConfig::default());
+        let l = limits(3, 10);
+        let ds = DemandSettings::default();
+        let mut st = DemandState::new(secs(1_000_000));
+        let mut t = 1_000_000;
+        for k in 0..200u64 {
+            t += 17;
+            st.note_requests(&ds, secs(t), u32::from(k % 7 == 0));
+            st.observe(&ds, secs(t), 5 + (k % 11) as u32);
+        }
+        let enis = [eni(true, 9, 7), eni(false, 9, 2)];
+        let now = secs(t + 20);
+        let text = serde_json::to_string(&st).expect("serialises");
+        let saved: DemandState = serde_json::from_str(&text).expect("parses");
+        let restored = saved.restore(&ds, now, 9);
+        let mut live = st.clone();
+        live.observe(&ds, now, 9);
+        let a = decide(&cfg, &l, &demand_input(&enis, &ds, &live), now);
+        let b = decide(&cfg, &l, &demand_input(&enis, &ds, &restored), now);
+        assert_eq!(a, b);
+        // Rebuilt from the running pods alone: it neither releases (waste avoided by not
+        // shrinking into waiting) nor grows past what the pods' own arrivals say.
+        let rebuilt = DemandState::rebuild(&ds, now, [now - secs(5), now - secs(3)], 9);
+        let d = decide(&cfg, &l, &demand_input(&enis, &ds, &rebuilt), now);
+        assert!(!matches!(d.change, Some(PoolChange::Release(_))), "{d:?}");
+        assert_eq!(d.demand.expect("levels").low, 2);
+    }
 }

@@ -945,4 +945,54 @@ node_groups: [{instance_type: m5.large, count: 4, churn_per_hour: 1.5, pods: {co
             .expect("too many pods");
         assert_eq!(e.field, "node_groups[0].pods");
     }
+
+    fn example(name: &str, policy: Flavour) -> TimelineReport {
+        let text = match name {
+            "flat" => include_str!("../examples/flat-day.yaml"),
+            "burst" => include_str!("../examples/burst-day.yaml"),
+            _ => include_str!("../examples/daily-cycle.yaml"),
+        };
+        let mut input = TimelineInput::parse(text).expect("example parses");
+        input.config.policy = policy;
+        simulate(input, Catalog::embedded()).expect("example runs")
+    }
+
+    /// The demand flavour against the reference on the example days (the sweep bench has the
+    /// whole table): what it must keep winning, and where it is bound by the user's floors.
+    #[test]
+    fn the_demand_flavour_on_the_example_days() {
+        let (r, d) = (
+            example("flat", Flavour::Reference),
+            example("flat", Flavour::Demand),
+        );
+        assert!(
+            d.idle_ips_avg * 3.0 <= r.idle_ips_avg,
+            "{} vs {}",
+            d.idle_ips_avg,
+            r.idle_ips_avg
+        );
+        assert!(mutating_calls(&d) <= mutating_calls(&r));
+        assert_eq!(d.pending_pod_seconds, 0);
+        let (r, d) = (
+            example("burst", Flavour::Reference),
+            example("burst", Flavour::Demand),
+        );
+        assert!(
+            d.idle_ips_avg * 3.0 <= r.idle_ips_avg,
+            "{} vs {}",
+            d.idle_ips_avg,
+            r.idle_ips_avg
+        );
+        assert_eq!(d.pending_pod_seconds, 0);
+        // WARM_IP_TARGET=3 and MINIMUM_IP_TARGET=8 are floors: idle cannot drop much, but calls
+        // and waiting do.
+        let (r, d) = (
+            example("daily", Flavour::Reference),
+            example("daily", Flavour::Demand),
+        );
+        assert!(mutating_calls(&d) < mutating_calls(&r));
+        assert!(r.pending_pod_seconds > 0);
+        assert_eq!(d.pending_pod_seconds, 0);
+        assert!(d.idle_ips_avg >= r.idle_ips_avg * 0.9, "the floors hold");
+    }
 }
