@@ -9,12 +9,13 @@
 //! For each: idle pod addresses (allocated minus assigned, time-averaged and peak), mutating EC2
 //! calls and pod-seconds waiting, and whether the aim holds: time-averaged idle at most a third
 //! of the reference's, mutating calls at most the reference's, no waiting where the reference
-//! has none. `BENCH_QUICK=1` runs 6 hours instead of 24.
+//! has none. `BENCH_QUICK=1` runs 6 hours instead of 24; `DEMAND='{min_release: 2}'` sweeps
+//! other demand settings (YAML, as `config.demand` in a timeline file).
 
 use std::time::Instant;
 
 use subnet_calc::limits::{Catalog, LimitOverrides};
-use subnet_calc::policy::Flavour;
+use subnet_calc::policy::{DemandSettings, Flavour};
 use subnet_calc::timeline::{self, TimelineInput, TimelineReport};
 
 struct Row {
@@ -35,9 +36,17 @@ impl Row {
     }
 }
 
-fn run(text: &str, policy: Flavour, hours: Option<u64>) -> TimelineReport {
+fn run(
+    text: &str,
+    policy: Flavour,
+    hours: Option<u64>,
+    demand: Option<&DemandSettings>,
+) -> TimelineReport {
     let mut input = TimelineInput::parse(text).expect("timeline parses");
     input.config.policy = policy;
+    if let Some(d) = demand {
+        input.config.demand = *d;
+    }
     if let Some(h) = hours {
         input.duration.0 = input.duration.0.min(h * 3600);
     }
@@ -97,12 +106,20 @@ node_groups:
 fn main() {
     let quick = std::env::var_os("BENCH_QUICK").is_some();
     let hours = quick.then_some(6);
+    let demand: Option<DemandSettings> = std::env::var("DEMAND").ok().map(|y| {
+        let d: DemandSettings = serde_yaml::from_str(&y).expect("DEMAND is demand settings");
+        d.validate().expect("valid DEMAND settings");
+        d
+    });
+    if let Some(d) = &demand {
+        println!("demand settings: {d:?}");
+    }
     let started = Instant::now();
     let rows: Vec<Row> = grid()
         .into_iter()
         .map(|(name, text)| Row {
-            reference: run(&text, Flavour::Reference, hours),
-            demand: run(&text, Flavour::Demand, hours),
+            reference: run(&text, Flavour::Reference, hours, None),
+            demand: run(&text, Flavour::Demand, hours, demand.as_ref()),
             name,
         })
         .collect();

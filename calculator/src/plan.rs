@@ -131,8 +131,8 @@ pub struct PlanConfig {
     /// `IP_COOLDOWN_PERIOD` in seconds (default 30; timelines only).
     #[serde(default)]
     pub ip_cooldown_seconds: Option<u64>,
-    /// Settings of the `demand` policy (timelines; exact mode plans steady state, where the
-    /// demand flavour keeps its floors, as `ours` does).
+    /// Settings of the `demand` policy (timelines, and exact mode: the steady state once the
+    /// node's demand history is quiet).
     #[serde(default)]
     pub demand: DemandSettings,
 }
