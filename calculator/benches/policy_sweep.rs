@@ -10,11 +10,14 @@
 //! calls and pod-seconds waiting, and whether the aim holds: time-averaged idle at most a third
 //! of the reference's, mutating calls at most the reference's, no waiting where the reference
 //! has none. `BENCH_QUICK=1` runs 6 hours instead of 24; `DEMAND='{min_release: 2}'` sweeps
-//! other demand settings (YAML, as `config.demand` in a timeline file).
+//! other demand settings (YAML, as `config.demand` in a timeline file);
+//! `LATENCY='{assign: 300, create_eni: 3000}'` charges EC2's time to grow the pool (ms) to the
+//! pods that wait for it (`ec2_latency_ms` in a timeline file).
 
 use std::time::Instant;
 
 use subnet_calc::limits::{Catalog, LimitOverrides};
+use subnet_calc::node::Ec2Latency;
 use subnet_calc::policy::{DemandSettings, Flavour};
 use subnet_calc::timeline::{self, TimelineInput, TimelineReport};
 
@@ -41,9 +44,13 @@ fn run(
     policy: Flavour,
     hours: Option<u64>,
     demand: Option<&DemandSettings>,
+    latency: Option<Ec2Latency>,
 ) -> TimelineReport {
     let mut input = TimelineInput::parse(text).expect("timeline parses");
     input.config.policy = policy;
+    if let Some(l) = latency {
+        input.ec2_latency_ms = l;
+    }
     if let Some(d) = demand {
         input.config.demand = *d;
     }
@@ -114,12 +121,18 @@ fn main() {
     if let Some(d) = &demand {
         println!("demand settings: {d:?}");
     }
+    let latency: Option<Ec2Latency> = std::env::var("LATENCY")
+        .ok()
+        .map(|y| serde_yaml::from_str(&y).expect("LATENCY is {assign: ms, create_eni: ms}"));
+    if let Some(l) = &latency {
+        println!("EC2 latency charged to waiting pods: {l:?}");
+    }
     let started = Instant::now();
     let rows: Vec<Row> = grid()
         .into_iter()
         .map(|(name, text)| Row {
-            reference: run(&text, Flavour::Reference, hours, None),
-            demand: run(&text, Flavour::Demand, hours, demand.as_ref()),
+            reference: run(&text, Flavour::Reference, hours, None, latency),
+            demand: run(&text, Flavour::Demand, hours, demand.as_ref(), latency),
             name,
         })
         .collect();
@@ -144,6 +157,7 @@ fn main() {
     );
     let (mut idle_ok, mut calls_ok, mut wait_ok, mut all_ok) = (0, 0, 0, 0);
     let (mut sum_ref, mut sum_dem, mut calls_ref, mut calls_dem) = (0.0, 0.0, 0u64, 0u64);
+    let (mut wait_ref, mut wait_dem, mut wait_worse) = (0u64, 0u64, 0usize);
     for r in &rows {
         let ratio = if r.reference.idle_ips_avg > 0.0 {
             r.demand.idle_ips_avg / r.reference.idle_ips_avg
@@ -168,6 +182,9 @@ fn main() {
         sum_dem += r.demand.idle_ips_avg;
         calls_ref += r.reference.ec2_calls.mutating();
         calls_dem += r.demand.ec2_calls.mutating();
+        wait_ref += r.reference.pending_pod_seconds;
+        wait_dem += r.demand.pending_pod_seconds;
+        wait_worse += usize::from(r.demand.pending_pod_seconds > r.reference.pending_pod_seconds);
         println!(
             "{:<44} {:>9.1} {:>9.1} {:>6.2} {:>6} {:>6} {:>7} {:>7} {:>8} {:>8}  {}",
             r.name,
@@ -195,5 +212,8 @@ fn main() {
         "totals: idle {sum_ref:.0} -> {sum_dem:.0} ({:.2}), mutating calls {calls_ref} -> {calls_dem} ({:.2})",
         sum_dem / sum_ref.max(1e-9),
         calls_dem as f64 / calls_ref.max(1) as f64
+    );
+    println!(
+        "pod-seconds waiting {wait_ref} -> {wait_dem}; demand waits longer than the reference in {wait_worse} of {n}"
     );
 }

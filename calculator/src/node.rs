@@ -213,6 +213,20 @@ pub struct ModelNode {
     calls: Ec2Calls,
     primary_in_subnet: bool,
     demand: Option<(DemandSettings, DemandState)>,
+    latency: Ec2Latency,
+    waited_ms: u64,
+}
+
+/// How long EC2 takes to grow the pool, charged to the pods that wait for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ec2Latency {
+    /// Milliseconds per `AssignPrivateIpAddresses` call.
+    #[serde(default)]
+    pub assign: u64,
+    /// Milliseconds to create, attach and configure an ENI.
+    #[serde(default)]
+    pub create_eni: u64,
 }
 
 fn splitmix(state: &mut u64) -> u64 {
@@ -257,6 +271,8 @@ impl ModelNode {
             calls: Ec2Calls::default(),
             primary_in_subnet,
             demand: None,
+            latency: Ec2Latency::default(),
+            waited_ms: 0,
         };
         let ip = if primary_in_subnet {
             Some(subnet.allocate_ip(n.placement())?)
@@ -293,6 +309,19 @@ impl ModelNode {
     pub fn with_demand(mut self, settings: DemandSettings, now: Duration) -> Self {
         self.demand = Some((settings, DemandState::new(now)));
         self
+    }
+
+    /// Charges EC2's time to grow the pool to the pods that wait for the growth: a pod that
+    /// finds no address at a tick and gets one from that tick's growth waits for the calls made
+    /// up to it.
+    pub fn with_latency(mut self, latency: Ec2Latency) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// Milliseconds pods spent waiting for EC2 within ticks (see [`ModelNode::with_latency`]).
+    pub fn waited_ms(&self) -> u64 {
+        self.waited_ms
     }
 
     /// The demand history, when the pool is sized from demand.
@@ -732,6 +761,7 @@ impl ModelNode {
             1
         };
         let mut free_phase = false;
+        let mut spent_ms = 0u64;
         for round in 0..rounds {
             let d = policy::decide(&self.cfg, &self.limits, &self.input(), now);
             free_phase |= round == 0 && d.free_eni_phase;
@@ -739,10 +769,15 @@ impl ModelNode {
             let result = match change {
                 PoolChange::Assign { eni, kind, count } => {
                     out.grew = true;
-                    self.assign(subnet, eni, kind, count, now)
+                    let before = self.calls.get(Ec2Action::AssignPrivateIpAddresses);
+                    let r = self.assign(subnet, eni, kind, count, now);
+                    let calls = self.calls.get(Ec2Action::AssignPrivateIpAddresses) - before;
+                    spent_ms += calls * self.latency.assign;
+                    r
                 }
                 PoolChange::CreateEni { kind, count } => {
                     out.grew = true;
+                    spent_ms += self.latency.create_eni;
                     self.create_eni(subnet, kind, count, now)
                 }
                 PoolChange::Release(r) => {
@@ -760,7 +795,9 @@ impl ModelNode {
                 break;
             }
             out.changes += 1;
+            let waiting = self.pending;
             self.place_pending(now);
+            self.waited_ms += u64::from(waiting - self.pending) * spent_ms;
         }
         if free_phase {
             if let Some(ei) =

@@ -8,6 +8,7 @@
 //! tick: 5s               # the daemon's pool-manager interval
 //! sample_every: 5m
 //! seed: 7
+//! ec2_latency_ms: {assign: 300, create_eni: 3000}   # optional: charge EC2's time to waiting pods
 //! node_groups:
 //!   - instance_type: m5.large
 //!     count: 50
@@ -30,7 +31,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::limits::Catalog;
-use crate::node::{AddressPlacement, CapacityError, Ec2Action, Ec2Calls, ModelNode};
+use crate::node::{AddressPlacement, CapacityError, Ec2Action, Ec2Calls, Ec2Latency, ModelNode};
 use crate::plan::{parse_document, InputError, NodeGroupSpec, PlanConfig, SubnetSpec};
 use crate::policy::Flavour;
 use crate::subnet::{aws_usable_ips, Ipv4Cidr, SubnetAllocator};
@@ -348,6 +349,10 @@ pub struct TimelineInput {
     /// Seed for address placement and pod removal.
     #[serde(default)]
     pub seed: u64,
+    /// EC2's time to grow the pool, charged to the pods waiting for it (default 0: growth
+    /// within the tick is free, as before).
+    #[serde(default)]
+    pub ec2_latency_ms: Ec2Latency,
     /// Node groups.
     pub node_groups: Vec<TimelineGroup>,
 }
@@ -453,7 +458,8 @@ pub struct TimelineReport {
     pub ec2_calls: Ec2Calls,
     /// Most pods waiting at once.
     pub max_pods_pending: u64,
-    /// Pod-seconds spent waiting for an address.
+    /// Pod-seconds spent waiting for an address: whole ticks without one, and EC2's time to
+    /// grow the pool when `ec2_latency_ms` is set.
     pub pending_pod_seconds: u64,
     /// Idle pod addresses (allocated minus assigned, cooling included) over the fleet,
     /// averaged over every tick.
@@ -611,6 +617,7 @@ impl Timeline {
                     AddressPlacement::Scattered(mix(input.seed ^ 0x5eed, id)),
                     Duration::ZERO,
                 )
+                .map(|n| n.with_latency(input.ec2_latency_ms))
                 .map(|n| {
                     if input.config.policy == Flavour::Demand {
                         n.with_demand(input.config.demand, Duration::ZERO)
@@ -720,9 +727,12 @@ impl Timeline {
             t += tick;
         }
         let mut calls = Ec2Calls::default();
+        let mut waited_ms = 0u64;
         for n in &self.nodes {
             calls.merge(n.node.calls());
+            waited_ms += n.node.waited_ms();
         }
+        pending_seconds += waited_ms / 1000;
         TimelineReport {
             policy: self.input.config.policy,
             duration,
@@ -994,5 +1004,27 @@ node_groups: [{instance_type: m5.large, count: 4, churn_per_hour: 1.5, pods: {co
         assert!(r.pending_pod_seconds > 0);
         assert_eq!(d.pending_pod_seconds, 0);
         assert!(d.idle_ips_avg >= r.idle_ips_avg * 0.9, "the floors hold");
+    }
+
+    #[test]
+    fn ec2_latency_is_charged_to_the_pods_that_wait_for_a_growth() {
+        let base = "subnet: {cidr: 10.0.0.0/22}
+LATENCY
+duration: 10m
+node_groups: [{instance_type: m5.large, count: 2, pods: {trace: [[0, 1], [300, 15]]}}]";
+        let free = run(&base.replace("LATENCY", ""));
+        assert_eq!(free.pending_pod_seconds, 0);
+        let slow = run(&base.replace(
+            "LATENCY",
+            "ec2_latency_ms: {assign: 1000, create_eni: 4000}",
+        ));
+        // At 300 s each node's 14 new pods find the warm addresses of the reference's warm
+        // ENI except for those beyond it, which wait for the next ENI to be created.
+        assert!(slow.pending_pod_seconds > 0);
+        assert_eq!(mutating_calls(&slow), mutating_calls(&free));
+        let e =
+            TimelineInput::parse(&base.replace("LATENCY", "ec2_latency_ms: {assign: 1, atach: 2}"))
+                .expect_err("unknown field");
+        assert!(e.field.starts_with("ec2_latency_ms"), "{}", e.field);
     }
 }
