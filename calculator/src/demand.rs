@@ -334,21 +334,23 @@ impl DemandState {
     pub fn estimate(&self, settings: &DemandSettings, now: Duration) -> Estimate {
         let n = now.as_secs();
         let minute = n / BUCKET_SECONDS;
-        let in_last = |d: Duration, b: &Bucket| {
-            let mins = d.as_secs().div_ceil(BUCKET_SECONDS);
-            b.minute + mins > minute
-        };
+        // A bucket is in the last `d` when its minute is within `d`'s whole minutes of now.
+        let window_from =
+            (minute + 1).saturating_sub(settings.window.as_secs().div_ceil(BUCKET_SECONDS));
+        let hold_from =
+            (minute + 1).saturating_sub(settings.hold.as_secs().div_ceil(BUCKET_SECONDS));
+        let oldest = window_from.min(hold_from);
         let mut e = Estimate {
             min_used: u32::MAX,
             ..Default::default()
         };
-        for b in &self.buckets {
-            if in_last(settings.window, b) {
+        for b in self.buckets.iter().rev().take_while(|b| b.minute >= oldest) {
+            if b.minute >= window_from {
                 e.burst = e.burst.max(b.burst);
                 e.requests = e.requests.saturating_add(b.requests);
                 e.min_used = e.min_used.min(b.min_used);
             }
-            if in_last(settings.hold, b) {
+            if b.minute >= hold_from {
                 e.peak_used = e.peak_used.max(b.peak_used);
             }
         }
