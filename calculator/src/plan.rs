@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Parsing rejects unknown fields, wrong types and negative numbers with the field's path;
-//! [`PlanInput::validate`] then checks the values against each other and the instance table.
+//! [`PlanInput::resolve`] then checks the values against each other and the instance table.
 
 use serde::{Deserialize, Serialize};
 

@@ -10,7 +10,7 @@
 //! 2. after the change was carried out, [`choose_eni_to_free`] looks at the new state and names
 //!    at most one ENI to detach and delete.
 //!
-//! Two flavours are provided:
+//! Three flavours are provided:
 //! - [`Flavour::Reference`] decides exactly as the AWS VPC CNI's ipamd (v1.23.1) does, quirks
 //!   included: IPs in cooldown count as available, target 0 oscillates, MINIMUM_IP_TARGET alone
 //!   caps the pool, an `InsufficientCidrBlocks` pauses all growth for two minutes.
@@ -23,8 +23,12 @@
 //!   grow with /32 secondary IPs instead of pausing; and addresses of the other kind (left over
 //!   after toggling prefix mode) count toward the pool.
 //!
+//! - [`Flavour::Demand`] is `Ours` with the warm pool sized from the node's own demand
+//!   ([`crate::demand`]): the caller passes its [`DemandSettings`] and [`DemandState`] in
+//!   [`PoolInput::demand`]; the user's explicit targets stay floors.
+//!
 //! Each of our changes is a separate switch in [`Rules`], so the daemon can expose each as its
-//! own setting; [`Flavour`] names the two presets.
+//! own setting; [`Flavour`] names the presets.
 //!
 //! ENIs are referred to by their index in the slice of [`EniView`]s the caller passes in.
 
