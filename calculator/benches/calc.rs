@@ -2,7 +2,7 @@
 //!
 //! - `plan`: exact and workbook mode over 10,000 node groups in a /16.
 //! - `simulate`: 1,000 nodes over 24 hours at the daemon's 5-second tick (17.28 million
-//!   node-ticks), reference and ours policies, reporting time per node-tick.
+//!   node-ticks), reference, ours and demand policies, reporting time per node-tick.
 //!
 //! Prints medians and p99 over repeated runs, with the machine's load average. Set
 //! `BENCH_QUICK=1` for a short smoke run.
@@ -91,8 +91,10 @@ fn main() {
     for (policy, targets) in [
         ("reference", "warm_eni_target: 1"),
         ("ours", "warm_eni_target: 1"),
+        ("demand", "warm_eni_target: 1"),
         ("reference", "warm_ip_target: 5, minimum_ip_target: 10"),
         ("ours", "warm_ip_target: 5, minimum_ip_target: 10"),
+        ("demand", "warm_ip_target: 5, minimum_ip_target: 10"),
     ] {
         let text = format!(
             "subnets: [{{name: a, cidr: 10.0.0.0/16}}, {{name: b, cidr: 10.1.0.0/16}}]

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::demand::DemandSettings;
 use crate::node::{AddressPlacement, ModelNode};
 use crate::plan::{InputError, PlanInput, ResolvedGroup};
 use crate::policy::{Flavour, PoolConfig};
@@ -54,6 +55,19 @@ pub fn steady_state(
     pods: u32,
     subnet: &mut SubnetAllocator,
 ) -> NodeSteadyState {
+    steady_state_with(cfg, None, group, pods, subnet)
+}
+
+/// [`steady_state`], with the pool sized from demand when `demand` is given
+/// ([`Flavour::Demand`]): after the last pod, the window and the hold pass with no new
+/// request, so the plan shows what the node keeps once its demand history is quiet.
+pub fn steady_state_with(
+    cfg: &PoolConfig,
+    demand: Option<DemandSettings>,
+    group: &ResolvedGroup,
+    pods: u32,
+    subnet: &mut SubnetAllocator,
+) -> NodeSteadyState {
     let primary_in_subnet = !cfg.custom_networking;
     let mut t = Duration::ZERO;
     let Ok(mut node) = ModelNode::boot(
@@ -69,9 +83,21 @@ pub fn steady_state(
             ..Default::default()
         };
     };
+    if let Some(d) = demand {
+        node = node.with_demand(d, t);
+    }
     let mut oscillates = settle(&mut node, subnet, &mut t);
     for _ in 0..pods {
         node.add_pods(1, t);
+        oscillates |= settle(&mut node, subnet, &mut t);
+    }
+    if let Some(d) = demand {
+        // Let the history go quiet: every minute of window and hold without a request.
+        let quiet_until = t + d.window.max(d.hold) + SETTLE_STEP;
+        while t < quiet_until {
+            node.tick(subnet, t);
+            t += SETTLE_STEP;
+        }
         oscillates |= settle(&mut node, subnet, &mut t);
     }
     let (pod_ips, primaries, prefixes) = node.address_usage();
@@ -183,6 +209,7 @@ pub struct ExactReport {
 pub fn plan(input: &PlanInput, groups: &[ResolvedGroup]) -> Result<ExactReport, InputError> {
     let cidr = input.subnet.cidr_or_default()?;
     let len = cidr.prefix_len();
+    let demand = (input.config.policy == Flavour::Demand).then_some(input.config.demand);
     let usable = subnet::aws_usable_ips(len).unwrap_or(0);
     // Steady state of each distinct group in a private, ample subnet.
     let mut cache: HashMap<(String, u32, u32, u32, u32), NodeSteadyState> = HashMap::new();
@@ -197,7 +224,7 @@ pub fn plan(input: &PlanInput, groups: &[ResolvedGroup]) -> Result<ExactReport, 
         );
         let s = *cache.entry(key).or_insert_with(|| {
             let mut private = SubnetAllocator::new(Ipv4Cidr::containing(0x0a00_0000, 16));
-            steady_state(&g.pool, g, g.spec.pods_per_node, &mut private)
+            steady_state_with(&g.pool, demand, g, g.spec.pods_per_node, &mut private)
         });
         states.push(s);
     }
@@ -240,7 +267,7 @@ pub fn plan(input: &PlanInput, groups: &[ResolvedGroup]) -> Result<ExactReport, 
                         break;
                     }
                 }
-                let s = steady_state(&g.pool, g, g.spec.pods_per_node, &mut alloc);
+                let s = steady_state_with(&g.pool, demand, g, g.spec.pods_per_node, &mut alloc);
                 without += u64::from(s.pods_without_ip);
                 prev = Some(s);
             }
@@ -348,11 +375,7 @@ pub fn plan(input: &PlanInput, groups: &[ResolvedGroup]) -> Result<ExactReport, 
 }
 
 fn policy_name(r: crate::policy::Rules) -> &'static str {
-    match r.flavour() {
-        Some(Flavour::Reference) => "reference",
-        Some(Flavour::Ours) => "ours",
-        None => "configured",
-    }
+    r.flavour().map_or("configured", Flavour::name)
 }
 
 #[cfg(test)]
@@ -457,5 +480,25 @@ node_groups: [{instance_type: m5.large, count: 4, pods_per_node: 10}]");
         assert!(g.pods_without_ip_total > 0);
         assert!(r.subnet.ips_used <= 59);
         assert_eq!(r.pods_hosted + g.pods_without_ip_total, 40);
+    }
+
+    /// The demand flavour's steady state: once the demand history is quiet, a node keeps
+    /// `min_warm` plus a step instead of a warm ENI; explicit IP targets stay floors.
+    #[test]
+    fn demand_steady_state_keeps_little_beyond_the_floors() {
+        let reference = run(&format!("config: {{policy: reference}}\n{CLUSTER}"));
+        let demand = run(&format!("config: {{policy: demand}}\n{CLUSTER}"));
+        assert_eq!(demand.policy, Flavour::Demand);
+        for (r, d) in reference.node_groups.iter().zip(&demand.node_groups) {
+            assert!(d.unused_pod_ips_per_node <= 3, "{d:?}");
+            assert!(d.unused_pod_ips_per_node < r.unused_pod_ips_per_node);
+            assert_eq!(d.pods_without_ip_per_node, 0);
+        }
+        let floors = run(&format!(
+            "config: {{policy: demand, warm_ip_target: 10, minimum_ip_target: 20}}\n{CLUSTER}"
+        ));
+        for g in &floors.node_groups {
+            assert!(g.unused_pod_ips_per_node >= 10, "{g:?}");
+        }
     }
 }

@@ -5,7 +5,9 @@
 //! Everything here is pure: no IO beyond parsing inputs handed in by the caller, and time is
 //! always a parameter.
 
+pub mod demand;
 pub mod exact;
+pub mod ipv6;
 pub mod limits;
 pub mod maxpods;
 pub mod node;

@@ -73,6 +73,9 @@ struct MaxPodsArgs {
     /// Explain the number.
     #[arg(long)]
     explain: bool,
+    /// IPv6 cluster (ENABLE_IPv6): no per-ENI address limit, the 110/250 ceiling.
+    #[arg(long)]
+    ipv6: bool,
 }
 
 #[derive(clap::Args)]
@@ -97,13 +100,20 @@ struct PlanArgs {
     /// Also write a chart to this SVG file.
     #[arg(long, value_name = "OUT.svg")]
     svg: Option<PathBuf>,
+    /// IPv6 cluster (ENABLE_IPv6): /80 prefixes per node instead of IPv4 addresses.
+    #[arg(long)]
+    ipv6: bool,
+    /// The subnet's IPv6 block (a /64), with --ipv6.
+    #[arg(long, value_name = "CIDR", requires = "ipv6")]
+    ipv6_cidr: Option<String>,
 }
 
 #[derive(clap::Args)]
 struct SimulateArgs {
     /// Timeline file (YAML or JSON; `-` reads standard input).
     file: PathBuf,
-    /// Run the reference and our policy on the same input and compare.
+    /// Run the reference, ours and the demand-driven policy on the same input and compare
+    /// (the SVG shows the reference against demand).
     #[arg(long)]
     compare_policies: bool,
     /// Policy (overrides the file's config.policy).
@@ -232,7 +242,11 @@ fn run_max_pods(a: MaxPodsArgs) -> Result<String> {
         cni_version: a.cni_version,
         show_max_allowed: a.show_max_allowed,
     };
-    let m = maxpods::max_pods(&limits, &opts);
+    let m = if a.ipv6 {
+        subnet_calc::ipv6::max_pods(&limits, &opts).map_err(BadInput)?
+    } else {
+        maxpods::max_pods(&limits, &opts)
+    };
     let f = if a.json { Format::Json } else { Format::Table };
     Ok(report::max_pods(&m, f, a.explain))
 }
@@ -242,6 +256,16 @@ fn run_plan(a: PlanArgs) -> Result<String> {
     let mut input = PlanInput::parse(&text).map_err(|e| bad(&a.file, e))?;
     if let Some(p) = a.policy {
         input.config.policy = p;
+    }
+    if a.ipv6 {
+        if a.compare || a.mode == "workbook" || a.svg.is_some() {
+            bail!(BadInput(
+                "--ipv6: the workbook, --compare and --svg are IPv4 plans".into()
+            ));
+        }
+        let p = subnet_calc::ipv6::plan(&input, Catalog::embedded(), a.ipv6_cidr.as_deref())
+            .map_err(|e| bad(&a.file, e))?;
+        return Ok(report::ipv6_plan(&p, a.format));
     }
     let groups = input
         .resolve(Catalog::embedded())
@@ -293,15 +317,24 @@ fn run_simulate(a: SimulateArgs) -> Result<String> {
     if a.compare_policies {
         let r = run(Flavour::Reference)?;
         let o = run(Flavour::Ours)?;
+        let d = run(Flavour::Demand)?;
         if let Some(path) = &a.svg {
-            write_atomic(path, &svg::timeline_compare_chart(&r, &o))?;
+            write_atomic(path, &svg::timeline_compare_chart(&r, &d))?;
         }
+        let all = [&r, &o, &d];
         return Ok(match a.format {
-            Format::Json => report::json(&serde_json::json!({"reference": r, "ours": o})),
+            Format::Json => report::json(&serde_json::json!({
+                "reference": r,
+                "ours": o,
+                "demand": d,
+                "comparison": report::policy_summaries(&all),
+            })),
             f => format!(
-                "{}\n{}",
+                "{}\n{}\n{}\n{}",
+                report::policy_comparison(&all, f),
                 report::timeline(&r, f, a.rows),
-                report::timeline(&o, f, a.rows)
+                report::timeline(&o, f, a.rows),
+                report::timeline(&d, f, a.rows)
             ),
         });
     }

@@ -134,6 +134,8 @@ pub struct MaxPods {
     pub prefix_delegation_applied: bool,
     /// vCPUs (chooses the ceiling).
     pub vcpus: u32,
+    /// IPv6 mode: no address term, the value is the 110/250 ceiling.
+    pub ipv6: bool,
     /// Why an option had no effect, or what to watch for.
     pub notes: Vec<String>,
 }
@@ -196,6 +198,7 @@ pub fn max_pods(limits: &InstanceLimits, opts: &MaxPodsOptions) -> MaxPods {
         ipv4_per_eni: limits.ipv4_per_eni,
         prefix_delegation_applied: pd,
         vcpus: limits.vcpus,
+        ipv6: false,
         notes,
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::demand::{Demand, DemandSettings, DemandState};
 use crate::policy::{
     self, AddressKind, EniView, NodeLimits, PoolChange, PoolConfig, PoolInput, Release,
     IPS_PER_PREFIX,
@@ -211,6 +212,21 @@ pub struct ModelNode {
     peak_slot: u64,
     calls: Ec2Calls,
     primary_in_subnet: bool,
+    demand: Option<(DemandSettings, DemandState)>,
+    latency: Ec2Latency,
+    waited_ms: u64,
+}
+
+/// How long EC2 takes to grow the pool, charged to the pods that wait for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ec2Latency {
+    /// Milliseconds per `AssignPrivateIpAddresses` call.
+    #[serde(default)]
+    pub assign: u64,
+    /// Milliseconds to create, attach and configure an ENI.
+    #[serde(default)]
+    pub create_eni: u64,
 }
 
 fn splitmix(state: &mut u64) -> u64 {
@@ -254,6 +270,9 @@ impl ModelNode {
             peak_slot: 0,
             calls: Ec2Calls::default(),
             primary_in_subnet,
+            demand: None,
+            latency: Ec2Latency::default(),
+            waited_ms: 0,
         };
         let ip = if primary_in_subnet {
             Some(subnet.allocate_ip(n.placement())?)
@@ -283,6 +302,31 @@ impl ModelNode {
             created_at: now,
             ..Default::default()
         });
+    }
+
+    /// Sizes the pool from the node's demand ([`policy::Flavour::Demand`]), with a history
+    /// starting at `now`.
+    pub fn with_demand(mut self, settings: DemandSettings, now: Duration) -> Self {
+        self.demand = Some((settings, DemandState::new(now)));
+        self
+    }
+
+    /// Charges EC2's time to grow the pool to the pods that wait for the growth: a pod that
+    /// finds no address at a tick and gets one from that tick's growth waits for the calls made
+    /// up to it.
+    pub fn with_latency(mut self, latency: Ec2Latency) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// Milliseconds pods spent waiting for EC2 within ticks (see [`ModelNode::with_latency`]).
+    pub fn waited_ms(&self) -> u64 {
+        self.waited_ms
+    }
+
+    /// The demand history, when the pool is sized from demand.
+    pub fn demand_state(&self) -> Option<&DemandState> {
+        self.demand.as_ref().map(|d| &d.1)
     }
 
     /// The pool configuration.
@@ -335,6 +379,9 @@ impl ModelNode {
 
     /// Adds `n` pods; those that find no address wait (pending).
     pub fn add_pods(&mut self, n: u32, now: Duration) {
+        if let Some((settings, state)) = &mut self.demand {
+            state.note_requests(settings, now, n);
+        }
         self.pending += n;
         self.place_pending(now);
     }
@@ -688,6 +735,11 @@ impl ModelNode {
             last_insufficient_cidr: self.last_no_blocks,
             paused: false,
             recent_cooling_peak: self.cooling_peaks.iter().copied().max().unwrap_or(0),
+            demand: self.demand.as_ref().map(|(settings, state)| Demand {
+                settings,
+                state,
+                waiting: self.pending,
+            }),
         }
     }
 
@@ -698,6 +750,10 @@ impl ModelNode {
     pub fn tick(&mut self, subnet: &mut SubnetAllocator, now: Duration) -> TickOutcome {
         self.expire_cooldowns(now);
         self.note_cooling(now);
+        if let Some((settings, state)) = &mut self.demand {
+            let used: u32 = self.views.iter().map(|v| v.assigned() + v.cooling()).sum();
+            state.observe(settings, now, used + self.pending);
+        }
         let mut out = TickOutcome::default();
         let rounds = if self.cfg.rules.immediate_top_up {
             8
@@ -705,6 +761,7 @@ impl ModelNode {
             1
         };
         let mut free_phase = false;
+        let mut spent_ms = 0u64;
         for round in 0..rounds {
             let d = policy::decide(&self.cfg, &self.limits, &self.input(), now);
             free_phase |= round == 0 && d.free_eni_phase;
@@ -712,10 +769,15 @@ impl ModelNode {
             let result = match change {
                 PoolChange::Assign { eni, kind, count } => {
                     out.grew = true;
-                    self.assign(subnet, eni, kind, count, now)
+                    let before = self.calls.get(Ec2Action::AssignPrivateIpAddresses);
+                    let r = self.assign(subnet, eni, kind, count, now);
+                    let calls = self.calls.get(Ec2Action::AssignPrivateIpAddresses) - before;
+                    spent_ms += calls * self.latency.assign;
+                    r
                 }
                 PoolChange::CreateEni { kind, count } => {
                     out.grew = true;
+                    spent_ms += self.latency.create_eni;
                     self.create_eni(subnet, kind, count, now)
                 }
                 PoolChange::Release(r) => {
@@ -733,7 +795,9 @@ impl ModelNode {
                 break;
             }
             out.changes += 1;
+            let waiting = self.pending;
             self.place_pending(now);
+            self.waited_ms += u64::from(waiting - self.pending) * spent_ms;
         }
         if free_phase {
             if let Some(ei) =

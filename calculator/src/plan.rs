@@ -10,10 +10,11 @@
 //! ```
 //!
 //! Parsing rejects unknown fields, wrong types and negative numbers with the field's path;
-//! [`PlanInput::validate`] then checks the values against each other and the instance table.
+//! [`PlanInput::resolve`] then checks the values against each other and the instance table.
 
 use serde::{Deserialize, Serialize};
 
+use crate::demand::DemandSettings;
 use crate::limits::{Catalog, InstanceLimits, LimitOverrides};
 use crate::maxpods::{self, Formula, MaxPodsOptions};
 use crate::policy::{Flavour, NodeLimits, PoolConfig, Timers};
@@ -130,6 +131,10 @@ pub struct PlanConfig {
     /// `IP_COOLDOWN_PERIOD` in seconds (default 30; timelines only).
     #[serde(default)]
     pub ip_cooldown_seconds: Option<u64>,
+    /// Settings of the `demand` policy (timelines, and exact mode: the steady state once the
+    /// node's demand history is quiet).
+    #[serde(default)]
+    pub demand: DemandSettings,
 }
 
 impl Default for PlanConfig {
@@ -144,6 +149,7 @@ impl Default for PlanConfig {
             custom_networking: false,
             policy: Flavour::Reference,
             ip_cooldown_seconds: None,
+            demand: DemandSettings::default(),
         }
     }
 }
@@ -168,6 +174,9 @@ impl PlanConfig {
     }
 
     fn validate(&self) -> Result<(), InputError> {
+        if let Err((field, message)) = self.demand.validate() {
+            return Err(InputError::new(format!("config.demand.{field}"), message));
+        }
         if self.max_eni == Some(0) {
             return Err(InputError::new(
                 "config.max_eni",

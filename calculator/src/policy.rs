@@ -10,7 +10,7 @@
 //! 2. after the change was carried out, [`choose_eni_to_free`] looks at the new state and names
 //!    at most one ENI to detach and delete.
 //!
-//! Two flavours are provided:
+//! Three flavours are provided:
 //! - [`Flavour::Reference`] decides exactly as the AWS VPC CNI's ipamd (v1.23.1) does, quirks
 //!   included: IPs in cooldown count as available, target 0 oscillates, MINIMUM_IP_TARGET alone
 //!   caps the pool, an `InsufficientCidrBlocks` pauses all growth for two minutes.
@@ -23,8 +23,12 @@
 //!   grow with /32 secondary IPs instead of pausing; and addresses of the other kind (left over
 //!   after toggling prefix mode) count toward the pool.
 //!
+//! - [`Flavour::Demand`] is `Ours` with the warm pool sized from the node's own demand
+//!   ([`crate::demand`]): the caller passes its [`DemandSettings`] and [`DemandState`] in
+//!   [`PoolInput::demand`]; the user's explicit targets stay floors.
+//!
 //! Each of our changes is a separate switch in [`Rules`], so the daemon can expose each as its
-//! own setting; [`Flavour`] names the two presets.
+//! own setting; [`Flavour`] names the presets.
 //!
 //! ENIs are referred to by their index in the slice of [`EniView`]s the caller passes in.
 
@@ -32,6 +36,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::demand::{Demand, DemandSettings, DemandState, Estimate};
 use crate::limits::InstanceLimits;
 
 /// Addresses in one /28 prefix.
@@ -46,6 +51,10 @@ pub enum Flavour {
     Reference,
     /// Our policy: same targets, no oscillation, cooldown-aware, prefix fallback.
     Ours,
+    /// Ours, with the warm pool sized from the node's own demand ([`crate::demand`]); the
+    /// user's explicit targets stay floors. Needs [`PoolInput::demand`]; without it, decides as
+    /// [`Flavour::Ours`].
+    Demand,
 }
 
 impl std::str::FromStr for Flavour {
@@ -54,8 +63,9 @@ impl std::str::FromStr for Flavour {
         match s {
             "reference" => Ok(Self::Reference),
             "ours" => Ok(Self::Ours),
+            "demand" => Ok(Self::Demand),
             _ => Err(format!(
-                "unknown policy flavour `{s}` (expected `reference` or `ours`)"
+                "unknown policy flavour `{s}` (expected `reference`, `ours` or `demand`)"
             )),
         }
     }
@@ -66,7 +76,16 @@ impl Flavour {
     pub fn rules(self) -> Rules {
         match self {
             Self::Reference => Rules::REFERENCE,
-            Self::Ours => Rules::OURS,
+            Self::Ours | Self::Demand => Rules::OURS,
+        }
+    }
+
+    /// The flavour's name as written in settings.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Reference => "reference",
+            Self::Ours => "ours",
+            Self::Demand => "demand",
         }
     }
 }
@@ -347,6 +366,9 @@ pub struct PoolInput<'a> {
     /// Most addresses in cooldown at once over the last [`Timers::churn_window`] (0 without
     /// history).
     pub recent_cooling_peak: u32,
+    /// Demand-driven sizing ([`Flavour::Demand`]): the settings and the node's history. `None`
+    /// decides by the fixed targets alone.
+    pub demand: Option<Demand<'a>>,
 }
 
 impl<'a> PoolInput<'a> {
@@ -361,6 +383,7 @@ impl<'a> PoolInput<'a> {
             last_insufficient_cidr: None,
             paused: false,
             recent_cooling_peak: 0,
+            demand: None,
         }
     }
 }
@@ -514,6 +537,80 @@ pub struct Decision {
     pub stats: PoolStats,
     /// Whether [`choose_eni_to_free`] should run after the change.
     pub free_eni_phase: bool,
+    /// The demand-driven levels the decision used ([`PoolInput::demand`] given).
+    pub demand: Option<DemandLevels>,
+}
+
+/// The levels of one demand-driven decision, in addresses ([`Flavour::Demand`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DemandLevels {
+    /// The history's estimate.
+    pub estimate: Estimate,
+    /// The user's explicit warm target in addresses (`WARM_IP_TARGET`, `WARM_PREFIX_TARGET`
+    /// x 16, or `WARM_ENI_TARGET` x addresses per ENI when it is a floor).
+    pub floor: u32,
+    /// Grow when fewer addresses than this are available (not assigned, not cooling): the
+    /// floor less the addresses cooling down, the burst, or `min_warm`, whichever is highest.
+    pub low: u32,
+    /// A growth brings the available addresses to this: `low` plus one step, the rise in use
+    /// over the window scaled to [`DemandSettings::grow_batch`].
+    pub grow_to: u32,
+    /// Addresses the pool keeps: the most in use over the hold period plus `grow_to`, and at
+    /// least `MINIMUM_IP_TARGET` (whole prefixes in prefix mode).
+    pub keep: u32,
+    /// The smallest release worth an EC2 call: [`DemandSettings::min_release`] or one step if
+    /// larger; a prefix in prefix mode.
+    pub min_release: u32,
+}
+
+/// The demand-driven levels for pool totals `s` at `now`.
+pub fn demand_levels(
+    cfg: &PoolConfig,
+    limits: &NodeLimits,
+    demand: &Demand<'_>,
+    s: &PoolStats,
+    now: Duration,
+) -> DemandLevels {
+    let ds = demand.settings;
+    let e = demand.state.estimate(ds, now);
+    let pd = cfg.prefix_delegation;
+    let floor = if cfg.ip_target_mode() {
+        cfg.warm_ip_target
+    } else if pd {
+        cfg.warm_prefix_target * IPS_PER_PREFIX
+    } else if ds.eni_target_is_floor {
+        cfg.warm_eni_target * limits.slots_per_eni
+    } else {
+        0
+    };
+    // The floors keep their documented meaning: free addresses, those cooling down included
+    // (as the reference counts them); the demand term counts only usable ones.
+    let low = floor
+        .saturating_sub(s.cooling)
+        .max(e.burst)
+        .max(ds.min_warm);
+    let now_used = s.assigned + s.cooling;
+    let step = e
+        .growth_over(now_used, ds.grow_batch)
+        .clamp(1, limits.ips_per_eni(pd).max(1));
+    let grow_to = low.saturating_add(step);
+    let used = e.peak_used.max(now_used);
+    let mut keep = used.saturating_add(grow_to).max(cfg.minimum_ip_target);
+    if pd {
+        keep = round_up(keep, IPS_PER_PREFIX);
+    }
+    DemandLevels {
+        estimate: e,
+        floor,
+        low,
+        grow_to,
+        keep,
+        min_release: if pd {
+            IPS_PER_PREFIX
+        } else {
+            step.max(ds.min_release)
+        },
+    }
 }
 
 fn target_state(cfg: &PoolConfig, s: &PoolStats) -> (i64, i64) {
@@ -581,6 +678,9 @@ pub fn decide(
     input: &PoolInput<'_>,
     now: Duration,
 ) -> Decision {
+    if let Some(d) = &input.demand {
+        return decide_demand(cfg, limits, input, d, now);
+    }
     let mut s = stats(cfg, input.enis);
     s.headroom = headroom(cfg, input, &s);
     let free_eni_phase = !input.paused && should_free_enis(cfg, limits, input, &s);
@@ -589,6 +689,7 @@ pub fn decide(
         reason,
         stats: s,
         free_eni_phase,
+        demand: None,
     };
     if is_low(cfg, limits, &s) {
         if input.paused {
@@ -622,6 +723,178 @@ pub fn decide(
         };
     }
     done(None, Reason::Steady)
+}
+
+/// [`decide`] under [`Flavour::Demand`]: grow to `grow_to` when below `low`; release the
+/// surplus above `keep` in one batch once the history covers the hold period, or leave it to
+/// phase two when a whole empty ENI can go instead.
+fn decide_demand(
+    cfg: &PoolConfig,
+    limits: &NodeLimits,
+    input: &PoolInput<'_>,
+    demand: &Demand<'_>,
+    now: Duration,
+) -> Decision {
+    let mut s = stats(cfg, input.enis);
+    s.headroom = headroom(cfg, input, &s);
+    let lv = demand_levels(cfg, limits, demand, &s, now);
+    let done = |change, reason, free_eni_phase| Decision {
+        change,
+        reason,
+        stats: s,
+        free_eni_phase,
+        demand: Some(lv),
+    };
+    let capped = limits.max_pods.is_some_and(|mp| s.total >= mp);
+    let short = s.available < lv.low || s.available < demand.waiting;
+    if !capped && (short || s.total < cfg.minimum_ip_target) {
+        if input.paused {
+            return done(None, Reason::Paused, false);
+        }
+        let backoff = cfg.timers.insufficient_capacity_backoff;
+        let no_addresses = within(now, input.last_insufficient_addresses, backoff);
+        let no_blocks = within(now, input.last_insufficient_cidr, backoff);
+        let fallback = cfg.rules.prefix_fallback && no_blocks && cfg.prefix_delegation;
+        if no_addresses || (no_blocks && !fallback) {
+            return done(None, Reason::Backoff, false);
+        }
+        let mut want = (lv.grow_to.saturating_sub(s.available) + demand.waiting)
+            .max(cfg.minimum_ip_target.saturating_sub(s.total))
+            .max(1);
+        if let Some(mp) = limits.max_pods {
+            want = want.min(mp.saturating_sub(s.total)).max(1);
+        }
+        let (kind, count) = if cfg.prefix_delegation && !fallback {
+            (AddressKind::Prefix, want.div_ceil(IPS_PER_PREFIX))
+        } else {
+            (AddressKind::Ip, want.max(demand.settings.min_grow))
+        };
+        return match place_growth(cfg, limits, input, &s, kind, count) {
+            Some(c) => done(Some(c), Reason::Low, false),
+            None => done(None, Reason::AtCapacity, false),
+        };
+    }
+    if input.paused {
+        return done(None, Reason::Steady, false);
+    }
+    let surplus = s.total.saturating_sub(lv.keep);
+    if !lv.estimate.settled || surplus < lv.min_release {
+        let reason = if capped {
+            Reason::MaxPods
+        } else {
+            Reason::Steady
+        };
+        return done(None, reason, false);
+    }
+    if within(now, input.last_decrease, cfg.timers.decrease_interval) {
+        return done(None, Reason::HighWaiting, false);
+    }
+    if demand_eni_to_free(cfg, input, &s, &lv, now).is_some() {
+        // Detaching the ENI returns its addresses (and its own) in two calls.
+        return done(None, Reason::High, true);
+    }
+    match release_surplus(cfg, input, surplus, lv.min_release) {
+        Some(c) => done(Some(c), Reason::High, true),
+        None => done(None, Reason::Steady, true),
+    }
+}
+
+/// An empty, old enough ENI whose addresses all fit in the surplus above `keep`.
+fn demand_eni_to_free(
+    cfg: &PoolConfig,
+    input: &PoolInput<'_>,
+    s: &PoolStats,
+    lv: &DemandLevels,
+    now: Duration,
+) -> Option<usize> {
+    if !lv.estimate.settled {
+        return None;
+    }
+    let surplus = s.total.saturating_sub(lv.keep);
+    input.enis.iter().position(|e| {
+        let (t, _, _) = if e.excluded {
+            (0, 0, 0)
+        } else {
+            e.counted(cfg)
+        };
+        !(e.primary
+            || e.trunk
+            || e.efa
+            || e.assigned() > 0
+            || e.cooling() > 0
+            || now.saturating_sub(e.created_at) < cfg.timers.min_eni_age)
+            && t <= surplus
+    })
+}
+
+/// A release of at most `surplus` addresses from one ENI (one EC2 call): the ENI that can give
+/// back the most, addresses of the other mode's kind before the current mode's; none when the
+/// best ENI gives back fewer than `min_release`.
+fn release_surplus(
+    cfg: &PoolConfig,
+    input: &PoolInput<'_>,
+    surplus: u32,
+    min_release: u32,
+) -> Option<PoolChange> {
+    let order = if cfg.prefix_delegation {
+        [AddressKind::Ip, AddressKind::Prefix]
+    } else {
+        [AddressKind::Prefix, AddressKind::Ip]
+    };
+    let mut best: Option<(u32, Release)> = None;
+    for (i, e) in input.enis.iter().enumerate() {
+        let (free_ips, free_pfx) = e.releasable(cfg);
+        let mut left = surplus;
+        let mut r = Release {
+            eni: i,
+            ips: 0,
+            prefixes: 0,
+        };
+        for kind in order {
+            let counted =
+                cfg.rules.prefix_fallback || (kind == AddressKind::Prefix) == cfg.prefix_delegation;
+            let size = match (counted && !e.excluded, kind) {
+                (false, _) => 0,
+                (true, AddressKind::Ip) => 1,
+                (true, AddressKind::Prefix) => IPS_PER_PREFIX,
+            };
+            let avail = if kind == AddressKind::Ip {
+                free_ips
+            } else {
+                free_pfx
+            };
+            let n = left.checked_div(size).map_or(avail, |fit| avail.min(fit));
+            left -= n * size;
+            match kind {
+                AddressKind::Ip => r.ips += n,
+                AddressKind::Prefix => r.prefixes += n,
+            }
+        }
+        let given = surplus - left;
+        if given >= min_release && best.as_ref().is_none_or(|(g, _)| given > *g) {
+            best = Some((given, r));
+        }
+    }
+    best.map(|(_, r)| PoolChange::Release(vec![r]))
+}
+
+/// Whether the pool is below its target now, with demand-driven sizing when
+/// [`PoolInput::demand`] is given (the daemon's wake-up check after an assignment).
+pub fn below_target(
+    cfg: &PoolConfig,
+    limits: &NodeLimits,
+    input: &PoolInput<'_>,
+    now: Duration,
+) -> bool {
+    let s = stats(cfg, input.enis);
+    match &input.demand {
+        None => is_low(cfg, limits, &s),
+        Some(d) => {
+            let lv = demand_levels(cfg, limits, d, &s, now);
+            limits.max_pods.is_none_or(|mp| s.total < mp)
+                && (s.available < lv.low.max(d.waiting) || s.total < cfg.minimum_ip_target)
+        }
+    }
 }
 
 fn has_room_for_eni(limits: &NodeLimits, input: &PoolInput<'_>, s: &PoolStats) -> bool {
@@ -679,6 +952,20 @@ fn grow(
     if wanted == 0 {
         return None;
     }
+    place_growth(cfg, limits, input, s, kind, wanted)
+}
+
+/// Where `wanted` addresses (or prefixes) of `kind` go: the first attached ENI with a free
+/// slot, else a new ENI when the node has room for one.
+fn place_growth(
+    cfg: &PoolConfig,
+    limits: &NodeLimits,
+    input: &PoolInput<'_>,
+    s: &PoolStats,
+    kind: AddressKind,
+    wanted: u32,
+) -> Option<PoolChange> {
+    let slots = limits.slots_per_eni;
     let candidate = input.enis.iter().position(|e| {
         let reserved = e.trunk || e.excluded || (e.primary && cfg.custom_networking);
         !reserved && e.slots_used() < slots
@@ -813,6 +1100,11 @@ pub fn choose_eni_to_free(
 ) -> Option<usize> {
     if input.paused {
         return None;
+    }
+    if let Some(d) = &input.demand {
+        let s = stats(cfg, input.enis);
+        let lv = demand_levels(cfg, limits, d, &s, now);
+        return demand_eni_to_free(cfg, input, &s, &lv, now);
     }
     let pd = cfg.prefix_delegation;
     let unit = if pd { IPS_PER_PREFIX } else { 1 };
@@ -1277,5 +1569,197 @@ mod tests {
         input.enis = &enis;
         let d = decide(&PoolConfig::default(), &limits(3, 10), &input, secs(500));
         assert_eq!(d.reason, Reason::Paused);
+    }
+
+    fn demand_input<'a>(
+        enis: &'a [EniView],
+        settings: &'a DemandSettings,
+        state: &'a DemandState,
+    ) -> PoolInput<'a> {
+        let mut input = PoolInput::new(enis);
+        input.demand = Some(Demand {
+            settings,
+            state,
+            waiting: 0,
+        });
+        input
+    }
+
+    fn ours(cfg: PoolConfig) -> PoolConfig {
+        PoolConfig {
+            rules: Rules::OURS,
+            ..cfg
+        }
+    }
+
+    #[test]
+    fn demand_grows_to_the_floor_plus_a_step_and_counts_cooling_toward_the_floor() {
+        let cfg = ours(PoolConfig {
+            warm_ip_target: 3,
+            ..Default::default()
+        });
+        let l = limits(3, 10);
+        let ds = DemandSettings::default();
+        let st = DemandState::new(T0);
+        let full = [eni(true, 9, 9)];
+        let d = decide(&cfg, &l, &demand_input(&full, &ds, &st), secs(30));
+        let lv = d.demand.expect("levels");
+        assert_eq!((lv.floor, lv.low, lv.grow_to), (3, 3, 4));
+        assert_eq!(
+            d.change,
+            Some(PoolChange::CreateEni {
+                kind: AddressKind::Ip,
+                count: 4
+            })
+        );
+        // Two free addresses cooling down count toward WARM_IP_TARGET, as documented: one
+        // usable address is enough.
+        let mut e = eni(true, 9, 6);
+        e.ips_cooling = 2;
+        let d = decide(&cfg, &l, &demand_input(&[e], &ds, &st), secs(30));
+        assert_eq!((d.change, d.reason), (None, Reason::Steady));
+    }
+
+    #[test]
+    fn demand_keeps_a_burst_warm_and_serves_waiting_pods_in_one_call() {
+        let cfg = ours(PoolConfig::default());
+        let l = limits(3, 10);
+        let ds = DemandSettings::default();
+        let mut st = DemandState::new(T0);
+        st.note_requests(&ds, secs(100), 6);
+        let enis = [eni(true, 9, 6)];
+        let mut input = demand_input(&enis, &ds, &st);
+        let d = decide(&cfg, &l, &input, secs(110));
+        assert_eq!(
+            d.demand.expect("levels").low,
+            6,
+            "the burst sets the low level"
+        );
+        assert!(
+            matches!(d.change, Some(PoolChange::CreateEni { .. })),
+            "{d:?}"
+        );
+        // Without the burst, three usable addresses are plenty.
+        let quiet = DemandState::new(T0);
+        input.demand = Some(Demand {
+            settings: &ds,
+            state: &quiet,
+            waiting: 0,
+        });
+        assert_eq!(decide(&cfg, &l, &input, secs(110)).change, None);
+        // Five pods waiting: one growth for all of them and the step.
+        let enis = [eni(true, 9, 9)];
+        let mut input = demand_input(&enis, &ds, &quiet);
+        input.demand = Some(Demand {
+            settings: &ds,
+            state: &quiet,
+            waiting: 5,
+        });
+        let d = decide(&cfg, &l, &input, secs(110));
+        assert_eq!(
+            d.change,
+            Some(PoolChange::CreateEni {
+                kind: AddressKind::Ip,
+                count: 7
+            })
+        );
+    }
+
+    #[test]
+    fn demand_releases_only_a_sustained_surplus_in_one_batch() {
+        let cfg = ours(PoolConfig::default());
+        let l = limits(3, 10);
+        let ds = DemandSettings::default();
+        let mut st = DemandState::new(T0);
+        // Nine pods an hour ago, three now: six addresses are surplus once the hold has passed.
+        st.observe(&ds, secs(3000), 9);
+        let enis = [eni(true, 9, 3)];
+        let input = demand_input(&enis, &ds, &st);
+        let d = decide(&cfg, &l, &input, secs(3100));
+        assert_eq!(d.change, None, "the peak in use is less than a hold ago");
+        st.observe(&ds, secs(3700), 3);
+        let input = demand_input(&enis, &ds, &st);
+        let d = decide(&cfg, &l, &input, secs(3700));
+        let lv = d.demand.expect("levels");
+        assert_eq!(lv.keep, 3 + lv.grow_to);
+        assert_eq!(
+            d.change,
+            Some(PoolChange::Release(vec![Release {
+                eni: 0,
+                ips: 9 - lv.keep,
+                prefixes: 0
+            }]))
+        );
+        // A young history never releases (after a restart, the peak is unknown).
+        let young = DemandState::new(secs(3500));
+        let d = decide(&cfg, &l, &demand_input(&enis, &ds, &young), secs(3700));
+        assert_eq!(d.change, None);
+        // A surplus smaller than min_release stays.
+        let enis = [eni(true, 9, 6)];
+        let d = decide(&cfg, &l, &demand_input(&enis, &ds, &st), secs(3700));
+        assert_eq!(d.change, None);
+    }
+
+    #[test]
+    fn demand_frees_an_empty_eni_instead_of_releasing_its_addresses() {
+        let cfg = ours(PoolConfig::default());
+        let l = limits(3, 10);
+        let ds = DemandSettings::default();
+        let mut st = DemandState::new(T0);
+        st.observe(&ds, secs(3700), 4);
+        let enis = [eni(true, 9, 4), eni(false, 9, 0)];
+        let input = demand_input(&enis, &ds, &st);
+        let d = decide(&cfg, &l, &input, secs(3700));
+        assert_eq!((d.change.clone(), d.reason), (None, Reason::High), "{d:?}");
+        assert!(d.free_eni_phase);
+        assert_eq!(choose_eni_to_free(&cfg, &l, &input, secs(3700)), Some(1));
+        assert!(!below_target(&cfg, &l, &input, secs(3700)));
+        // The user's WARM_ENI_TARGET, when set explicitly, is a floor: the ENI stays, and only
+        // what exceeds a whole ENI of free addresses (plus a step) goes back.
+        let floor = DemandSettings {
+            eni_target_is_floor: true,
+            ..ds
+        };
+        let input = demand_input(&enis, &floor, &st);
+        assert_eq!(choose_eni_to_free(&cfg, &l, &input, secs(3700)), None);
+        let d = decide(&cfg, &l, &input, secs(3700));
+        let Some(PoolChange::Release(r)) = d.change else {
+            panic!("{d:?}")
+        };
+        let released: u32 = r.iter().map(|r| r.ips).sum();
+        assert!(
+            18 - 4 - released >= 9,
+            "{released} released below the floor"
+        );
+    }
+
+    #[test]
+    fn a_restored_demand_state_decides_as_if_the_daemon_never_stopped() {
+        let cfg = ours(PoolConfig::default());
+        let l = limits(3, 10);
+        let ds = DemandSettings::default();
+        let mut st = DemandState::new(secs(1_000_000));
+        let mut t = 1_000_000;
+        for k in 0..200u64 {
+            t += 17;
+            st.note_requests(&ds, secs(t), u32::from(k % 7 == 0));
+            st.observe(&ds, secs(t), 5 + (k % 11) as u32);
+        }
+        let enis = [eni(true, 9, 7), eni(false, 9, 2)];
+        let now = secs(t + 20);
+        let text = serde_json::to_string(&st).expect("serialises");
+        let saved: DemandState = serde_json::from_str(&text).expect("parses");
+        let restored = saved.restore(&ds, now, 9);
+        let mut live = st.clone();
+        live.observe(&ds, now, 9);
+        let a = decide(&cfg, &l, &demand_input(&enis, &ds, &live), now);
+        let b = decide(&cfg, &l, &demand_input(&enis, &ds, &restored), now);
+        assert_eq!(a, b);
+        // Rebuilt from the running pods alone: it neither releases (waste avoided by not
+        // shrinking into waiting) nor grows past what the pods' own arrivals say.
+        let rebuilt = DemandState::rebuild(&ds, now, [now - secs(5), now - secs(3)], 9);
+        let d = decide(&cfg, &l, &demand_input(&enis, &ds, &rebuilt), now);
+        assert!(!matches!(d.change, Some(PoolChange::Release(_))), "{d:?}");
+        assert_eq!(d.demand.expect("levels").low, 2);
     }
 }

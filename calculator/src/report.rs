@@ -183,10 +183,7 @@ pub fn exact(r: &ExactReport, f: Format) -> String {
 }
 
 fn policy_name(r: &ExactReport) -> &'static str {
-    match r.policy {
-        crate::policy::Flavour::Reference => "reference",
-        crate::policy::Flavour::Ours => "ours",
-    }
+    r.policy.name()
 }
 
 const BASIS_HEAD: [&str; 9] = [
@@ -404,6 +401,19 @@ pub fn max_pods(m: &MaxPods, f: Format, explain: bool) -> String {
             t.csv()
         }
         Format::Table if !explain => format!("{}\n", m.max_pods),
+        Format::Table if m.ipv6 => {
+            let mut out = format!(
+                "{}\n{}: IPv6, no per-ENI address limit: the ceiling for {} vCPUs ({} 30)\n",
+                m.max_pods,
+                m.instance_type,
+                m.vcpus,
+                if m.vcpus > 30 { ">" } else { "<=" }
+            );
+            for n in &m.notes {
+                let _ = writeln!(out, "note: {n}");
+            }
+            out
+        }
         Format::Table => {
             let per = if m.prefix_delegation_applied {
                 format!("({} - 1) x 16", m.ipv4_per_eni)
@@ -487,10 +497,7 @@ pub fn timeline(r: &TimelineReport, f: Format, max_rows: usize) -> String {
             t.csv()
         }
         Format::Table => {
-            let policy = match r.policy {
-                crate::policy::Flavour::Reference => "reference",
-                crate::policy::Flavour::Ours => "ours",
-            };
+            let policy = r.policy.name();
             let mut out = format!(
                 "Timeline ({policy} policy): {} nodes over {}, tick {} s\n\n",
                 r.nodes,
@@ -527,6 +534,11 @@ pub fn timeline(r: &TimelineReport, f: Format, max_rows: usize) -> String {
                 "most pods waiting for an address at once: {}; pod-seconds waiting: {}",
                 r.max_pods_pending, r.pending_pod_seconds
             );
+            let _ = writeln!(
+                out,
+                "idle pod addresses (allocated - assigned): {:.1} on average, {} at most; most allocated {}",
+                r.idle_ips_avg, r.idle_ips_peak, r.allocated_ips_peak
+            );
             for s in &r.subnets {
                 let _ = writeln!(
                     out,
@@ -550,6 +562,156 @@ pub fn timeline(r: &TimelineReport, f: Format, max_rows: usize) -> String {
                         crate::node::CapacityError::NoCidrBlocks => "InsufficientCidrBlocks",
                     }
                 );
+            }
+            out
+        }
+    }
+}
+
+/// One policy's run in a comparison.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicySummary {
+    /// Policy.
+    pub policy: crate::policy::Flavour,
+    /// Idle pod addresses (allocated minus assigned) over the fleet, time-averaged.
+    pub idle_ips_avg: f64,
+    /// Most idle pod addresses at once.
+    pub idle_ips_peak: u64,
+    /// Most pod addresses allocated at once.
+    pub allocated_ips_peak: u64,
+    /// Mutating EC2 calls.
+    pub mutating_calls: u64,
+    /// All EC2 calls.
+    pub ec2_calls: u64,
+    /// Pod-seconds spent waiting for an address.
+    pub pending_pod_seconds: u64,
+    /// Most pods waiting at once.
+    pub max_pods_pending: u64,
+}
+
+/// The summary line of each report.
+pub fn policy_summaries(reports: &[&TimelineReport]) -> Vec<PolicySummary> {
+    reports
+        .iter()
+        .map(|r| PolicySummary {
+            policy: r.policy,
+            idle_ips_avg: r.idle_ips_avg,
+            idle_ips_peak: r.idle_ips_peak,
+            allocated_ips_peak: r.allocated_ips_peak,
+            mutating_calls: r.ec2_calls.mutating(),
+            ec2_calls: r.ec2_calls.total(),
+            pending_pod_seconds: r.pending_pod_seconds,
+            max_pods_pending: r.max_pods_pending,
+        })
+        .collect()
+}
+
+/// The policies side by side: one row per measure, one column per policy, and each
+/// policy's value against the first (the reference) in parentheses.
+pub fn policy_comparison(reports: &[&TimelineReport], f: Format) -> String {
+    let sums = policy_summaries(reports);
+    let mut head = vec!["measure".to_owned()];
+    head.extend(sums.iter().map(|s| s.policy.name().to_owned()));
+    let head_refs: Vec<&str> = head.iter().map(String::as_str).collect();
+    let mut t = Table::new(&head_refs);
+    let rel = |v: f64, base: f64, i: usize| {
+        if i == 0 || f == Format::Csv {
+            String::new()
+        } else if base > 0.0 {
+            format!(" ({:.2}x)", v / base)
+        } else {
+            String::new()
+        }
+    };
+    type Get = fn(&PolicySummary) -> f64;
+    let rows: [(&str, Get, bool); 6] = [
+        ("idle_ips_avg", |s| s.idle_ips_avg, true),
+        ("idle_ips_peak", |s| s.idle_ips_peak as f64, false),
+        ("allocated_ips_peak", |s| s.allocated_ips_peak as f64, false),
+        ("ec2_mutating_calls", |s| s.mutating_calls as f64, false),
+        (
+            "pod_seconds_waiting",
+            |s| s.pending_pod_seconds as f64,
+            false,
+        ),
+        ("max_pods_waiting", |s| s.max_pods_pending as f64, false),
+    ];
+    for (name, get, decimal) in rows {
+        let base = sums.first().map(get).unwrap_or(0.0);
+        let mut row = vec![name.to_owned()];
+        for (i, s) in sums.iter().enumerate() {
+            let v = get(s);
+            let text = if decimal {
+                format!("{v:.1}")
+            } else {
+                format!("{v:.0}")
+            };
+            row.push(format!("{text}{}", rel(v, base, i)));
+        }
+        t.row(row);
+    }
+    match f {
+        Format::Json => json(&sums),
+        Format::Csv => t.csv(),
+        Format::Table => {
+            let mut out = format!(
+                "Policies compared: {} nodes over {}, idle = allocated - assigned (cooling included)\n\n",
+                reports.first().map_or(0, |r| r.nodes),
+                hms(reports.first().map_or(0, |r| r.duration))
+            );
+            out.push_str(&t.render());
+            out
+        }
+    }
+}
+
+/// Renders an IPv6 subnet plan.
+pub fn ipv6_plan(p: &crate::ipv6::Ipv6Plan, f: Format) -> String {
+    let mut t = Table::new(&[
+        "instance_type",
+        "nodes",
+        "pods_per_node",
+        "max_pods",
+        "ipv6_prefixes_80",
+    ]);
+    for g in &p.node_groups {
+        t.row(vec![
+            g.instance_type.clone(),
+            g.nodes.to_string(),
+            g.pods_per_node.to_string(),
+            g.max_pods.to_string(),
+            g.prefixes.to_string(),
+        ]);
+    }
+    match f {
+        Format::Json => json(p),
+        Format::Csv => t.csv(),
+        Format::Table => {
+            let mut out = format!(
+                "IPv6 plan{}: one /80 per node on the primary ENI\n\n",
+                p.ipv6_cidr
+                    .as_deref()
+                    .map(|c| format!(" for {c}"))
+                    .unwrap_or_default()
+            );
+            out.push_str(&t.render());
+            let _ = writeln!(
+                out,
+                "\n{} nodes, {} pods: {} /80s needed ({} in the worst case, when each node's own IPv6 address spoils one), {} assignable in the /64: {}",
+                p.nodes,
+                p.pods,
+                p.prefixes_needed,
+                p.prefixes_worst_case,
+                p.prefixes_assignable,
+                if p.fits { "fits" } else { "does not fit" }
+            );
+            let _ = writeln!(
+                out,
+                "IPv4 addresses from the node subnet: {} (one per node; pods reach IPv4 through it)",
+                p.ipv4_addresses
+            );
+            for w in &p.warnings {
+                let _ = writeln!(out, "warning: {w}");
             }
             out
         }

@@ -161,10 +161,7 @@ fn at_time(secs: u64) -> String {
 }
 
 fn policy_name(f: Flavour) -> &'static str {
-    match f {
-        Flavour::Reference => "reference",
-        Flavour::Ours => "ours",
-    }
+    f.name()
 }
 
 fn capacity_error_name(e: CapacityError) -> &'static str {
@@ -2015,9 +2012,11 @@ pub fn timeline_compare_chart(a: &TimelineReport, b: &TimelineReport) -> String 
         let peak = r.samples.iter().map(|s| s.allocated_ips).max().unwrap_or(0);
         let enis = r.samples.iter().map(|s| s.enis).max().unwrap_or(0);
         format!(
-            "{name}: peak {} pod IPs, up to {} \u{00b7} {} mutating EC2 calls \u{00b7} {} \u{00b7} {}",
+            "{name}: peak {} pod IPs, up to {} \u{00b7} idle {} on average, {} at most \u{00b7} {} mutating EC2 calls \u{00b7} {} \u{00b7} {}",
             int(peak),
             plural(enis, "ENI", "ENIs"),
+            int(r.idle_ips_avg.round() as u64),
+            int(r.idle_ips_peak),
             int(crate::timeline::mutating_calls(r)),
             if r.max_pods_pending == 0 {
                 "no pod waited".to_owned()
@@ -2060,8 +2059,9 @@ pub fn timeline_compare_chart(a: &TimelineReport, b: &TimelineReport) -> String 
             };
             let wait = b.pending_pod_seconds as i64 - a.pending_pod_seconds as i64;
             format!(
-                "{lb} against {la}: peak pod IPs {} \u{00b7} mutating EC2 calls {} \u{00b7} pod waiting time {}{}",
+                "{lb} against {la}: peak pod IPs {} \u{00b7} idle on average {} \u{00b7} mutating EC2 calls {} \u{00b7} pod waiting time {}{}",
                 d(peak(a), peak(b)),
+                d(a.idle_ips_avg.round() as u64, b.idle_ips_avg.round() as u64),
                 d(crate::timeline::mutating_calls(a), crate::timeline::mutating_calls(b)),
                 if wait < 0 { "\u{2212}" } else if wait > 0 { "+" } else { "" },
                 dur(wait.unsigned_abs())
@@ -2152,6 +2152,24 @@ pub fn timeline_compare_chart(a: &TimelineReport, b: &TimelineReport) -> String 
         &format!(r#"class="series area" data-series="pods wanted" fill="{GRID}" stroke="none""#),
     );
     draw(&mut s, &p, "allocated", &|s| s.allocated_ips as f64);
+    marks(&mut s, &p, false);
+    y = next;
+    // 1b. Idle addresses: allocated but not assigned (cooling included).
+    let (p, next) = panel(
+        &mut s,
+        y,
+        &PanelSpec {
+            title: "Idle pod addresses (allocated \u{2212} assigned)",
+            legend: vec![],
+            height: 120.0,
+            t_end,
+            y_max: both_max(&|s| s.allocated_ips.saturating_sub(s.assigned_ips)),
+            unit: Unit::Count,
+        },
+    );
+    draw(&mut s, &p, "idle", &|s| {
+        s.allocated_ips.saturating_sub(s.assigned_ips) as f64
+    });
     marks(&mut s, &p, false);
     y = next;
     // 2. Pending pods.
@@ -2798,9 +2816,10 @@ node_groups: [{instance_type: m5.large, count: 1, pods: {constant: 3}}]",
         let svg = timeline_compare_chart(&a, &b);
         let doc = check(&svg);
         let s = series(&doc);
-        assert_eq!(s.len(), 1 + 5 * 2, "{s:?}");
+        assert_eq!(s.len(), 1 + 6 * 2, "{s:?}");
         for metric in [
             "allocated",
+            "idle",
             "pending",
             "enis",
             "subnet used",

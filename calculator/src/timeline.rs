@@ -8,6 +8,7 @@
 //! tick: 5s               # the daemon's pool-manager interval
 //! sample_every: 5m
 //! seed: 7
+//! ec2_latency_ms: {assign: 300, create_eni: 3000}   # optional: charge EC2's time to waiting pods
 //! node_groups:
 //!   - instance_type: m5.large
 //!     count: 50
@@ -30,7 +31,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::limits::Catalog;
-use crate::node::{AddressPlacement, CapacityError, Ec2Action, Ec2Calls, ModelNode};
+use crate::node::{AddressPlacement, CapacityError, Ec2Action, Ec2Calls, Ec2Latency, ModelNode};
 use crate::plan::{parse_document, InputError, NodeGroupSpec, PlanConfig, SubnetSpec};
 use crate::policy::Flavour;
 use crate::subnet::{aws_usable_ips, Ipv4Cidr, SubnetAllocator};
@@ -348,6 +349,10 @@ pub struct TimelineInput {
     /// Seed for address placement and pod removal.
     #[serde(default)]
     pub seed: u64,
+    /// EC2's time to grow the pool, charged to the pods waiting for it (default 0: growth
+    /// within the tick is free, as before).
+    #[serde(default)]
+    pub ec2_latency_ms: Ec2Latency,
     /// Node groups.
     pub node_groups: Vec<TimelineGroup>,
 }
@@ -453,8 +458,16 @@ pub struct TimelineReport {
     pub ec2_calls: Ec2Calls,
     /// Most pods waiting at once.
     pub max_pods_pending: u64,
-    /// Pod-seconds spent waiting for an address.
+    /// Pod-seconds spent waiting for an address: whole ticks without one, and EC2's time to
+    /// grow the pool when `ec2_latency_ms` is set.
     pub pending_pod_seconds: u64,
+    /// Idle pod addresses (allocated minus assigned, cooling included) over the fleet,
+    /// averaged over every tick.
+    pub idle_ips_avg: f64,
+    /// Most idle pod addresses over the fleet at any tick.
+    pub idle_ips_peak: u64,
+    /// Most pod addresses allocated over the fleet at any tick.
+    pub allocated_ips_peak: u64,
     /// First refusal of each subnet that ran out.
     pub exhaustion: Vec<Exhaustion>,
 }
@@ -604,6 +617,14 @@ impl Timeline {
                     AddressPlacement::Scattered(mix(input.seed ^ 0x5eed, id)),
                     Duration::ZERO,
                 )
+                .map(|n| n.with_latency(input.ec2_latency_ms))
+                .map(|n| {
+                    if input.config.policy == Flavour::Demand {
+                        n.with_demand(input.config.demand, Duration::ZERO)
+                    } else {
+                        n
+                    }
+                })
                 .map_err(|_| {
                     InputError::new(
                         format!("{at}.count"),
@@ -654,11 +675,13 @@ impl Timeline {
             .collect();
         let mut max_pending = 0u64;
         let mut pending_seconds = 0u64;
+        let (mut idle_sum, mut idle_peak, mut alloc_peak, mut ticks) = (0u64, 0u64, 0u64, 0u64);
         let mut next_sample = 0u64;
         let mut t = 0u64;
         while t <= duration {
             let now = Duration::from_secs(t);
             let mut pending = 0u64;
+            let (mut idle, mut allocated) = (0u64, 0u64);
             for n in &mut self.nodes {
                 let want = (f64::from(self.loads[n.group].at(t)) * n.factor).round() as u32;
                 let churn = self.input.node_groups[n.group].churn_per_hour;
@@ -684,7 +707,14 @@ impl Timeline {
                     }
                 }
                 pending += u64::from(n.node.pending());
+                let pod_ips = u64::from(n.node.address_usage().0);
+                allocated += pod_ips;
+                idle += pod_ips.saturating_sub(u64::from(n.node.pods()));
             }
+            idle_sum += idle;
+            idle_peak = idle_peak.max(idle);
+            alloc_peak = alloc_peak.max(allocated);
+            ticks += 1;
             max_pending = max_pending.max(pending);
             pending_seconds += pending * tick;
             for (i, (_, a)) in self.subnets.iter().enumerate() {
@@ -697,9 +727,12 @@ impl Timeline {
             t += tick;
         }
         let mut calls = Ec2Calls::default();
+        let mut waited_ms = 0u64;
         for n in &self.nodes {
             calls.merge(n.node.calls());
+            waited_ms += n.node.waited_ms();
         }
+        pending_seconds += waited_ms / 1000;
         TimelineReport {
             policy: self.input.config.policy,
             duration,
@@ -720,6 +753,9 @@ impl Timeline {
             ec2_calls: calls,
             max_pods_pending: max_pending,
             pending_pod_seconds: pending_seconds,
+            idle_ips_avg: idle_sum as f64 / ticks.max(1) as f64,
+            idle_ips_peak: idle_peak,
+            allocated_ips_peak: alloc_peak,
             exhaustion,
         }
     }
@@ -918,5 +954,77 @@ node_groups: [{instance_type: m5.large, count: 4, churn_per_hour: 1.5, pods: {co
             .err()
             .expect("too many pods");
         assert_eq!(e.field, "node_groups[0].pods");
+    }
+
+    fn example(name: &str, policy: Flavour) -> TimelineReport {
+        let text = match name {
+            "flat" => include_str!("../examples/flat-day.yaml"),
+            "burst" => include_str!("../examples/burst-day.yaml"),
+            _ => include_str!("../examples/daily-cycle.yaml"),
+        };
+        let mut input = TimelineInput::parse(text).expect("example parses");
+        input.config.policy = policy;
+        simulate(input, Catalog::embedded()).expect("example runs")
+    }
+
+    /// The demand flavour against the reference on the example days (the sweep bench has the
+    /// whole table): what it must keep winning, and where it is bound by the user's floors.
+    #[test]
+    fn the_demand_flavour_on_the_example_days() {
+        let (r, d) = (
+            example("flat", Flavour::Reference),
+            example("flat", Flavour::Demand),
+        );
+        assert!(
+            d.idle_ips_avg * 3.0 <= r.idle_ips_avg,
+            "{} vs {}",
+            d.idle_ips_avg,
+            r.idle_ips_avg
+        );
+        assert!(mutating_calls(&d) <= mutating_calls(&r));
+        assert_eq!(d.pending_pod_seconds, 0);
+        let (r, d) = (
+            example("burst", Flavour::Reference),
+            example("burst", Flavour::Demand),
+        );
+        assert!(
+            d.idle_ips_avg * 3.0 <= r.idle_ips_avg,
+            "{} vs {}",
+            d.idle_ips_avg,
+            r.idle_ips_avg
+        );
+        assert_eq!(d.pending_pod_seconds, 0);
+        // WARM_IP_TARGET=3 and MINIMUM_IP_TARGET=8 are floors: idle cannot drop much, but calls
+        // and waiting do.
+        let (r, d) = (
+            example("daily", Flavour::Reference),
+            example("daily", Flavour::Demand),
+        );
+        assert!(mutating_calls(&d) < mutating_calls(&r));
+        assert!(r.pending_pod_seconds > 0);
+        assert_eq!(d.pending_pod_seconds, 0);
+        assert!(d.idle_ips_avg >= r.idle_ips_avg * 0.9, "the floors hold");
+    }
+
+    #[test]
+    fn ec2_latency_is_charged_to_the_pods_that_wait_for_a_growth() {
+        let base = "subnet: {cidr: 10.0.0.0/22}
+LATENCY
+duration: 10m
+node_groups: [{instance_type: m5.large, count: 2, pods: {trace: [[0, 1], [300, 15]]}}]";
+        let free = run(&base.replace("LATENCY", ""));
+        assert_eq!(free.pending_pod_seconds, 0);
+        let slow = run(&base.replace(
+            "LATENCY",
+            "ec2_latency_ms: {assign: 1000, create_eni: 4000}",
+        ));
+        // At 300 s each node's 14 new pods find the warm addresses of the reference's warm
+        // ENI except for those beyond it, which wait for the next ENI to be created.
+        assert!(slow.pending_pod_seconds > 0);
+        assert_eq!(mutating_calls(&slow), mutating_calls(&free));
+        let e =
+            TimelineInput::parse(&base.replace("LATENCY", "ec2_latency_ms: {assign: 1, atach: 2}"))
+                .expect_err("unknown field");
+        assert!(e.field.starts_with("ec2_latency_ms"), "{}", e.field);
     }
 }

@@ -234,3 +234,52 @@ fn instance_types_lists_the_table() {
     let o = run(&["instance-types", "m5.l"]);
     assert!(stdout(&o).contains("m5.large"));
 }
+
+#[test]
+fn ipv6_max_pods_and_plan() {
+    // t3.small: 11 pods in IPv4 mode, the ceiling in IPv6 mode.
+    assert_eq!(
+        stdout(&run(&["max-pods", "--instance-type", "t3.small", "--ipv6"])),
+        "110\n"
+    );
+    let v = json(&run(&[
+        "max-pods",
+        "--instance-type",
+        "m5.8xlarge",
+        "--ipv6",
+        "--json",
+    ]));
+    assert_eq!(
+        (v["max_pods"].as_u64(), v["ipv6"].as_bool()),
+        (Some(250), Some(true))
+    );
+    // A Xen type cannot run IPv6 (no prefix delegation): exit 2, the option named.
+    let o = run(&["max-pods", "--instance-type", "m4.large", "--ipv6"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--instance-type"), "{}", stderr(&o));
+    let plan = examples().join("workbook-cluster.yaml");
+    let plan = plan.to_str().expect("utf-8 path");
+    let v = json(&run(&[
+        "plan",
+        plan,
+        "--ipv6",
+        "--ipv6-cidr",
+        "2600:1f14:a:b00::/64",
+        "--format",
+        "json",
+    ]));
+    assert_eq!(v["prefixes_needed"], v["nodes"]);
+    assert_eq!(v["prefixes_assignable"], 65534);
+    assert_eq!(v["fits"], true);
+    let o = run(&[
+        "plan",
+        plan,
+        "--ipv6",
+        "--ipv6-cidr",
+        "2600:1f14:a:b00::/56",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("ipv6_cidr"), "{}", stderr(&o));
+    let t = stdout(&run(&["plan", plan, "--ipv6"]));
+    assert!(t.contains("/80s needed"), "{t}");
+}

@@ -8,7 +8,9 @@ use std::time::Duration;
 use proptest::prelude::*;
 use subnet_calc::limits::{Catalog, LimitOverrides};
 use subnet_calc::node::{AddressPlacement, ModelNode};
-use subnet_calc::policy::{Flavour, NodeLimits, PoolConfig, Timers, IPS_PER_PREFIX};
+use subnet_calc::policy::{
+    DemandSettings, Flavour, NodeLimits, PoolConfig, Timers, IPS_PER_PREFIX,
+};
 use subnet_calc::subnet::SubnetAllocator;
 
 const TYPES: [&str; 4] = ["t3.small", "m5.large", "m5.xlarge", "c5.4xlarge"];
@@ -17,6 +19,7 @@ fn node(
     t: &str,
     cfg: PoolConfig,
     max_eni: Option<u32>,
+    demand: bool,
 ) -> (ModelNode, SubnetAllocator, NodeLimits) {
     let l = Catalog::embedded()
         .lookup(t, &LimitOverrides::default())
@@ -32,12 +35,21 @@ fn node(
         Duration::ZERO,
     )
     .expect("boot");
+    let n = if demand {
+        n.with_demand(DemandSettings::default(), Duration::ZERO)
+    } else {
+        n
+    };
     (n, s, limits)
 }
 
-fn config_strategy() -> impl Strategy<Value = (PoolConfig, usize, Option<u32>)> {
+fn config_strategy() -> impl Strategy<Value = (PoolConfig, usize, Option<u32>, bool)> {
     (
-        prop_oneof![Just(Flavour::Reference), Just(Flavour::Ours)],
+        prop_oneof![
+            Just(Flavour::Reference),
+            Just(Flavour::Ours),
+            Just(Flavour::Demand)
+        ],
         any::<bool>(),
         0u32..3,
         prop_oneof![Just(0u32), 1u32..20],
@@ -60,7 +72,9 @@ fn config_strategy() -> impl Strategy<Value = (PoolConfig, usize, Option<u32>)> 
                     custom_networking: cn,
                     timers: Timers::default(),
                 };
-                cfg.validate().ok().map(|()| (cfg, ty, me))
+                cfg.validate()
+                    .ok()
+                    .map(|()| (cfg, ty, me, f == Flavour::Demand))
             },
         )
 }
@@ -72,10 +86,10 @@ proptest! {
     /// the subnet's books balance, and no shrink takes the pool below MINIMUM_IP_TARGET.
     #[test]
     fn limits_hold_and_minimum_is_kept(
-        (cfg, ty, max_eni) in config_strategy(),
+        (cfg, ty, max_eni, demand) in config_strategy(),
         steps in proptest::collection::vec((0u32..60, 1u64..90), 1..60),
     ) {
-        let (mut n, mut s, limits) = node(TYPES[ty], cfg, max_eni);
+        let (mut n, mut s, limits) = node(TYPES[ty], cfg, max_eni, demand);
         let free0 = {
             let (pod, primaries, _) = n.address_usage();
             s.free_addresses() + pod + primaries
@@ -123,8 +137,8 @@ fn settles(n: &mut ModelNode, s: &mut SubnetAllocator) -> Option<u32> {
     None
 }
 
-/// Every valid configuration on a grid of targets, instance shapes and pod counts: ours always
-/// settles; the reference oscillates exactly where spec/calculator.md 3.3 says it does
+/// Every valid configuration on a grid of targets, instance shapes and pod counts: ours and the
+/// demand-driven flavour always settle; the reference oscillates exactly where spec/calculator.md 3.3 says it does
 /// (WARM_ENI_TARGET=0 with a positive multiple of the ENI's slots in pods).
 #[test]
 fn ours_always_converges_and_the_reference_flaps_only_where_documented() {
@@ -151,7 +165,7 @@ fn ours_always_converges_and_the_reference_flaps_only_where_documented() {
         let cap = l.max_enis * l.slots_per_eni();
         for pd in [false, true] {
             for &(we, wi, mi, wp) in &targets {
-                for flavour in [Flavour::Reference, Flavour::Ours] {
+                for flavour in [Flavour::Reference, Flavour::Ours, Flavour::Demand] {
                     let cfg = PoolConfig {
                         rules: flavour.rules(),
                         prefix_delegation: pd,
@@ -166,7 +180,7 @@ fn ours_always_converges_and_the_reference_flaps_only_where_documented() {
                     }
                     let max = if pd { cap.min(120) } else { cap };
                     for pods in 0..=max {
-                        let (mut n, mut s, _) = node(ty, cfg, None);
+                        let (mut n, mut s, _) = node(ty, cfg, None, flavour == Flavour::Demand);
                         checked += 1;
                         n.add_pods(pods, Duration::ZERO);
                         if settles(&mut n, &mut s).is_none() {
@@ -177,7 +191,9 @@ fn ours_always_converges_and_the_reference_flaps_only_where_documented() {
                                 Flavour::Reference => {
                                     flaps.push((what, pd, we, wi, mi, pods, l.slots_per_eni()))
                                 }
-                                Flavour::Ours => ours_flaps.push(what),
+                                Flavour::Ours | Flavour::Demand => {
+                                    ours_flaps.push(format!("{} {what}", flavour.name()))
+                                }
                             }
                         }
                     }
