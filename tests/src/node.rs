@@ -458,6 +458,121 @@ pub struct Added {
     pub ip: Ipv4Addr,
 }
 
+/// A pod of an IPv6 cluster the plugin wired: its ADD result and IPv6 address.
+#[derive(Debug, Clone)]
+pub struct Added6 {
+    /// The CNI result document.
+    pub result: serde_json::Value,
+    /// The pod's address.
+    pub ip: std::net::Ipv6Addr,
+}
+
+/// The chained `egress-cni` plugin as the reference conflist runs it after `aws-cni`, with the
+/// reference `host-local` as its IPAM (from `cni_path`).
+#[derive(Debug)]
+pub struct Egress {
+    bin: PathBuf,
+    node_ns: Netns,
+    cni_path: String,
+    conf: serde_json::Value,
+}
+
+impl Egress {
+    /// IPv4 egress for the pods of an IPv6 node whose primary IPv4 address is `node_ip`
+    /// (host-local addresses from 169.254.172.0/22 kept in `data_dir`, SNAT to `node_ip`).
+    pub fn v4(
+        bin: PathBuf,
+        node_ns: &Netns,
+        cni_path: &str,
+        node_ip: Ipv4Addr,
+        data_dir: &Path,
+    ) -> anyhow::Result<Egress> {
+        Ok(Egress {
+            bin,
+            node_ns: node_ns.try_clone()?,
+            cni_path: cni_path.to_owned(),
+            conf: serde_json::json!({
+                "cniVersion": "1.0.0",
+                "name": "aws-cni",
+                "type": "egress-cni",
+                "enabled": "true",
+                "mtu": "9001",
+                "randomizeSNAT": "prng",
+                "nodeIP": node_ip.to_string(),
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": "169.254.172.0/22"}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": data_dir,
+                },
+                "pluginLogFile": "stderr",
+                "pluginLogLevel": "debug",
+            }),
+        })
+    }
+
+    /// Runs `command` for pod `pod` with `prev` (aws-cni's result) as `prevResult`.
+    pub fn run(
+        &self,
+        command: &str,
+        pod: &str,
+        netns: &Path,
+        prev: &serde_json::Value,
+    ) -> anyhow::Result<Output> {
+        let mut conf = self.conf.clone();
+        conf["prevResult"] = prev.clone();
+        let mut cmd = Command::new(&self.bin);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", format!("c-{pod}"))
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &self.cni_path)
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
+            );
+        Ok(output_in(
+            &self.node_ns,
+            cmd,
+            Some(conf.to_string().as_bytes()),
+        )?)
+    }
+
+    /// ADD after aws-cni's `prev`; the chained result.
+    pub fn add(
+        &self,
+        pod: &str,
+        netns: &Path,
+        prev: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let out = self.run("ADD", pod, netns, prev)?;
+        ensure!(
+            out.status.success(),
+            "egress ADD {pod} failed ({}): stdout {} stderr {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("egress ADD {pod}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// DEL.
+    pub fn del(&self, pod: &str, netns: &Path, prev: &serde_json::Value) -> anyhow::Result<()> {
+        let out = self.run("DEL", pod, netns, prev)?;
+        ensure!(
+            out.status.success(),
+            "egress DEL {pod} failed ({}): stdout {} stderr {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+}
+
 impl Plugin {
     /// The plugin `bin` in `node_ns`, talking to ipamd on `socket` (`poolWaitSeconds` 30).
     pub fn new(bin: PathBuf, node_ns: &Netns, socket: PathBuf) -> anyhow::Result<Plugin> {
@@ -540,6 +655,28 @@ impl Plugin {
         ensure!(len == "32", "ADD {pod}: a /32 expected, got {addr}");
         let ip = ip.parse()?;
         Ok(Added { result, ip })
+    }
+
+    /// ADD of a pod in an IPv6 cluster; the result and the pod's address (one /128 expected).
+    pub fn add6(&self, pod: &str, netns: &Path) -> anyhow::Result<Added6> {
+        let out = self.run("ADD", pod, netns, None)?;
+        ensure!(
+            out.status.success(),
+            "ADD {pod} failed ({}): stdout {} stderr {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!("ADD {pod} result: {}", String::from_utf8_lossy(&out.stdout))
+        })?;
+        let ips = result["ips"].as_array().context("result has no ips")?;
+        ensure!(ips.len() == 1, "ADD {pod}: one address expected: {result}");
+        let addr = ips[0]["address"].as_str().context("ips[0].address")?;
+        let (ip, len) = addr.split_once('/').context("address without a length")?;
+        ensure!(len == "128", "ADD {pod}: a /128 expected, got {addr}");
+        let ip = ip.parse()?;
+        Ok(Added6 { result, ip })
     }
 
     /// DEL (with the ADD result as `prevResult` when known); success means exit 0 and no
