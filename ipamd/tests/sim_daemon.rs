@@ -976,6 +976,52 @@ async fn ipv6_mode_serves_pods_from_one_80_and_a_restart_keeps_them() {
             held.retain(|_, v| *v != gone);
         }
     }
+    // Introspection lists the /80 under IPv6Cidrs with the pods' addresses; the metrics
+    // count the assigned addresses.
+    let intro = d.introspection_addr().expect("introspection address");
+    let body = {
+        let mut s = TcpStream::connect(intro).unwrap();
+        write!(
+            s,
+            "GET /v1/enis HTTP/1.1\r\nHost: {intro}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default()
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).expect("introspection JSON");
+    let eni = v["0"]["ENIs"]
+        .as_object()
+        .and_then(|m| m.values().next())
+        .expect("one ENI")
+        .clone();
+    let cidrs = eni["IPv6Cidrs"].as_object().expect("IPv6Cidrs");
+    assert_eq!(cidrs.keys().collect::<Vec<_>>(), [&prefix.to_string()]);
+    assert_eq!(
+        eni["AvailableIPv4Cidrs"].as_object().map(|m| m.len()),
+        Some(0)
+    );
+    let listed = cidrs[&prefix.to_string()]["IPAddresses"]
+        .as_object()
+        .expect("IPAddresses")
+        .values()
+        .filter(|a| {
+            !a["IPAMKey"]["networkName"]
+                .as_str()
+                .unwrap_or("")
+                .is_empty()
+        })
+        .count();
+    assert_eq!(listed, held.len());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let text = scrape(d.metrics_addr().expect("metrics address"));
+    assert!(
+        text.contains(&format!("awscni_assigned_ip_addresses {}", held.len())),
+        "{text}"
+    );
     let text = std::fs::read_to_string(cfg.checkpoint_path(0)).expect("checkpoint");
     let file: serde_json::Value = serde_json::from_str(&text).expect("JSON");
     let entries = file["allocations"].as_array().expect("allocations");
