@@ -105,6 +105,10 @@ pub trait HostNetwork: Send + Sync {
     /// Names of host links (for checkpoint pruning by veth hash suffix).
     fn link_names(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
 
+    /// Refuses new connections to the chained egress plugin's addresses of `family` (filter
+    /// `FORWARD` reject at position 1, spec 2.7). Idempotent; `true` when the rule was added.
+    fn guard_egress(&self, family: Family) -> impl Future<Output = Result<bool>> + Send;
+
     /// `configureIPRulesForPods` for one allocated pod address: when `from <ip>/32` rules exist,
     /// replaces them all with a single `from <ip>/32 lookup <table>` at 1536, keeping the first
     /// one's table. Returns that table, or `None` when there was no such rule (nothing done).
@@ -280,6 +284,10 @@ impl HostNetwork for NetlinkHostNetwork {
         Ok(self.nl.links().await?.into_iter().map(|l| l.name).collect())
     }
 
+    async fn guard_egress(&self, family: Family) -> Result<bool> {
+        snat::apply_egress_guard(&self.ns, family)
+    }
+
     async fn normalize_pod_rules(&self, ip: Ipv4Addr) -> Result<Option<u32>> {
         let Some(rule) = normalized_from_rule(ip, &self.nl.rules(Family::V4).await?) else {
             return Ok(None);
@@ -306,6 +314,8 @@ pub struct MemoryHost {
     pub rules: Vec<Rule>,
     /// The last SNAT config applied.
     pub snat: Option<SnatConfig>,
+    /// Families whose egress guard rule is in place.
+    pub egress_guards: Vec<Family>,
 }
 
 /// An in-memory [`HostNetwork`] for tests of ipamd: it keeps links, wired ENIs, rules and the
@@ -419,6 +429,15 @@ impl HostNetwork for MemoryHostNetwork {
 
     async fn link_names(&self) -> Result<Vec<String>> {
         Ok(self.lock().0.links.iter().map(|l| l.name.clone()).collect())
+    }
+
+    async fn guard_egress(&self, family: Family) -> Result<bool> {
+        let mut g = self.lock();
+        if g.0.egress_guards.contains(&family) {
+            return Ok(false);
+        }
+        g.0.egress_guards.push(family);
+        Ok(true)
     }
 
     async fn normalize_pod_rules(&self, ip: Ipv4Addr) -> Result<Option<u32>> {

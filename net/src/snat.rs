@@ -706,6 +706,72 @@ pub fn nft_list(ns: &Netns) -> Result<Option<String>> {
         .map(|(ok, out)| ok.then_some(out))
 }
 
+/// Addresses the chained egress plugin gives pods in an IPv6 cluster (spec 2.7).
+pub const EGRESS_V4_RANGE: &str = "169.254.172.0/22";
+/// Addresses the chained egress plugin gives pods in an IPv4 cluster (spec 2.7).
+pub const EGRESS_V6_RANGE: &str = "fd00::ac:00/118";
+/// The comment on the egress guard rule.
+pub const EGRESS_GUARD_COMMENT: &str =
+    "aws-cni: egress-only pod addresses accept no new connections";
+
+/// The filter `FORWARD` rule that refuses new connections to the egress-only addresses of
+/// `family` (spec 2.7: ipamd inserts it at position 1), as `-C`/`-I` arguments after the chain.
+pub fn egress_guard_args(family: crate::types::Family) -> Vec<String> {
+    let range = match family {
+        crate::types::Family::V4 => EGRESS_V4_RANGE,
+        crate::types::Family::V6 => EGRESS_V6_RANGE,
+    };
+    [
+        "-d",
+        range,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "NEW",
+        "-m",
+        "comment",
+        "--comment",
+        EGRESS_GUARD_COMMENT,
+        "-j",
+        "REJECT",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// Inserts the egress guard of `family` at the top of `FORWARD` in `ns` unless it is there
+/// already; `true` when it was added.
+pub fn apply_egress_guard(ns: &Netns, family: crate::types::Family) -> Result<bool> {
+    let rule = egress_guard_args(family);
+    let mut check = vec![
+        "-t".to_string(),
+        "filter".into(),
+        "-C".into(),
+        "FORWARD".into(),
+    ];
+    check.extend(rule.iter().cloned());
+    if iptables_in(ns, family, &check)?.0 {
+        return Ok(false);
+    }
+    let mut insert = vec![
+        "-t".to_string(),
+        "filter".into(),
+        "-I".into(),
+        "FORWARD".into(),
+        "1".into(),
+    ];
+    insert.extend(rule);
+    let (ok, err) = iptables_in(ns, family, &insert)?;
+    if !ok {
+        return Err(crate::NetError::invalid(format!(
+            "{} -I FORWARD 1 (egress guard): {err}",
+            iptables_bin(family)
+        )));
+    }
+    Ok(true)
+}
+
 /// The iptables binary of `family` (`iptables` or `ip6tables`).
 pub fn iptables_bin(family: crate::types::Family) -> &'static str {
     match family {

@@ -382,3 +382,50 @@ async fn pod_rules_are_normalized_after_a_restart() {
         None
     );
 }
+
+#[tokio::test]
+async fn the_egress_guard_rejects_new_connections_to_egress_only_addresses_once_per_family() {
+    if skip_netns_test("the_egress_guard_rejects_new_connections") {
+        return;
+    }
+    let host = TestNetns::new("host").expect("host");
+    let net = NetlinkHostNetwork::new(host.try_clone().expect("dup")).expect("net");
+    // A rule of someone else's first: ours goes above it.
+    for bin in ["iptables", "ip6tables"] {
+        let ok = host
+            .run(|| {
+                Command::new(bin)
+                    .args(["-w", "5", "-A", "FORWARD", "-j", "ACCEPT"])
+                    .status()
+            })
+            .expect("in ns")
+            .expect("spawn");
+        assert!(ok.success(), "{bin} -A FORWARD");
+    }
+    for (family, range, bin) in [
+        (Family::V4, snat::EGRESS_V4_RANGE, "iptables-save"),
+        (Family::V6, "fd00::ac:0/118", "ip6tables-save"),
+    ] {
+        assert!(net.guard_egress(family).await.expect("guard"), "added");
+        assert!(
+            !net.guard_egress(family).await.expect("again"),
+            "already there"
+        );
+        let out = host
+            .run(|| Command::new(bin).args(["-t", "filter"]).output())
+            .expect("in ns")
+            .expect("spawn");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let forward: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("-A FORWARD"))
+            .collect();
+        assert_eq!(forward.len(), 2, "{text}");
+        assert!(
+            forward[0].contains(&format!("-d {range}"))
+                && forward[0].contains("--ctstate NEW")
+                && forward[0].contains("-j REJECT"),
+            "first FORWARD rule is the guard: {text}"
+        );
+    }
+}

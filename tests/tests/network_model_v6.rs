@@ -3,7 +3,8 @@
 //! `aws-cni`, followed by the real `egress-cni` for IPv4 egress, as the reference conflist
 //! chains them.
 //!
-//! For every pod:
+//! Each node's ipamd refuses new connections to the egress-only 169.254.172.0/22 (filter
+//! `FORWARD`). For every pod:
 //! - its address is in the /80 that EC2 (the simulator) holds on its node's primary ENI;
 //! - its own view of its address (`eth0`) is the address ADD returned;
 //! - a pod on the same node and a pod on the other node reach it over IPv6 and are seen with
@@ -186,6 +187,18 @@ fn network_model_ipv6_mode() -> anyhow::Result<()> {
         n.ipamd
             .wait_serving(vpc_cni_e2e::node::START_WAIT)
             .with_context(|| format!("ipamd of {}", n.node.instance_id))?;
+    }
+    for n in &nodes {
+        let filter = vpc_cni_net::snat::iptables_save(&n.ns, "filter")?;
+        ensure!(
+            filter
+                .lines()
+                .any(|l| l.starts_with("-A FORWARD -d 169.254.172.0/22")
+                    && l.contains("--ctstate NEW")
+                    && l.contains("-j REJECT")),
+            "{}: ipamd guards the egress-only addresses:\n{filter}",
+            n.node.instance_id
+        );
     }
     let prefixes: Vec<String> = nodes
         .iter()

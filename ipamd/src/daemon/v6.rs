@@ -6,7 +6,9 @@
 //! and the node's IPv6 address from instance metadata; the primary ENI's /80s from EC2 (the
 //! judge when metadata lags) and metadata; one /80 assigned through `AssignIpv6Addresses`
 //! (`Ipv6PrefixCount=1`) when it has none; the checkpoint restored (its entries carry the
-//! reference's `ipv6` field); then the same servers as IPv4 mode.
+//! reference's `ipv6` field); with host networking, the primary ENI's MTU and the filter
+//! `FORWARD` reject of new connections to the IPv4 egress plugin's addresses; then the same
+//! servers as IPv4 mode.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -231,6 +233,27 @@ async fn start_inner(
     }
     let state = Arc::new(PoolState::new(ds, Box::new(store), clock));
     state.mutate_and_save(|_| ()).await?;
+
+    // Host networking: the primary MTU and the egress guard; no SNAT in IPv6.
+    if let Some(h) = &parts.host {
+        let primary_host = crate::io::host::HostEni {
+            id: eni_id.clone(),
+            mac: primary.mac.clone(),
+            primary_ip: info
+                .primary_ip
+                .or(primary.primary_ip())
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+            subnet_cidr: primary.subnet_cidr,
+            network_card: 0,
+            device_number: 0,
+            is_trunk: false,
+        };
+        let name = h
+            .setup_node_v6(cfg, &primary_host)
+            .await
+            .map_err(DaemonError::Host)?;
+        tracing::info!(primary = %name, "host networking set up (IPv6 mode)");
+    }
 
     // 4. Serving.
     let reporter = Arc::new(Reporter {

@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use vpc_cni_net::host::{EniSpec, HostNetwork};
 use vpc_cni_net::names::route_table_id;
 use vpc_cni_net::snat::{RandomizeSnat as NetRandomize, SnatConfig};
-use vpc_cni_net::{IpCidr, Link, MacAddr, NetError};
+use vpc_cni_net::{Family, IpCidr, Link, MacAddr, NetError};
 
 use crate::config::{Config, RandomizeSnat};
 use crate::types::Ipv4Net;
@@ -191,6 +191,9 @@ pub async fn setup_node<H: HostNetwork>(
         eni: "node".into(),
         source,
     })?;
+    if cfg.enable_v6_egress {
+        guard_egress(h, Family::V6).await?;
+    }
     let mut wired = Vec::new();
     for e in enis.iter().filter(|e| !e.is_primary()) {
         let l = wire_eni(h, e, cfg.eni_mtu).await?;
@@ -200,6 +203,49 @@ pub async fn setup_node<H: HostNetwork>(
         primary_if: link.name,
         wired,
     })
+}
+
+/// The host side of IPv6 mode (spec/cni.md 2.5, 2.7): the primary ENI's MTU, and the filter
+/// `FORWARD` reject of new connections to the IPv4 egress plugin's 169.254.172.0/22. No SNAT
+/// and no per-ENI tables (pods use the main table). Returns the primary interface's name.
+pub async fn setup_node_v6<H: HostNetwork>(
+    h: &H,
+    cfg: &Config,
+    primary: &HostEni,
+) -> Result<String, HostError> {
+    let mac: MacAddr = primary.mac.parse().map_err(|_| HostError::InvalidEni {
+        eni: primary.id.clone(),
+        reason: format!("MAC {:?}", primary.mac),
+    })?;
+    let link = h
+        .setup_primary_eni(mac, cfg.eni_mtu)
+        .await
+        .map_err(|source| HostError::Net {
+            op: "set primary ENI MTU",
+            eni: primary.id.clone(),
+            source,
+        })?;
+    guard_egress(h, Family::V4).await?;
+    Ok(link.name)
+}
+
+/// Inserts the egress guard of `family` (idempotent).
+async fn guard_egress<H: HostNetwork>(h: &H, family: Family) -> Result<(), HostError> {
+    let added = h
+        .guard_egress(family)
+        .await
+        .map_err(|source| HostError::Net {
+            op: "insert the egress guard rule",
+            eni: "node".into(),
+            source,
+        })?;
+    if added {
+        tracing::info!(
+            ?family,
+            "egress-only pod addresses: new connections refused"
+        );
+    }
+    Ok(())
 }
 
 /// After a checkpoint restore: normalises the `from <ip>` rules of every restored pod address
@@ -241,6 +287,8 @@ pub trait NodeHost: Send + Sync {
     async fn unwire(&self, eni: &str, primary_ip: Ipv4Addr) -> Result<usize, HostError>;
     /// [`normalize_pod_rules`].
     async fn normalize_pod_rules(&self, ips: &[Ipv4Addr]) -> Result<usize, HostError>;
+    /// [`setup_node_v6`].
+    async fn setup_node_v6(&self, cfg: &Config, primary: &HostEni) -> Result<String, HostError>;
 }
 
 /// A [`NodeHost`] over a [`HostNetwork`] (netlink in the daemon's namespace, or memory),
@@ -270,6 +318,10 @@ impl<H: HostNetwork + 'static> NodeHost for Host<H> {
 
     async fn normalize_pod_rules(&self, ips: &[Ipv4Addr]) -> Result<usize, HostError> {
         normalize_pod_rules(self.0.as_ref(), ips).await
+    }
+
+    async fn setup_node_v6(&self, cfg: &Config, primary: &HostEni) -> Result<String, HostError> {
+        setup_node_v6(self.0.as_ref(), cfg, primary).await
     }
 }
 
@@ -366,6 +418,66 @@ mod tests {
         assert_eq!(s.veth_prefix, "cali");
         assert!(!s.external_snat);
         s.validate().unwrap();
+    }
+
+    #[tokio::test]
+    async fn ipv6_mode_sets_the_primary_mtu_and_the_ipv4_egress_guard_and_no_snat() {
+        let cfg = Config::for_test(&[
+            ("ENABLE_IPv6", "true"),
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+            ("AWS_VPC_ENI_MTU", "1500"),
+        ])
+        .unwrap();
+        let h = MemoryHostNetwork::new();
+        let primary = eni(0, 0);
+        h.add_link("ens5", primary.mac.parse().unwrap());
+        assert_eq!(setup_node_v6(&h, &cfg, &primary).await.unwrap(), "ens5");
+        // Again at the next start: nothing doubles.
+        setup_node_v6(&h, &cfg, &primary).await.unwrap();
+        let st = h.state();
+        assert!(st.links.iter().all(|l| l.mtu == 1500), "{:?}", st.links);
+        assert_eq!(st.egress_guards, vec![Family::V4]);
+        assert!(st.snat.is_none(), "no SNAT in IPv6 mode");
+        assert!(
+            st.rules.is_empty(),
+            "pods use the main table: {:?}",
+            st.rules
+        );
+    }
+
+    #[tokio::test]
+    async fn ipv6_egress_in_an_ipv4_cluster_guards_the_ula_range() {
+        let cfg = Config::for_test(&[("ENABLE_V6_EGRESS", "true")]).unwrap();
+        let h = MemoryHostNetwork::new();
+        let primary = HostEni {
+            subnet_cidr: "10.0.0.0/24".parse().unwrap(),
+            primary_ip: Ipv4Addr::new(10, 0, 0, 5),
+            ..eni(0, 0)
+        };
+        h.add_link("ens5", primary.mac.parse().unwrap());
+        setup_node(
+            &h,
+            &cfg,
+            &primary,
+            &["10.0.0.0/16".parse().unwrap()],
+            &[primary.clone()],
+        )
+        .await
+        .unwrap();
+        assert_eq!(h.state().egress_guards, vec![Family::V6]);
+        let cfg = Config::for_test(&[]).unwrap();
+        let h = MemoryHostNetwork::new();
+        h.add_link("ens5", primary.mac.parse().unwrap());
+        setup_node(
+            &h,
+            &cfg,
+            &primary,
+            &["10.0.0.0/16".parse().unwrap()],
+            &[primary.clone()],
+        )
+        .await
+        .unwrap();
+        assert!(h.state().egress_guards.is_empty());
     }
 
     #[tokio::test]
