@@ -460,7 +460,7 @@ mod tests {
             &cfg,
             &primary,
             &["10.0.0.0/16".parse().unwrap()],
-            &[primary.clone()],
+            std::slice::from_ref(&primary),
         )
         .await
         .unwrap();
@@ -473,7 +473,7 @@ mod tests {
             &cfg,
             &primary,
             &["10.0.0.0/16".parse().unwrap()],
-            &[primary.clone()],
+            std::slice::from_ref(&primary),
         )
         .await
         .unwrap();
