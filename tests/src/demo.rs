@@ -17,6 +17,17 @@
 //!
 //! Either way the demo checks the addresses against the daemon (its introspection endpoint)
 //! and against EC2 (the simulator's state), and fails with an error when a check does not hold.
+//!
+//! [`Family::V6`] (`--ipv6`) runs an IPv6 cluster instead: ipamd with `ENABLE_IPv6=true`,
+//! `ENABLE_PREFIX_DELEGATION=true`, `ENABLE_IPv4=false` holds one /80 on the primary ENI and
+//! hands out its addresses. In namespace mode both nodes are dual-stack and run ipamd in IPv6
+//! mode; pods on the node are wired by `aws-cni` then `egress-cni` (IPv4 egress through the
+//! node, with the reference `host-local` from `/usr/lib/cni`; without it the IPv4 egress check
+//! is skipped and the summary says so), one peer pod runs on the other node, and UDP probes
+//! check node → pod, other node → pod, pod ↔ pod on one node and across nodes, pod → the
+//! outside IPv6 host (all with sources preserved) and pod → the outside IPv4 host (seen as the
+//! node's primary IPv4 address). In gRPC-only mode the addresses are checked against the /80
+//! that ipamd's introspection and the simulator's admin state show.
 
 use crate::node::ip_in;
 use std::collections::{BTreeMap, BTreeSet};
