@@ -200,6 +200,9 @@ pub struct Options {
     pub instance_type: String,
     /// The cluster's address family.
     pub family: Family,
+    /// Directory of the reference CNI plugins (`host-local` for `egress-cni` in IPv6
+    /// namespace mode; [`CNI_PLUGINS`] by default).
+    pub cni_plugins: PathBuf,
 }
 
 /// Addresses of the pool as ipamd's introspection (`GET /v1/enis`) shows them.
@@ -313,6 +316,9 @@ pub struct Summary {
     pub ec2_ipv6_prefixes: Vec<String>,
     /// What the run could not do and why (a missing optional plugin, say).
     pub notes: Vec<String>,
+    /// IPv6 namespace mode: of [`Summary::pods_took`], the time in `aws-cni` ADD and in
+    /// `egress-cni` ADD (`None` when egress-cni was not chained).
+    pub add_split: Option<(Duration, Option<Duration>)>,
     /// From starting ipamd to gRPC SERVING.
     pub boot: Duration,
     /// The pool once ipamd serves, before any pod.
@@ -389,6 +395,10 @@ impl Summary {
             j["subnet_ipv6"] = serde_json::json!(self.subnet6);
             j["node_ipv6"] = serde_json::json!(self.node_ipv6.map(|a| a.to_string()));
             j["ec2_ipv6_prefixes"] = serde_json::json!(self.ec2_ipv6_prefixes);
+            if let Some((cni, egress)) = self.add_split {
+                j["aws_cni_add_ms"] = serde_json::json!(cni.as_millis() as u64);
+                j["egress_cni_add_ms"] = serde_json::json!(egress.map(|e| e.as_millis() as u64));
+            }
         }
         j
     }
@@ -455,9 +465,17 @@ impl Summary {
             secs(self.boot),
             self.warm_pool.line()
         );
+        let split = match self.add_split {
+            Some((cni, egress)) => format!(
+                " (aws-cni {}{})",
+                secs(cni),
+                egress.map_or_else(String::new, |e| format!(", egress-cni {}", secs(e)))
+            ),
+            None => String::new(),
+        };
         let _ = writeln!(
             s,
-            "pods        {} created in {}:",
+            "pods        {} created in {}{split}:",
             self.pods.len(),
             secs(self.pods_took)
         );
@@ -1043,6 +1061,7 @@ fn run_namespaces(opts: &Options, ipamd_bin: &Path, cni_bin: &Path) -> anyhow::R
             node_ipv6: None,
             ec2_ipv6_prefixes: Vec::new(),
             notes: Vec::new(),
+            add_split: None,
             boot,
             warm_pool,
             pods_took,
@@ -1135,8 +1154,9 @@ fn run_namespaces(opts: &Options, ipamd_bin: &Path, cni_bin: &Path) -> anyhow::R
     Ok(summary)
 }
 
-/// Where the reference plugins are installed (`host-local`, the IPAM of `egress-cni`).
-const CNI_PLUGINS: &str = "/usr/lib/cni";
+/// Where the reference plugins are installed (`host-local`, the IPAM of `egress-cni`): the
+/// default of [`Options::cni_plugins`].
+pub const CNI_PLUGINS: &str = "/usr/lib/cni";
 /// UDP port of the outside hosts' echo listeners.
 const OUTSIDE_PORT: u16 = 7101;
 
@@ -1180,11 +1200,15 @@ fn run_namespaces6(
             .filter(|n| n.starts_with(prefix) && n.contains(&mine))
             .collect()
     };
-    let host_local = Path::new(CNI_PLUGINS).join("host-local").is_file();
+    let plugins_dir = opts
+        .cni_plugins
+        .to_str()
+        .with_context(|| format!("CNI plugin directory {:?}", opts.cni_plugins))?;
+    let host_local = opts.cni_plugins.join("host-local").is_file();
     let mut notes = Vec::new();
     if !host_local {
         notes.push(format!(
-            "the reference host-local plugin is missing from {CNI_PLUGINS}: egress-cni not \
+            "the reference host-local plugin is missing from {plugins_dir}: egress-cni not \
              chained, IPv4 egress SKIPPED"
         ));
     }
@@ -1259,7 +1283,7 @@ fn run_namespaces6(
             Some(crate::node::Egress::v4(
                 egress_bin.to_path_buf(),
                 &ns,
-                CNI_PLUGINS,
+                plugins_dir,
                 node.primary_ip,
                 &tmp.path().join("egress-v4-ipam"),
             )?)
@@ -1268,16 +1292,21 @@ fn run_namespaces6(
         };
         let adding = Instant::now();
         let mut pods = Vec::new();
+        let (mut cni_took, mut egress_took) = (Duration::ZERO, Duration::ZERO);
         for i in 0..opts.pods {
             check_interrupted()?;
             let name = format!("pod-{i}");
             let pod_ns = TestNetns::new("pod")?;
+            let started = Instant::now();
             let added = plugin
                 .add6(&name, pod_ns.path())
                 .with_context(|| tail(&log))?;
+            cni_took += started.elapsed();
             let result = match &egress {
                 Some(e) => {
+                    let started = Instant::now();
                     let chained = e.add(&name, pod_ns.path(), &added.result)?;
+                    egress_took += started.elapsed();
                     ensure!(
                         chained["ips"] == added.result["ips"],
                         "{name}: egress-cni changed the result's ips: {chained}"
@@ -1310,6 +1339,7 @@ fn run_namespaces6(
             node_ipv6: Some(node_ipv6),
             ec2_ipv6_prefixes,
             notes,
+            add_split: Some((cni_took, egress.as_ref().map(|_| egress_took))),
             boot,
             warm_pool,
             pods_took,
@@ -1665,6 +1695,7 @@ fn run_grpc(opts: &Options, ipamd_bin: &Path, why: &str) -> anyhow::Result<Summa
         node_ipv6,
         ec2_ipv6_prefixes,
         notes: Vec::new(),
+        add_split: None,
         boot,
         warm_pool,
         pods_took,

@@ -258,13 +258,23 @@ fn in_prefix((base, len): (Ipv6Addr, u32), ip: Ipv6Addr) -> bool {
 }
 
 /// Runs the IPv6 demo in `mode` (`--ipv6`, or `VPC_CNI_DEMO_IPV6=1` when `via_env`) and
-/// checks its summary's facts.
-fn demo6_summary_holds(mode: &str, expect_mode: &str, via_env: bool) -> anyhow::Result<()> {
+/// checks its summary's facts; `plugins` is the reference plugins' directory it is given
+/// (`None`: its default).
+fn demo6_summary_holds(
+    mode: &str,
+    expect_mode: &str,
+    via_env: bool,
+    plugins: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let json_path = dir.path().join("summary.json");
     let pods = PODS.to_string();
     let json_arg = json_path.display().to_string();
+    let plugins_arg = plugins.map(|p| p.display().to_string());
     let mut args = vec!["--mode", mode, "--pods", &pods, "--json", &json_arg];
+    if let Some(p) = &plugins_arg {
+        args.extend(["--cni-plugins-dir", p.as_str()]);
+    }
     let env: &[(&str, &str)] = if via_env {
         &[("VPC_CNI_DEMO_IPV6", "1")]
     } else {
@@ -401,14 +411,31 @@ fn demo6_summary_holds(mode: &str, expect_mode: &str, via_env: bool) -> anyhow::
         let egress = checks
             .iter()
             .any(|c| c.contains("through egress-cni") && c.contains(&node_ip.to_string()));
-        if std::path::Path::new("/usr/lib/cni/host-local").is_file() {
+        let plugins = plugins.unwrap_or(std::path::Path::new("/usr/lib/cni"));
+        let notes = j["notes"].as_array().context("notes")?;
+        if plugins.join("host-local").is_file() {
             ensure!(egress, "no IPv4 egress check in {checks:?}");
+            ensure!(notes.is_empty(), "{notes:?}");
+            ensure!(j["egress_cni_add_ms"].is_u64(), "{j}");
         } else {
             ensure!(
-                !egress && text.contains("host-local"),
+                !egress,
+                "an IPv4 egress check without host-local: {checks:?}"
+            );
+            ensure!(
+                notes.len() == 1
+                    && notes[0].as_str().is_some_and(|n| {
+                        n.contains("host-local") && n.contains(&plugins.display().to_string())
+                    }),
+                "the summary's note names the missing host-local: {notes:?}"
+            );
+            ensure!(
+                text.contains("IPv4 egress SKIPPED"),
                 "without host-local the summary says egress was skipped:\n{text}"
             );
+            ensure!(j["egress_cni_add_ms"].is_null(), "{j}");
         }
+        ensure!(j["aws_cni_add_ms"].is_u64(), "{j}");
         ensure!(!text.contains("namespaces SKIPPED"), "{text}");
     }
     let left = namespaces_of(run.pid)?;
@@ -418,13 +445,13 @@ fn demo6_summary_holds(mode: &str, expect_mode: &str, via_env: bool) -> anyhow::
 
 #[test]
 fn the_grpc_only_ipv6_demo_hands_out_addresses_of_the_one_80() -> anyhow::Result<()> {
-    demo6_summary_holds("grpc", "grpc", false)
+    demo6_summary_holds("grpc", "grpc", false, None)
 }
 
 #[test]
 fn the_ipv6_demo_is_also_turned_on_by_its_environment_variable() -> anyhow::Result<()> {
     let expect = if can_create_netns() { "netns" } else { "grpc" };
-    demo6_summary_holds("auto", expect, true)
+    demo6_summary_holds("auto", expect, true, None)
 }
 
 #[test]
@@ -432,7 +459,16 @@ fn the_ipv6_namespace_demo_checks_traffic_and_egress() -> anyhow::Result<()> {
     if vpc_cni_net::testing::skip_netns_test("ipv6 namespace demo") {
         return Ok(());
     }
-    demo6_summary_holds("netns", "netns", false)
+    demo6_summary_holds("netns", "netns", false, None)
+}
+
+#[test]
+fn without_host_local_the_ipv6_namespace_demo_skips_egress_and_says_so() -> anyhow::Result<()> {
+    if vpc_cni_net::testing::skip_netns_test("ipv6 namespace demo without host-local") {
+        return Ok(());
+    }
+    let empty = tempfile::tempdir()?;
+    demo6_summary_holds("netns", "netns", false, Some(empty.path()))
 }
 
 #[test]

@@ -38,6 +38,10 @@ struct Args {
     /// VPC_CNI_DEMO_IPV6=1 (or `true`) in the environment.
     #[arg(long)]
     ipv6: bool,
+    /// Directory of the reference CNI plugins (`host-local`, for egress-cni's IPv4 egress in
+    /// the IPv6 namespace demo).
+    #[arg(long, default_value = demo::CNI_PLUGINS)]
+    cni_plugins_dir: PathBuf,
 }
 
 /// `VPC_CNI_DEMO_IPV6`: unset, empty, `0` or `false` is off; `1` or `true` is on.
@@ -74,6 +78,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         mode: args.mode,
         instance_type: args.instance_type,
         family,
+        cni_plugins: args.cni_plugins_dir,
     })?;
     print!("{}", summary.render());
     if let Some(path) = args.json {
