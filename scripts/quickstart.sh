@@ -7,6 +7,9 @@
 #      printed and everything is cleaned up;
 #   2. the subnet calculator: max pods, the workbook's example cluster against what real nodes
 #      do, a day of a fleet under the reference policy and ours, with SVG charts.
+# VPC_CNI_DEMO_IPV6=1 runs the demo as an IPv6 cluster (ipamd with ENABLE_IPv6=true and prefix
+# delegation, pods in the node's /80, IPv4 egress through egress-cni); the demo reads it from
+# the environment, as `vpc-cni-demo --ipv6`.
 # Builds the debug profile: on a fresh 2-core machine it is ready in about ten minutes, where
 # the release profile (QUICKSTART_PROFILE=release) takes about twice as long; the demo and the
 # calculator examples run in seconds either way.
@@ -22,10 +25,10 @@ esac
 target=${CARGO_TARGET_DIR:-target}
 bin="$target/$dir"
 cargo build --profile "$profile" --locked \
-  -p subnet-calc -p ipamd -p vpc-cni-plugin -p vpc-cni-e2e --bins
+  -p subnet-calc -p ipamd -p vpc-cni-plugin -p vpc-cni-egress -p vpc-cni-e2e --bins
 
 echo
-"$bin/vpc-cni-demo" --bin-dir "$bin"
+VPC_CNI_DEMO_IPV6=${VPC_CNI_DEMO_IPV6:-} "$bin/vpc-cni-demo" --bin-dir "$bin"
 
 out=target/quickstart
 mkdir -p "$out"

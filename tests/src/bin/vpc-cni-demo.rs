@@ -3,13 +3,17 @@
 //! Boots a simulated node, lets the real `ipamd` fill its warm pool, creates pods (in network
 //! namespaces through the real `aws-cni` plugin when run as root, as gRPC calls otherwise),
 //! checks them, prints a short summary and cleans everything up, also on error or Ctrl-C.
+//!
+//! `--ipv6` (or `VPC_CNI_DEMO_IPV6=1` in the environment) runs it as an IPv6 cluster: ipamd
+//! with `ENABLE_IPv6=true` and prefix delegation, pods in the /80 of the node's primary ENI,
+//! IPv4 egress through the chained `egress-cni`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use vpc_cni_e2e::demo::{self, Mode, Options};
+use vpc_cni_e2e::demo::{self, Family, Mode, Options};
 
 /// Runs ipamd on a simulated node, creates pods, checks them and prints a summary.
 #[derive(Debug, Parser)]
@@ -30,9 +34,35 @@ struct Args {
     /// Also write the summary as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run an IPv6 cluster (ipamd with ENABLE_IPv6=true and prefix delegation); also on with
+    /// VPC_CNI_DEMO_IPV6=1 (or `true`) in the environment.
+    #[arg(long)]
+    ipv6: bool,
+    /// Directory of the reference CNI plugins (`host-local`, for egress-cni's IPv4 egress in
+    /// the IPv6 namespace demo).
+    #[arg(long, default_value = demo::CNI_PLUGINS)]
+    cni_plugins_dir: PathBuf,
+}
+
+/// `VPC_CNI_DEMO_IPV6`: unset, empty, `0` or `false` is off; `1` or `true` is on.
+fn ipv6_from_env() -> anyhow::Result<bool> {
+    match std::env::var("VPC_CNI_DEMO_IPV6") {
+        Err(std::env::VarError::NotPresent) => Ok(false),
+        Err(e) => anyhow::bail!("VPC_CNI_DEMO_IPV6: {e}"),
+        Ok(v) => match v.to_ascii_lowercase().as_str() {
+            "" | "0" | "false" => Ok(false),
+            "1" | "true" => Ok(true),
+            other => anyhow::bail!("VPC_CNI_DEMO_IPV6: {other:?}: expected 1, true, 0 or false"),
+        },
+    }
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    let family = if args.ipv6 || ipv6_from_env()? {
+        Family::V6
+    } else {
+        Family::V4
+    };
     demo::install_interrupt_handler()?;
     let bin_dir = match args.bin_dir {
         Some(d) => d,
@@ -47,6 +77,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         bin_dir,
         mode: args.mode,
         instance_type: args.instance_type,
+        family,
+        cni_plugins: args.cni_plugins_dir,
     })?;
     print!("{}", summary.render());
     if let Some(path) = args.json {
