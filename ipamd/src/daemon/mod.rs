@@ -642,22 +642,12 @@ pub async fn start_node(cfg: &Config, deps: Deps, parts: NodeParts) -> Result<Da
     }
     let process_start = parts.process_start.unwrap_or_else(Instant::now);
     let metrics = Arc::new(Metrics::new().map_err(|e| serve_err("metrics")(e.to_string()))?);
-    let init_start = Instant::now();
-    let res = start_inner(cfg, deps, parts, metrics.clone()).await;
-    let ok = if res.is_ok() { "true" } else { "false" };
-    metrics
-        .ipamd_node_initialization_duration_seconds
-        .with_label_values(&[ok])
-        .observe(init_start.elapsed().as_secs_f64());
-    let (with_api, reason) = match &res {
-        Ok(d) => (d.with_api_server, ""),
-        Err(_) => (false, "node_initialization"),
-    };
-    metrics
-        .ipamd_startup_duration_seconds
-        .with_label_values(&[ok, if with_api { "true" } else { "false" }, reason])
-        .observe(process_start.elapsed().as_secs_f64());
-    res
+    timed_start(&metrics.clone(), process_start, async move {
+        let d = start_inner(cfg, deps, parts, metrics).await?;
+        let api = d.with_api_server;
+        Ok((d, api))
+    })
+    .await
 }
 
 async fn start_inner(
@@ -819,25 +809,7 @@ async fn start_inner(
     }
 
     // 3. Checkpoint restore with normalisation.
-    let store = FileStore::new(cfg.checkpoint_path(0));
-    let stale = store.remove_stale_temps();
-    if stale > 0 {
-        tracing::info!(
-            files = stale,
-            "removed temporary checkpoint files of a write that was interrupted"
-        );
-    }
-    if let Some(file) = store.read()? {
-        let report = ds
-            .restore(&file, deps.veth_exists.as_ref())
-            .map_err(DaemonError::Restore)?;
-        tracing::info!(
-            restored = report.restored,
-            dropped_stale = report.dropped_stale.len(),
-            dropped_unknown = report.dropped_unknown.len(),
-            "checkpoint restored"
-        );
-    }
+    let store = restore_checkpoint(cfg, &mut ds, &deps.veth_exists)?;
     let restored_ips: Vec<std::net::Ipv4Addr> = ds
         .enis()
         .values()
@@ -1072,6 +1044,63 @@ async fn start_inner(
         tasks,
         with_api_server: k8s.is_some(),
     })
+}
+
+/// Opens the checkpoint (removing a crashed write's temporary files) and restores it over
+/// the ENIs and CIDRs already in `ds`, dropping pods whose host veth is gone.
+fn restore_checkpoint<F: Family>(
+    cfg: &Config,
+    ds: &mut DataStore<F>,
+    veth_exists: &VethCheck,
+) -> Result<FileStore, DaemonError> {
+    let store = FileStore::new(cfg.checkpoint_path(0));
+    let stale = store.remove_stale_temps();
+    if stale > 0 {
+        tracing::info!(
+            files = stale,
+            "removed temporary checkpoint files of a write that was interrupted"
+        );
+    }
+    if let Some(file) = store.read()? {
+        let report = ds
+            .restore(&file, veth_exists.as_ref())
+            .map_err(DaemonError::Restore)?;
+        tracing::info!(
+            restored = report.restored,
+            dropped_stale = report.dropped_stale.len(),
+            dropped_unknown = report.dropped_unknown.len(),
+            "checkpoint restored"
+        );
+    }
+    Ok(store)
+}
+
+/// Runs `start` (a mode's start-up) and records its initialisation and start-up durations;
+/// `start` answers the daemon and whether the Kubernetes API is connected.
+async fn timed_start<D, Fut>(
+    metrics: &Metrics,
+    process_start: Instant,
+    start: Fut,
+) -> Result<D, DaemonError>
+where
+    Fut: std::future::Future<Output = Result<(D, bool), DaemonError>>,
+{
+    let init_start = Instant::now();
+    let res = start.await;
+    let ok = if res.is_ok() { "true" } else { "false" };
+    metrics
+        .ipamd_node_initialization_duration_seconds
+        .with_label_values(&[ok])
+        .observe(init_start.elapsed().as_secs_f64());
+    let (with_api, reason) = match &res {
+        Ok((_, api)) => (*api, ""),
+        Err(_) => (false, "node_initialization"),
+    };
+    metrics
+        .ipamd_startup_duration_seconds
+        .with_label_values(&[ok, if with_api { "true" } else { "false" }, reason])
+        .observe(process_start.elapsed().as_secs_f64());
+    res.map(|(d, _)| d)
 }
 
 /// The servers of every mode, started in the reference's order: gRPC (health SERVING once

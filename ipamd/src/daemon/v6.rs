@@ -18,12 +18,14 @@ use crate::io::ec2::pacer::Pacer;
 use crate::io::imds::ImdsError;
 use crate::serve::grpc::{Backend, ReplySettings};
 use crate::serve::metrics::Metrics;
-use crate::store::checkpoint::{CheckpointStore, FileStore};
 use crate::store::commit::{Clock, PoolState, TokioClock};
 use crate::store::datastore::{DataStore, EniSpec, V6};
 use crate::types::Ipv6Net;
 
-use super::{serve, serve_err, DaemonError, Deps, MeteredEc2, NodeParts, Reporter, Serving};
+use super::{
+    restore_checkpoint, serve, serve_err, timed_start, DaemonError, Deps, MeteredEc2, NodeParts,
+    Reporter, Serving,
+};
 
 /// A started IPv6-mode daemon.
 pub struct DaemonV6 {
@@ -88,24 +90,12 @@ impl DaemonV6 {
 pub async fn start_v6(cfg: &Config, deps: Deps, parts: NodeParts) -> Result<DaemonV6, DaemonError> {
     let process_start = parts.process_start.unwrap_or_else(Instant::now);
     let metrics = Arc::new(Metrics::new().map_err(|e| serve_err("metrics")(e.to_string()))?);
-    let init_start = Instant::now();
-    let res = start_inner(cfg, deps, parts, metrics.clone()).await;
-    let ok = if res.is_ok() { "true" } else { "false" };
-    metrics
-        .ipamd_node_initialization_duration_seconds
-        .with_label_values(&[ok])
-        .observe(init_start.elapsed().as_secs_f64());
-    let with_api = res.as_ref().is_ok_and(|(_, api)| *api);
-    let reason = if res.is_ok() {
-        ""
-    } else {
-        "node_initialization"
-    };
-    metrics
-        .ipamd_startup_duration_seconds
-        .with_label_values(&[ok, if with_api { "true" } else { "false" }, reason])
-        .observe(process_start.elapsed().as_secs_f64());
-    res.map(|(d, _)| d)
+    timed_start(
+        &metrics.clone(),
+        process_start,
+        start_inner(cfg, deps, parts, metrics),
+    )
+    .await
 }
 
 async fn start_inner(
@@ -212,25 +202,7 @@ async fn start_inner(
         })?;
 
     // 3. Checkpoint restore with normalisation.
-    let store = FileStore::new(cfg.checkpoint_path(0));
-    let stale = store.remove_stale_temps();
-    if stale > 0 {
-        tracing::info!(
-            files = stale,
-            "removed temporary checkpoint files of a write that was interrupted"
-        );
-    }
-    if let Some(file) = store.read()? {
-        let report = ds
-            .restore(&file, deps.veth_exists.as_ref())
-            .map_err(DaemonError::Restore)?;
-        tracing::info!(
-            restored = report.restored,
-            dropped_stale = report.dropped_stale.len(),
-            dropped_unknown = report.dropped_unknown.len(),
-            "checkpoint restored"
-        );
-    }
+    let store = restore_checkpoint(cfg, &mut ds, &deps.veth_exists)?;
     let state = Arc::new(PoolState::new(ds, Box::new(store), clock));
     state.mutate_and_save(|_| ()).await?;
 
