@@ -4,8 +4,9 @@
 //! `--conflist-template`, like the reference chart's `cniConfig.fileContents`) carries
 //! `__PLACEHOLDER__` strings that are replaced with the settings, JSON-escaped. The result must
 //! be a conflist (`cniVersion` 0.4.0 or later so that `prevResult` reaches DEL, a `name`, a
-//! non-empty `plugins` list of objects with a `type`); `bandwidth` and `tuning` are then
-//! appended per `ENABLE_BANDWIDTH_PLUGIN` and `DISABLE_POD_V6`.
+//! non-empty `plugins` list of objects with a `type`); the `egress-cni` entry is inserted
+//! after `aws-cni` when the template has none (spec 1.1 item 2, see [`egress_entry`]), and
+//! `bandwidth` and `tuning` are appended per `ENABLE_BANDWIDTH_PLUGIN` and `DISABLE_POD_V6`.
 
 use serde_json::{json, Value};
 
@@ -102,6 +103,56 @@ pub fn validate(value: &Value) -> Result<(), InstallerError> {
     Ok(())
 }
 
+/// The `egress-cni` entry of the conflist (spec 1.1 item 2): in an IPv6 cluster
+/// (`ENABLE_IPv6`) IPv4 egress, enabled by `ENABLE_V4_EGRESS` (default true), `nodeIP` the
+/// node's `local-ipv4`, host-local from `169.254.172.0/22`; in an IPv4 cluster IPv6 egress,
+/// enabled by `ENABLE_V6_EGRESS`, `nodeIP` the node's `ipv6`, host-local from
+/// `fd00::ac:00/118`. Without a node address of that family (instance metadata had none) the
+/// entry is written disabled, as the reference forces it.
+pub fn egress_entry(settings: &Settings) -> Value {
+    let v6_cluster = settings.enable_ipv6;
+    let node_ip = settings
+        .egress_node_ip
+        .filter(|ip| ip.is_ipv4() == v6_cluster);
+    let wanted = if v6_cluster {
+        settings.enable_v4_egress
+    } else {
+        settings.enable_v6_egress
+    };
+    let enabled = wanted && node_ip.is_some();
+    let (subnet, dst, data_dir, log_file) = if v6_cluster {
+        (
+            "169.254.172.0/22",
+            "0.0.0.0/0",
+            "/run/cni/v6pd/egress-v4-ipam",
+            &settings.egress_v4_log_file,
+        )
+    } else {
+        (
+            "fd00::ac:00/118",
+            "::/0",
+            "/run/cni/v4pd/egress-v6-ipam",
+            &settings.egress_v6_log_file,
+        )
+    };
+    json!({
+        "name": "egress-cni",
+        "type": "egress-cni",
+        "mtu": settings.pod_mtu.to_string(),
+        "enabled": enabled.to_string(),
+        "randomizeSNAT": settings.randomize_snat,
+        "nodeIP": node_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{"subnet": subnet}]],
+            "routes": [{"dst": dst}],
+            "dataDir": data_dir,
+        },
+        "pluginLogFile": log_file,
+        "pluginLogLevel": settings.plugin_log_level,
+    })
+}
+
 /// Renders `template` with `settings`: placeholders replaced, validated, optional plugins
 /// appended. Returns the JSON text to install (indented, with a final newline).
 pub fn render(template: &str, settings: &Settings) -> Result<String, InstallerError> {
@@ -113,6 +164,16 @@ pub fn render(template: &str, settings: &Settings) -> Result<String, InstallerEr
         .map_err(|e| InstallerError::Conflist(format!("not JSON: {e}")))?;
     validate(&value)?;
     if let Some(plugins) = value.get_mut("plugins").and_then(Value::as_array_mut) {
+        let has_egress = plugins
+            .iter()
+            .any(|p| p.get("type").and_then(Value::as_str) == Some("egress-cni"));
+        if !has_egress {
+            let at = plugins
+                .iter()
+                .position(|p| p.get("type").and_then(Value::as_str) == Some("aws-cni"))
+                .map_or(0, |i| i + 1);
+            plugins.insert(at, egress_entry(settings));
+        }
         if settings.enable_bandwidth_plugin {
             plugins.push(json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}));
         }
@@ -157,7 +218,7 @@ mod tests {
         assert_eq!(v["cniVersion"], "0.4.0");
         assert_eq!(v["name"], "aws-cni");
         assert_eq!(v["disableCheck"], true);
-        assert_eq!(types(&v), vec!["aws-cni", "portmap"]);
+        assert_eq!(types(&v), vec!["aws-cni", "egress-cni", "portmap"]);
         let aws = &v["plugins"][0];
         assert_eq!(aws["name"], "aws-cni");
         assert_eq!(aws["vethPrefix"], "eni");
@@ -169,9 +230,9 @@ mod tests {
             aws["capabilities"],
             json!({"io.kubernetes.cri.pod-annotations": true})
         );
-        assert_eq!(v["plugins"][1]["snat"], true);
+        assert_eq!(v["plugins"][2]["snat"], true);
         assert_eq!(
-            v["plugins"][1]["capabilities"],
+            v["plugins"][2]["capabilities"],
             json!({"portMappings": true})
         );
     }
@@ -196,16 +257,104 @@ mod tests {
     #[test]
     fn bandwidth_and_tuning_are_chained_after_portmap_when_enabled() {
         let v = rendered(&[("ENABLE_BANDWIDTH_PLUGIN", "true")]);
-        assert_eq!(types(&v), vec!["aws-cni", "portmap", "bandwidth"]);
-        assert_eq!(v["plugins"][2]["capabilities"], json!({"bandwidth": true}));
-        let v = rendered(&[("DISABLE_POD_V6", "true")]);
-        assert_eq!(types(&v), vec!["aws-cni", "portmap", "tuning"]);
         assert_eq!(
-            v["plugins"][2]["sysctl"]["net.ipv6.conf.lo.disable_ipv6"],
+            types(&v),
+            vec!["aws-cni", "egress-cni", "portmap", "bandwidth"]
+        );
+        assert_eq!(v["plugins"][3]["capabilities"], json!({"bandwidth": true}));
+        let v = rendered(&[("DISABLE_POD_V6", "true")]);
+        assert_eq!(
+            types(&v),
+            vec!["aws-cni", "egress-cni", "portmap", "tuning"]
+        );
+        assert_eq!(
+            v["plugins"][3]["sysctl"]["net.ipv6.conf.lo.disable_ipv6"],
             "1"
         );
         let v = rendered(&[("DISABLE_POD_V6", "true"), ("ENABLE_BANDWIDTH_PLUGIN", "1")]);
-        assert_eq!(types(&v), vec!["aws-cni", "portmap", "bandwidth", "tuning"]);
+        assert_eq!(
+            types(&v),
+            vec!["aws-cni", "egress-cni", "portmap", "bandwidth", "tuning"]
+        );
+    }
+
+    fn with_node_ip(vars: &[(&str, &str)], ip: Option<&str>) -> Value {
+        let mut s = Settings::for_test(vars).unwrap();
+        s.egress_node_ip = ip.map(|i| i.parse().unwrap());
+        serde_json::from_str(&render(TEMPLATE, &s).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn an_ipv6_cluster_gets_ipv4_egress_to_the_node_ipv4_by_default() {
+        let v = with_node_ip(&[("ENABLE_IPv6", "true")], Some("10.0.0.10"));
+        assert_eq!(
+            v["plugins"][1],
+            json!({
+                "name": "egress-cni",
+                "type": "egress-cni",
+                "mtu": "9001",
+                "enabled": "true",
+                "randomizeSNAT": "prng",
+                "nodeIP": "10.0.0.10",
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": "169.254.172.0/22"}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": "/run/cni/v6pd/egress-v4-ipam"
+                },
+                "pluginLogFile": "/var/log/aws-routed-eni/egress-v4-plugin.log",
+                "pluginLogLevel": "Debug"
+            })
+        );
+        let v = with_node_ip(
+            &[("ENABLE_IPv6", "true"), ("ENABLE_V4_EGRESS", "false")],
+            Some("10.0.0.10"),
+        );
+        assert_eq!(v["plugins"][1]["enabled"], "false");
+        // A node address of the wrong family is not used.
+        let v = with_node_ip(&[("ENABLE_IPv6", "true")], Some("2001:db8::1"));
+        assert_eq!(v["plugins"][1]["enabled"], "false");
+        assert_eq!(v["plugins"][1]["nodeIP"], "");
+    }
+
+    #[test]
+    fn an_ipv4_cluster_gets_ipv6_egress_only_when_asked_and_the_node_has_ipv6() {
+        let v = with_node_ip(&[], Some("2001:db8::10"));
+        assert_eq!(
+            v["plugins"][1]["enabled"], "false",
+            "ENABLE_V6_EGRESS is off by default"
+        );
+        let on = [
+            ("ENABLE_V6_EGRESS", "true"),
+            ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "none"),
+        ];
+        let v = with_node_ip(&on, Some("2001:db8::10"));
+        let e = &v["plugins"][1];
+        assert_eq!(e["enabled"], "true");
+        assert_eq!(e["nodeIP"], "2001:db8::10");
+        assert_eq!(e["randomizeSNAT"], "none");
+        assert_eq!(e["ipam"]["ranges"][0][0]["subnet"], "fd00::ac:00/118");
+        assert_eq!(e["ipam"]["routes"][0]["dst"], "::/0");
+        assert_eq!(e["ipam"]["dataDir"], "/run/cni/v4pd/egress-v6-ipam");
+        assert_eq!(
+            e["pluginLogFile"],
+            "/var/log/aws-routed-eni/egress-v6-plugin.log"
+        );
+        // Forced off when instance metadata has no IPv6 for the node.
+        let v = with_node_ip(&on, None);
+        assert_eq!(v["plugins"][1]["enabled"], "false");
+    }
+
+    #[test]
+    fn a_template_with_its_own_egress_entry_keeps_it() {
+        let s = Settings::for_test(&[]).unwrap();
+        let t = r#"{"cniVersion":"0.4.0","name":"aws-cni","plugins":[{"type":"aws-cni"},{"type":"egress-cni","enabled":"false"}]}"#;
+        let v: Value = serde_json::from_str(&render(t, &s).unwrap()).unwrap();
+        assert_eq!(types(&v), vec!["aws-cni", "egress-cni"]);
+        assert_eq!(
+            v["plugins"][1],
+            json!({"type": "egress-cni", "enabled": "false"})
+        );
     }
 
     #[test]

@@ -54,11 +54,11 @@ enum Command {
         #[arg(long)]
         skip_sysctls: bool,
     },
-    /// Daemon container entrypoint: install aws-cni, start ipamd, install the conflist once
-    /// ipamd serves, forward SIGTERM, exit with ipamd's status.
+    /// Daemon container entrypoint: install aws-cni and egress-cni, start ipamd, install the
+    /// conflist once ipamd serves, forward SIGTERM, exit with ipamd's status.
     Run {
         /// Plugin binaries to install into the host CNI bin dir.
-        #[arg(long = "plugin", default_value = "/app/aws-cni")]
+        #[arg(long = "plugin", default_values = ["/app/aws-cni", "/app/egress-cni"])]
         plugins: Vec<PathBuf>,
         /// ipamd's gRPC socket [default: $IPAMD_GRPC_SOCKET or /var/run/aws-node/ipamd.sock].
         #[arg(long)]
@@ -178,6 +178,49 @@ fn init(
     Ok(())
 }
 
+/// The node address egress-cni SNATs to, when its conflist entry will be enabled: the
+/// instance metadata's `local-ipv4` in an IPv6 cluster (`ENABLE_V4_EGRESS`), `ipv6` in an
+/// IPv4 cluster (`ENABLE_V6_EGRESS`; none there forces the plugin off, as the reference does).
+fn egress_node_ip(settings: &Settings) -> Result<Option<std::net::IpAddr>, InstallerError> {
+    let (wanted, key) = if settings.enable_ipv6 {
+        (settings.enable_v4_egress, "local-ipv4")
+    } else {
+        (settings.enable_v6_egress, "ipv6")
+    };
+    if !wanted {
+        return Ok(None);
+    }
+    let endpoint = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| node::DEFAULT_IMDS_ENDPOINT.to_owned());
+    let mut attempt = 0;
+    let value = loop {
+        attempt += 1;
+        match node::imds_meta(&endpoint, key, Duration::from_secs(5)) {
+            Ok(v) => break v,
+            Err(e) if attempt < 5 => {
+                eprintln!("vpc-cni-install: {e}; retrying");
+                std::thread::sleep(Duration::from_secs(attempt));
+            }
+            Err(e) if !settings.enable_ipv6 => {
+                eprintln!("vpc-cni-install: {e}; IPv6 egress stays off");
+                break None;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    // `ipv6` may list several addresses, one a line: the first is the primary.
+    let ip = value
+        .as_deref()
+        .and_then(|v| v.lines().next())
+        .and_then(|l| l.trim().parse::<std::net::IpAddr>().ok());
+    if ip.is_none() {
+        eprintln!("vpc-cni-install: instance metadata has no usable {key}; egress-cni is written disabled");
+    }
+    Ok(ip)
+}
+
 fn run(
     plugins: Vec<PathBuf>,
     socket: Option<PathBuf>,
@@ -185,7 +228,8 @@ fn run(
     max_probe_interval_ms: u64,
     command: Vec<OsString>,
 ) -> Result<i32, InstallerError> {
-    let settings = Settings::from_env()?;
+    let mut settings = Settings::from_env()?;
+    settings.egress_node_ip = egress_node_ip(&settings)?;
     let template = match conflist_template {
         Some(path) => std::fs::read_to_string(&path).map_err(|source| InstallerError::Io {
             op: "read",

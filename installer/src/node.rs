@@ -156,6 +156,35 @@ pub fn imds_mac(endpoint: &str, timeout: Duration) -> Result<MacAddr, InstallerE
         .map_err(|_| InstallerError::Imds(format!("not a MAC address: {:?}", mac.trim())))
 }
 
+/// One instance metadata value, `/latest/meta-data/<key>` (IMDSv2: a session token first).
+/// `Ok(None)` when the service answers 404 (e.g. `ipv6` on an instance without IPv6).
+pub fn imds_meta(
+    endpoint: &str,
+    key: &str,
+    timeout: Duration,
+) -> Result<Option<String>, InstallerError> {
+    let host = endpoint
+        .strip_prefix("http://")
+        .ok_or_else(|| InstallerError::Imds(format!("endpoint {endpoint:?} is not http://")))?
+        .trim_end_matches('/');
+    let token = http(
+        host,
+        "PUT",
+        "/latest/api/token",
+        "X-aws-ec2-metadata-token-ttl-seconds: 60",
+        timeout,
+    )?;
+    let header = format!("X-aws-ec2-metadata-token: {}", token.trim());
+    let path = format!("/latest/meta-data/{key}");
+    match http_status(host, "GET", &path, &header, timeout)? {
+        (200, body) => Ok(Some(body.trim().to_owned())),
+        (404, _) => Ok(None),
+        (status, _) => Err(InstallerError::Imds(format!(
+            "GET {path}: HTTP status {status}"
+        ))),
+    }
+}
+
 /// One HTTP/1.1 request with `Connection: close`; the body of a 200 answer.
 fn http(
     host: &str,
@@ -164,6 +193,22 @@ fn http(
     header: &str,
     timeout: Duration,
 ) -> Result<String, InstallerError> {
+    match http_status(host, method, path, header, timeout)? {
+        (200, body) => Ok(body),
+        (status, _) => Err(InstallerError::Imds(format!(
+            "{method} {path}: HTTP status {status}"
+        ))),
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`: the status code and the body.
+fn http_status(
+    host: &str,
+    method: &str,
+    path: &str,
+    header: &str,
+    timeout: Duration,
+) -> Result<(u16, String), InstallerError> {
     let err = |e: std::io::Error| InstallerError::Imds(format!("{method} {path}: {e}"));
     let addr = host
         .to_socket_addrs()
@@ -184,13 +229,12 @@ fn http(
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| InstallerError::Imds(format!("{method} {path}: truncated answer")))?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    if status != "200" {
-        return Err(InstallerError::Imds(format!(
-            "{method} {path}: HTTP status {status}"
-        )));
-    }
-    Ok(body.to_owned())
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| InstallerError::Imds(format!("{method} {path}: no HTTP status")))?;
+    Ok((status, body.to_owned()))
 }
 
 #[cfg(test)]
@@ -313,6 +357,31 @@ mod tests {
             seen[1]
         );
         assert!(seen[1].contains("X-aws-ec2-metadata-token: token\r\n"));
+    }
+
+    #[test]
+    fn imds_meta_answers_values_and_none_for_404() {
+        let (endpoint, server) = fake_imds(vec![
+            "HTTP/1.1 200 OK\r\n\r\nt",
+            "HTTP/1.1 200 OK\r\n\r\n10.0.0.10\n",
+            "HTTP/1.1 200 OK\r\n\r\nt",
+            "HTTP/1.1 404 Not Found\r\n\r\n",
+            "HTTP/1.1 200 OK\r\n\r\nt",
+            "HTTP/1.1 500 Oops\r\n\r\n",
+        ]);
+        let t = Duration::from_secs(5);
+        assert_eq!(
+            imds_meta(&endpoint, "local-ipv4", t).unwrap().as_deref(),
+            Some("10.0.0.10")
+        );
+        assert_eq!(imds_meta(&endpoint, "ipv6", t).unwrap(), None);
+        assert!(imds_meta(&endpoint, "ipv6", t)
+            .unwrap_err()
+            .to_string()
+            .contains("500"));
+        let seen = server.join().unwrap();
+        assert!(seen[1].starts_with("GET /latest/meta-data/local-ipv4 "));
+        assert!(seen[3].starts_with("GET /latest/meta-data/ipv6 "));
     }
 
     #[test]

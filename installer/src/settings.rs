@@ -23,6 +23,10 @@ pub const DEFAULT_PLUGIN_LOG_FILE: &str = "/var/log/aws-routed-eni/plugin.log";
 pub const DEFAULT_PLUGIN_LOG_LEVEL: &str = "Debug";
 /// Default ENI and pod MTU.
 pub const DEFAULT_MTU: u32 = 9001;
+/// Default log file of the IPv4-egress plugin (IPv6 clusters).
+pub const DEFAULT_EGRESS_V4_LOG_FILE: &str = "/var/log/aws-routed-eni/egress-v4-plugin.log";
+/// Default log file of the IPv6-egress plugin (IPv4 clusters).
+pub const DEFAULT_EGRESS_V6_LOG_FILE: &str = "/var/log/aws-routed-eni/egress-v6-plugin.log";
 
 /// The validated settings of the daemon container's entrypoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +47,21 @@ pub struct Settings {
     pub disable_pod_v6: bool,
     /// `ENABLE_IPv6`.
     pub enable_ipv6: bool,
+    /// `ENABLE_V4_EGRESS` (IPv6 clusters; default true): egress-cni gives pods IPv4 egress.
+    pub enable_v4_egress: bool,
+    /// `ENABLE_V6_EGRESS` (IPv4 clusters; default false): egress-cni gives pods IPv6 egress.
+    pub enable_v6_egress: bool,
+    /// `AWS_VPC_K8S_CNI_RANDOMIZESNAT` (`prng`, `hashrandom`, `none`): egress-cni's
+    /// `randomizeSNAT`.
+    pub randomize_snat: String,
+    /// `AWS_VPC_K8S_EGRESS_V4_PLUGIN_LOG_FILE`.
+    pub egress_v4_log_file: String,
+    /// `AWS_VPC_K8S_EGRESS_V6_PLUGIN_LOG_FILE`.
+    pub egress_v6_log_file: String,
+    /// The node's primary address of the egress family (`local-ipv4` in an IPv6 cluster,
+    /// `ipv6` in an IPv4 one), from instance metadata; not an environment variable: the
+    /// entrypoint fills it in. Without it egress-cni is written disabled.
+    pub egress_node_ip: Option<std::net::IpAddr>,
     /// `IP_COOLDOWN_PERIOD` in seconds (default 30).
     pub ip_cooldown_period: u64,
     /// `HOST_CNI_BIN_PATH`.
@@ -201,6 +220,36 @@ impl Settings {
             ));
         }
 
+        // Anything but hashrandom or none means prng, as ipamd reads the same variable.
+        let randomize_snat = match env.string("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "prng").as_str() {
+            "hashrandom" => "hashrandom".to_owned(),
+            "none" => "none".to_owned(),
+            _ => "prng".to_owned(),
+        };
+        let mut egress_logs = Vec::new();
+        for (var, default) in [
+            (
+                "AWS_VPC_K8S_EGRESS_V4_PLUGIN_LOG_FILE",
+                DEFAULT_EGRESS_V4_LOG_FILE,
+            ),
+            (
+                "AWS_VPC_K8S_EGRESS_V6_PLUGIN_LOG_FILE",
+                DEFAULT_EGRESS_V6_LOG_FILE,
+            ),
+        ] {
+            let file = env.string(var, default);
+            if file.eq_ignore_ascii_case("stdout") {
+                return Err(bad(
+                    var,
+                    &file,
+                    "stdout carries the CNI protocol; use stderr or a file",
+                ));
+            }
+            egress_logs.push(file);
+        }
+        let egress_v6_log_file = egress_logs.pop().unwrap_or_default();
+        let egress_v4_log_file = egress_logs.pop().unwrap_or_default();
+
         Ok(Settings {
             veth_prefix,
             pod_mtu,
@@ -210,6 +259,12 @@ impl Settings {
             enable_bandwidth_plugin: env.bool("ENABLE_BANDWIDTH_PLUGIN", false)?,
             disable_pod_v6: env.bool("DISABLE_POD_V6", false)?,
             enable_ipv6,
+            enable_v4_egress: env.bool("ENABLE_V4_EGRESS", true)?,
+            enable_v6_egress: env.bool("ENABLE_V6_EGRESS", false)?,
+            randomize_snat,
+            egress_v4_log_file,
+            egress_v6_log_file,
+            egress_node_ip: None,
             ip_cooldown_period,
             host_cni_bin_path: env
                 .string("HOST_CNI_BIN_PATH", DEFAULT_HOST_CNI_BIN_PATH)
@@ -256,6 +311,41 @@ mod tests {
         assert_eq!(
             s.host_cni_confdir_path,
             PathBuf::from("/host/etc/cni/net.d")
+        );
+        assert!(s.enable_v4_egress && !s.enable_v6_egress);
+        assert_eq!(s.randomize_snat, "prng");
+        assert_eq!(
+            s.egress_v4_log_file,
+            "/var/log/aws-routed-eni/egress-v4-plugin.log"
+        );
+        assert_eq!(
+            s.egress_v6_log_file,
+            "/var/log/aws-routed-eni/egress-v6-plugin.log"
+        );
+        assert_eq!(s.egress_node_ip, None);
+    }
+
+    #[test]
+    fn egress_settings_are_read_and_checked() {
+        let s = Settings::for_test(&[
+            ("ENABLE_V4_EGRESS", "false"),
+            ("ENABLE_V6_EGRESS", "true"),
+            ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "hashrandom"),
+            ("AWS_VPC_K8S_EGRESS_V6_PLUGIN_LOG_FILE", "stderr"),
+        ])
+        .unwrap();
+        assert!(!s.enable_v4_egress && s.enable_v6_egress);
+        assert_eq!(s.randomize_snat, "hashrandom");
+        assert_eq!(s.egress_v6_log_file, "stderr");
+        let s = Settings::for_test(&[("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "bogus")]).unwrap();
+        assert_eq!(s.randomize_snat, "prng");
+        assert_eq!(
+            refused_var(&[("AWS_VPC_K8S_EGRESS_V4_PLUGIN_LOG_FILE", "stdout")]),
+            "AWS_VPC_K8S_EGRESS_V4_PLUGIN_LOG_FILE"
+        );
+        assert_eq!(
+            refused_var(&[("ENABLE_V4_EGRESS", "maybe")]),
+            "ENABLE_V4_EGRESS"
         );
     }
 

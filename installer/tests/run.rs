@@ -165,8 +165,12 @@ async fn conflist_is_written_only_after_serving_and_sigterm_is_forwarded() {
     assert_eq!(conf["cniVersion"], "0.4.0");
     assert_eq!(conf["plugins"][0]["vethPrefix"], "abc");
     assert_eq!(conf["plugins"][0]["mtu"], "1500");
-    assert_eq!(conf["plugins"][1]["type"], "portmap");
-    assert_eq!(conf["plugins"][2]["type"], "bandwidth");
+    // The egress-cni entry (disabled: an IPv4 cluster without ENABLE_V6_EGRESS) follows
+    // aws-cni, as in the reference conflist.
+    assert_eq!(conf["plugins"][1]["type"], "egress-cni");
+    assert_eq!(conf["plugins"][1]["enabled"], "false");
+    assert_eq!(conf["plugins"][2]["type"], "portmap");
+    assert_eq!(conf["plugins"][3]["type"], "bandwidth");
 
     sig_tx.send(Signal::SIGTERM).await.expect("send");
     assert_eq!(
@@ -279,7 +283,7 @@ async fn the_binary_forwards_sigterm_and_exits_with_the_daemons_status() {
     tokio::task::block_in_place(|| wait_for_file(&conflist));
     let conf: Value =
         serde_json::from_slice(&std::fs::read(&conflist).expect("read")).expect("json");
-    assert_eq!(conf["plugins"][2]["type"], "tuning");
+    assert_eq!(conf["plugins"][3]["type"], "tuning");
     sigterm(&child);
     let status = tokio::task::block_in_place(|| wait_child(&mut child));
     assert_eq!(status.code(), Some(7));
