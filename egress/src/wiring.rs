@@ -395,13 +395,13 @@ async fn build(
                 .map_err(step("the host route"))?;
         }
         Family::V6 => {
-            wait_for_dad(&pod, cl.index)
+            wait_for_dad(&pod, cl.index, None)
                 .await
                 .map_err(step("DAD of the egress address"))?;
             let ll = host_link_local(host, hl.index)
                 .await
                 .map_err(step("the host link-local address"))?;
-            wait_for_dad(host, hl.index)
+            wait_for_dad(host, hl.index, None)
                 .await
                 .map_err(step("DAD of the host veth"))?;
             for (dst, _) in &spec.ipam.routes {

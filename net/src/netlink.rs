@@ -934,6 +934,20 @@ impl Netlink {
             .map_err(|e| NetError::netlink(format!("add address {cidr} to link {index}"), e))
     }
 
+    /// Adds an address that skips duplicate address detection (`IFA_F_NODAD`): usable at
+    /// once. For IPv6 addresses whose uniqueness is guaranteed elsewhere.
+    pub async fn add_address_nodad(&self, index: u32, cidr: IpCidr, scope: Scope) -> Result<()> {
+        let mut req = self.handle.address().add(index, cidr.addr, cidr.prefix_len);
+        let m = req.message_mut();
+        m.header.scope = address_scope(scope);
+        m.header.flags |= AddressHeaderFlags::Nodad;
+        m.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        req.execute()
+            .await
+            .map_err(|e| NetError::netlink(format!("add address {cidr} to link {index}"), e))
+    }
+
     /// Addresses of link `index` (all links when `None`).
     pub async fn addresses(&self, index: Option<u32>) -> Result<Vec<Address>> {
         self.counted_dump();

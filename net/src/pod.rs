@@ -3,7 +3,7 @@
 //!
 //! Both families: an interface spec ([`PodIfSpec`]) carries an IPv4 or an IPv6 address, and
 //! the wiring follows the family (IPv6: `disable_ipv6=0` on the interface and `lo`, `/128`,
-//! gateway `fe80::(i+1)`, DAD waited for, `inet6` host rule; spec 2.5). [`PodSpec`] is the
+//! gateway `fe80::(i+1)`, the /128 added without DAD, `inet6` host rule; spec 2.5). [`PodSpec`] is the
 //! IPv4-only form older callers build; it converts into a [`PodIfSpec`].
 //!
 //! ADD ([`PodNetwork::setup_pod`]) is transactional: whatever it did is undone when a step
@@ -728,13 +728,21 @@ struct BuiltLink {
     host_mac: MacAddr,
 }
 
-/// Polls the IPv6 addresses of link `index` every [`DAD_POLL`] until none is tentative
-/// (the reference's `WaitForAddressesToBeStable`, [`DAD_TIMEOUT`] at most). An address that
-/// failed DAD ends the wait at once: it will not recover.
-pub async fn wait_for_dad(nl: &Netlink, index: u32) -> Result<()> {
+/// Polls the IPv6 addresses of link `index` (only `only`, when given) every [`DAD_POLL`]
+/// until none is tentative (the reference's `WaitForAddressesToBeStable`, [`DAD_TIMEOUT`] at
+/// most). An address that failed DAD ends the wait at once: it will not recover.
+///
+/// ADD waits for the pod's own address only, which it adds without DAD: the wait then
+/// returns at its first look, and still catches an address the kernel refused. The pod's
+/// link-local, which carries none of its traffic (the gateway's neighbour entry is
+/// permanent), may finish DAD later.
+pub async fn wait_for_dad(nl: &Netlink, index: u32, only: Option<IpCidr>) -> Result<()> {
     let deadline = tokio::time::Instant::now() + DAD_TIMEOUT;
     loop {
-        let unsettled = nl.unsettled_v6_addresses(index).await?;
+        let mut unsettled = nl.unsettled_v6_addresses(index).await?;
+        if let Some(a) = only {
+            unsettled.retain(|(c, _)| c.addr == a.addr);
+        }
         if unsettled.is_empty() {
             return Ok(());
         }
@@ -867,6 +875,9 @@ impl NetlinkPodNetwork {
                 (v6("accept_ra"), "0".into()),
                 (v6("accept_redirects"), "1".into()),
                 (v6("forwarding"), "0".into()),
+                // Its link-local answers the pod's neighbour solicitations as soon as the
+                // link is up (a point-to-point veth: nothing to be duplicate of).
+                (v6("accept_dad"), "0".into()),
             ],
             true,
         )?;
@@ -910,6 +921,11 @@ impl NetlinkPodNetwork {
             sysctl::write_all(
                 pod_ns,
                 &[
+                    // Before IPv6 comes on: a link-local created now skips DAD too.
+                    (
+                        format!("net/ipv6/conf/{}/accept_dad", spec.container_ifname),
+                        "0".into(),
+                    ),
                     (
                         format!("net/ipv6/conf/{}/disable_ipv6", spec.container_ifname),
                         "0".into(),
@@ -937,7 +953,15 @@ impl NetlinkPodNetwork {
             .await?;
 
         self.step(SetupStep::PodAddress)?;
-        pod.add_address(cont.index, ip, Scope::Universe).await?;
+        if family == Family::V6 {
+            // ipamd hands each address of the node's /80 to one pod, and EC2 routes the /80
+            // to this ENI alone: DAD (1 to 2 s per pod in the reference) cannot find a
+            // duplicate, so the address is added usable at once.
+            pod.add_address_nodad(cont.index, ip, Scope::Universe)
+                .await?;
+        } else {
+            pod.add_address(cont.index, ip, Scope::Universe).await?;
+        }
 
         self.step(SetupStep::PodNeighbour)?;
         pod.neighbour_add_permanent(cont.index, gw, host_mac)
@@ -945,7 +969,7 @@ impl NetlinkPodNetwork {
 
         if family == Family::V6 {
             self.step(SetupStep::WaitDad)?;
-            wait_for_dad(pod, cont.index).await?;
+            wait_for_dad(pod, cont.index, Some(ip)).await?;
         }
 
         let (host_route, host_rules) = expected_host_objects(spec, host_link.index);
