@@ -197,6 +197,8 @@ pub struct Config {
     pub enable_v6_egress: bool,
     /// Our pool rules (one setting per improvement).
     pub rules: Rules,
+    /// The demand flavour's settings (`VPC_CNI_POLICY=demand`); `None`: fixed targets.
+    pub demand: Option<subnet_calc::policy::DemandSettings>,
     /// Pool loop period (`VPC_CNI_POOL_TICK`, default 5 s as the reference).
     pub pool_tick: Duration,
     /// Release gate (`VPC_CNI_DECREASE_INTERVAL`, default 30 s).
@@ -391,6 +393,20 @@ pub mod ours {
     pub const PREFIX_FALLBACK: &str = "VPC_CNI_PREFIX_FALLBACK";
     /// `Rules::immediate_top_up`.
     pub const IMMEDIATE_TOP_UP: &str = "VPC_CNI_IMMEDIATE_TOP_UP";
+    /// Demand flavour (`VPC_CNI_POLICY=demand`): how far back requests are remembered.
+    pub const DEMAND_WINDOW: &str = "VPC_CNI_DEMAND_WINDOW";
+    /// Demand flavour: the time EC2 takes to grow the pool.
+    pub const DEMAND_LEAD_TIME: &str = "VPC_CNI_DEMAND_LEAD_TIME";
+    /// Demand flavour: how much of the recent rise in use a growth brings.
+    pub const DEMAND_GROW_BATCH: &str = "VPC_CNI_DEMAND_GROW_BATCH";
+    /// Demand flavour: how long addresses stay unused before they are released.
+    pub const DEMAND_HOLD: &str = "VPC_CNI_DEMAND_HOLD";
+    /// Demand flavour: warm addresses kept with no recent demand.
+    pub const DEMAND_MIN_WARM: &str = "VPC_CNI_DEMAND_MIN_WARM";
+    /// Demand flavour: the fewest addresses one release gives back.
+    pub const DEMAND_MIN_RELEASE: &str = "VPC_CNI_DEMAND_MIN_RELEASE";
+    /// Demand flavour: the fewest addresses one growth asks for.
+    pub const DEMAND_MIN_GROW: &str = "VPC_CNI_DEMAND_MIN_GROW";
 }
 
 impl Config {
@@ -554,16 +570,46 @@ impl Config {
             .map(|v| v.to_ascii_lowercase())
             .as_deref()
         {
-            None | Some("ours") => Rules::OURS,
+            None | Some("ours") | Some("demand") => Rules::OURS,
             Some("reference") => Rules::REFERENCE,
             Some(_) => {
                 return Err(invalid(
                     ours::POLICY,
                     &env.string(ours::POLICY, ""),
-                    "expected ours or reference",
+                    "expected ours, reference or demand",
                 ))
             }
         };
+        // The demand settings are read (and a malformed value refused) whatever the flavour,
+        // so a typo shows before the flavour is switched on.
+        let d = subnet_calc::policy::DemandSettings::default();
+        let settings = subnet_calc::policy::DemandSettings {
+            window: env.duration(ours::DEMAND_WINDOW, d.window)?,
+            lead_time: env.duration(ours::DEMAND_LEAD_TIME, d.lead_time)?,
+            grow_batch: env.duration(ours::DEMAND_GROW_BATCH, d.grow_batch)?,
+            hold: env.duration(ours::DEMAND_HOLD, d.hold)?,
+            min_warm: env.count(ours::DEMAND_MIN_WARM, d.min_warm)?,
+            min_release: env.count(ours::DEMAND_MIN_RELEASE, d.min_release)?,
+            min_grow: env.count(ours::DEMAND_MIN_GROW, d.min_grow)?,
+            // An explicit WARM_ENI_TARGET is a floor like the IP targets.
+            eni_target_is_floor: env.get("WARM_ENI_TARGET").is_some(),
+        };
+        if let Err((field, why)) = settings.validate() {
+            let var = match field {
+                "window" => ours::DEMAND_WINDOW,
+                "lead_time" => ours::DEMAND_LEAD_TIME,
+                "hold" => ours::DEMAND_HOLD,
+                "grow_batch" => ours::DEMAND_GROW_BATCH,
+                _ => ours::POLICY,
+            };
+            return Err(invalid(var, &env.string(var, ""), why));
+        }
+        let demand = (env
+            .get(ours::POLICY)
+            .map(|v| v.to_ascii_lowercase())
+            .as_deref()
+            == Some("demand"))
+        .then_some(settings);
         let rules = Rules {
             exclude_cooling: env.bool(ours::EXCLUDE_COOLDOWN_IPS, preset.exclude_cooling)?,
             stable_shrink: env.bool(ours::STABLE_SHRINK, preset.stable_shrink)?,
@@ -691,6 +737,7 @@ impl Config {
             veth_prefix,
             enable_v6_egress: env.bool("ENABLE_V6_EGRESS", false)?,
             rules,
+            demand,
             pool_tick,
             decrease_interval: env
                 .duration("VPC_CNI_DECREASE_INTERVAL", Duration::from_secs(30))?,
@@ -1150,5 +1197,36 @@ mod tests {
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("-1"), None);
         assert_eq!(parse_duration("1d"), None);
+    }
+}
+
+#[cfg(test)]
+mod demand_tests {
+    use super::*;
+
+    #[test]
+    fn the_demand_flavour_takes_its_settings_and_names_a_bad_one() {
+        let c = Config::for_test(&[
+            (ours::POLICY, "demand"),
+            (ours::DEMAND_HOLD, "15m"),
+            (ours::DEMAND_MIN_WARM, "3"),
+        ])
+        .unwrap();
+        let d = c.demand.expect("demand settings");
+        assert_eq!(d.hold, Duration::from_secs(900));
+        assert_eq!(d.min_warm, 3);
+        assert!(!d.eni_target_is_floor);
+        assert_eq!(c.rules, Rules::OURS);
+        let c = Config::for_test(&[(ours::POLICY, "Demand"), ("WARM_ENI_TARGET", "1")]).unwrap();
+        assert!(c.demand.expect("demand").eni_target_is_floor);
+        assert!(Config::for_test(&[]).unwrap().demand.is_none());
+        let e = Config::for_test(&[(ours::POLICY, "demand"), (ours::DEMAND_WINDOW, "30s")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(ours::DEMAND_WINDOW), "{e}");
+        let e = Config::for_test(&[(ours::POLICY, "demand"), (ours::DEMAND_MIN_GROW, "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(ours::DEMAND_MIN_GROW), "{e}");
     }
 }

@@ -1079,3 +1079,45 @@ async fn ipv6_mode_on_a_subnet_without_ipv6_fails_at_start_naming_the_call() {
     let msg = format!("{e}: {:?}", std::error::Error::source(&e));
     assert!(msg.contains("IPv6 /80"), "{msg}");
 }
+
+/// `VPC_CNI_POLICY=demand` on the simulator: pods served, the planner's request history saved
+/// beside the checkpoint after the ticks, and taken back after a restart (which serves the
+/// pods it kept and grows for new ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demand_flavour_serves_pods_and_keeps_its_history_across_a_restart() {
+    let node = sim("m5.large", SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &node, &[("VPC_CNI_POLICY", "demand")]);
+    assert!(cfg.demand.is_some());
+    let d = start(&cfg, all_veths()).await;
+    let mut c = client(&cfg.grpc_socket).await;
+    let mut held = BTreeSet::new();
+    for i in 0..12 {
+        assert!(held.insert(add_ok(&mut c, &format!("d{i}")).await));
+    }
+    let path = daemon::demand_path(&cfg);
+    wait_until("the demand history on disk", || async {
+        std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<subnet_calc::policy::DemandState>(&b).ok())
+            .is_some_and(|s| {
+                let e = s.estimate(&subnet_calc::policy::DemandSettings::default(), s_now());
+                e.expected_over(Duration::from_secs(600)) >= 1
+            })
+    })
+    .await;
+    d.stop().await;
+    let d = start(&cfg, all_veths()).await;
+    assert_eq!(d.state().lock().assignments().len(), 12);
+    let mut c = client(&cfg.grpc_socket).await;
+    for i in 12..20 {
+        assert!(held.insert(add_ok(&mut c, &format!("d{i}")).await));
+    }
+    d.stop().await;
+}
+
+fn s_now() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+}

@@ -117,6 +117,9 @@ struct Reporter {
     metrics: Arc<Metrics>,
     k8s: Option<K8s>,
     annotate_pod_ip: bool,
+    /// The pool manager, told of every request when the demand flavour runs (set once it
+    /// exists; weak: the manager holds this reporter as its observer).
+    pool: std::sync::OnceLock<std::sync::Weak<PoolManager>>,
 }
 
 impl Reporter {
@@ -183,6 +186,11 @@ impl PoolObserver for Reporter {
 }
 
 impl BackendEvents for Reporter {
+    fn requested(&self, key: &crate::store::datastore::IpamKey, served: bool) {
+        if let Some(p) = self.pool.get().and_then(std::sync::Weak::upgrade) {
+            p.note_request(&format!("{}/{}", key.container_id, key.if_name), served);
+        }
+    }
     fn add_request(&self) {
         self.metrics.add_ip_req_count.inc();
     }
@@ -902,6 +910,7 @@ async fn start_inner(
         metrics: metrics.clone(),
         k8s: k8s.clone(),
         annotate_pod_ip: cfg.annotate_pod_ip,
+        pool: std::sync::OnceLock::new(),
     });
     let mut pool = PoolManager::new(
         state.clone(),
@@ -932,7 +941,42 @@ async fn start_inner(
             link_wait: cfg.eni_link_wait,
         });
     }
+    if let Some(settings) = cfg.demand {
+        let path = demand_path(cfg);
+        let state_now = crate::store::commit::Clock::now(state.clock().as_ref());
+        let (used, times) = {
+            let ds = state.lock();
+            let used = crate::plan::pool::in_use(&crate::plan::pool::PoolView::of(&ds, state_now));
+            let times: Vec<Duration> = ds
+                .enis()
+                .values()
+                .flat_map(|e| e.cidrs.values())
+                .flat_map(|c| c.addresses.values())
+                .filter(|a| a.key.is_some())
+                .map(|a| a.assigned_at)
+                .collect();
+            (used, times)
+        };
+        let saved = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<subnet_calc::policy::DemandState>(&b).ok());
+        let history = match saved {
+            Some(s) => {
+                tracing::info!(path = %path.display(), "demand history restored");
+                s.restore(&settings, state_now, used)
+            }
+            None => {
+                tracing::info!(
+                    pods = times.len(),
+                    "demand history rebuilt from the checkpoint"
+                );
+                subnet_calc::policy::DemandState::rebuild(&settings, state_now, times, used)
+            }
+        };
+        pool = pool.with_demand(settings, history).with_demand_file(path);
+    }
     let pool = Arc::new(pool);
+    let _ = reporter.pool.set(Arc::downgrade(&pool));
     if let Some(n) = &node_k8s {
         pool.set_cordon_paused(n.unschedulable && !cfg.manage_enis_non_schedulable);
     }
@@ -986,7 +1030,13 @@ async fn start_inner(
             region: id.region.clone(),
         },
     )
-    .with_low_check(crate::serve::grpc::pool_is_low(pool_cfg, node_limits))
+    .with_low_check(if cfg.demand.is_some() {
+        // The demand flavour's target lives in the pool manager's planner.
+        let pool = pool.clone();
+        Arc::new(move |_: &PoolState| pool.is_low())
+    } else {
+        crate::serve::grpc::pool_is_low(pool_cfg, node_limits)
+    })
     .with_events(reporter.clone());
     let Serving {
         metrics_addr,
@@ -1044,6 +1094,11 @@ async fn start_inner(
         tasks,
         with_api_server: k8s.is_some(),
     })
+}
+
+/// Where the demand flavour keeps its request history: beside the checkpoint.
+pub fn demand_path(cfg: &Config) -> std::path::PathBuf {
+    cfg.checkpoint_path(0).with_file_name("ipamd-demand.json")
 }
 
 /// Opens the checkpoint (removing a crashed write's temporary files) and restores it over

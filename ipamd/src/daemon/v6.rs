@@ -232,6 +232,7 @@ async fn start_inner(
         metrics: metrics.clone(),
         k8s: parts.k8s.clone(),
         annotate_pod_ip: cfg.annotate_pod_ip,
+        pool: std::sync::OnceLock::new(),
     });
     let backend = Backend::new(
         state.clone(),

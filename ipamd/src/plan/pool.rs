@@ -5,10 +5,12 @@
 //! and nothing here calls EC2 or takes a lock; [`crate::run::pool`] holds a planner and
 //! carries its decisions out.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
-use subnet_calc::policy::{self, Decision, EniView, NodeLimits, PoolConfig, PoolInput};
+use subnet_calc::policy::{
+    self, Decision, Demand, DemandSettings, DemandState, EniView, NodeLimits, PoolConfig, PoolInput,
+};
 
 use crate::store::datastore::DataStore;
 
@@ -76,6 +78,16 @@ struct Memory {
     cooling: VecDeque<(Duration, u32)>,
 }
 
+/// The demand flavour's memory (`VPC_CNI_POLICY=demand`): its settings, the node's request
+/// history, and the pods whose request failed for lack of an address and was not served
+/// since.
+#[derive(Debug, Clone)]
+struct DemandMemory {
+    settings: DemandSettings,
+    state: DemandState,
+    waiting: HashSet<String>,
+}
+
 /// The pool planner of one datastore.
 #[derive(Debug, Clone)]
 pub struct PoolPlanner {
@@ -83,6 +95,7 @@ pub struct PoolPlanner {
     limits: NodeLimits,
     unmanaged_enis: u32,
     memory: Memory,
+    demand: Option<DemandMemory>,
 }
 
 impl PoolPlanner {
@@ -94,6 +107,48 @@ impl PoolPlanner {
             limits,
             unmanaged_enis,
             memory: Memory::default(),
+            demand: None,
+        }
+    }
+
+    /// Sizes the pool from the node's own demand (the calculator's demand flavour), starting
+    /// from `state` (restored from disk or rebuilt from the checkpoint).
+    pub fn with_demand(mut self, settings: DemandSettings, state: DemandState) -> Self {
+        self.demand = Some(DemandMemory {
+            settings,
+            state,
+            waiting: HashSet::new(),
+        });
+        self
+    }
+
+    /// The demand history to save, when the demand flavour runs.
+    pub fn demand_state(&self) -> Option<&DemandState> {
+        self.demand.as_ref().map(|d| &d.state)
+    }
+
+    /// A pod (`key`: its container id and interface) asked for an address at `now`: `served`
+    /// with a fresh assignment, or refused for lack of one. Each pod counts once as a request,
+    /// however often the plugin retries; a refused pod waits until it is served.
+    pub fn requested(&mut self, key: &str, served: bool, now: Duration) {
+        let Some(d) = &mut self.demand else { return };
+        let counted = if served {
+            d.waiting.remove(key)
+        } else {
+            !d.waiting.insert(key.to_owned())
+        };
+        if !counted {
+            d.state.note_requests(&d.settings, now, 1);
+        }
+    }
+
+    fn demand_input<'a>(&'a self, input: &mut PoolInput<'a>) {
+        if let Some(d) = &self.demand {
+            input.demand = Some(Demand {
+                settings: &d.settings,
+                state: &d.state,
+                waiting: u32::try_from(d.waiting.len()).unwrap_or(u32::MAX),
+            });
         }
     }
 
@@ -130,13 +185,22 @@ impl PoolPlanner {
         {
             m.cooling.pop_front();
         }
+        let (last_decrease, last_addresses, last_cidr) = (
+            m.last_decrease,
+            m.last_insufficient_addresses,
+            m.last_insufficient_cidr,
+        );
+        if let Some(d) = &mut self.demand {
+            d.state.observe(&d.settings, now, in_use(view));
+        }
         let mut input = PoolInput::new(&view.enis);
         input.unmanaged_enis = self.unmanaged_enis;
-        input.last_decrease = m.last_decrease;
-        input.last_insufficient_addresses = m.last_insufficient_addresses;
-        input.last_insufficient_cidr = m.last_insufficient_cidr;
+        input.last_decrease = last_decrease;
+        input.last_insufficient_addresses = last_addresses;
+        input.last_insufficient_cidr = last_cidr;
         input.paused = paused;
         input.recent_cooling_peak = self.recent_cooling_peak();
+        self.demand_input(&mut input);
         policy::decide(&self.cfg, &self.limits, &input, now)
     }
 
@@ -146,14 +210,22 @@ impl PoolPlanner {
         input.unmanaged_enis = self.unmanaged_enis;
         input.last_decrease = self.memory.last_decrease;
         input.recent_cooling_peak = self.recent_cooling_peak();
+        self.demand_input(&mut input);
         policy::choose_eni_to_free(&self.cfg, &self.limits, &input, now)
             .and_then(|i| view.eni_ids.get(i))
             .map(String::as_str)
     }
 
-    /// Whether the pool is below its target.
-    pub fn is_low(&self, view: &PoolView) -> bool {
-        is_low(&self.cfg, &self.limits, view)
+    /// Whether the pool is below its target at `now` (the demand flavour's target when it
+    /// runs).
+    pub fn is_low(&self, view: &PoolView, now: Duration) -> bool {
+        if self.demand.is_none() {
+            return is_low(&self.cfg, &self.limits, view);
+        }
+        let mut input = PoolInput::new(&view.enis);
+        input.unmanaged_enis = self.unmanaged_enis;
+        self.demand_input(&mut input);
+        policy::below_target(&self.cfg, &self.limits, &input, now)
     }
 
     /// Addresses or prefixes were released at `now`.
@@ -172,7 +244,82 @@ impl PoolPlanner {
     }
 }
 
+/// Addresses in use in `view`: assigned or cooling (the demand flavour's measure).
+pub fn in_use(view: &PoolView) -> u32 {
+    view.enis.iter().map(|e| e.assigned() + e.cooling()).sum()
+}
+
 /// Whether a pool with these settings and limits is below its target.
 pub fn is_low(cfg: &PoolConfig, limits: &NodeLimits, view: &PoolView) -> bool {
     policy::is_low(cfg, limits, &policy::stats(cfg, &view.enis))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use subnet_calc::limits::Catalog;
+
+    fn planner(demand: bool) -> PoolPlanner {
+        // m5.large: 3 ENIs of 10 addresses.
+        let lim = Catalog::embedded().get("m5.large").expect("m5.large");
+        let cfg = PoolConfig {
+            warm_ip_target: 0,
+            warm_eni_target: 1,
+            ..PoolConfig::default()
+        };
+        let p = PoolPlanner::new(cfg, NodeLimits::new(lim, None, None), 0);
+        if demand {
+            p.with_demand(
+                DemandSettings::default(),
+                DemandState::new(Duration::from_secs(1_000_000)),
+            )
+        } else {
+            p
+        }
+    }
+
+    fn full_eni() -> PoolView {
+        PoolView {
+            eni_ids: vec!["eni-0".into()],
+            enis: vec![EniView {
+                primary: true,
+                ips: 9,
+                ips_assigned: 9,
+                ..EniView::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn a_pod_counts_once_however_often_it_retries_and_waits_until_served() {
+        let mut p = planner(true);
+        let t = Duration::from_secs(1_000_010);
+        for _ in 0..5 {
+            p.requested("c1/eth0", false, t);
+        }
+        assert_eq!(p.demand.as_ref().map(|d| d.waiting.len()), Some(1));
+        p.requested("c1/eth0", true, t);
+        p.requested("c2/eth0", true, t);
+        let d = p.demand.as_ref().expect("demand");
+        assert!(d.waiting.is_empty());
+        let e = d.state.estimate(&d.settings, t);
+        assert!(e.expected_over(Duration::from_secs(60)) >= 1, "{e:?}");
+        // Without the demand flavour nothing is remembered.
+        let mut q = planner(false);
+        q.requested("c1/eth0", false, t);
+        assert!(q.demand_state().is_none());
+    }
+
+    #[test]
+    fn a_full_pool_is_low_for_both_flavours_and_a_decision_records_the_history() {
+        let t = Duration::from_secs(1_000_020);
+        for demand in [false, true] {
+            let mut p = planner(demand);
+            let view = full_eni();
+            assert!(p.is_low(&view, t), "demand {demand}");
+            let d = p.decide(&view, t, false);
+            assert!(d.change.is_some(), "demand {demand}: {d:?}");
+            assert_eq!(d.demand.is_some(), demand);
+        }
+    }
 }

@@ -138,6 +138,7 @@ pub struct PoolManager {
     released: Mutex<BTreeMap<Ipv4Net, Duration>>,
     tick_period: Duration,
     host: Option<PoolHost>,
+    demand_file: Option<std::path::PathBuf>,
     observer: Option<Arc<dyn PoolObserver>>,
     cordon_paused: std::sync::atomic::AtomicBool,
 }
@@ -174,6 +175,7 @@ impl PoolManager {
             released: Mutex::new(BTreeMap::new()),
             tick_period,
             host: None,
+            demand_file: None,
             observer: None,
             cordon_paused: std::sync::atomic::AtomicBool::new(false),
         }
@@ -242,14 +244,63 @@ impl PoolManager {
 
     /// Whether the pool is below target now.
     pub fn is_low(&self) -> bool {
-        let view = self.view(self.state.now());
-        lock(&self.planner).is_low(&view)
+        let now = self.state.now();
+        let view = self.view(now);
+        lock(&self.planner).is_low(&view, now)
+    }
+
+    /// A pod asked for an address (the demand flavour's request history): `served` with a
+    /// fresh assignment, or refused for lack of one. `key` names the pod (container id and
+    /// interface).
+    pub fn note_request(&self, key: &str, served: bool) {
+        let now = self.state.now();
+        lock(&self.planner).requested(key, served, now);
+    }
+
+    /// Runs the demand flavour (`VPC_CNI_POLICY=demand`) from `state`.
+    pub fn with_demand(
+        self,
+        settings: subnet_calc::policy::DemandSettings,
+        state: subnet_calc::policy::DemandState,
+    ) -> Self {
+        {
+            let mut g = lock(&self.planner);
+            *g = g.clone().with_demand(settings, state);
+        }
+        self
+    }
+
+    /// Saves the demand flavour's history to `path` after each tick (a restart restores it;
+    /// without the file the history is rebuilt from the checkpoint).
+    pub fn with_demand_file(mut self, path: std::path::PathBuf) -> Self {
+        self.demand_file = Some(path);
+        self
+    }
+
+    /// Writes the demand history (temporary file and rename: a crash leaves the old one or
+    /// the new one; losing it costs a rebuild, not an address).
+    fn save_demand(&self) {
+        let Some(path) = &self.demand_file else {
+            return;
+        };
+        let Some(json) = lock(&self.planner)
+            .demand_state()
+            .and_then(|s| serde_json::to_vec(s).ok())
+        else {
+            return;
+        };
+        let tmp = path.with_extension("json.tmp");
+        let res = std::fs::write(&tmp, &json).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = res {
+            tracing::warn!(path = %path.display(), error = %e, "demand history not saved");
+        }
     }
 
     /// One tick: decide, execute, then the free-ENI phase.
     pub async fn tick(&self) -> Result<TickOutcome, PoolError> {
         let now = self.state.now();
         let (ids, decision) = self.decide(now);
+        self.save_demand();
         let low = matches!(
             decision.reason,
             Reason::Low | Reason::AtCapacity | Reason::Backoff

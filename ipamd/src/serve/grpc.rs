@@ -51,6 +51,9 @@ pub trait BackendEvents: Send + Sync {
     fn del_request(&self, _reason: &str) {}
     /// An AddNetwork found no free address.
     fn no_available_ip(&self) {}
+    /// The pod `key` asked for an address: `served` with a fresh assignment (an idempotent
+    /// repeat is not reported), or refused for lack of one.
+    fn requested(&self, _key: &IpamKey, _served: bool) {}
     /// An address was assigned to pod `namespace/name`.
     fn assigned(&self, _namespace: &str, _name: &str, _ip: std::net::IpAddr) {}
 }
@@ -167,12 +170,14 @@ impl<F: Family> CniBackend for Backend<F> {
                 tracing::warn!(pod = %r.k8s_pod_name, namespace = %r.k8s_pod_namespace, error = %e, "AddNetwork failed");
                 if matches!(e, StateError::Datastore(DsError::NoAvailableIp)) {
                     self.event(|e| e.no_available_ip());
+                    self.event(|e| e.requested(&key, false));
                     self.state.low.notify_one();
                 }
                 return Ok(Response::new(fail()));
             }
         };
         if a.fresh {
+            self.event(|e| e.requested(&key, true));
             if let Some(check) = &self.low_check {
                 if check(&self.state) {
                     self.state.low.notify_one();
