@@ -6,7 +6,7 @@
 #      when run as root; as gRPC calls otherwise), connectivity is checked, a summary is
 #      printed and everything is cleaned up;
 #   2. the subnet calculator: max pods, the workbook's example cluster against what real nodes
-#      do, a day of a fleet under the reference policy and ours, with SVG charts.
+#      do, a day of a fleet under the reference policy, ours and demand, with SVG charts.
 # VPC_CNI_DEMO_IPV6=1 runs the demo as an IPv6 cluster (ipamd with ENABLE_IPv6=true and prefix
 # delegation, pods in the node's /80, IPv4 egress through egress-cni); the demo reads it from
 # the environment, as `vpc-cni-demo --ipv6`.
@@ -41,7 +41,7 @@ echo
 echo "== the workbook's example cluster: workbook vs what real nodes do"
 "$calc" plan calculator/examples/workbook-cluster.yaml --compare --svg "$out/plan-compare.svg"
 echo
-echo "== a day of a 60-node fleet: reference policy vs ours"
+echo "== a day of a 60-node fleet: reference policy, ours and demand"
 "$calc" simulate calculator/examples/daily-cycle.yaml --compare-policies --rows 8 --svg "$out/day.svg"
 echo
 echo "charts: $out/plan-compare.svg $out/day.svg"
