@@ -526,3 +526,43 @@ fn add_and_del_through_the_driver_among_many_pods_are_exact_and_dump_nothing() {
     assert_eq!(d.net().dump_requests(), 0, "DEL reads no whole table");
     assert_eq!(pod_rules(&host).len(), 2 * 60, "the other pods' rules stay");
 }
+
+#[test]
+fn add_into_a_file_that_is_not_a_namespace_is_refused_before_ipamd_is_asked() {
+    if skip_netns_test("not_a_namespace") {
+        return;
+    }
+    let host = TestNetns::new("host").expect("host ns");
+    let ipamd = TestIpamd::with_pool(Ipv4Addr::new(10, 0, 5, 10), 2, 1, 2);
+    let conf = conf("1.1.0", &ipamd.socket);
+    // A stale path, as a runtime leaves it after unmounting a sandbox: a regular file.
+    let dir = tempfile::tempdir().expect("dir");
+    let stale = dir.path().join("netns-stale");
+    std::fs::write(&stale, b"").expect("file");
+    let r = plugin(
+        &host,
+        &cni_env("ADD", "c1", &stale.display().to_string(), "s-0"),
+        &conf,
+    );
+    assert_eq!(r.code, 1, "{} {}", r.stdout, r.stderr);
+    let err = r.json.expect("error");
+    // skel's rule for a CNI_NETNS that is not a namespace: container unknown (3).
+    assert_eq!(err["code"], 3, "{err}");
+    assert!(
+        err["details"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not a network namespace"),
+        "{err}"
+    );
+    assert!(
+        ipamd.ipam.calls().is_empty(),
+        "ipamd was asked: {:?}",
+        ipamd.ipam.calls()
+    );
+    assert!(
+        host_links(&host).is_empty(),
+        "nothing built: {:?}",
+        host_links(&host)
+    );
+}

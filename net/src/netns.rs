@@ -45,6 +45,23 @@ impl Netns {
             path: path.clone(),
             source,
         })?;
+        // A namespace file lives on nsfs; anything else (a stale bind-mount target, a
+        // regular file) is refused here, before any work is done in its name.
+        let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| NetError::Netns {
+            op: "statfs",
+            path: path.clone(),
+            source: std::io::Error::from(e),
+        })?;
+        if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+            return Err(NetError::Netns {
+                op: "open",
+                path: path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a network namespace (the file is not on nsfs)",
+                ),
+            });
+        }
         Ok(Netns { file, path })
     }
 
