@@ -976,7 +976,11 @@ async fn start_inner(
         pool = pool.with_demand(settings, history).with_demand_file(path);
     }
     let pool = Arc::new(pool);
-    let _ = reporter.pool.set(Arc::downgrade(&pool));
+    if cfg.demand.is_some() {
+        // Only the demand flavour keeps a request history: without it an ADD costs no lock
+        // or allocation here.
+        let _ = reporter.pool.set(Arc::downgrade(&pool));
+    }
     if let Some(n) = &node_k8s {
         pool.set_cordon_paused(n.unschedulable && !cfg.manage_enis_non_schedulable);
     }
