@@ -29,7 +29,7 @@
 //! node's primary IPv4 address). In gRPC-only mode the addresses are checked against the /80
 //! that ipamd's introspection and the simulator's admin state show.
 
-use crate::node::ip_in;
+use crate::node::{ip_in, own_addresses6};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs::File;
@@ -1159,19 +1159,6 @@ fn run_namespaces(opts: &Options, ipamd_bin: &Path, cni_bin: &Path) -> anyhow::R
 pub const CNI_PLUGINS: &str = "/usr/lib/cni";
 /// UDP port of the outside hosts' echo listeners.
 const OUTSIDE_PORT: u16 = 7101;
-
-/// The pod's global IPv6 addresses on `eth0`, as the pod itself sees them.
-fn own_addresses6(ns: &Netns) -> anyhow::Result<Vec<Ipv6Addr>> {
-    let out = ip_in(
-        ns,
-        &["-6", "-o", "addr", "show", "dev", "eth0", "scope", "global"],
-    )?;
-    out.lines()
-        .filter_map(|l| l.split(" inet6 ").nth(1))
-        .filter_map(|r| r.split('/').next())
-        .map(|a| a.parse().with_context(|| format!("address in {out}")))
-        .collect()
-}
 
 /// UDP from `ns` to `dst`: the source address the listener saw.
 fn seen_from(ns: &Netns, dst: SocketAddr, what: &str) -> anyhow::Result<IpAddr> {

@@ -439,6 +439,19 @@ impl Checkpoint {
     }
 }
 
+/// The pod's global IPv6 addresses on `eth0`, as the pod itself sees them.
+pub fn own_addresses6(ns: &Netns) -> anyhow::Result<Vec<std::net::Ipv6Addr>> {
+    let out = ip_in(
+        ns,
+        &["-6", "-o", "addr", "show", "dev", "eth0", "scope", "global"],
+    )?;
+    out.lines()
+        .filter_map(|l| l.split(" inet6 ").nth(1))
+        .filter_map(|r| r.split('/').next())
+        .map(|a| a.parse().with_context(|| format!("address in {out}")))
+        .collect()
+}
+
 /// The `aws-cni` plugin binary as a container runtime runs it: in the node namespace, `CNI_*`
 /// variables, the network configuration on stdin.
 #[derive(Debug)]
@@ -637,28 +650,26 @@ impl Plugin {
 
     /// ADD; the result and the pod's address (one IPv4 /32 expected).
     pub fn add(&self, pod: &str, netns: &Path) -> anyhow::Result<Added> {
-        let out = self.run("ADD", pod, netns, None)?;
-        ensure!(
-            out.status.success(),
-            "ADD {pod} failed ({}): stdout {} stderr {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let result: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!("ADD {pod} result: {}", String::from_utf8_lossy(&out.stdout))
-        })?;
-        let ips = result["ips"].as_array().context("result has no ips")?;
-        ensure!(ips.len() == 1, "ADD {pod}: one address expected: {result}");
-        let addr = ips[0]["address"].as_str().context("ips[0].address")?;
-        let (ip, len) = addr.split_once('/').context("address without a length")?;
-        ensure!(len == "32", "ADD {pod}: a /32 expected, got {addr}");
-        let ip = ip.parse()?;
+        let (result, ip) = self.add_one(pod, netns, "32")?;
         Ok(Added { result, ip })
     }
 
     /// ADD of a pod in an IPv6 cluster; the result and the pod's address (one /128 expected).
     pub fn add6(&self, pod: &str, netns: &Path) -> anyhow::Result<Added6> {
+        let (result, ip) = self.add_one(pod, netns, "128")?;
+        Ok(Added6 { result, ip })
+    }
+
+    /// ADD expecting one address of prefix length `len`: the result and that address.
+    fn add_one<A: std::str::FromStr>(
+        &self,
+        pod: &str,
+        netns: &Path,
+        len: &str,
+    ) -> anyhow::Result<(serde_json::Value, A)>
+    where
+        A::Err: std::error::Error + Send + Sync + 'static,
+    {
         let out = self.run("ADD", pod, netns, None)?;
         ensure!(
             out.status.success(),
@@ -673,10 +684,10 @@ impl Plugin {
         let ips = result["ips"].as_array().context("result has no ips")?;
         ensure!(ips.len() == 1, "ADD {pod}: one address expected: {result}");
         let addr = ips[0]["address"].as_str().context("ips[0].address")?;
-        let (ip, len) = addr.split_once('/').context("address without a length")?;
-        ensure!(len == "128", "ADD {pod}: a /128 expected, got {addr}");
+        let (ip, got) = addr.split_once('/').context("address without a length")?;
+        ensure!(got == len, "ADD {pod}: a /{len} expected, got {addr}");
         let ip = ip.parse()?;
-        Ok(Added6 { result, ip })
+        Ok((result, ip))
     }
 
     /// DEL (with the ADD result as `prevResult` when known); success means exit 0 and no

@@ -29,7 +29,9 @@ use std::path::Path;
 
 use anyhow::{ensure, Context};
 use vpc_cni_e2e::fabric::{OUTSIDE_ADDR, OUTSIDE_ADDR6};
-use vpc_cni_e2e::node::{ip_in, wait_until, workspace_bin, Egress, Ipamd, Plugin, WAIT};
+use vpc_cni_e2e::node::{
+    ip_in, own_addresses6, wait_until, workspace_bin, Egress, Ipamd, Plugin, WAIT,
+};
 use vpc_cni_e2e::probe::{udp_probe_any, ProbeOutcome, UdpListener};
 use vpc_cni_e2e::serve::serve;
 use vpc_cni_e2e::{Node, SimCluster};
@@ -71,19 +73,6 @@ fn seen(from: &Netns, dst: SocketAddr, what: &str) -> Result<IpAddr, String> {
         Ok(other) => Err(format!("{what}: {other:?}")),
         Err(e) => Err(format!("{what}: {e}")),
     }
-}
-
-/// The pod's global IPv6 addresses on `eth0`, as the pod sees them.
-fn own_addresses6(ns: &Netns) -> anyhow::Result<Vec<Ipv6Addr>> {
-    let out = ip_in(
-        ns,
-        &["-6", "-o", "addr", "show", "dev", "eth0", "scope", "global"],
-    )?;
-    out.lines()
-        .filter_map(|l| l.split(" inet6 ").nth(1))
-        .filter_map(|r| r.split('/').next())
-        .map(|a| a.parse().with_context(|| format!("address in {out}")))
-        .collect()
 }
 
 /// The /80s EC2 holds on `instance_id`'s ENIs.
