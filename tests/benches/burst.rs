@@ -24,18 +24,15 @@
 //! (default 110) change the size.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ipamd::config::{Config, SimSettings};
-use ipamd::daemon::{self, Deps, VethCheck};
-use ipamd::io::ec2::aws::{AwsEc2, AwsSettings};
-use ipamd::io::imds::{AwsImds, ImdsSettings};
-use ipamd::io::sim_backend::{self, SimNode, SIM_CREDENTIALS, SIM_REGION};
 use vpc_cni_e2e::demo::add_network_with;
 use vpc_sim::control::LatencyModel;
-use vpc_sim::sim::SimConfig;
+
+#[path = "common/inproc.rs"]
+mod inproc;
+use inproc::percentile;
 
 const INSTANCE_TYPE: &str = "m5.4xlarge";
 /// How long the pool must stay without a mutating call to count as quiet (two default ticks).
@@ -76,78 +73,16 @@ fn env_usize(var: &str, default: usize) -> anyhow::Result<usize> {
     }
 }
 
-/// Mutating EC2 calls (every action but `Describe*`) after sequence number `since`.
-fn mutating_calls(node: &SimNode, since: u64) -> BTreeMap<String, u64> {
-    node.shared.with(|s| {
-        let mut out = BTreeMap::new();
-        for c in s.calls().iter().filter(|c| c.seq > since) {
-            if !c.action.starts_with("Describe") {
-                *out.entry(c.action.clone()).or_insert(0) += 1;
-            }
-        }
-        out
-    })
-}
-
-fn last_seq(node: &SimNode) -> u64 {
-    node.shared
-        .with(|s| s.calls().back().map(|c| c.seq).unwrap_or(0))
-}
-
 async fn one_run(flavour: Flavour, pods: usize, seed: u64) -> anyhow::Result<Sample> {
-    let node = sim_backend::start(
-        &SimSettings {
-            instance_type: INSTANCE_TYPE.into(),
-            vpc_cidr: "10.0.0.0/16".parse().context("VPC CIDR")?,
-            subnet_cidr: "10.0.0.0/18".parse().context("subnet CIDR")?,
-            ipv6: false,
-        },
-        SimConfig {
-            seed,
-            ..SimConfig::default()
-        },
+    let run = inproc::start(
+        INSTANCE_TYPE,
+        "10.0.0.0/18",
+        seed,
+        LatencyModel::realistic(),
+        &[("VPC_CNI_POLICY", flavour.name())],
     )
     .await?;
-    // The set-up (VPC, subnet, instance) is not the node's business: latencies from here on.
-    node.shared
-        .with(|s| s.set_latency(LatencyModel::realistic()));
-    let since = last_seq(&node);
-    let dir = tempfile::tempdir()?;
-    let sock = dir.path().join("ipamd.sock").display().to_string();
-    let store = dir.path().join("ipam.json").display().to_string();
-    let (ec2_url, imds_url) = (node.ec2_url(), node.imds_url());
-    let cfg = Config::for_test(&[
-        ("IPAMD_GRPC_SOCKET", &sock),
-        ("AWS_VPC_K8S_CNI_BACKING_STORE", &store),
-        ("METRICS_BIND_ADDRESS", "127.0.0.1:0"),
-        ("INTROSPECTION_BIND_ADDRESS", "127.0.0.1:0"),
-        ("AWS_EC2_ENDPOINT", &ec2_url),
-        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds_url),
-        ("VPC_CNI_POLICY", flavour.name()),
-    ])?;
-    let imds = AwsImds::new(&ImdsSettings {
-        endpoint: cfg.imds_endpoint.clone(),
-        http_timeout: cfg.http_timeout,
-    })?;
-    let ec2 = AwsEc2::new(&AwsSettings {
-        region: SIM_REGION.into(),
-        endpoint: cfg.ec2_endpoint.clone(),
-        http_timeout: cfg.http_timeout,
-        version: "bench".into(),
-        static_credentials: Some((SIM_CREDENTIALS.0.into(), SIM_CREDENTIALS.1.into())),
-    })
-    .await;
-    let veth: VethCheck = Arc::new(|_: &str, _: &str| true);
-    let d = daemon::start(
-        &cfg,
-        Deps {
-            ec2: Arc::new(ec2),
-            imds: Arc::new(imds),
-            veth_exists: veth,
-        },
-    )
-    .await?;
-    let channel = vpc_cni_rpc::connect_channel(&cfg.grpc_socket, Duration::from_secs(5)).await?;
+    let channel = run.channel().await?;
 
     // The burst.
     let start = Instant::now();
@@ -169,12 +104,12 @@ async fn one_run(flavour: Flavour, pods: usize, seed: u64) -> anyhow::Result<Sam
 
     // Quiet: not low and no mutating call for QUIET.
     let settle_deadline = Instant::now() + SETTLE_WAIT;
-    let mut seen = mutating_calls(&node, since).values().sum::<u64>();
+    let mut seen = run.mutating_calls().values().sum::<u64>();
     let mut quiet_since = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = mutating_calls(&node, since).values().sum::<u64>();
-        if now != seen || d.pool().is_low() {
+        let now = run.mutating_calls().values().sum::<u64>();
+        if now != seen || run.daemon.pool().is_low() {
             seen = now;
             quiet_since = Instant::now();
         }
@@ -185,14 +120,13 @@ async fn one_run(flavour: Flavour, pods: usize, seed: u64) -> anyhow::Result<Sam
             bail!("{} pool not quiet within {SETTLE_WAIT:?}", flavour.name());
         }
     }
-    let mutating_by_action = mutating_calls(&node, since);
+    let mutating_by_action = run.mutating_calls();
     let (idle, enis) = {
-        let ds = d.state().lock();
+        let ds = run.daemon.state().lock();
         let t = ds.totals();
         (t.total.saturating_sub(t.assigned) as u64, t.enis as usize)
     };
-    d.stop().await;
-    node.running.shutdown();
+    run.stop().await;
     Ok(Sample {
         burst,
         mutating: mutating_by_action.values().sum(),
@@ -200,12 +134,6 @@ async fn one_run(flavour: Flavour, pods: usize, seed: u64) -> anyhow::Result<Sam
         idle,
         enis,
     })
-}
-
-/// Nearest-rank percentile of sorted values.
-fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 fn median_f64(sorted: &[f64]) -> f64 {

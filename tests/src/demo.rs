@@ -1516,7 +1516,8 @@ fn run_namespaces6(
     Ok(summary)
 }
 
-fn add_request(pod: &str) -> AddNetworkRequest {
+/// The `AddNetwork` the plugin sends for pod `pod` (container `c-<pod>`, `eth0`).
+pub fn add_request(pod: &str) -> AddNetworkRequest {
     AddNetworkRequest {
         client_version: env!("CARGO_PKG_VERSION").into(),
         k8s_pod_name: pod.into(),
@@ -1529,7 +1530,8 @@ fn add_request(pod: &str) -> AddNetworkRequest {
     }
 }
 
-fn del_request(pod: &str) -> DelNetworkRequest {
+/// The `DelNetwork` the plugin sends when pod `pod` is deleted.
+pub fn del_request(pod: &str) -> DelNetworkRequest {
     DelNetworkRequest {
         client_version: env!("CARGO_PKG_VERSION").into(),
         k8s_pod_name: pod.into(),
