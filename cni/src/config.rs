@@ -232,7 +232,10 @@ fn requires_multi_nic(runtime_config: Option<&Value>) -> bool {
 impl NetConf {
     /// Parses and validates the configuration bytes from stdin.
     pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
-        let raw: RawConf = serde_json::from_slice(bytes).map_err(|source| CniError::Decode {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let raw: RawConf = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| CniError::decode_at("network config", "", e))?;
+        de.end().map_err(|source| CniError::Decode {
             what: "network config",
             source,
         })?;

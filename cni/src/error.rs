@@ -81,6 +81,18 @@ pub enum CniError {
         #[source]
         source: serde_json::Error,
     },
+    /// A field of the network configuration (or of `prevResult`) has the wrong JSON type, or
+    /// the text breaks off or is not UTF-8 inside it.
+    #[error("failed to decode {what}: field {field}")]
+    DecodeField {
+        /// What was being decoded.
+        what: &'static str,
+        /// The field's path (`mtu`, `prevResult.ips[0].interface`).
+        field: String,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The network configuration is valid JSON but has a bad value.
     #[error("invalid network config: {reason}")]
     InvalidConfig {
@@ -200,7 +212,7 @@ impl CniError {
         match self {
             CniError::IncompatibleVersion { .. } => code::INCOMPATIBLE_VERSION,
             CniError::InvalidEnvironment { .. } => code::INVALID_ENVIRONMENT,
-            CniError::Decode { .. } => code::DECODING_FAILURE,
+            CniError::Decode { .. } | CniError::DecodeField { .. } => code::DECODING_FAILURE,
             CniError::InvalidConfig { .. } => code::INVALID_NETWORK_CONFIG,
             CniError::Io { .. } => code::IO_FAILURE,
             CniError::UnknownContainer { .. } => code::UNKNOWN_CONTAINER,
@@ -230,6 +242,37 @@ impl CniError {
             cause = c.source();
         }
         parts.join(": ")
+    }
+
+    /// A decode error of `what`, naming the field where it happened (from its path); one
+    /// at the document's root is a plain [`CniError::Decode`].
+    pub fn decode_at(
+        what: &'static str,
+        prefix: &str,
+        e: serde_path_to_error::Error<serde_json::Error>,
+    ) -> CniError {
+        let path = e.path().to_string();
+        let source = e.into_inner();
+        if path == "." {
+            if prefix.is_empty() {
+                return CniError::Decode { what, source };
+            }
+            return CniError::DecodeField {
+                what,
+                field: prefix.to_string(),
+                source,
+            };
+        }
+        let field = if prefix.is_empty() {
+            path
+        } else {
+            format!("{prefix}.{path}")
+        };
+        CniError::DecodeField {
+            what,
+            field,
+            source,
+        }
     }
 
     pub(crate) fn config(reason: impl Into<String>) -> CniError {

@@ -192,10 +192,8 @@ pub struct PrevResult {
 impl PrevResult {
     /// Parses a raw `prevResult`.
     pub fn parse(v: &Value) -> Result<PrevResult, CniError> {
-        PrevResult::deserialize(v).map_err(|source| CniError::Decode {
-            what: "prevResult",
-            source,
-        })
+        serde_path_to_error::deserialize(v)
+            .map_err(|e| CniError::decode_at("prevResult", "prevResult", e))
     }
 
     /// The dummy entry (the last interface named `dummy…`), if present.

@@ -1,0 +1,59 @@
+//! Every input that made a property of `fuzz.rs` fail, kept as a plain test with the literal
+//! input (issue 14). Each test failed before the fix it names.
+
+use serde_json::json;
+use vpc_cni_plugin::config::NetConf;
+use vpc_cni_plugin::error::CniError;
+use vpc_cni_plugin::result::PrevResult;
+
+fn text(e: &CniError) -> String {
+    format!("{e}: {}", e.details())
+}
+
+fn conf_err(bytes: &[u8]) -> String {
+    text(&NetConf::parse(bytes).expect_err("must be refused"))
+}
+
+/// A field of the wrong JSON type was "failed to decode network config: invalid type: null,
+/// expected a string at line 1 column 143", naming no field.
+#[test]
+fn a_wrongly_typed_config_field_is_named() {
+    let t = conf_err(br#"{"cniVersion": null}"#);
+    assert!(t.contains("field cniVersion"), "{t}");
+    let t = conf_err(br#"{"cniVersion":"1.0.0","name":3}"#);
+    assert!(t.contains("field name"), "{t}");
+    let t = conf_err(br#"{"cniVersion":"1.0.0","name":"n","poolRetryMs":"100"}"#);
+    assert!(t.contains("field poolRetryMs"), "{t}");
+    let t = conf_err(br#"{"cniVersion":"1.0.0","name":"n","cni.dev/valid-attachments":[{"containerID":"c"}]}"#);
+    assert!(t.contains("cni.dev/valid-attachments"), "{t}");
+    // Not UTF-8 inside a string, and a duplicate key.
+    let t = conf_err(b"{\"cniVersion\":\"1.0.0\",\"name\":\"a\xff\"}");
+    assert!(t.contains("field name"), "{t}");
+    let t = conf_err(br#"{"cniVersion":"1.0.0","name":"a","name":"b"}"#);
+    assert!(t.contains("name"), "{t}");
+    // The code stays 6 (decoding failure).
+    assert_eq!(
+        NetConf::parse(br#"{"name":3}"#).expect_err("type").code(),
+        6
+    );
+}
+
+/// An unknown `cniVersion` said "incompatible CNI version "2.0.0": supported versions are …",
+/// without the field's name.
+#[test]
+fn an_unknown_cni_version_names_the_field() {
+    let t = conf_err(br#"{"cniVersion":"2.0.0","name":"n"}"#);
+    assert!(t.contains("cniVersion"), "{t}");
+}
+
+/// A prevResult field of the wrong type was "failed to decode prevResult: invalid type: null,
+/// expected a sequence".
+#[test]
+fn a_wrongly_typed_prev_result_field_is_named() {
+    let e = PrevResult::parse(&json!({"cniVersion": "0.3.0", "interfaces": null}))
+        .expect_err("null interfaces");
+    assert!(text(&e).contains("prevResult.interfaces"), "{}", text(&e));
+    let e = PrevResult::parse(&json!({"ips": [{"interface": -1, "address": "10.0.0.1/32"}]}))
+        .expect_err("negative index");
+    assert!(text(&e).contains("prevResult.ips[0].interface"), "{}", text(&e));
+}
