@@ -1,10 +1,10 @@
 //! Every input that made a property of `fuzz.rs` fail, kept as a plain test with the literal
 //! input (issue 14). Each test failed before the fix it names.
 
-use serde_json::json;
+use serde_json::{json, Value};
 use vpc_cni_plugin::config::NetConf;
 use vpc_cni_plugin::error::CniError;
-use vpc_cni_plugin::result::PrevResult;
+use vpc_cni_plugin::result::{DummyInfo, PrevResult};
 
 fn text(e: &CniError) -> String {
     format!("{e}: {}", e.details())
@@ -56,4 +56,30 @@ fn a_wrongly_typed_prev_result_field_is_named() {
     let e = PrevResult::parse(&json!({"ips": [{"interface": -1, "address": "10.0.0.1/32"}]}))
         .expect_err("negative index");
     assert!(text(&e).contains("prevResult.ips[0].interface"), "{}", text(&e));
+}
+
+fn branch_prev(mac: &str) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [
+            {"name": "enia"},
+            {"name": "eth0", "sandbox": "/x"},
+            {"name": "dummya", "mac": mac}
+        ],
+        "ips": [{"interface": 1, "address": "10.0.0.9/32"}]
+    })
+}
+
+/// A dummy `mac` of "4294967295" made `attachments()` add 100 to u32::MAX: a panic in debug
+/// builds, and table 99 (wrapped) in release, on DEL without ipamd.
+#[test]
+fn a_dummy_mac_past_any_vlan_id_is_not_a_vlan() {
+    let p = PrevResult::parse(&branch_prev("4294967295")).expect("parse");
+    assert_eq!(p.dummy(), Some(DummyInfo::Normal { device_number: 0 }));
+    assert_eq!(p.attachments()[0].route_table, 254, "main, as with no table");
+    let p = PrevResult::parse(&branch_prev("4094")).expect("parse");
+    assert_eq!(p.dummy(), Some(DummyInfo::Branch { vlan_id: 4094 }));
+    assert_eq!(p.attachments()[0].route_table, 4194);
+    let p = PrevResult::parse(&branch_prev("4095")).expect("parse");
+    assert_eq!(p.dummy(), Some(DummyInfo::Normal { device_number: 0 }));
 }
