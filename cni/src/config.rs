@@ -211,6 +211,28 @@ pub fn veth_prefix(p: Option<&str>) -> Result<String, CniError> {
     Ok(p.to_string())
 }
 
+/// The longest unix socket path `connect` takes: `sun_path` is 108 bytes with its NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// A unix socket path field (empty or absent means `default`): refused when it cannot be
+/// connected to at all (too long for `sun_path`, or with a NUL), so that ADD does not spend
+/// its whole pool wait dialling it.
+fn socket_path(field: &str, v: Option<String>, default: &str) -> Result<String, CniError> {
+    let p = v
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| default.to_string());
+    if p.len() > MAX_SOCKET_PATH {
+        return Err(CniError::config(format!(
+            "{field} is {} bytes long; a unix socket path has at most {MAX_SOCKET_PATH}",
+            p.len()
+        )));
+    }
+    if p.contains('\0') {
+        return Err(CniError::config(format!("{field} contains a NUL byte")));
+    }
+    Ok(p)
+}
+
 fn requires_multi_nic(runtime_config: Option<&Value>) -> bool {
     let v = runtime_config
         .and_then(|rc| rc.get(POD_ANNOTATIONS_KEY))
@@ -296,6 +318,16 @@ impl NetConf {
                 )))
             }
         };
+        let ipamd_socket = socket_path(
+            "ipamdSocket",
+            raw.ipamd_socket,
+            vpc_cni_rpc::DEFAULT_SOCKET,
+        )?;
+        let np_agent_socket = socket_path(
+            "npAgentSocket",
+            raw.np_agent_socket,
+            vpc_cni_rpc::NP_AGENT_SOCKET,
+        )?;
         Ok(NetConf {
             cni_version,
             name: raw.name,
@@ -308,14 +340,8 @@ impl NetConf {
             requires_multi_nic: requires_multi_nic(raw.runtime_config.as_ref()),
             prev_result: raw.prev_result.filter(|v| !v.is_null()),
             valid_attachments: raw.valid_attachments,
-            ipamd_socket: raw
-                .ipamd_socket
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| vpc_cni_rpc::DEFAULT_SOCKET.to_string()),
-            np_agent_socket: raw
-                .np_agent_socket
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| vpc_cni_rpc::NP_AGENT_SOCKET.to_string()),
+            ipamd_socket,
+            np_agent_socket,
             connect_timeout,
             pool_wait,
             pool_retry,

@@ -83,3 +83,21 @@ fn a_dummy_mac_past_any_vlan_id_is_not_a_vlan() {
     let p = PrevResult::parse(&branch_prev("4095")).expect("parse");
     assert_eq!(p.dummy(), Some(DummyInfo::Normal { device_number: 0 }));
 }
+
+/// An `ipamdSocket` longer than `sun_path` was accepted: ADD then spent its whole pool wait
+/// (10 s) failing to dial it and answered "try again later".
+#[test]
+fn a_socket_path_that_cannot_be_dialled_is_refused() {
+    for field in ["ipamdSocket", "npAgentSocket"] {
+        let mut c = json!({"cniVersion": "1.0.0", "name": "n"});
+        c[field] = json!(format!("/{}", "x".repeat(107)));
+        let e = NetConf::parse(c.to_string().as_bytes()).expect_err("108 bytes");
+        assert_eq!(e.code(), 7);
+        assert!(text(&e).contains(field), "{}", text(&e));
+        c[field] = json!("/run/a\u{0}b.sock");
+        let e = NetConf::parse(c.to_string().as_bytes()).expect_err("NUL");
+        assert!(text(&e).contains(field), "{}", text(&e));
+        c[field] = json!(format!("/{}", "x".repeat(106)));
+        NetConf::parse(c.to_string().as_bytes()).expect("107 bytes fit");
+    }
+}
