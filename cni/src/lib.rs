@@ -22,6 +22,7 @@ pub mod result;
 pub mod timing;
 pub mod version;
 
+use std::ffi::OsString;
 use std::io::Read;
 
 use serde_json::Value;
@@ -70,6 +71,15 @@ fn fail(version: CniVersion, err: &CniError) -> Output {
         stdout: Some(error_json(version, err).to_string()),
         stderr: None,
         exit_code: 1,
+    }
+}
+
+/// The whole invocation from the process environment as `get_os` reads it (`std::env::var_os`):
+/// a CNI variable that is set but not UTF-8 is refused, naming it; then [`run`].
+pub fn run_os(get_os: &dyn Fn(&str) -> Option<OsString>, stdin: &mut dyn Read) -> Output {
+    match env::utf8_vars(get_os, &env::CNI_VARS) {
+        Ok(vars) => run(&|k| vars.get(k).cloned(), stdin),
+        Err(e) => fail(CniVersion::CURRENT, &e),
     }
 }
 

@@ -511,3 +511,31 @@ proptest! {
         };
     }
 }
+
+proptest! {
+    #![proptest_config(cfg(2000))]
+
+    /// Raw bytes in any CNI variable: accepted exactly when they are UTF-8 (and then unchanged),
+    /// otherwise refused with code 4 naming the variable.
+    #[test]
+    fn cni_environment_raw_bytes(
+        var in prop::sample::select(CNI_VARS.to_vec()),
+        bytes in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        use std::os::unix::ffi::OsStrExt;
+        let raw = std::ffi::OsStr::from_bytes(&bytes).to_owned();
+        let get = |k: &str| (k == var).then(|| raw.clone());
+        match vpc_cni_plugin::env::utf8_vars(&get, &vpc_cni_plugin::env::CNI_VARS) {
+            Ok(vars) => {
+                let s = std::str::from_utf8(&bytes);
+                prop_assert!(s.is_ok());
+                prop_assert_eq!(vars.get(var).map(String::as_str), s.ok());
+            }
+            Err(e) => {
+                prop_assert!(std::str::from_utf8(&bytes).is_err());
+                prop_assert_eq!(e.code(), 4);
+                prop_assert!(text(&e).contains(var), "{}", short(&text(&e)));
+            }
+        }
+    }
+}

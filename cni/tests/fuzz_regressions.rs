@@ -101,3 +101,53 @@ fn a_socket_path_that_cannot_be_dialled_is_refused() {
         NetConf::parse(c.to_string().as_bytes()).expect("107 bytes fit");
     }
 }
+
+/// A CNI variable that was set but not UTF-8 read as unset (`std::env::var(..).ok()`): a DEL
+/// whose `CNI_ARGS` had such bytes went on without the pod's name and answered success.
+#[test]
+fn a_cni_variable_that_is_not_utf8_is_refused_by_name() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("no-ipamd.sock");
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": "aws-cni", "type": "aws-cni",
+        "pluginLogFile": "stderr", "ipamdSocket": socket, "poolWaitSeconds": 0,
+    });
+    let bad = std::ffi::OsStr::from_bytes(b"K8S_POD_NAME=web-\xff;K8S_POD_NAMESPACE=default");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aws-cni"))
+        .env_clear()
+        .env("CNI_COMMAND", "DEL")
+        .env("CNI_CONTAINERID", "c1")
+        .env("CNI_NETNS", "")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env("CNI_ARGS", bad)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.to_string().as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("error json");
+    assert_eq!(v["code"], 4, "{v}");
+    assert!(v["msg"].as_str().expect("msg").contains("CNI_ARGS"), "{v}");
+
+    // The same through the library, for each variable.
+    for var in vpc_cni_plugin::env::CNI_VARS {
+        let get = |k: &str| -> Option<std::ffi::OsString> {
+            (k == var).then(|| std::ffi::OsStr::from_bytes(b"a\xfe").to_owned())
+        };
+        let out = vpc_cni_plugin::run_os(&get, &mut &b"{}"[..]);
+        let v: Value = serde_json::from_str(out.stdout.as_deref().expect("stdout")).expect("json");
+        assert_eq!((out.exit_code, v["code"].as_u64()), (1, Some(4)), "{var}: {v}");
+        assert!(v["msg"].as_str().expect("msg").contains(var), "{var}: {v}");
+    }
+}

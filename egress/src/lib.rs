@@ -18,6 +18,7 @@ pub mod error;
 pub mod ipam;
 pub mod wiring;
 
+use std::ffi::OsString;
 use std::io::Read;
 use std::path::Path;
 
@@ -55,6 +56,15 @@ fn version_hint(bytes: &[u8]) -> String {
         .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string))
         .filter(|v| v.parse::<CniVersion>().is_ok())
         .unwrap_or_else(|| CniVersion::CURRENT.as_str().to_string())
+}
+
+/// Runs one invocation from the process environment as `get_os` reads it
+/// (`std::env::var_os`): a CNI variable that is set but not UTF-8 is refused, naming it.
+pub fn run_os(get_os: &dyn Fn(&str) -> Option<OsString>, stdin: &mut dyn Read) -> Output {
+    match vpc_cni_plugin::env::utf8_vars(get_os, &vpc_cni_plugin::env::CNI_VARS) {
+        Ok(vars) => run(&|k| vars.get(k).cloned(), stdin),
+        Err(e) => fail(CniVersion::CURRENT.as_str(), &EgressError::Cni(e)),
+    }
 }
 
 /// Runs one invocation: `get_env` reads the CNI variables, `stdin` the network config.
