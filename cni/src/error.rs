@@ -206,6 +206,26 @@ pub enum CniError {
     },
 }
 
+/// A decode error's position as a field path (`ipam.type`, `ips[0].interface`), up to the
+/// first segment that has no name (a key that itself failed to decode); `None` at the root.
+pub fn field_path(path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => break,
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 impl CniError {
     /// The CNI error code for this error.
     pub fn code(&self) -> u32 {
@@ -251,9 +271,9 @@ impl CniError {
         prefix: &str,
         e: serde_path_to_error::Error<serde_json::Error>,
     ) -> CniError {
-        let path = e.path().to_string();
+        let path = field_path(e.path()).unwrap_or_default();
         let source = e.into_inner();
-        if path == "." {
+        if path.is_empty() {
             if prefix.is_empty() {
                 return CniError::Decode { what, source };
             }

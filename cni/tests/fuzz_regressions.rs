@@ -151,3 +151,14 @@ fn a_cni_variable_that_is_not_utf8_is_refused_by_name() {
         assert!(v["msg"].as_str().expect("msg").contains(var), "{var}: {v}");
     }
 }
+
+/// A key that itself fails to decode was named "?" ("field ?"); it is the document's (or the
+/// enclosing field's) error.
+#[test]
+fn a_broken_key_is_not_named_question_mark() {
+    let e = NetConf::parse(b"{not json").expect_err("not json");
+    assert_eq!(e.to_string(), "failed to decode network config");
+    let e = NetConf::parse(b"{\"cniVersion\":\"1.0.0\",\"runtimeConfig\":{\"a\xff\":1}}")
+        .expect_err("key not UTF-8");
+    assert!(e.to_string().ends_with("field runtimeConfig"), "{e}");
+}
