@@ -1,0 +1,264 @@
+//! Property-based fuzzing of egress-cni's network config (issue 14): arbitrary bytes and
+//! structured mutations of a valid config of each `cniVersion`, with `prevResult` as the
+//! chained ADD receives it. Each property: no panic, bounded inputs, a rejection names the
+//! field, and an accepted `prevResult` is kept byte for byte (the disabled plugin's
+//! pass-through).
+
+use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
+use serde_json::{json, Map, Value};
+use vpc_cni_egress::config::EgressConf;
+use vpc_cni_egress::error::EgressError;
+
+const VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+fn cfg(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
+        ..ProptestConfig::default()
+    }
+}
+
+const FIELDS: [&str; 12] = [
+    "cniVersion",
+    "name",
+    "type",
+    "enabled",
+    "mtu",
+    "randomizeSNAT",
+    "nodeIP",
+    "ipam",
+    "pluginLogFile",
+    "pluginLogLevel",
+    "prevResult",
+    "unknownField",
+];
+
+fn prev_result(version: &str) -> Value {
+    json!({
+        "cniVersion": version,
+        "interfaces": [
+            {"name": "eni0123456789a"},
+            {"name": "eth0", "mac": "3", "sandbox": "/var/run/netns/p"},
+            {"name": "dummy0123456789a", "mac": "0", "sandbox": "2"}
+        ],
+        "ips": [{"interface": 1, "address": "10.0.1.10/32"}],
+        "dns": {}
+    })
+}
+
+fn valid_conf(version: &str, enabled: bool) -> Map<String, Value> {
+    let v = json!({
+        "cniVersion": version,
+        "name": "aws-cni",
+        "type": "egress-cni",
+        "enabled": if enabled { "true" } else { "false" },
+        "mtu": "9001",
+        "randomizeSNAT": "prng",
+        "nodeIP": "10.0.0.10",
+        "ipam": {"type": "host-local", "ranges": [[{"subnet": "fd00::ac:00/118"}]],
+                 "routes": [{"dst": "::/0"}], "dataDir": "/run/cni/v4pd/egress-v6-ipam"},
+        "pluginLogFile": "/var/log/aws-routed-eni/egress-v6-plugin.log",
+        "pluginLogLevel": "DEBUG",
+        "prevResult": prev_result(version),
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("an object literal"),
+    }
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(300).collect()
+}
+
+fn text(e: &EgressError) -> String {
+    format!("{e}: {}", e.details())
+}
+
+fn any_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        ".{0,24}".prop_map(Value::String),
+        prop_oneof![
+            Just("true"),
+            Just("false"),
+            Just("TRUE"),
+            Just(""),
+            Just("stdout"),
+            Just("none"),
+            Just("hashrandom"),
+            Just("::1"),
+            Just("10.0.0.1"),
+            Just("../x"),
+            Just("host-local"),
+        ]
+        .prop_map(|s| json!(s)),
+    ];
+    leaf.prop_recursive(3, 24, 5, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            prop::collection::btree_map(
+                prop_oneof![Just("type".to_string()), ".{0,6}"],
+                inner,
+                0..5
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+#[derive(Clone, Debug)]
+enum Mutation {
+    Remove,
+    Replace(Value),
+    Huge(usize),
+    Deep(usize),
+    Duplicate(Value),
+    NonUtf8(Vec<u8>),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        Just(Mutation::Remove),
+        any_json().prop_map(Mutation::Replace),
+        (1usize..200_000).prop_map(Mutation::Huge),
+        (1usize..400).prop_map(Mutation::Deep),
+        any_json().prop_map(Mutation::Duplicate),
+        prop::collection::vec(0x80u8..=0xff, 1..8).prop_map(Mutation::NonUtf8),
+    ]
+}
+
+fn splice(conf: &Map<String, Value>, field: &str, raw: &[u8]) -> Vec<u8> {
+    const MARK: &str = "\u{1}SPLICE\u{1}";
+    let mut c = conf.clone();
+    c.insert(field.into(), json!(MARK));
+    let text = serde_json::to_vec(&c).expect("json");
+    let mark = serde_json::to_vec(&json!(MARK)).expect("json");
+    let at = text
+        .windows(mark.len())
+        .position(|w| w == mark.as_slice())
+        .expect("marker");
+    let mut out = text[..at].to_vec();
+    out.extend_from_slice(raw);
+    out.extend_from_slice(&text[at + mark.len()..]);
+    out
+}
+
+fn mutate(conf: &Map<String, Value>, field: &str, m: &Mutation) -> Vec<u8> {
+    let mut c = conf.clone();
+    match m {
+        Mutation::Remove => {
+            c.remove(field);
+            serde_json::to_vec(&c).expect("json")
+        }
+        Mutation::Replace(v) => {
+            c.insert(field.into(), v.clone());
+            serde_json::to_vec(&c).expect("json")
+        }
+        Mutation::Huge(n) => {
+            c.insert(field.into(), json!("x".repeat(*n)));
+            serde_json::to_vec(&c).expect("json")
+        }
+        Mutation::Deep(d) => splice(
+            &c,
+            field,
+            format!("{}1{}", "[".repeat(*d), "]".repeat(*d)).as_bytes(),
+        ),
+        Mutation::Duplicate(v) => {
+            let mut text = serde_json::to_vec(&c).expect("json");
+            text.pop();
+            text.push(b',');
+            text.extend_from_slice(&serde_json::to_vec(&json!(field)).expect("json"));
+            text.push(b':');
+            text.extend_from_slice(&serde_json::to_vec(v).expect("json"));
+            text.push(b'}');
+            text
+        }
+        Mutation::NonUtf8(bytes) => {
+            let mut s = b"\"a".to_vec();
+            s.extend_from_slice(bytes);
+            s.push(b'"');
+            splice(&c, field, &s)
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(cfg(2000))]
+
+    /// Arbitrary bytes: no panic; a rejection is a decode, config or version error.
+    #[test]
+    fn egress_config_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+        if let Err(e) = EgressConf::parse(&bytes) {
+            prop_assert!(matches!(e.code(), 1 | 6 | 7), "{}", short(&text(&e)));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(cfg(1500))]
+
+    /// A valid config (enabled or not) of each version with one field mutated: it parses, with
+    /// a valid result, or the error names that field.
+    #[test]
+    fn egress_config_structured_mutations(
+        version in prop::sample::select(VERSIONS.to_vec()),
+        enabled in any::<bool>(),
+        field in prop::sample::select(FIELDS.to_vec()),
+        m in mutation(),
+    ) {
+        let base = valid_conf(version, enabled);
+        let bytes = mutate(&base, field, &m);
+        match EgressConf::parse(&bytes) {
+            Ok(c) => {
+                prop_assert!(vpc_cni_plugin::env::valid_id(&c.name));
+                prop_assert!((576..=9001).contains(&c.mtu));
+                if c.enabled {
+                    prop_assert!(c.node_ip.is_some());
+                    prop_assert!(!c.ipam_type.is_empty() && !c.ipam_type.contains('/'));
+                }
+                prop_assert_eq!(c.raw.as_slice(), bytes.as_slice());
+            }
+            Err(e) => {
+                let t = text(&e);
+                prop_assert!(field != "unknownField" || matches!(m, Mutation::Deep(_) | Mutation::NonUtf8(_)),
+                    "an unknown field is ignored: {}", short(&t));
+                // A removed nodeIP or ipam is named as nodeIP / ipam.type.
+                prop_assert!(t.contains(field), "the error does not name {field}: {}", short(&t));
+            }
+        }
+    }
+
+    /// The chained ADD's prevResult, in any spacing and key order, is kept byte for byte.
+    #[test]
+    fn egress_prev_result_is_kept_byte_for_byte(
+        version in prop::sample::select(VERSIONS.to_vec()),
+        enabled in any::<bool>(),
+        pad in prop::collection::vec(prop::sample::select(vec![" ", "\n", "\t", "\r\n", ""]), 8),
+        extra in any_json(),
+    ) {
+        let mut prev = prev_result(version);
+        prev["chainedField"] = extra;
+        let compact = serde_json::to_string(&prev).expect("json");
+        // Spaces after every separator, varied.
+        let mut spaced = String::new();
+        for (i, ch) in compact.chars().enumerate() {
+            spaced.push(ch);
+            if matches!(ch, ',' | ':' | '{' | '[') {
+                spaced.push_str(pad[i % pad.len()]);
+            }
+        }
+        // Only a spacing that keeps strings intact (no separator inside a string) is used.
+        prop_assume!(serde_json::from_str::<Value>(&spaced).ok() == Some(prev.clone()));
+        let bytes = splice(&valid_conf(version, enabled), "prevResult", spaced.as_bytes());
+        let c = EgressConf::parse(&bytes).expect("valid");
+        let kept = c.prev_result.expect("prevResult");
+        prop_assert_eq!(kept.get(), spaced.as_str());
+    }
+}
