@@ -272,13 +272,19 @@ impl NetConf {
             )));
         }
         let veth_prefix = veth_prefix(raw.veth_prefix.as_deref())?;
+        // As the reference: only "strict" (or nothing) is strict, anything else is treated as
+        // standard. The mode matters only for branch-ENI pods; refusing an unknown value here
+        // failed every pod of a node whose entrypoint wrote it (it checks the value only with
+        // ENABLE_POD_ENI, as the reference's does).
         let sg_mode = match raw.pod_sg_enforcing_mode.as_deref() {
             None | Some("") | Some("strict") => SgEnforcingMode::Strict,
             Some("standard") => SgEnforcingMode::Standard,
             Some(o) => {
-                return Err(CniError::config(format!(
-                    "podSGEnforcingMode {o:?} is neither \"strict\" nor \"standard\""
-                )))
+                tracing::warn!(
+                    value = o,
+                    "podSGEnforcingMode is neither strict nor standard; branch-ENI pods would be wired as standard"
+                );
+                SgEnforcingMode::Standard
             }
         };
         let log_target = match raw.plugin_log_file.as_deref() {
@@ -458,15 +464,17 @@ mod tests {
     }
 
     #[test]
-    fn sg_mode_accepts_strict_and_standard_only() {
+    fn sg_mode_is_strict_only_when_strict_or_absent() {
         let mut r = reference();
         r["podSGEnforcingMode"] = json!("standard");
         assert_eq!(
             parse(r.clone()).expect("std").sg_mode,
             SgEnforcingMode::Standard
         );
+        // Anything but strict is standard, as the reference reads it (found by fuzzing the
+        // installer: it writes any value when ENABLE_POD_ENI is off, and every pod failed).
         r["podSGEnforcingMode"] = json!("lax");
-        assert_eq!(parse(r).expect_err("lax").code(), 7);
+        assert_eq!(parse(r).expect("lax").sg_mode, SgEnforcingMode::Standard);
     }
 
     #[test]

@@ -162,3 +162,13 @@ fn a_broken_key_is_not_named_question_mark() {
         .expect_err("key not UTF-8");
     assert!(e.to_string().ends_with("field runtimeConfig"), "{e}");
 }
+
+/// Found by fuzzing the installer: it writes any POD_SECURITY_GROUP_ENFORCING_MODE into the
+/// conflist when ENABLE_POD_ENI is off (as the reference entrypoint), and the plugin refused
+/// every pod with code 7 for it. Anything but strict is standard, as the reference reads it.
+#[test]
+fn an_unknown_pod_sg_enforcing_mode_does_not_fail_the_pod() {
+    let c = NetConf::parse(br#"{"cniVersion":"0.4.0","name":"aws-cni","podSGEnforcingMode":"lax"}"#)
+        .expect("accepted");
+    assert_eq!(c.sg_mode, vpc_cni_plugin::config::SgEnforcingMode::Standard);
+}
