@@ -324,11 +324,8 @@ impl NetConf {
                 )))
             }
         };
-        let ipamd_socket = socket_path(
-            "ipamdSocket",
-            raw.ipamd_socket,
-            vpc_cni_rpc::DEFAULT_SOCKET,
-        )?;
+        let ipamd_socket =
+            socket_path("ipamdSocket", raw.ipamd_socket, vpc_cni_rpc::DEFAULT_SOCKET)?;
         let np_agent_socket = socket_path(
             "npAgentSocket",
             raw.np_agent_socket,

@@ -170,10 +170,12 @@ pub fn utf8_vars(
     let mut out = BTreeMap::new();
     for &var in vars {
         if let Some(v) = get_os(var) {
-            let v = v.into_string().map_err(|raw| CniError::InvalidEnvironment {
-                var,
-                reason: format!("{} is not UTF-8", raw.to_string_lossy()),
-            })?;
+            let v = v
+                .into_string()
+                .map_err(|raw| CniError::InvalidEnvironment {
+                    var,
+                    reason: format!("{} is not UTF-8", raw.to_string_lossy()),
+                })?;
             out.insert(var, v);
         }
     }

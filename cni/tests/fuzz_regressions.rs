@@ -24,7 +24,9 @@ fn a_wrongly_typed_config_field_is_named() {
     assert!(t.contains("field name"), "{t}");
     let t = conf_err(br#"{"cniVersion":"1.0.0","name":"n","poolRetryMs":"100"}"#);
     assert!(t.contains("field poolRetryMs"), "{t}");
-    let t = conf_err(br#"{"cniVersion":"1.0.0","name":"n","cni.dev/valid-attachments":[{"containerID":"c"}]}"#);
+    let t = conf_err(
+        br#"{"cniVersion":"1.0.0","name":"n","cni.dev/valid-attachments":[{"containerID":"c"}]}"#,
+    );
     assert!(t.contains("cni.dev/valid-attachments"), "{t}");
     // Not UTF-8 inside a string, and a duplicate key.
     let t = conf_err(b"{\"cniVersion\":\"1.0.0\",\"name\":\"a\xff\"}");
@@ -55,7 +57,11 @@ fn a_wrongly_typed_prev_result_field_is_named() {
     assert!(text(&e).contains("prevResult.interfaces"), "{}", text(&e));
     let e = PrevResult::parse(&json!({"ips": [{"interface": -1, "address": "10.0.0.1/32"}]}))
         .expect_err("negative index");
-    assert!(text(&e).contains("prevResult.ips[0].interface"), "{}", text(&e));
+    assert!(
+        text(&e).contains("prevResult.ips[0].interface"),
+        "{}",
+        text(&e)
+    );
 }
 
 fn branch_prev(mac: &str) -> Value {
@@ -76,7 +82,11 @@ fn branch_prev(mac: &str) -> Value {
 fn a_dummy_mac_past_any_vlan_id_is_not_a_vlan() {
     let p = PrevResult::parse(&branch_prev("4294967295")).expect("parse");
     assert_eq!(p.dummy(), Some(DummyInfo::Normal { device_number: 0 }));
-    assert_eq!(p.attachments()[0].route_table, 254, "main, as with no table");
+    assert_eq!(
+        p.attachments()[0].route_table,
+        254,
+        "main, as with no table"
+    );
     let p = PrevResult::parse(&branch_prev("4094")).expect("parse");
     assert_eq!(p.dummy(), Some(DummyInfo::Branch { vlan_id: 4094 }));
     assert_eq!(p.attachments()[0].route_table, 4194);
@@ -147,7 +157,11 @@ fn a_cni_variable_that_is_not_utf8_is_refused_by_name() {
         };
         let out = vpc_cni_plugin::run_os(&get, &mut &b"{}"[..]);
         let v: Value = serde_json::from_str(out.stdout.as_deref().expect("stdout")).expect("json");
-        assert_eq!((out.exit_code, v["code"].as_u64()), (1, Some(4)), "{var}: {v}");
+        assert_eq!(
+            (out.exit_code, v["code"].as_u64()),
+            (1, Some(4)),
+            "{var}: {v}"
+        );
         assert!(v["msg"].as_str().expect("msg").contains(var), "{var}: {v}");
     }
 }
@@ -168,7 +182,8 @@ fn a_broken_key_is_not_named_question_mark() {
 /// every pod with code 7 for it. Anything but strict is standard, as the reference reads it.
 #[test]
 fn an_unknown_pod_sg_enforcing_mode_does_not_fail_the_pod() {
-    let c = NetConf::parse(br#"{"cniVersion":"0.4.0","name":"aws-cni","podSGEnforcingMode":"lax"}"#)
-        .expect("accepted");
+    let c =
+        NetConf::parse(br#"{"cniVersion":"0.4.0","name":"aws-cni","podSGEnforcingMode":"lax"}"#)
+            .expect("accepted");
     assert_eq!(c.sg_mode, vpc_cni_plugin::config::SgEnforcingMode::Standard);
 }

@@ -92,9 +92,7 @@ impl EgressError {
         use vpc_cni_plugin::error::code as spec;
         match self {
             EgressError::Cni(e) => e.code(),
-            EgressError::Decode { .. } | EgressError::DecodeField { .. } => {
-                spec::DECODING_FAILURE
-            }
+            EgressError::Decode { .. } | EgressError::DecodeField { .. } => spec::DECODING_FAILURE,
             EgressError::Config { .. } => spec::INVALID_NETWORK_CONFIG,
             EgressError::Ipam { .. } => code::IPAM_FAILED,
             EgressError::NoAddress { .. } => code::NO_ADDRESS,

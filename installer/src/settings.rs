@@ -394,7 +394,9 @@ mod tests {
             );
         }
         // Characters the plugin refuses in an interface name (found by fuzzing against it).
-        for bad in ["eth", "lo", "vlan", "enis0", "a b", "a/b", "é", "e.n", "a:b", "¡"] {
+        for bad in [
+            "eth", "lo", "vlan", "enis0", "a b", "a/b", "é", "e.n", "a:b", "¡",
+        ] {
             assert_eq!(
                 refused_var(&[("AWS_VPC_K8S_CNI_VETHPREFIX", bad)]),
                 "AWS_VPC_K8S_CNI_VETHPREFIX"

@@ -15,22 +15,63 @@ use vpc_cni_installer::settings::Settings;
 
 /// Every variable `Settings::parse` reads, with values that matter for it.
 const VARS: [(&str, &[&str]); 22] = [
-    ("AWS_VPC_K8S_CNI_VETHPREFIX", &["eni", "cali", "eth", "lo", "vlan", "abcde", "a b", "a/b", "é", "e.n", "a:b", "-"]),
+    (
+        "AWS_VPC_K8S_CNI_VETHPREFIX",
+        &[
+            "eni", "cali", "eth", "lo", "vlan", "abcde", "a b", "a/b", "é", "e.n", "a:b", "-",
+        ],
+    ),
     ("ENABLE_IPv6", &["true", "false", "1", "yes"]),
-    ("POD_MTU", &["1500", "576", "575", "1280", "9001", "9002", "-1", " 1500 ", "1e3"]),
-    ("AWS_VPC_ENI_MTU", &["9001", "576", "0", "x", "99999999999999999999"]),
-    ("IP_COOLDOWN_PERIOD", &["0", "30", "-1", "abc", "18446744073709551616"]),
+    (
+        "POD_MTU",
+        &[
+            "1500", "576", "575", "1280", "9001", "9002", "-1", " 1500 ", "1e3",
+        ],
+    ),
+    (
+        "AWS_VPC_ENI_MTU",
+        &["9001", "576", "0", "x", "99999999999999999999"],
+    ),
+    (
+        "IP_COOLDOWN_PERIOD",
+        &["0", "30", "-1", "abc", "18446744073709551616"],
+    ),
     ("ENABLE_PREFIX_DELEGATION", &["true", "false", "T", "on"]),
     ("WARM_IP_TARGET", &["0", "5", "-3", "x"]),
     ("WARM_PREFIX_TARGET", &["0", "1", "x"]),
     ("MINIMUM_IP_TARGET", &["0", "10", "x"]),
-    ("POD_SECURITY_GROUP_ENFORCING_MODE", &["strict", "standard", "lax", "", "__PLUGINLOGFILE__"]),
+    (
+        "POD_SECURITY_GROUP_ENFORCING_MODE",
+        &["strict", "standard", "lax", "", "__PLUGINLOGFILE__"],
+    ),
     ("ENABLE_POD_ENI", &["true", "false", "x"]),
-    ("AWS_VPC_K8S_PLUGIN_LOG_FILE", &["stderr", "stdout", "STDOUT", "/var/log/x.log", "/x/__PLUGINLOGLEVEL__", "__MTU__"]),
-    ("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", &["DEBUG", "info", "__VETHPREFIX__", "\"quoted\""]),
-    ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", &["prng", "hashrandom", "none", "x"]),
-    ("AWS_VPC_K8S_EGRESS_V4_PLUGIN_LOG_FILE", &["stderr", "stdout", "/var/log/e4.log"]),
-    ("AWS_VPC_K8S_EGRESS_V6_PLUGIN_LOG_FILE", &["stderr", "Stdout", "/var/log/e6.log"]),
+    (
+        "AWS_VPC_K8S_PLUGIN_LOG_FILE",
+        &[
+            "stderr",
+            "stdout",
+            "STDOUT",
+            "/var/log/x.log",
+            "/x/__PLUGINLOGLEVEL__",
+            "__MTU__",
+        ],
+    ),
+    (
+        "AWS_VPC_K8S_PLUGIN_LOG_LEVEL",
+        &["DEBUG", "info", "__VETHPREFIX__", "\"quoted\""],
+    ),
+    (
+        "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
+        &["prng", "hashrandom", "none", "x"],
+    ),
+    (
+        "AWS_VPC_K8S_EGRESS_V4_PLUGIN_LOG_FILE",
+        &["stderr", "stdout", "/var/log/e4.log"],
+    ),
+    (
+        "AWS_VPC_K8S_EGRESS_V6_PLUGIN_LOG_FILE",
+        &["stderr", "Stdout", "/var/log/e6.log"],
+    ),
     ("ENABLE_BANDWIDTH_PLUGIN", &["true", "false", "x"]),
     ("DISABLE_POD_V6", &["true", "false", "x"]),
     ("ENABLE_V4_EGRESS", &["true", "false", "x"]),
