@@ -249,7 +249,10 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
             tracing::debug!(error = %e, "building the veth ahead of ipamd failed; setup redoes it");
         }
         let out = match assigned {
-            Ok(reply) => self.add_assigned(inv, conf, &reply).await,
+            Ok(reply) => {
+                crate::failpoint::hit(crate::failpoint::IPAMD_ANSWERED);
+                self.add_assigned(inv, conf, &reply).await
+            }
             Err(e) => Err(e),
         };
         if out.is_err() {
@@ -291,6 +294,7 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
                 });
             }
             done.push(spec);
+            crate::failpoint::hit(crate::failpoint::RULES);
         }
         if !reply.network_policy_mode.is_empty() {
             let req = EnforceNpRequest {

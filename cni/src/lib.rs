@@ -15,6 +15,7 @@ pub mod config;
 pub mod driver;
 pub mod env;
 pub mod error;
+pub mod failpoint;
 pub mod gc;
 pub mod logging;
 pub mod memory;
@@ -77,7 +78,9 @@ fn fail(version: CniVersion, err: &CniError) -> Output {
 /// The whole invocation from the process environment as `get_os` reads it (`std::env::var_os`):
 /// a CNI variable that is set but not UTF-8 is refused, naming it; then [`run`].
 pub fn run_os(get_os: &dyn Fn(&str) -> Option<OsString>, stdin: &mut dyn Read) -> Output {
-    match env::utf8_vars(get_os, &env::CNI_VARS) {
+    let mut names = env::CNI_VARS.to_vec();
+    names.push(failpoint::ENV);
+    match env::utf8_vars(get_os, &names) {
         Ok(vars) => run(&|k| vars.get(k).cloned(), stdin),
         Err(e) => fail(CniVersion::CURRENT, &e),
     }
@@ -96,6 +99,9 @@ pub fn run(get_env: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Ou
         Ok(EnvOutcome::Run(inv)) => inv,
         Err(e) => return fail(CniVersion::CURRENT, &e),
     };
+    if let Err(e) = failpoint::init(&get_env(failpoint::ENV).unwrap_or_default()) {
+        return fail(CniVersion::CURRENT, &e);
+    }
     if inv.command == Command::Version {
         return Output {
             stdout: Some(version::version_info().to_string()),
@@ -135,11 +141,17 @@ pub fn run(get_env: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Ou
     let version = conf.cni_version;
     timing::mark("execute");
     match execute(&inv, &conf) {
-        Ok(Some(v)) => Output {
-            stdout: Some(v.to_string()),
-            stderr: None,
-            exit_code: 0,
-        },
+        Ok(Some(v)) => {
+            let stdout = v.to_string();
+            if inv.command == Command::Add {
+                failpoint::hit(failpoint::BEFORE_RESULT);
+            }
+            Output {
+                stdout: Some(stdout),
+                stderr: None,
+                exit_code: 0,
+            }
+        }
         Ok(None) => Output {
             stdout: None,
             stderr: None,

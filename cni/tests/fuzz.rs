@@ -539,3 +539,46 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(cfg(2000))]
+
+    /// VPC_CNI_FAILPOINTS: no panic; a rejection is code 4 naming the variable; an accepted
+    /// value re-rendered as `name=N,...` parses to the same points.
+    #[test]
+    fn failpoints_variable(
+        s in prop_oneof![
+            ".{0,40}",
+            prop::collection::vec(
+                (
+                    prop_oneof![
+                        prop::sample::select(vpc_cni_plugin::failpoint::ALL.to_vec())
+                            .prop_map(str::to_string),
+                        "[a-z-]{0,12}",
+                    ],
+                    prop_oneof![
+                        any::<u64>().prop_map(|n| n.to_string()),
+                        "[0-9x -]{0,22}",
+                    ],
+                    prop::sample::select(vec!["=", " = ", "", "=="]),
+                )
+                    .prop_map(|(n, c, eq)| format!("{n}{eq}{c}")),
+                0..5
+            )
+            .prop_map(|items| items.join(",")),
+        ],
+    ) {
+        match vpc_cni_plugin::failpoint::parse(&s) {
+            Ok(points) => {
+                let again: Vec<String> = points.iter().map(|(n, c)| format!("{n}={c}")).collect();
+                let back = vpc_cni_plugin::failpoint::parse(&again.join(",")).expect("re-rendered");
+                prop_assert_eq!(back, points.clone());
+                prop_assert!(points.iter().all(|(_, c)| *c >= 1));
+            }
+            Err(e) => {
+                prop_assert_eq!(e.code(), 4);
+                prop_assert!(text(&e).contains("VPC_CNI_FAILPOINTS"), "{}", short(&text(&e)));
+            }
+        }
+    }
+}
