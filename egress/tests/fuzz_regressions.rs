@@ -18,3 +18,16 @@ fn bytes_that_are_not_utf8_in_a_field_are_named() {
     let e = EgressConf::parse(b"{not json").expect_err("not json");
     assert_eq!(e.to_string(), "failed to decode network config");
 }
+
+/// An IPAM result whose gateway is of the other family was accepted; netlink then failed
+/// halfway through the egress wiring.
+#[test]
+fn an_ipam_gateway_of_the_other_family_is_refused_by_name() {
+    let e = vpc_cni_egress::ipam::parse_result(
+        "host-local",
+        r#"{"cniVersion":"1.0.0","dns":null,"ips":[{"address":"fd00::ac:5/118","gateway":"169.254.172.1"}],"routes":[]}"#,
+        vpc_cni_net::Family::V6,
+    )
+    .expect_err("an IPv4 gateway for an IPv6 address");
+    assert!(e.to_string().contains("ips[0].gateway"), "{e}");
+}
