@@ -262,3 +262,76 @@ proptest! {
         prop_assert_eq!(kept.get(), spaced.as_str());
     }
 }
+
+/// An IPAM result in the shape host-local prints, with arbitrary values in its fields.
+fn ipam_result() -> impl Strategy<Value = String> {
+    let addr = prop_oneof![
+        Just("169.254.172.7/22".to_string()),
+        Just("fd00::ac:5/118".to_string()),
+        Just("10.0.0.1/33".to_string()),
+        Just("::1/129".to_string()),
+        Just("garbage".to_string()),
+        ".{0,12}",
+    ];
+    let ip = prop_oneof![
+        Just("169.254.172.1".to_string()),
+        Just("fd00::ac:1".to_string()),
+        Just("0.0.0.0/0".to_string()),
+        Just("::/0".to_string()),
+        ".{0,8}",
+    ];
+    (
+        prop::collection::vec((addr, prop::option::of(ip.clone())), 0..3),
+        prop::collection::vec((ip.clone(), prop::option::of(ip)), 0..3),
+        any_json(),
+    )
+        .prop_map(|(ips, routes, extra)| {
+            let ips: Vec<Value> = ips
+                .into_iter()
+                .map(|(a, g)| match g {
+                    Some(g) => json!({"address": a, "gateway": g}),
+                    None => json!({"address": a}),
+                })
+                .collect();
+            let routes: Vec<Value> = routes
+                .into_iter()
+                .map(|(d, g)| match g {
+                    Some(g) => json!({"dst": d, "gw": g}),
+                    None => json!({"dst": d}),
+                })
+                .collect();
+            json!({"cniVersion": "1.0.0", "ips": ips, "routes": routes, "dns": extra}).to_string()
+        })
+}
+
+proptest! {
+    #![proptest_config(cfg(3000))]
+
+    /// The IPAM plugin's stdout, arbitrary or host-local-shaped: no panic; an accepted result
+    /// is all of the egress family (address, gateway, every route and its gateway).
+    #[test]
+    fn ipam_result_parse(
+        stdout in prop_oneof![".{0,200}", ipam_result()],
+        v6 in any::<bool>(),
+    ) {
+        use vpc_cni_net::Family;
+        let family = if v6 { Family::V6 } else { Family::V4 };
+        match vpc_cni_egress::ipam::parse_result("host-local", &stdout, family) {
+            Ok(r) => {
+                prop_assert_eq!(r.ip.family(), family);
+                let max_len = if v6 { 128 } else { 32 };
+                prop_assert!(r.ip.prefix_len <= max_len, "prefix {}", r.ip.prefix_len);
+                if let Some(g) = r.gateway {
+                    prop_assert_eq!(Family::of(&g), family, "gateway {}", g);
+                }
+                for (dst, gw) in &r.routes {
+                    prop_assert_eq!(dst.family(), family);
+                    if let Some(g) = gw {
+                        prop_assert_eq!(Family::of(g), family, "route gw {}", g);
+                    }
+                }
+            }
+            Err(e) => prop_assert!(matches!(e.code(), 120 | 121), "{}", short(&text(&e))),
+        }
+    }
+}
