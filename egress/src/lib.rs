@@ -178,11 +178,24 @@ fn add(inv: &Invocation, conf: &EgressConf) -> Result<String, EgressError> {
         what: "prevResult",
         source: e,
     })?;
-    if !result.is_object() {
+    let Some(obj) = result.as_object_mut() else {
         return Err(EgressError::Config {
             field: "prevResult".into(),
             reason: "must be a JSON object".into(),
         });
+    };
+    // The result is prevResult with our two interfaces appended: checked before IPAM runs.
+    match obj.get("interfaces") {
+        None | Some(Value::Array(_)) => {}
+        Some(Value::Null) => {
+            obj.insert("interfaces".into(), json!([]));
+        }
+        Some(other) => {
+            return Err(EgressError::Config {
+                field: "prevResult.interfaces".into(),
+                reason: format!("must be a list, not {other}"),
+            })
+        }
     }
     let family = family_of(conf)?;
     let node_ip = conf.node_ip.ok_or_else(|| EgressError::Config {

@@ -31,3 +31,39 @@ fn an_ipam_gateway_of_the_other_family_is_refused_by_name() {
     .expect_err("an IPv4 gateway for an IPv6 address");
     assert!(e.to_string().contains("ips[0].gateway"), "{e}");
 }
+
+/// A chained ADD whose prevResult has `interfaces` that is not a list ran IPAM (an address
+/// was taken) and would have answered without the egress interfaces; it is refused, naming
+/// the field, before IPAM runs (here IPAM is absent: an empty CNI_PATH).
+#[test]
+fn a_prev_result_whose_interfaces_is_not_a_list_is_refused_before_ipam() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().display().to_string();
+    let conf = serde_json::json!({
+        "cniVersion": "0.3.0", "name": "aws-cni", "type": "egress-cni", "enabled": "true",
+        "nodeIP": "10.0.0.10", "ipam": {"type": "host-local"}, "pluginLogFile": "stderr",
+        "prevResult": {"cniVersion": "0.3.0", "interfaces": false, "ips": []},
+    });
+    let get = |k: &str| -> Option<String> {
+        Some(match k {
+            "CNI_COMMAND" => "ADD".into(),
+            "CNI_CONTAINERID" => "c1".into(),
+            "CNI_NETNS" => "/var/run/netns/none".into(),
+            "CNI_IFNAME" => "eth0".into(),
+            "CNI_PATH" => path.clone(),
+            _ => return None,
+        })
+    };
+    let bytes = conf.to_string();
+    let out = vpc_cni_egress::run(&get, &mut bytes.as_bytes());
+    let v: serde_json::Value =
+        serde_json::from_str(out.stdout.as_deref().expect("stdout")).expect("json");
+    assert_eq!(v["code"], 7, "{v}");
+    assert!(
+        v["msg"]
+            .as_str()
+            .expect("msg")
+            .contains("prevResult.interfaces"),
+        "{v}"
+    );
+}
