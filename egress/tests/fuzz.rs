@@ -335,3 +335,54 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(cfg(500))]
+
+    /// The chained ADD with a mutated prevResult, IPAM plugin absent (an empty CNI_PATH, so
+    /// nothing on the node changes): a prevResult the result cannot be built on is refused
+    /// naming it before IPAM is run; any other reaches IPAM (code 120, not found).
+    #[test]
+    fn egress_chained_add_checks_prev_result_before_ipam(
+        version in prop::sample::select(VERSIONS.to_vec()),
+        at in prop::sample::select(vec!["", "/interfaces", "/interfaces/0", "/ips", "/cniVersion"]),
+        new in any_json(),
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut prev = prev_result(version);
+        if at.is_empty() {
+            prev = new;
+        } else if let Some(slot) = prev.pointer_mut(at) {
+            *slot = new;
+        }
+        let mut conf = valid_conf(version, true);
+        conf.insert("prevResult".into(), prev.clone());
+        conf.insert("pluginLogFile".into(), json!("stderr"));
+        conf.insert("pluginLogLevel".into(), json!("error"));
+        let bytes = serde_json::to_vec(&conf).expect("json");
+        let path = dir.path().display().to_string();
+        let get = |k: &str| -> Option<String> {
+            Some(match k {
+                "CNI_COMMAND" => "ADD".into(),
+                "CNI_CONTAINERID" => "c1".into(),
+                "CNI_NETNS" => "/var/run/netns/none".into(),
+                "CNI_IFNAME" => "eth0".into(),
+                "CNI_PATH" => path.clone(),
+                _ => return None,
+            })
+        };
+        let out = vpc_cni_egress::run(&get, &mut bytes.as_slice());
+        prop_assert_eq!(out.exit_code, 1);
+        let v: Value = serde_json::from_str(out.stdout.as_deref().expect("stdout")).expect("json");
+        let msg = v["msg"].as_str().unwrap_or_default().to_string();
+        let buildable = prev.as_object().is_some_and(|o| {
+            o.get("interfaces").is_none_or(|i| i.is_array() || i.is_null())
+        });
+        if buildable {
+            prop_assert_eq!(v["code"].as_u64(), Some(120), "{}", short(&msg));
+        } else {
+            prop_assert!(matches!(v["code"].as_u64(), Some(6 | 7)), "{}", short(&v.to_string()));
+            prop_assert!(msg.contains("prevResult"), "{}", short(&msg));
+        }
+    }
+}
