@@ -187,3 +187,49 @@ fn an_unknown_pod_sg_enforcing_mode_does_not_fail_the_pod() {
             .expect("accepted");
     assert_eq!(c.sg_mode, vpc_cni_plugin::config::SgEnforcingMode::Standard);
 }
+
+/// A prevResult whose dummy claims a branch-ENI pod (`mac` "4094") made DEL skip ipamd, so
+/// the address ipamd had assigned to the container was never released. This plugin builds no
+/// branch-ENI pods: DEL still tears down from prevResult and now also asks ipamd to release.
+#[test]
+fn a_prev_result_claiming_a_branch_pod_does_not_keep_ipamds_address() {
+    use vpc_cni_plugin::driver::Driver;
+    use vpc_cni_plugin::env::{CniArgs, Command, Invocation};
+    use vpc_cni_plugin::memory::{MemoryIpam, MemoryPolicyAgent};
+    const NETNS: &str = "/var/run/netns/pod-1";
+    let inv = |command| Invocation {
+        command,
+        container_id: "c1".into(),
+        netns: NETNS.into(),
+        ifname: "eth0".into(),
+        args: CniArgs::parse("K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0").expect("args"),
+        path: "/opt/cni/bin".into(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let net = vpc_cni_net::MemoryPodNetwork::new();
+    net.add_netns(NETNS);
+    let ipam = MemoryIpam::new(
+        vpc_cni_plugin::CLIENT_VERSION,
+        MemoryIpam::pool(std::net::Ipv4Addr::new(10, 0, 1, 10), 1, 2, 3),
+    );
+    let d = Driver::new(
+        ipam,
+        net,
+        MemoryPolicyAgent::default(),
+        vpc_cni_plugin::CLIENT_VERSION,
+    );
+    let mut conf =
+        NetConf::parse(br#"{"cniVersion":"0.4.0","name":"aws-cni","pluginLogFile":"stderr"}"#)
+            .expect("conf");
+    let r = rt.block_on(d.add(&inv(Command::Add), &conf)).expect("add");
+    let mut prev = r.render(conf.cni_version);
+    prev["interfaces"][2]["mac"] = json!("4094");
+    conf.prev_result = Some(prev);
+    rt.block_on(d.del(&inv(Command::Del), &conf)).expect("del");
+    assert_eq!(d.ipam().assigned(), 0, "the address is released");
+    let host = d.net().state().host;
+    assert!(host.rules.is_empty() && host.routes.is_empty(), "{host:?}");
+}
