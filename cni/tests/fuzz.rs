@@ -582,3 +582,78 @@ proptest! {
         }
     }
 }
+
+/// The CNI invocation of one pod, as the driver gets it.
+fn invocation(command: vpc_cni_plugin::env::Command, netns: &str) -> Invocation {
+    Invocation {
+        command,
+        container_id: "c1".into(),
+        netns: netns.into(),
+        ifname: "eth0".into(),
+        args: CniArgs::parse("K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0").expect("args"),
+        path: "/opt/cni/bin".into(),
+    }
+}
+
+proptest! {
+    #![proptest_config(cfg(600))]
+
+    /// DEL and CHECK of a wired pod (in memory) with a mutated prevResult: DEL with ipamd down
+    /// never fails and never panics, whatever prevResult says; CHECK answers one of its codes;
+    /// with ipamd up DEL releases the address and leaves no host rule or route.
+    #[test]
+    fn del_and_check_with_a_mutated_prev_result(
+        version in prop::sample::select(vec!["0.4.0", "1.0.0", "1.1.0"]),
+        at in prop::sample::select(vec![
+            "", "/interfaces", "/interfaces/0", "/interfaces/1/mac", "/interfaces/1/sandbox",
+            "/interfaces/2/mac", "/interfaces/2/sandbox", "/interfaces/2/name", "/ips",
+            "/ips/0", "/ips/0/interface", "/ips/0/address",
+        ]),
+        new in prop_oneof![
+            any_json(),
+            Just(json!("4294967295")), Just(json!("4094")), Just(json!("0")),
+            Just(json!(u64::MAX)), Just(json!(0)), Just(json!(2)), Just(json!(7)),
+            Just(json!("10.0.1.10/32")), Just(json!("2001:db8::1/128")), Just(json!("dummyx")),
+        ],
+    ) {
+        use vpc_cni_plugin::driver::Driver;
+        use vpc_cni_plugin::env::Command;
+        use vpc_cni_plugin::memory::{MemoryIpam, MemoryPolicyAgent};
+        const NETNS: &str = "/var/run/netns/pod-1";
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let net = vpc_cni_net::MemoryPodNetwork::new();
+        net.add_netns(NETNS);
+        let ipam = MemoryIpam::new(
+            vpc_cni_plugin::CLIENT_VERSION,
+            MemoryIpam::pool(std::net::Ipv4Addr::new(10, 0, 1, 10), 1, 2, 3),
+        );
+        let d = Driver::new(ipam, net, MemoryPolicyAgent::default(), vpc_cni_plugin::CLIENT_VERSION);
+        let mut conf = NetConf::parse(
+            &serde_json::to_vec(&json!({"cniVersion": version, "name": "aws-cni", "pluginLogFile": "stderr"}))
+                .expect("json"),
+        )
+        .expect("conf");
+        conf.pool_wait = std::time::Duration::ZERO;
+        let r = rt.block_on(d.add(&invocation(Command::Add, NETNS), &conf)).expect("add");
+        let mut prev = r.render(conf.cni_version);
+        if at.is_empty() {
+            prev = new;
+        } else if let Some(slot) = prev.pointer_mut(at) {
+            *slot = new;
+        }
+        conf.prev_result = Some(prev);
+        if let Err(e) = rt.block_on(d.check(&invocation(Command::Check, NETNS), &conf)) {
+            prop_assert!(matches!(e.code(), 3 | 6 | 7 | 104 | 999), "{}", short(&text(&e)));
+        }
+        d.ipam().set_unreachable(true);
+        let del = rt.block_on(d.del(&invocation(Command::Del, NETNS), &conf));
+        prop_assert!(del.is_ok(), "DEL with ipamd down: {:?}", del.err().map(|e| short(&text(&e))));
+        d.ipam().set_unreachable(false);
+        let del = rt.block_on(d.del(&invocation(Command::Del, NETNS), &conf));
+        prop_assert!(del.is_ok(), "DEL: {:?}", del.err().map(|e| short(&text(&e))));
+        prop_assert_eq!(d.ipam().assigned(), 0);
+        let host = d.net().state().host;
+        prop_assert!(host.rules.is_empty(), "rules left: {:?}", host.rules);
+        prop_assert!(host.routes.is_empty(), "routes left: {:?}", host.routes);
+    }
+}
