@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::ipamd::RealIpamd;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::*;
@@ -60,17 +61,26 @@ fn env_with(cmd: &str, netns: &str, failpoints: Option<&str>) -> Vec<(&'static s
 
 /// Kill at `point` during ADD, DEL, check nothing is left, ADD again, DEL, remove the pod
 /// namespace, check no veth is left.
+/// What a kill test needs of an ipamd: its socket, how many addresses it holds for pods, and
+/// every address it has (the pool may grow during the test).
+struct Backend<'a> {
+    socket: &'a std::path::Path,
+    assigned: &'a dyn Fn() -> usize,
+    pool: &'a dyn Fn() -> Vec<IpAddr>,
+}
+
 fn killed_add_then_del_leaves_nothing(
     point: &str,
     host: &TestNetns,
-    ipamd: &TestIpamd,
+    ipamd: &Backend<'_>,
     family: Family,
-    pool: &[IpAddr],
     wired: &dyn Fn(&Netns, &str, IpAddr),
 ) {
     let pod = TestNetns::new("pod").expect("pod ns");
     let netns = ns_path(&pod);
-    let conf = conf("1.0.0", &ipamd.socket);
+    let mut conf = conf("1.0.0", ipamd.socket);
+    conf["poolWaitSeconds"] = serde_json::json!(30);
+    conf["poolRetryMs"] = serde_json::json!(100);
     let arm = format!("{point}=1");
     let add = plugin(host, &env_with("ADD", &netns, Some(&arm)), &conf);
     assert_eq!(
@@ -91,9 +101,9 @@ fn killed_add_then_del_leaves_nothing(
         at(point) >= at(p)
     };
     let veth = host_veth_name("eni", "default", POD, 0);
-    let left = leftovers(host, family, pool);
+    let left = leftovers(host, family, &(ipamd.pool)());
     if reached(failpoint::POD_ADDRESS) {
-        assert_eq!(ipamd.ipam.assigned(), 1, "{point}: the address is held");
+        assert_eq!((ipamd.assigned)(), 1, "{point}: the address is held");
         assert!(
             host_links(host).contains(&veth),
             "{point}: the host veth exists"
@@ -122,11 +132,11 @@ fn killed_add_then_del_leaves_nothing(
         del.stderr
     );
     assert_eq!(
-        leftovers(host, family, pool),
+        leftovers(host, family, &(ipamd.pool)()),
         Vec::<String>::new(),
         "{point}: rules or routes left after DEL"
     );
-    assert_eq!(ipamd.ipam.assigned(), 0, "{point}: address still held");
+    assert_eq!((ipamd.assigned)(), 0, "{point}: address still held");
 
     // The runtime retries the pod in the same namespace: a whole ADD, wired exactly.
     let again = plugin(host, &env_with("ADD", &netns, None), &conf);
@@ -151,11 +161,11 @@ fn killed_add_then_del_leaves_nothing(
     );
     assert_eq!(del.code, 0, "{point}: DEL: {}", del.stderr);
     assert_eq!(
-        leftovers(host, family, pool),
+        leftovers(host, family, &(ipamd.pool)()),
         Vec::<String>::new(),
         "{point}"
     );
-    assert_eq!(ipamd.ipam.assigned(), 0, "{point}");
+    assert_eq!((ipamd.assigned)(), 0, "{point}");
     drop(pod);
     eventually(
         &format!("{point}: the host veth to go with the pod"),
@@ -181,8 +191,15 @@ fn a_plugin_killed_at_any_add_step_leaves_nothing_the_runtimes_del_does_not_clea
         };
         assert_wired(&host, pod, veth, ip, 3, 9001);
     };
+    let assigned = || ipamd.ipam.assigned();
+    let pool = || pool.clone();
+    let backend = Backend {
+        socket: &ipamd.socket,
+        assigned: &assigned,
+        pool: &pool,
+    };
     for point in failpoint::ALL {
-        killed_add_then_del_leaves_nothing(point, &host, &ipamd, Family::V4, &pool, &wired);
+        killed_add_then_del_leaves_nothing(point, &host, &backend, Family::V4, &wired);
     }
 }
 
@@ -217,7 +234,63 @@ fn an_ipv6_pod_killed_at_any_add_step_leaves_nothing_either() {
     };
     // Table main (the /80 is on the primary ENI): no 1536 rule, so add-to-pod-rule is the
     // instant after the 512 rule, as add-rules is.
+    let assigned = || ipamd.ipam.assigned();
+    let pool = || pool.clone();
+    let backend = Backend {
+        socket: &ipamd.socket,
+        assigned: &assigned,
+        pool: &pool,
+    };
     for point in failpoint::ALL {
-        killed_add_then_del_leaves_nothing(point, &host, &ipamd, Family::V6, &pool, &wired);
+        killed_add_then_del_leaves_nothing(point, &host, &backend, Family::V6, &wired);
+    }
+}
+
+#[test]
+fn a_plugin_killed_at_any_add_step_leaves_nothing_held_in_the_real_ipamd() {
+    if skip_netns_test("kill_points_real_ipamd") {
+        return;
+    }
+    let host = TestNetns::new("rnode").expect("node ns");
+    make_node(&host);
+    let ipamd = RealIpamd::start(
+        &host,
+        &[
+            ("VPC_CNI_SIM_INSTANCE_TYPE", "m5.large".into()),
+            ("WARM_IP_TARGET", "2".into()),
+        ],
+        None,
+    );
+    ipamd.wait_for_free(2);
+    let pool = || -> Vec<IpAddr> {
+        ipamd
+            .enis()
+            .addresses
+            .keys()
+            .map(|a| IpAddr::V4(*a))
+            .collect()
+    };
+    let assigned = || usize::try_from(ipamd.enis().assigned).unwrap_or(usize::MAX);
+    let backend = Backend {
+        socket: &ipamd.socket,
+        assigned: &assigned,
+        pool: &pool,
+    };
+    let wired = |pod: &Netns, veth: &str, ip: IpAddr| {
+        let IpAddr::V4(ip) = ip else {
+            panic!("an IPv4 pod got {ip}")
+        };
+        let (table, _) = ipamd.enis().addresses[&ip].clone();
+        assert_wired(&host, pod, veth, ip, table, 9001);
+    };
+    for point in failpoint::ALL {
+        killed_add_then_del_leaves_nothing(point, &host, &backend, Family::V4, &wired);
+        let enis = ipamd.enis();
+        assert!(
+            enis.addresses.values().all(|(_, pod)| pod.is_empty()),
+            "{point}: an address keeps a pod: {:?}\n{}",
+            enis.addresses,
+            ipamd.log_text()
+        );
     }
 }
