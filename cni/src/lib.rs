@@ -75,6 +75,29 @@ fn fail(version: CniVersion, err: &CniError) -> Output {
     }
 }
 
+/// The most stdin the plugin reads as its network config (16 MiB): a config with a GC list
+/// of 100,000 attachments is under 10 MiB; past the bound the input is refused unread.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// Reads the network config from `stdin`, at most [`MAX_CONFIG_BYTES`] (more is refused with
+/// code 7, naming stdin, without reading the rest).
+pub fn read_config(stdin: &mut dyn Read) -> Result<Vec<u8>, CniError> {
+    let mut bytes = Vec::new();
+    stdin
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| CniError::Io {
+            what: "reading the network config from stdin",
+            source,
+        })?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(CniError::InvalidConfig {
+            reason: format!("the network config on stdin is larger than {MAX_CONFIG_BYTES} bytes"),
+        });
+    }
+    Ok(bytes)
+}
+
 /// The whole invocation from the process environment as `get_os` reads it (`std::env::var_os`):
 /// a CNI variable that is set but not UTF-8 is refused, naming it; then [`run`].
 pub fn run_os(get_os: &dyn Fn(&str) -> Option<OsString>, stdin: &mut dyn Read) -> Output {
@@ -110,16 +133,10 @@ pub fn run(get_env: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Ou
         };
     }
     timing::mark("stdin");
-    let mut bytes = Vec::new();
-    if let Err(source) = stdin.read_to_end(&mut bytes) {
-        return fail(
-            CniVersion::CURRENT,
-            &CniError::Io {
-                what: "reading the network config from stdin",
-                source,
-            },
-        );
-    }
+    let bytes = match read_config(stdin) {
+        Ok(b) => b,
+        Err(e) => return fail(CniVersion::CURRENT, &e),
+    };
     timing::mark("parse");
     let conf = match NetConf::parse(&bytes) {
         Ok(c) => c,

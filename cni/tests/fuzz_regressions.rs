@@ -233,3 +233,34 @@ fn a_prev_result_claiming_a_branch_pod_does_not_keep_ipamds_address() {
     let host = d.net().state().host;
     assert!(host.rules.is_empty() && host.routes.is_empty(), "{host:?}");
 }
+
+/// stdin was read to its end whatever its size (a runaway writer could make the plugin hold
+/// gigabytes); past 16 MiB it is refused with code 7 naming stdin, without reading the rest.
+#[test]
+fn a_config_larger_than_the_bound_is_refused_unread() {
+    use std::io::Read;
+    let max = vpc_cni_plugin::MAX_CONFIG_BYTES;
+    let mut endless = std::io::repeat(b' ');
+    let e = vpc_cni_plugin::read_config(&mut endless).expect_err("endless stdin");
+    assert_eq!(e.code(), 7);
+    assert!(text(&e).contains("stdin"), "{}", text(&e));
+    // Just under the bound, a config padded with whitespace still parses.
+    let conf = br#"{"cniVersion":"1.0.0","name":"n"}"#;
+    let pad = usize::try_from(max).expect("usize") - conf.len();
+    let mut input = std::io::repeat(b' ').take(pad as u64).chain(&conf[..]);
+    let bytes = vpc_cni_plugin::read_config(&mut input).expect("at the bound");
+    NetConf::parse(&bytes).expect("parses");
+    // Through the whole invocation: refused before anything else happens.
+    let get = |k: &str| -> Option<String> {
+        Some(match k {
+            "CNI_COMMAND" => "DEL".into(),
+            "CNI_CONTAINERID" => "c1".into(),
+            "CNI_IFNAME" => "eth0".into(),
+            "CNI_PATH" => "/opt/cni/bin".into(),
+            _ => return None,
+        })
+    };
+    let out = vpc_cni_plugin::run(&get, &mut std::io::repeat(b' ').take(max + 1));
+    let v: Value = serde_json::from_str(out.stdout.as_deref().expect("stdout")).expect("json");
+    assert_eq!((out.exit_code, v["code"].as_u64()), (1, Some(7)), "{v}");
+}

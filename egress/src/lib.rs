@@ -91,16 +91,10 @@ pub fn run(get_env: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Ou
             exit_code: 0,
         };
     }
-    let mut bytes = Vec::new();
-    if let Err(e) = stdin.read_to_end(&mut bytes) {
-        return fail(
-            CniVersion::CURRENT.as_str(),
-            &EgressError::Config {
-                field: "(stdin)".into(),
-                reason: format!("cannot read the network config: {e}"),
-            },
-        );
-    }
+    let bytes = match vpc_cni_plugin::read_config(stdin) {
+        Ok(b) => b,
+        Err(e) => return fail(CniVersion::CURRENT.as_str(), &EgressError::Cni(e)),
+    };
     let conf = match EgressConf::parse(&bytes) {
         Ok(c) => c,
         Err(e) => return fail(&version_hint(&bytes), &e),
