@@ -657,3 +657,26 @@ proptest! {
         prop_assert!(host.routes.is_empty(), "routes left: {:?}", host.routes);
     }
 }
+
+proptest! {
+    #![proptest_config(cfg(3000))]
+
+    /// The address parser prevResult entries go through (`ips[].address`): no panic; an
+    /// accepted prefix has a valid length and prints as text that parses back to it.
+    #[test]
+    fn prev_result_address_parse(
+        s in prop_oneof![
+            ".{0,48}",
+            (any::<u32>(), any::<u16>()).prop_map(|(a, l)| format!("{}/{l}", std::net::Ipv4Addr::from(a))),
+            (any::<u128>(), any::<u16>()).prop_map(|(a, l)| format!("{}/{l}", std::net::Ipv6Addr::from(a))),
+            "[0-9a-f:.]{0,40}(/[0-9]{0,4})?",
+        ],
+    ) {
+        if let Ok(c) = s.parse::<vpc_cni_net::IpCidr>() {
+            let max = if c.addr.is_ipv4() { 32 } else { 128 };
+            prop_assert!(c.prefix_len <= max, "{} from {:?}", c.prefix_len, s);
+            let again: vpc_cni_net::IpCidr = c.to_string().parse().expect("printed prefix parses");
+            prop_assert_eq!(again, c);
+        }
+    }
+}
