@@ -680,3 +680,34 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(cfg(150))]
+
+    /// AWS_CNI_TIMING (read by the binary; its state is process-wide, so each case is a run of
+    /// the binary): any value, UTF-8 or not, is harmless; only exactly `1` prints the timing
+    /// line, and VERSION answers as always.
+    #[test]
+    fn timing_variable(
+        value in prop_oneof![
+            Just(b"1".to_vec()),
+            prop::sample::select(vec![&b" 1"[..], b"1 ", b"01", b"true", b"", b"\xff", b"1\xff"])
+                .prop_map(<[u8]>::to_vec),
+            prop::collection::vec(any::<u8>().prop_filter("no NUL", |b| *b != 0), 0..16),
+        ],
+    ) {
+        use std::os::unix::ffi::OsStrExt;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_aws-cni"))
+            .env_clear()
+            .env("CNI_COMMAND", "VERSION")
+            .env("AWS_CNI_TIMING", std::ffi::OsStr::from_bytes(&value))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run the plugin");
+        prop_assert_eq!(out.status.code(), Some(0));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("VERSION json");
+        prop_assert_eq!(&v["cniVersion"], "1.1.0");
+        let timed = String::from_utf8_lossy(&out.stderr).contains("timing: total=");
+        prop_assert_eq!(timed, value == b"1", "value {:?}", value);
+    }
+}
