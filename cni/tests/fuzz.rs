@@ -711,3 +711,128 @@ proptest! {
         prop_assert_eq!(timed, value == b"1", "value {:?}", value);
     }
 }
+
+/// An ipamd that answers every AddNetwork with one fixed (fuzzed) reply and records the
+/// releases.
+struct FuzzIpam {
+    reply: vpc_cni_rpc::AddNetworkReply,
+    dels: std::sync::Mutex<Vec<vpc_cni_rpc::DelNetworkRequest>>,
+}
+
+impl vpc_cni_plugin::backend::Ipam for FuzzIpam {
+    async fn add_network(
+        &self,
+        _: vpc_cni_rpc::AddNetworkRequest,
+    ) -> Result<vpc_cni_rpc::AddNetworkReply, vpc_cni_plugin::backend::BackendError> {
+        Ok(self.reply.clone())
+    }
+    async fn del_network(
+        &self,
+        req: vpc_cni_rpc::DelNetworkRequest,
+    ) -> Result<vpc_cni_rpc::DelNetworkReply, vpc_cni_plugin::backend::BackendError> {
+        self.dels.lock().expect("lock").push(req);
+        Ok(vpc_cni_rpc::DelNetworkReply {
+            success: true,
+            ..Default::default()
+        })
+    }
+    async fn ready(&self) -> Result<(), vpc_cni_plugin::backend::BackendError> {
+        Ok(())
+    }
+}
+
+fn allocation() -> impl Strategy<Value = vpc_cni_rpc::IpAllocationMetadata> {
+    (
+        prop_oneof![
+            Just(String::new()),
+            any::<u32>().prop_map(|a| std::net::Ipv4Addr::from(a).to_string()),
+            Just("10.0.1.10".to_string()),
+            ".{0,16}",
+        ],
+        prop_oneof![
+            Just(String::new()),
+            any::<u128>().prop_map(|a| std::net::Ipv6Addr::from(a).to_string()),
+            ".{0,16}",
+        ],
+        any::<i32>(),
+        prop_oneof![any::<i32>(), -1i32..300],
+    )
+        .prop_map(|(v4, v6, device_number, route_table_id)| {
+            vpc_cni_rpc::IpAllocationMetadata {
+                i_pv4_addr: v4,
+                i_pv6_addr: v6,
+                device_number,
+                route_table_id,
+                ..Default::default()
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(cfg(1500))]
+
+    /// ADD against an ipamd answering anything (in memory): no panic; a failed ADD leaves the
+    /// host as it was and releases what ipamd assigned (SetupNSFailed); a successful one wired
+    /// only addresses ipamd gave, each with its rules and no table 0.
+    #[test]
+    fn add_with_an_arbitrary_ipamd_reply(
+        success in any::<bool>(),
+        allocations in prop::collection::vec(allocation(), 0..4),
+        vlan in prop_oneof![Just(0i32), any::<i32>()],
+    ) {
+        use vpc_cni_plugin::driver::Driver;
+        use vpc_cni_plugin::env::Command;
+        use vpc_cni_plugin::memory::MemoryPolicyAgent;
+        const NETNS: &str = "/var/run/netns/pod-1";
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let net = vpc_cni_net::MemoryPodNetwork::new();
+        net.add_netns(NETNS);
+        let reply = vpc_cni_rpc::AddNetworkReply {
+            success,
+            ip_allocation_metadata: allocations.clone(),
+            pod_vlan_id: vlan,
+            ..Default::default()
+        };
+        let ipam = FuzzIpam { reply, dels: std::sync::Mutex::new(Vec::new()) };
+        let d = Driver::new(ipam, net, MemoryPolicyAgent::default(), vpc_cni_plugin::CLIENT_VERSION);
+        let mut conf = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"aws-cni","pluginLogFile":"stderr"}"#)
+            .expect("conf");
+        conf.pool_wait = std::time::Duration::ZERO;
+        conf.requires_multi_nic = allocations.len() > 1;
+        let before = d.net().state().host;
+        let dels = || d.ipam().dels.lock().expect("lock").clone();
+        match rt.block_on(d.add(&invocation(Command::Add, NETNS), &conf)) {
+            Ok(r) => {
+                prop_assert!(success);
+                let given: Vec<String> = allocations
+                    .iter()
+                    .map(|m| if m.i_pv4_addr.is_empty() { m.i_pv6_addr.clone() } else { m.i_pv4_addr.clone() })
+                    .collect();
+                for ip in &r.ips {
+                    let addr = ip.address.split('/').next().unwrap_or_default();
+                    let addr: std::net::IpAddr = addr.parse().expect("an address");
+                    prop_assert!(
+                        given.iter().any(|g| g.parse::<std::net::IpAddr>().ok() == Some(addr)),
+                        "{} was not given", ip.address
+                    );
+                }
+                let host = d.net().state().host;
+                prop_assert!(host.rules.iter().all(|r| r.table != 0), "{:?}", host.rules);
+                prop_assert!(dels().is_empty(), "released after a successful ADD");
+            }
+            Err(e) => {
+                let host = d.net().state().host;
+                prop_assert_eq!(&host.rules, &before.rules, "{}", short(&text(&e)));
+                prop_assert_eq!(&host.routes, &before.routes);
+                prop_assert_eq!(&host.links, &before.links);
+                if success && !allocations.is_empty() {
+                    let dels = dels();
+                    prop_assert!(
+                        dels.iter().any(|r| r.reason == "SetupNSFailed"),
+                        "{}: nothing released: {dels:?}", short(&text(&e))
+                    );
+                }
+            }
+        }
+    }
+}
