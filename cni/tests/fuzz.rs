@@ -763,7 +763,6 @@ fn allocation() -> impl Strategy<Value = vpc_cni_rpc::IpAllocationMetadata> {
                 i_pv6_addr: v6,
                 device_number,
                 route_table_id,
-                ..Default::default()
             }
         })
 }
