@@ -211,6 +211,28 @@ pub fn veth_prefix(p: Option<&str>) -> Result<String, CniError> {
     Ok(p.to_string())
 }
 
+/// The longest unix socket path `connect` takes: `sun_path` is 108 bytes with its NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// A unix socket path field (empty or absent means `default`): refused when it cannot be
+/// connected to at all (too long for `sun_path`, or with a NUL), so that ADD does not spend
+/// its whole pool wait dialling it.
+fn socket_path(field: &str, v: Option<String>, default: &str) -> Result<String, CniError> {
+    let p = v
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| default.to_string());
+    if p.len() > MAX_SOCKET_PATH {
+        return Err(CniError::config(format!(
+            "{field} is {} bytes long; a unix socket path has at most {MAX_SOCKET_PATH}",
+            p.len()
+        )));
+    }
+    if p.contains('\0') {
+        return Err(CniError::config(format!("{field} contains a NUL byte")));
+    }
+    Ok(p)
+}
+
 fn requires_multi_nic(runtime_config: Option<&Value>) -> bool {
     let v = runtime_config
         .and_then(|rc| rc.get(POD_ANNOTATIONS_KEY))
@@ -232,7 +254,10 @@ fn requires_multi_nic(runtime_config: Option<&Value>) -> bool {
 impl NetConf {
     /// Parses and validates the configuration bytes from stdin.
     pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
-        let raw: RawConf = serde_json::from_slice(bytes).map_err(|source| CniError::Decode {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let raw: RawConf = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| CniError::decode_at("network config", "", e))?;
+        de.end().map_err(|source| CniError::Decode {
             what: "network config",
             source,
         })?;
@@ -247,13 +272,19 @@ impl NetConf {
             )));
         }
         let veth_prefix = veth_prefix(raw.veth_prefix.as_deref())?;
+        // As the reference: only "strict" (or nothing) is strict, anything else is treated as
+        // standard. The mode matters only for branch-ENI pods; refusing an unknown value here
+        // failed every pod of a node whose entrypoint wrote it (it checks the value only with
+        // ENABLE_POD_ENI, as the reference's does).
         let sg_mode = match raw.pod_sg_enforcing_mode.as_deref() {
             None | Some("") | Some("strict") => SgEnforcingMode::Strict,
             Some("standard") => SgEnforcingMode::Standard,
             Some(o) => {
-                return Err(CniError::config(format!(
-                    "podSGEnforcingMode {o:?} is neither \"strict\" nor \"standard\""
-                )))
+                tracing::warn!(
+                    value = o,
+                    "podSGEnforcingMode is neither strict nor standard; branch-ENI pods would be wired as standard"
+                );
+                SgEnforcingMode::Standard
             }
         };
         let log_target = match raw.plugin_log_file.as_deref() {
@@ -293,6 +324,13 @@ impl NetConf {
                 )))
             }
         };
+        let ipamd_socket =
+            socket_path("ipamdSocket", raw.ipamd_socket, vpc_cni_rpc::DEFAULT_SOCKET)?;
+        let np_agent_socket = socket_path(
+            "npAgentSocket",
+            raw.np_agent_socket,
+            vpc_cni_rpc::NP_AGENT_SOCKET,
+        )?;
         Ok(NetConf {
             cni_version,
             name: raw.name,
@@ -305,14 +343,8 @@ impl NetConf {
             requires_multi_nic: requires_multi_nic(raw.runtime_config.as_ref()),
             prev_result: raw.prev_result.filter(|v| !v.is_null()),
             valid_attachments: raw.valid_attachments,
-            ipamd_socket: raw
-                .ipamd_socket
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| vpc_cni_rpc::DEFAULT_SOCKET.to_string()),
-            np_agent_socket: raw
-                .np_agent_socket
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| vpc_cni_rpc::NP_AGENT_SOCKET.to_string()),
+            ipamd_socket,
+            np_agent_socket,
             connect_timeout,
             pool_wait,
             pool_retry,
@@ -429,15 +461,17 @@ mod tests {
     }
 
     #[test]
-    fn sg_mode_accepts_strict_and_standard_only() {
+    fn sg_mode_is_strict_only_when_strict_or_absent() {
         let mut r = reference();
         r["podSGEnforcingMode"] = json!("standard");
         assert_eq!(
             parse(r.clone()).expect("std").sg_mode,
             SgEnforcingMode::Standard
         );
+        // Anything but strict is standard, as the reference reads it (found by fuzzing the
+        // installer: it writes any value when ENABLE_POD_ENI is off, and every pod failed).
         r["podSGEnforcingMode"] = json!("lax");
-        assert_eq!(parse(r).expect_err("lax").code(), 7);
+        assert_eq!(parse(r).expect("lax").sg_mode, SgEnforcingMode::Standard);
     }
 
     #[test]

@@ -249,7 +249,10 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
             tracing::debug!(error = %e, "building the veth ahead of ipamd failed; setup redoes it");
         }
         let out = match assigned {
-            Ok(reply) => self.add_assigned(inv, conf, &reply).await,
+            Ok(reply) => {
+                crate::failpoint::hit(crate::failpoint::IPAMD_ANSWERED);
+                self.add_assigned(inv, conf, &reply).await
+            }
             Err(e) => Err(e),
         };
         if out.is_err() {
@@ -291,6 +294,7 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
                 });
             }
             done.push(spec);
+            crate::failpoint::hit(crate::failpoint::RULES);
         }
         if !reply.network_policy_mode.is_empty() {
             let req = EnforceNpRequest {
@@ -369,18 +373,52 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
             })
             .unwrap_or_default();
         if let Some(DummyInfo::Branch { vlan_id }) = prev.as_ref().and_then(PrevResult::dummy) {
-            // Branch-ENI pods are handled locally, without ipamd, as the reference does.
-            if inv.netns.is_empty() {
+            // Branch-ENI pods are torn down locally, from prevResult, as the reference does.
+            // Unlike the reference, ipamd is asked to release too (best effort): this plugin
+            // never builds branch-ENI pods, so a prevResult claiming one must not keep an
+            // address ipamd did assign to this container (ipamd not knowing it is the usual
+            // answer).
+            let torn = if inv.netns.is_empty() {
                 tracing::info!(
                     vlan_id,
-                    "branch-ENI pod DEL with empty netns: nothing to do"
+                    "branch-ENI pod DEL with empty netns: no host wiring to remove"
                 );
-                return Ok(());
-            }
-            return self
-                .teardown_all(&prev_teardown)
+                Ok(())
+            } else {
+                self.teardown_all(&prev_teardown)
+                    .await
+                    .map_err(|source| CniError::Teardown { source })
+            };
+            match self
+                .ipam
+                .del_network(self.del_request(inv, conf, REASON_POD_DELETED))
                 .await
-                .map_err(|source| CniError::Teardown { source });
+            {
+                Ok(r) if r.success && !r.ip_allocation_metadata.is_empty() => {
+                    tracing::warn!(
+                        vlan_id,
+                        "ipamd held an address for a branch-ENI prevResult; released"
+                    );
+                    let items: Vec<PodTeardown> = r
+                        .ip_allocation_metadata
+                        .iter()
+                        .filter_map(|m| {
+                            Some(PodTeardown {
+                                ip: allocation_ip(m).ok().flatten()?,
+                                route_table: route_table(m),
+                            })
+                        })
+                        .collect();
+                    if let Err(e) = self.teardown_all(&items).await {
+                        tracing::warn!(error = %e, "teardown of ipamd's allocation incomplete");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %crate::error::CniError::details(&ipam_error("DelNetwork", e)), "ipamd has nothing for the branch-ENI pod")
+                }
+            }
+            return torn;
         }
         let req = self.del_request(inv, conf, REASON_POD_DELETED);
         let reply = match self.ipam.del_network(req).await {

@@ -2,6 +2,7 @@
 //! `CNI_ARGS`, `CNI_PATH`. Pure: variables come from a lookup function.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt;
 
 use crate::error::CniError;
@@ -147,6 +148,38 @@ pub fn valid_ifname(s: &str) -> bool {
         && s != "."
         && s != ".."
         && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+/// Every CNI variable [`Invocation::from_env`] reads.
+pub const CNI_VARS: [&str; 6] = [
+    "CNI_COMMAND",
+    "CNI_CONTAINERID",
+    "CNI_NETNS",
+    "CNI_IFNAME",
+    "CNI_ARGS",
+    "CNI_PATH",
+];
+
+/// The process environment's values of `vars`, refusing one that is set but not UTF-8 (code
+/// 4, naming it): read as a `String`, such a value would look unset, so a `CNI_NETNS` or
+/// `CNI_ARGS` of the wrong bytes would be taken for a missing one.
+pub fn utf8_vars(
+    get_os: &dyn Fn(&str) -> Option<OsString>,
+    vars: &[&'static str],
+) -> Result<BTreeMap<&'static str, String>, CniError> {
+    let mut out = BTreeMap::new();
+    for &var in vars {
+        if let Some(v) = get_os(var) {
+            let v = v
+                .into_string()
+                .map_err(|raw| CniError::InvalidEnvironment {
+                    var,
+                    reason: format!("{} is not UTF-8", raw.to_string_lossy()),
+                })?;
+            out.insert(var, v);
+        }
+    }
+    Ok(out)
 }
 
 impl Invocation {

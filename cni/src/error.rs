@@ -81,6 +81,18 @@ pub enum CniError {
         #[source]
         source: serde_json::Error,
     },
+    /// A field of the network configuration (or of `prevResult`) has the wrong JSON type, or
+    /// the text breaks off or is not UTF-8 inside it.
+    #[error("failed to decode {what}: field {field}")]
+    DecodeField {
+        /// What was being decoded.
+        what: &'static str,
+        /// The field's path (`mtu`, `prevResult.ips[0].interface`).
+        field: String,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The network configuration is valid JSON but has a bad value.
     #[error("invalid network config: {reason}")]
     InvalidConfig {
@@ -194,13 +206,33 @@ pub enum CniError {
     },
 }
 
+/// A decode error's position as a field path (`ipam.type`, `ips[0].interface`), up to the
+/// first segment that has no name (a key that itself failed to decode); `None` at the root.
+pub fn field_path(path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => break,
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 impl CniError {
     /// The CNI error code for this error.
     pub fn code(&self) -> u32 {
         match self {
             CniError::IncompatibleVersion { .. } => code::INCOMPATIBLE_VERSION,
             CniError::InvalidEnvironment { .. } => code::INVALID_ENVIRONMENT,
-            CniError::Decode { .. } => code::DECODING_FAILURE,
+            CniError::Decode { .. } | CniError::DecodeField { .. } => code::DECODING_FAILURE,
             CniError::InvalidConfig { .. } => code::INVALID_NETWORK_CONFIG,
             CniError::Io { .. } => code::IO_FAILURE,
             CniError::UnknownContainer { .. } => code::UNKNOWN_CONTAINER,
@@ -230,6 +262,37 @@ impl CniError {
             cause = c.source();
         }
         parts.join(": ")
+    }
+
+    /// A decode error of `what`, naming the field where it happened (from its path); one
+    /// at the document's root is a plain [`CniError::Decode`].
+    pub fn decode_at(
+        what: &'static str,
+        prefix: &str,
+        e: serde_path_to_error::Error<serde_json::Error>,
+    ) -> CniError {
+        let path = field_path(e.path()).unwrap_or_default();
+        let source = e.into_inner();
+        if path.is_empty() {
+            if prefix.is_empty() {
+                return CniError::Decode { what, source };
+            }
+            return CniError::DecodeField {
+                what,
+                field: prefix.to_string(),
+                source,
+            };
+        }
+        let field = if prefix.is_empty() {
+            path
+        } else {
+            format!("{prefix}.{path}")
+        };
+        CniError::DecodeField {
+            what,
+            field,
+            source,
+        }
     }
 
     pub(crate) fn config(reason: impl Into<String>) -> CniError {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod driver;
 pub mod env;
 pub mod error;
+pub mod failpoint;
 pub mod gc;
 pub mod logging;
 pub mod memory;
@@ -22,6 +23,7 @@ pub mod result;
 pub mod timing;
 pub mod version;
 
+use std::ffi::OsString;
 use std::io::Read;
 
 use serde_json::Value;
@@ -73,6 +75,40 @@ fn fail(version: CniVersion, err: &CniError) -> Output {
     }
 }
 
+/// The most stdin the plugin reads as its network config (16 MiB): a config with a GC list
+/// of 100,000 attachments is under 10 MiB; past the bound the input is refused unread.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// Reads the network config from `stdin`, at most [`MAX_CONFIG_BYTES`] (more is refused with
+/// code 7, naming stdin, without reading the rest).
+pub fn read_config(stdin: &mut dyn Read) -> Result<Vec<u8>, CniError> {
+    let mut bytes = Vec::new();
+    stdin
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| CniError::Io {
+            what: "reading the network config from stdin",
+            source,
+        })?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(CniError::InvalidConfig {
+            reason: format!("the network config on stdin is larger than {MAX_CONFIG_BYTES} bytes"),
+        });
+    }
+    Ok(bytes)
+}
+
+/// The whole invocation from the process environment as `get_os` reads it (`std::env::var_os`):
+/// a CNI variable that is set but not UTF-8 is refused, naming it; then [`run`].
+pub fn run_os(get_os: &dyn Fn(&str) -> Option<OsString>, stdin: &mut dyn Read) -> Output {
+    let mut names = env::CNI_VARS.to_vec();
+    names.push(failpoint::ENV);
+    match env::utf8_vars(get_os, &names) {
+        Ok(vars) => run(&|k| vars.get(k).cloned(), stdin),
+        Err(e) => fail(CniVersion::CURRENT, &e),
+    }
+}
+
 /// The whole invocation: environment from `get_env`, configuration from `stdin`.
 pub fn run(get_env: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Output {
     let inv = match Invocation::from_env(get_env) {
@@ -86,6 +122,9 @@ pub fn run(get_env: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Ou
         Ok(EnvOutcome::Run(inv)) => inv,
         Err(e) => return fail(CniVersion::CURRENT, &e),
     };
+    if let Err(e) = failpoint::init(&get_env(failpoint::ENV).unwrap_or_default()) {
+        return fail(CniVersion::CURRENT, &e);
+    }
     if inv.command == Command::Version {
         return Output {
             stdout: Some(version::version_info().to_string()),
@@ -94,16 +133,10 @@ pub fn run(get_env: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Ou
         };
     }
     timing::mark("stdin");
-    let mut bytes = Vec::new();
-    if let Err(source) = stdin.read_to_end(&mut bytes) {
-        return fail(
-            CniVersion::CURRENT,
-            &CniError::Io {
-                what: "reading the network config from stdin",
-                source,
-            },
-        );
-    }
+    let bytes = match read_config(stdin) {
+        Ok(b) => b,
+        Err(e) => return fail(CniVersion::CURRENT, &e),
+    };
     timing::mark("parse");
     let conf = match NetConf::parse(&bytes) {
         Ok(c) => c,
@@ -125,11 +158,17 @@ pub fn run(get_env: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Ou
     let version = conf.cni_version;
     timing::mark("execute");
     match execute(&inv, &conf) {
-        Ok(Some(v)) => Output {
-            stdout: Some(v.to_string()),
-            stderr: None,
-            exit_code: 0,
-        },
+        Ok(Some(v)) => {
+            let stdout = v.to_string();
+            if inv.command == Command::Add {
+                failpoint::hit(failpoint::BEFORE_RESULT);
+            }
+            Output {
+                stdout: Some(stdout),
+                stderr: None,
+                exit_code: 0,
+            }
+        }
         Ok(None) => Output {
             stdout: None,
             stderr: None,

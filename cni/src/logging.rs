@@ -55,8 +55,11 @@ pub fn init(target: &LogTarget, l: LogLevel) {
         .with_filter(LevelFilter::from_level(level(l)));
     // Only with AWS_CNI_TIMING=1: the pod-network steps become timing marks.
     let steps = crate::timing::enabled().then_some(crate::timing::StepLayer);
+    // Only with VPC_CNI_FAILPOINTS (tests): the pod-network steps can kill the plugin.
+    let kills = crate::failpoint::armed().then_some(crate::failpoint::StepLayer);
     let _ = tracing_subscriber::registry()
         .with(fmt)
         .with(steps)
+        .with(kills)
         .try_init();
 }

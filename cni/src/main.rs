@@ -6,7 +6,8 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let get_env = |k: &str| std::env::var(k).ok();
     vpc_cni_plugin::timing::init(&get_env);
-    let out = vpc_cni_plugin::run(&get_env, &mut std::io::stdin().lock());
+    let get_os = |k: &str| std::env::var_os(k);
+    let out = vpc_cni_plugin::run_os(&get_os, &mut std::io::stdin().lock());
     vpc_cni_plugin::timing::mark("output");
     if let Some(s) = out.stderr {
         let _ = std::io::stderr().write_all(s.as_bytes());

@@ -17,6 +17,9 @@ use vpc_cni_net::IpCidr;
 use crate::error::CniError;
 use crate::version::CniVersion;
 
+/// The largest 802.1Q VLAN id (a branch-ENI dummy's `mac`).
+pub const MAX_VLAN_ID: u32 = 4094;
+
 /// One wired pod interface, as ADD reports it and DEL/CHECK read it back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodAttachment {
@@ -192,10 +195,8 @@ pub struct PrevResult {
 impl PrevResult {
     /// Parses a raw `prevResult`.
     pub fn parse(v: &Value) -> Result<PrevResult, CniError> {
-        PrevResult::deserialize(v).map_err(|source| CniError::Decode {
-            what: "prevResult",
-            source,
-        })
+        serde_path_to_error::deserialize(v)
+            .map_err(|e| CniError::decode_at("prevResult", "prevResult", e))
     }
 
     /// The dummy entry (the last interface named `dummy…`), if present.
@@ -205,8 +206,10 @@ impl PrevResult {
             .iter()
             .rev()
             .find(|i| i.name.starts_with("dummy"))?;
+        // Only an 802.1Q id (1..=4094) is a VLAN; anything else in `mac` ("0", a real MAC
+        // written by a chained plugin, a number past u32) is a normal pod's dummy.
         let vlan: u32 = d.mac.parse().unwrap_or(0);
-        if vlan != 0 {
+        if (1..=MAX_VLAN_ID).contains(&vlan) {
             Some(DummyInfo::Branch { vlan_id: vlan })
         } else {
             Some(DummyInfo::Normal {
@@ -224,7 +227,7 @@ impl PrevResult {
             Some(DummyInfo::Normal { device_number }) => {
                 route_table_id(0, u32::try_from(device_number).unwrap_or(0))
             }
-            Some(DummyInfo::Branch { vlan_id }) => vlan_id + 100,
+            Some(DummyInfo::Branch { vlan_id }) => vlan_id.saturating_add(100),
             None => vpc_cni_net::MAIN_TABLE,
         };
         let mut out = Vec::new();

@@ -93,7 +93,7 @@ impl FromStr for CniVersion {
             .ok_or_else(|| CniError::IncompatibleVersion {
                 version: s.to_string(),
                 reason: format!(
-                    "supported versions are {}",
+                    "cniVersion must be one of {}",
                     CniVersion::ALL.map(CniVersion::as_str).join(", ")
                 ),
             })

@@ -71,7 +71,19 @@ impl EgressConf {
             #[serde(rename = "prevResult", borrow, default)]
             prev_result: Option<&'a RawValue>,
         }
-        let v: Value = serde_json::from_slice(bytes).map_err(|e| EgressError::Decode {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let v: Value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let field = vpc_cni_plugin::error::field_path(e.path());
+            let source = e.into_inner();
+            match field {
+                None => EgressError::Decode {
+                    what: "network config",
+                    source,
+                },
+                Some(field) => EgressError::DecodeField { field, source },
+            }
+        })?;
+        de.end().map_err(|e| EgressError::Decode {
             what: "network config",
             source: e,
         })?;

@@ -19,6 +19,15 @@ pub enum EgressError {
         #[source]
         source: serde_json::Error,
     },
+    /// A field of the config breaks off, is nested too deep or is not UTF-8.
+    #[error("failed to decode network config field {field}")]
+    DecodeField {
+        /// The field's path.
+        field: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
     /// A config field is missing or malformed.
     #[error("invalid network config field {field}: {reason}")]
     Config {
@@ -83,7 +92,7 @@ impl EgressError {
         use vpc_cni_plugin::error::code as spec;
         match self {
             EgressError::Cni(e) => e.code(),
-            EgressError::Decode { .. } => spec::DECODING_FAILURE,
+            EgressError::Decode { .. } | EgressError::DecodeField { .. } => spec::DECODING_FAILURE,
             EgressError::Config { .. } => spec::INVALID_NETWORK_CONFIG,
             EgressError::Ipam { .. } => code::IPAM_FAILED,
             EgressError::NoAddress { .. } => code::NO_ADDRESS,

@@ -128,28 +128,48 @@ pub fn parse_result(plugin: &str, stdout: &str, family: Family) -> Result<IpamRe
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    let found = ips.iter().find_map(|ip| {
+    let found = ips.iter().enumerate().find_map(|(i, ip)| {
         let cidr: IpCidr = ip.get("address")?.as_str()?.parse().ok()?;
-        (cidr.family() == family).then(|| (cidr, parse_ip(ip, "gateway")))
+        (cidr.family() == family).then(|| (i, cidr, parse_ip(ip, "gateway")))
     });
-    let Some((ip, gateway)) = found else {
+    let Some((i, ip, gateway)) = found else {
         return Err(EgressError::NoAddress {
             plugin: plugin.to_string(),
             family: fam_name,
         });
     };
-    let routes = v
+    // A gateway of the other family cannot route the address: refused here, naming it,
+    // rather than by netlink halfway through the wiring.
+    let other_family = |field: String, g: IpAddr| EgressError::Ipam {
+        plugin: plugin.to_string(),
+        command: "ADD",
+        msg: format!("its result has {field} {g}, not an {fam_name} address"),
+    };
+    if let Some(g) = gateway.filter(|g| Family::of(g) != family) {
+        return Err(other_family(format!("ips[{i}].gateway"), g));
+    }
+    let mut routes = Vec::new();
+    for (j, r) in v
         .get("routes")
         .and_then(Value::as_array)
-        .map(|rs| {
-            rs.iter()
-                .filter_map(|r| {
-                    let dst: IpCidr = r.get("dst")?.as_str()?.parse().ok()?;
-                    (dst.family() == family).then(|| (dst, parse_ip(r, "gw")))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let Some(dst) = r
+            .get("dst")
+            .and_then(Value::as_str)
+            .and_then(|d| d.parse::<IpCidr>().ok())
+            .filter(|d| d.family() == family)
+        else {
+            continue;
+        };
+        let gw = parse_ip(r, "gw");
+        if let Some(g) = gw.filter(|g| Family::of(g) != family) {
+            return Err(other_family(format!("routes[{j}].gw"), g));
+        }
+        routes.push((dst, gw));
+    }
     Ok(IpamResult {
         ip,
         gateway,
@@ -207,6 +227,25 @@ mod tests {
             parse_result("host-local", "not json", Family::V4),
             Err(EgressError::Ipam { .. })
         ));
+    }
+
+    #[test]
+    fn a_gateway_of_the_other_family_is_refused_by_name() {
+        // Found by fuzzing: accepted, then netlink failed halfway through the wiring.
+        let e = parse_result(
+            "host-local",
+            r#"{"cniVersion":"1.0.0","dns":null,"ips":[{"address":"fd00::ac:5/118","gateway":"169.254.172.1"}],"routes":[]}"#,
+            Family::V6,
+        )
+        .expect_err("v4 gateway");
+        assert!(e.to_string().contains("ips[0].gateway"), "{e}");
+        let e = parse_result(
+            "host-local",
+            r#"{"ips":[{"address":"169.254.172.7/22"}],"routes":[{"dst":"::/0"},{"dst":"0.0.0.0/0","gw":"fd00::1"}]}"#,
+            Family::V4,
+        )
+        .expect_err("v6 route gw");
+        assert!(e.to_string().contains("routes[1].gw"), "{e}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod error;
 pub mod ipam;
 pub mod wiring;
 
+use std::ffi::OsString;
 use std::io::Read;
 use std::path::Path;
 
@@ -57,6 +58,15 @@ fn version_hint(bytes: &[u8]) -> String {
         .unwrap_or_else(|| CniVersion::CURRENT.as_str().to_string())
 }
 
+/// Runs one invocation from the process environment as `get_os` reads it
+/// (`std::env::var_os`): a CNI variable that is set but not UTF-8 is refused, naming it.
+pub fn run_os(get_os: &dyn Fn(&str) -> Option<OsString>, stdin: &mut dyn Read) -> Output {
+    match vpc_cni_plugin::env::utf8_vars(get_os, &vpc_cni_plugin::env::CNI_VARS) {
+        Ok(vars) => run(&|k| vars.get(k).cloned(), stdin),
+        Err(e) => fail(CniVersion::CURRENT.as_str(), &EgressError::Cni(e)),
+    }
+}
+
 /// Runs one invocation: `get_env` reads the CNI variables, `stdin` the network config.
 pub fn run(get_env: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Output {
     let inv = match Invocation::from_env(get_env) {
@@ -81,16 +91,10 @@ pub fn run(get_env: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Ou
             exit_code: 0,
         };
     }
-    let mut bytes = Vec::new();
-    if let Err(e) = stdin.read_to_end(&mut bytes) {
-        return fail(
-            CniVersion::CURRENT.as_str(),
-            &EgressError::Config {
-                field: "(stdin)".into(),
-                reason: format!("cannot read the network config: {e}"),
-            },
-        );
-    }
+    let bytes = match vpc_cni_plugin::read_config(stdin) {
+        Ok(b) => b,
+        Err(e) => return fail(CniVersion::CURRENT.as_str(), &EgressError::Cni(e)),
+    };
     let conf = match EgressConf::parse(&bytes) {
         Ok(c) => c,
         Err(e) => return fail(&version_hint(&bytes), &e),
@@ -168,11 +172,24 @@ fn add(inv: &Invocation, conf: &EgressConf) -> Result<String, EgressError> {
         what: "prevResult",
         source: e,
     })?;
-    if !result.is_object() {
+    let Some(obj) = result.as_object_mut() else {
         return Err(EgressError::Config {
             field: "prevResult".into(),
             reason: "must be a JSON object".into(),
         });
+    };
+    // The result is prevResult with our two interfaces appended: checked before IPAM runs.
+    match obj.get("interfaces") {
+        None | Some(Value::Array(_)) => {}
+        Some(Value::Null) => {
+            obj.insert("interfaces".into(), json!([]));
+        }
+        Some(other) => {
+            return Err(EgressError::Config {
+                field: "prevResult.interfaces".into(),
+                reason: format!("must be a list, not {other}"),
+            })
+        }
     }
     let family = family_of(conf)?;
     let node_ip = conf.node_ip.ok_or_else(|| EgressError::Config {

@@ -5,8 +5,8 @@ use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let get_env = |k: &str| std::env::var(k).ok();
-    let out = vpc_cni_egress::run(&get_env, &mut std::io::stdin().lock());
+    let get_os = |k: &str| std::env::var_os(k);
+    let out = vpc_cni_egress::run_os(&get_os, &mut std::io::stdin().lock());
     if let Some(s) = out.stderr {
         let _ = std::io::stderr().write_all(s.as_bytes());
     }

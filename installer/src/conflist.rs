@@ -19,6 +19,15 @@ pub const CONFLIST_NAME: &str = "10-aws.conflist";
 /// The template shipped in `manifests/10-aws.conflist`.
 pub const TEMPLATE: &str = include_str!("../../manifests/10-aws.conflist");
 
+/// The placeholders this installer fills in.
+pub const PLACEHOLDERS: [&str; 5] = [
+    "__VETHPREFIX__",
+    "__MTU__",
+    "__PODSGENFORCINGMODE__",
+    "__PLUGINLOGFILE__",
+    "__PLUGINLOGLEVEL__",
+];
+
 /// The placeholders of the template and the values they take.
 pub fn placeholders(settings: &Settings) -> [(&'static str, String); 5] {
     [
@@ -97,10 +106,44 @@ pub fn validate(value: &Value) -> Result<(), InstallerError> {
             return bad(&format!("plugin {i} has no type"));
         }
     }
-    if let Some(left) = unreplaced_placeholder(value) {
-        return bad(&format!("placeholder {left} left unreplaced"));
-    }
     Ok(())
+}
+
+/// Refuses a template with a `__PLACEHOLDER__` this installer does not fill in. Checked on
+/// the template, not on the rendered conflist: a setting's value may look like a placeholder.
+fn check_placeholders(template: &str) -> Result<(), InstallerError> {
+    let Ok(value) = serde_json::from_str::<Value>(template) else {
+        // Placeholders sit inside strings, so the template is JSON; render reports the error.
+        return Ok(());
+    };
+    let known: Vec<&str> = PLACEHOLDERS.to_vec();
+    let mut left = None;
+    find_unknown_placeholder(&value, &known, &mut left);
+    match left {
+        Some(p) => Err(InstallerError::Conflist(format!(
+            "placeholder {p} left unreplaced"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn find_unknown_placeholder(value: &Value, known: &[&str], left: &mut Option<String>) {
+    if left.is_some() {
+        return;
+    }
+    match value {
+        Value::Array(items) => items
+            .iter()
+            .for_each(|v| find_unknown_placeholder(v, known, left)),
+        Value::Object(map) => map
+            .values()
+            .for_each(|v| find_unknown_placeholder(v, known, left)),
+        v => {
+            if let Some(p) = unreplaced_placeholder(v).filter(|p| !known.contains(p)) {
+                *left = Some(p.to_owned());
+            }
+        }
+    }
 }
 
 /// The `egress-cni` entry of the conflist (spec 1.1 item 2): in an IPv6 cluster
@@ -153,13 +196,35 @@ pub fn egress_entry(settings: &Settings) -> Value {
     })
 }
 
+/// `template` with each placeholder replaced by its JSON-escaped value, in one pass over the
+/// template: a value that itself contains a placeholder (a log file named
+/// `/x/__PLUGINLOGLEVEL__`) is written as it is, not expanded again.
+fn replace_placeholders(template: &str, values: &[(&'static str, String)]) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(at) = rest.find("__") {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        match values.iter().find(|(p, _)| rest.starts_with(p)) {
+            Some((p, v)) => {
+                out.push_str(&json_escaped(v));
+                rest = &rest[p.len()..];
+            }
+            None => {
+                out.push_str("__");
+                rest = &rest[2..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Renders `template` with `settings`: placeholders replaced, validated, optional plugins
 /// appended. Returns the JSON text to install (indented, with a final newline).
 pub fn render(template: &str, settings: &Settings) -> Result<String, InstallerError> {
-    let mut text = template.to_owned();
-    for (placeholder, value) in placeholders(settings) {
-        text = text.replace(placeholder, &json_escaped(&value));
-    }
+    check_placeholders(template)?;
+    let text = replace_placeholders(template, &placeholders(settings));
     let mut value: Value = serde_json::from_str(&text)
         .map_err(|e| InstallerError::Conflist(format!("not JSON: {e}")))?;
     validate(&value)?;
@@ -235,6 +300,19 @@ mod tests {
             v["plugins"][2]["capabilities"],
             json!({"portMappings": true})
         );
+    }
+
+    #[test]
+    fn a_value_holding_a_placeholder_is_written_as_it_is() {
+        // Found by fuzzing: the log file became "/x/Debug" when the level was replaced after it.
+        let v = rendered(&[
+            ("AWS_VPC_K8S_PLUGIN_LOG_FILE", "/x/__PLUGINLOGLEVEL__"),
+            ("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "__MTU__"),
+        ]);
+        let aws = &v["plugins"][0];
+        assert_eq!(aws["pluginLogFile"], "/x/__PLUGINLOGLEVEL__");
+        assert_eq!(aws["pluginLogLevel"], "__MTU__");
+        assert_eq!(aws["mtu"], "9001");
     }
 
     #[test]

@@ -120,13 +120,25 @@ pub fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// Checks a veth prefix: at most 4 characters, not `eth`, `lo` or `vlan`.
+/// Checks a veth prefix: at most 4 characters, not `eth`, `lo` or `vlan`, and only the
+/// characters the plugin accepts in it (ASCII letters, digits, `_`, `-`): the plugin refuses any
+/// other with code 7, so a prefix the entrypoint let through failed every pod on the node.
 pub fn validate_veth_prefix(prefix: &str) -> Result<(), InstallerError> {
     if prefix.len() > 4 || ["eth", "lo", "vlan"].contains(&prefix) {
         return Err(bad(
             "AWS_VPC_K8S_CNI_VETHPREFIX",
             prefix,
             "at most 4 characters, and not eth, lo or vlan",
+        ));
+    }
+    if !prefix
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(bad(
+            "AWS_VPC_K8S_CNI_VETHPREFIX",
+            prefix,
+            "only ASCII letters, digits, _ and - (it starts every host veth name)",
         ));
     }
     Ok(())
@@ -381,7 +393,10 @@ mod tests {
                 "{ok}"
             );
         }
-        for bad in ["eth", "lo", "vlan", "enis0"] {
+        // Characters the plugin refuses in an interface name (found by fuzzing against it).
+        for bad in [
+            "eth", "lo", "vlan", "enis0", "a b", "a/b", "é", "e.n", "a:b", "¡",
+        ] {
             assert_eq!(
                 refused_var(&[("AWS_VPC_K8S_CNI_VETHPREFIX", bad)]),
                 "AWS_VPC_K8S_CNI_VETHPREFIX"

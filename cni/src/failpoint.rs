@@ -1,0 +1,228 @@
+//! Kill points on ADD: named steps where a crash test can make the plugin SIGKILL itself, as
+//! a node's OOM killer or the runtime's timeout would stop it (no destructor, no undo, no
+//! result printed).
+//!
+//! `VPC_CNI_FAILPOINTS=name=N[,name=N...]` arms them: the Nth time the plugin reaches `name`
+//! it kills itself. The same variable and syntax as ipamd's failpoints, with the plugin's own
+//! names (unknown names are refused, naming the variable). Unset, each point costs one atomic
+//! load. Tests only; documented in docs/settings.md.
+//!
+//! The wiring steps are `vpc-cni-net`'s `pod setup step` trace events: a point "after X" is
+//! the instant the step following X starts (the [`StepLayer`] sees it).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::Layer;
+
+use crate::error::CniError;
+
+/// The environment variable that arms kill points.
+pub const ENV: &str = "VPC_CNI_FAILPOINTS";
+
+/// ipamd answered AddNetwork with an address; nothing of the pod's wiring depends on it yet.
+pub const IPAMD_ANSWERED: &str = "add-ipamd-answered";
+/// The veth pair exists (host end in the node, container end in the pod), not yet up.
+pub const VETH_CREATED: &str = "add-veth-created";
+/// The pod's address is on its interface; neighbour, host route and rules not yet.
+pub const POD_ADDRESS: &str = "add-pod-address";
+/// The pod side is complete (IPv6: duplicate address detection done); no host route yet.
+pub const POD_SIDE_DONE: &str = "add-pod-side-done";
+/// The host route to the pod is in place; its rules not yet.
+pub const HOST_ROUTE: &str = "add-host-route";
+/// The host rule `to <pod> lookup main` (512) is in place; `from <pod>` (1536) not yet.
+pub const TO_POD_RULE: &str = "add-to-pod-rule";
+/// The host rules of an interface are in place (its wiring is complete).
+pub const RULES: &str = "add-rules";
+/// Everything is done and the result built; it is not printed yet.
+pub const BEFORE_RESULT: &str = "add-before-result";
+
+/// Every kill point, in the order an ADD reaches them (the veth may be built while ipamd is
+/// still answering).
+pub const ALL: &[&str] = &[
+    IPAMD_ANSWERED,
+    VETH_CREATED,
+    POD_ADDRESS,
+    POD_SIDE_DONE,
+    HOST_ROUTE,
+    TO_POD_RULE,
+    RULES,
+    BEFORE_RESULT,
+];
+
+/// The kill point at the start of `vpc-cni-net` setup step `step` (its `Display` name).
+fn point_of_step(step: &str) -> Option<&'static str> {
+    Some(match step {
+        "HostVethSysctls" => VETH_CREATED,
+        "PodNeighbour" => POD_ADDRESS,
+        "HostRoute" => POD_SIDE_DONE,
+        "ToPodRule" => HOST_ROUTE,
+        "FromPodRule" => TO_POD_RULE,
+        _ => return None,
+    })
+}
+
+struct Armed {
+    name: &'static str,
+    at: u64,
+    seen: AtomicU64,
+}
+
+static ARMED: OnceLock<Vec<Armed>> = OnceLock::new();
+
+fn invalid(reason: String) -> CniError {
+    CniError::InvalidEnvironment { var: ENV, reason }
+}
+
+/// Parses a [`ENV`] value: comma-separated `name=N`, a known name and N >= 1. Empty items
+/// are skipped; a malformed one is an error naming the variable (code 4).
+pub fn parse(value: &str) -> Result<Vec<(&'static str, u64)>, CniError> {
+    let mut out = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, n) = item
+            .split_once('=')
+            .ok_or_else(|| invalid(format!("{item:?} is not name=N")))?;
+        let name = ALL
+            .iter()
+            .copied()
+            .find(|k| *k == name.trim())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "unknown failpoint {:?} (known: {})",
+                    name.trim(),
+                    ALL.join(", ")
+                ))
+            })?;
+        let at = n
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| invalid(format!("{name}: {n:?} is not a count >= 1")))?;
+        out.push((name, at));
+    }
+    Ok(out)
+}
+
+/// Arms the points of `value` (once per process; later calls change nothing).
+pub fn init(value: &str) -> Result<(), CniError> {
+    let parsed = parse(value)?;
+    if parsed.is_empty() {
+        return Ok(());
+    }
+    let _ = ARMED.set(
+        parsed
+            .into_iter()
+            .map(|(name, at)| Armed {
+                name,
+                at,
+                seen: AtomicU64::new(0),
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+/// Whether any point is armed.
+pub fn armed() -> bool {
+    ARMED.get().is_some_and(|a| !a.is_empty())
+}
+
+/// Marks that ADD reached point `name`; SIGKILLs the process when it is armed and this is
+/// its Nth time.
+pub fn hit(name: &str) {
+    let Some(armed) = ARMED.get() else {
+        return;
+    };
+    for a in armed.iter().filter(|a| a.name == name) {
+        if a.seen.fetch_add(1, Ordering::Relaxed) + 1 == a.at {
+            eprintln!("aws-cni: failpoint {name} reached ({}): SIGKILL", a.at);
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            std::process::abort();
+        }
+    }
+}
+
+/// A tracing layer turning `vpc-cni-net`'s `pod setup step` events into kill points
+/// (installed only when a point is armed).
+#[derive(Debug, Default)]
+pub struct StepLayer;
+
+struct StepField(Option<String>);
+
+impl Visit for StepField {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "step" {
+            self.0 = Some(format!("{value:?}"));
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for StepLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        if !event.metadata().target().starts_with("vpc_cni_net") {
+            return;
+        }
+        let mut f = StepField(None);
+        event.record(&mut f);
+        if let Some(point) = f.0.as_deref().and_then(point_of_step) {
+            hit(point);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vpc_cni_net::pod::SetupStep;
+
+    #[test]
+    fn parses_known_names_with_counts_and_names_the_variable_otherwise() {
+        assert_eq!(
+            parse("add-veth-created=1, add-rules=2,").expect("valid"),
+            vec![(VETH_CREATED, 1), (RULES, 2)]
+        );
+        assert_eq!(parse("").expect("empty"), vec![]);
+        for bad in ["add-rules", "nope=1", "add-rules=0", "add-rules=x", "=1"] {
+            let e = parse(bad).expect_err(bad);
+            assert_eq!(e.code(), 4, "{bad}");
+            assert!(e.to_string().contains(ENV), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_step_points_follow_the_net_crate_step_names() {
+        // A renamed step in vpc-cni-net would silently disarm a point: the names must exist.
+        let names: Vec<String> = SetupStep::ALL.iter().map(|s| s.to_string()).collect();
+        for step in [
+            "HostVethSysctls",
+            "PodNeighbour",
+            "HostRoute",
+            "ToPodRule",
+            "FromPodRule",
+        ] {
+            assert!(names.iter().any(|n| n == step), "{step}");
+            assert!(point_of_step(step).is_some());
+        }
+        // Each point's step directly follows the step it is "after".
+        let pos = |s: &str| names.iter().position(|n| n == s).expect("step");
+        for (done, next) in [
+            ("CreateVeth", "HostVethSysctls"),
+            ("PodAddress", "PodNeighbour"),
+            ("WaitDad", "HostRoute"),
+            ("HostRoute", "ToPodRule"),
+            ("ToPodRule", "FromPodRule"),
+        ] {
+            assert_eq!(pos(done) + 1, pos(next), "{done} -> {next}: {names:?}");
+        }
+    }
+
+    #[test]
+    fn an_unarmed_point_does_nothing() {
+        hit(BEFORE_RESULT);
+        assert!(!armed());
+    }
+}
