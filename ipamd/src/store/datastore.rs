@@ -464,8 +464,11 @@ impl<F: Family> DataStore<F> {
 
     /// Assigns an address to `key`, or returns the one it already holds.
     ///
-    /// Choice: a never-used address first (walking each CIDR from its base), else the address
-    /// whose cooldown ended longest ago; addresses in cooldown are never chosen.
+    /// Choice: the first ENI (primary, then by device number) that has a usable address, as
+    /// the reference walks its ENIs, so pods pack onto the first ENIs and a later ENI empties
+    /// when the node's load falls and can be freed. On that ENI: a never-used address first
+    /// (walking each CIDR from its base), else the address whose cooldown ended longest ago;
+    /// addresses in cooldown are never chosen.
     pub fn assign(
         &mut self,
         key: &IpamKey,
@@ -483,31 +486,36 @@ impl<F: Family> DataStore<F> {
                 previous: None,
             });
         }
-        let mut reuse: Option<(Duration, String, F::Net, F::Addr)> = None;
-        let mut fresh: Option<(String, F::Net, F::Addr)> = None;
-        'outer: for id in self.ordered_ids() {
-            let e = &self.enis[&id];
-            if !self.eni_serves_pods(e) {
-                continue;
-            }
+        let mut order: Vec<&Eni<F>> = self
+            .enis
+            .values()
+            .filter(|e| self.eni_serves_pods(e))
+            .collect();
+        order.sort_by_key(|e| (!e.is_primary, e.device_number, &e.id));
+        let mut chosen: Option<(String, F::Net, F::Addr)> = None;
+        for e in order {
+            let mut reuse: Option<(Duration, F::Net, F::Addr)> = None;
+            let mut fresh: Option<(F::Net, F::Addr)> = None;
             for c in e.cidrs.values().filter(|c| self.usable(c)) {
                 if let Some(ip) = F::hosts(&c.cidr).find(|ip| !c.addresses.contains_key(ip)) {
-                    fresh = Some((id.clone(), c.cidr, ip));
-                    break 'outer;
+                    fresh = Some((c.cidr, ip));
+                    break;
                 }
                 for (ip, a) in &c.addresses {
                     if a.key.is_none() && !a.release_pending && !is_cooling(a, now, self.cooldown) {
                         let t = a.unassigned_at.unwrap_or_default();
                         if reuse.as_ref().is_none_or(|r| t < r.0) {
-                            reuse = Some((t, id.clone(), c.cidr, *ip));
+                            reuse = Some((t, c.cidr, *ip));
                         }
                     }
                 }
             }
+            if let Some((cidr, ip)) = fresh.or(reuse.map(|(_, c, i)| (c, i))) {
+                chosen = Some((e.id.clone(), cidr, ip));
+                break;
+            }
         }
-        let (eni, cidr, ip) = fresh
-            .or(reuse.map(|(_, e, c, i)| (e, c, i)))
-            .ok_or(DsError::NoAvailableIp)?;
+        let (eni, cidr, ip) = chosen.ok_or(DsError::NoAvailableIp)?;
         let e = self
             .enis
             .get_mut(&eni)
@@ -918,6 +926,26 @@ mod tests {
         assert_eq!(ds.views(s(40)).1[0].ips_cooling, 1);
         let d = ds.assign(&key("d"), &md, s(41)).unwrap();
         assert_eq!(d.ip, u.ip);
+    }
+
+    #[test]
+    fn pods_pack_onto_the_first_eni_with_a_usable_address() {
+        // A cooled address of the primary is taken before a never-used one of a later ENI,
+        // so the later ENI stays empty and can be freed (the planner packs the same way).
+        let mut ds = sip_store();
+        let md = IpamMetadata::default();
+        for c in ["a", "b"] {
+            ds.assign(&key(c), &md, s(0)).unwrap();
+        }
+        let u = ds.unassign(&key("a"), s(1)).unwrap();
+        ds.confirm_unassign(&u);
+        let c = ds.assign(&key("c"), &md, s(40)).unwrap();
+        assert_eq!((c.ip, c.eni_id.as_str()), (u.ip, "eni-0"));
+        // While it cools, the next ENI serves.
+        let u = ds.unassign(&key("b"), s(41)).unwrap();
+        ds.confirm_unassign(&u);
+        let d = ds.assign(&key("d"), &md, s(42)).unwrap();
+        assert_eq!(d.eni_id, "eni-1");
     }
 
     #[test]
