@@ -117,6 +117,13 @@ pub struct PoolHost {
     pub link_wait: Duration,
 }
 
+/// Woken by a request that left the pool low, the manager waits until requests pause this
+/// long before deciding (see [`PoolManager::run`]).
+pub const GATHER_QUIET: Duration = Duration::from_millis(20);
+/// ... but never longer than this after the first request: a pod waiting for an address asks
+/// again every 250 ms, which would otherwise keep postponing the growth it waits for.
+pub const GATHER_MAX: Duration = Duration::from_millis(100);
+
 /// What one tick did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TickOutcome {
@@ -375,8 +382,11 @@ impl PoolManager {
         }
     }
 
-    /// Runs until `shutdown`: a tick every period, and at once when an assignment takes the
-    /// pool low (with `immediate_top_up`).
+    /// Runs until `shutdown`: a tick every period, and soon after an assignment takes the
+    /// pool low (with `immediate_top_up`): once requests have paused for [`GATHER_QUIET`]
+    /// (at most [`GATHER_MAX`] after the first), so that the pods of one burst are decided on
+    /// together, as the planner decides on a tick's arrivals, instead of one small growth per
+    /// pod.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         loop {
             let woken = tokio::select! {
@@ -384,6 +394,17 @@ impl PoolManager {
                 _ = self.state.low.notified(), if self.cfg.rules.immediate_top_up => true,
                 _ = shutdown.changed() => return,
             };
+            if woken {
+                let until = tokio::time::Instant::now() + GATHER_MAX;
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(GATHER_QUIET) => break,
+                        _ = tokio::time::sleep_until(until) => break,
+                        _ = self.state.low.notified() => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
             let res = if woken || self.cfg.rules.immediate_top_up {
                 self.settle().await
             } else {
@@ -1136,6 +1157,39 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(n.state.lock().usable_total(), 3);
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_requests_is_topped_up_by_one_growth() {
+        let n = node(
+            &[("WARM_IP_TARGET", "8"), ("VPC_CNI_POOL_TICK", "1h")],
+            "10.0.0.0/20",
+        );
+        n.pool.settle().await.unwrap();
+        assert_eq!(n.state.lock().usable_total(), 8);
+        let assigns = n.ec2.count("AssignPrivateIpAddresses");
+        let pool = Arc::new(n.pool);
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(pool.clone().run(rx));
+        // Five pods 5 ms apart, each waking the manager as the gRPC handler does.
+        for i in 0..5 {
+            pods(&n.state, i, 1).await;
+            n.state.low.notify_one();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for _ in 0..100 {
+            if n.state.lock().usable_total() >= 13 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(n.state.lock().usable_total(), 13);
+        assert_eq!(
+            n.ec2.count("AssignPrivateIpAddresses") - assigns,
+            1,
+            "one growth for the burst"
+        );
         task.abort();
     }
 
