@@ -36,8 +36,11 @@ pub use client::{
 };
 #[cfg(feature = "server")]
 pub use server::{
-    bind_unix, health_service, serve_listener, serve_unix, HealthHandle, HealthServer, ServeError,
-    DIR_MODE, SOCKET_MODE,
+    bind_unix, health_service, health_service_with_limit, serve_listener, serve_listener_with,
+    serve_unix, HealthHandle, HealthServer, ServeError, ServeLimits, DEFAULT_FIRST_BYTE_TIMEOUT,
+    DEFAULT_KEEPALIVE, DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HEADER_LIST_SIZE, DEFAULT_MAX_MESSAGE_BYTES, DIR_MODE, SOCKET_MODE,
+    TOO_MANY_CONNECTIONS,
 };
 
 /// Code generated from `proto/rpc.proto` (package `rpc`).
