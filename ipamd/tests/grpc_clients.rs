@@ -127,7 +127,9 @@ fn toolchain_missing(what: &str) {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{msg} (CI=true: failing instead of skipping)");
     }
-    eprintln!("\n*** {msg} ***\n");
+    // Written to the stderr handle, not with eprintln!, which the test harness captures.
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "\n*** {msg} ***\n");
 }
 
 fn run(cmd: &mut Command) -> std::process::Output {
@@ -141,16 +143,31 @@ fn run(cmd: &mut Command) -> std::process::Output {
     out
 }
 
-/// The three lines a client prints for AddNetwork, DelNetwork and the health check.
-fn assert_client_lines(client: &str, stdout: &str) {
+/// The lines a client prints for AddNetwork, DelNetwork, (grpc-go only) the network policy
+/// agent's GetNetworkPolicyConfigs, and the health check.
+fn assert_client_lines(client: &str, stdout: &str, np_mode: Option<&str>) {
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 3, "{client}: {stdout}");
+    assert_eq!(
+        lines.len(),
+        3 + usize::from(np_mode.is_some()),
+        "{client}: {stdout}"
+    );
     assert!(
         lines[0].starts_with("add ok true 10.0."),
         "{client}: AddNetwork served with an address: {stdout}"
     );
     assert_eq!(lines[1], "del ok true", "{client}: {stdout}");
-    assert_eq!(lines[2], "health SERVING", "{client}: {stdout}");
+    if let Some(mode) = np_mode {
+        assert!(
+            lines[2].starts_with(&format!("npconfig ok \"{mode}\" 10.0.")),
+            "{client}: {stdout}"
+        );
+    }
+    assert_eq!(
+        lines[lines.len() - 1],
+        "health SERVING",
+        "{client}: {stdout}"
+    );
 }
 
 #[test]
@@ -182,7 +199,7 @@ fn grpcio_with_default_options_is_served() {
         VERSION,
         CONTAINER,
     ]));
-    assert_client_lines("grpcio", &String::from_utf8_lossy(&result.stdout));
+    assert_client_lines("grpcio", &String::from_utf8_lossy(&result.stdout), None);
 }
 
 /// Where Debian's Go packages put their sources (GOPATH mode).
@@ -266,10 +283,17 @@ fn grpc_go_dialling_like_the_reference_plugin_is_served() {
         &client.display().to_string(),
         "vpccnitest/client",
     ]));
-    let ipamd = Ipamd::start("ipamd.sock", &[]);
+    let ipamd = Ipamd::start(
+        "ipamd.sock",
+        &[("NETWORK_POLICY_ENFORCING_MODE", "standard")],
+    );
     let result =
         run(Command::new(&client).args([&ipamd.socket.display().to_string(), VERSION, CONTAINER]));
-    assert_client_lines("grpc-go", &String::from_utf8_lossy(&result.stdout));
+    assert_client_lines(
+        "grpc-go",
+        &String::from_utf8_lossy(&result.stdout),
+        Some("standard"),
+    );
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> String {

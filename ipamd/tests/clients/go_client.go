@@ -3,7 +3,8 @@
 // WithBlock, no deadline on the calls. Used by ipamd/tests/grpc_clients.rs.
 //
 // Usage: go_client <socket path> <client version> <container id>
-// Prints one line per call: "add ok <success> <ipv4>", "del ok <success>", "health <status>",
+// Prints one line per call: "add ok <success> <ipv4>", "del ok <success>",
+// "npconfig ok <mode> <node ip>" (the network policy agent's call), "health <status>",
 // or "<call> err <code> <message>"; exits 0 once every call has been attempted.
 package main
 
@@ -16,6 +17,7 @@ import (
 	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
 
 	"vpccnitest/rpc"
 )
@@ -70,6 +72,15 @@ func main() {
 		fmt.Printf("del err %s %q\n", st.Code(), st.Message())
 	} else {
 		fmt.Printf("del ok %t\n", del.Success)
+	}
+
+	// What the network policy agent asks ipamd on the same socket.
+	np, err := rpc.NewConfigServerBackendClient(conn).GetNetworkPolicyConfigs(ctx, &emptypb.Empty{})
+	if err != nil {
+		st := status.Convert(err)
+		fmt.Printf("npconfig err %s %q\n", st.Code(), st.Message())
+	} else {
+		fmt.Printf("npconfig ok %q %s\n", np.NetworkPolicyMode, np.NodeIPv4)
 	}
 
 	h, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
