@@ -266,6 +266,7 @@ async fn accept_loop(
     tx: mpsc::Sender<io::Result<LimitedConn>>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut refusals = RefusalLog::default();
     loop {
         let accepted = tokio::select! {
             () = tx.closed() => return,
@@ -292,11 +293,36 @@ async fn accept_loop(
                 }
             }
             Err(_) => {
-                tracing::warn!(
-                    limit = limits.max_connections,
-                    "gRPC socket: {TOO_MANY_CONNECTIONS}; connection refused"
-                );
+                if let Some(refused) = refusals.note() {
+                    tracing::warn!(
+                        limit = limits.max_connections,
+                        refused,
+                        "gRPC socket: {TOO_MANY_CONNECTIONS}; connections refused"
+                    );
+                }
                 tokio::spawn(refuse(stream));
+            }
+        }
+    }
+}
+
+/// Counts refused connections so a flood logs one line a second, not one per connection.
+#[derive(Default)]
+struct RefusalLog {
+    since: Option<tokio::time::Instant>,
+    count: u64,
+}
+
+impl RefusalLog {
+    /// Notes one refusal; returns how many to report when a line is due.
+    fn note(&mut self) -> Option<u64> {
+        self.count += 1;
+        let now = tokio::time::Instant::now();
+        match self.since {
+            Some(t) if now.duration_since(t) < Duration::from_secs(1) => None,
+            _ => {
+                self.since = Some(now);
+                Some(std::mem::take(&mut self.count))
             }
         }
     }

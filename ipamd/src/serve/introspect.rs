@@ -561,6 +561,8 @@ impl HttpListener {
         let mut shutdown = std::pin::pin!(shutdown);
         let limits = self.limits;
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        // Refusals are logged at most once a second, with how many there were.
+        let (mut refused, mut last_warn) = (0u64, None::<tokio::time::Instant>);
         loop {
             let accepted = tokio::select! {
                 () = &mut shutdown => break,
@@ -570,6 +572,18 @@ impl HttpListener {
                 Ok(_) => slots.clone().try_acquire_owned().ok(),
                 Err(_) => None,
             };
+            if accepted.is_ok() && slot.is_none() {
+                refused += 1;
+                let now = tokio::time::Instant::now();
+                if last_warn.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+                    tracing::warn!(
+                        limit = limits.max_connections,
+                        refused,
+                        "HTTP listener: too many connections; answered 503"
+                    );
+                    (refused, last_warn) = (0, Some(now));
+                }
+            }
             match (accepted, slot) {
                 (Ok(Conn::Tcp(stream)), Some(slot)) => {
                     tokio::spawn(serve_connection(stream, route.clone(), limits, slot));
@@ -632,10 +646,6 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    tracing::warn!(
-        limit = limits.max_connections,
-        "HTTP listener: too many connections; answered 503"
-    );
     let exchange = async {
         let mut buf = [0u8; 4096];
         let mut read = 0usize;
