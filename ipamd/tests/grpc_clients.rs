@@ -423,3 +423,84 @@ fn logs_shorten_container_ids_to_twelve_characters() {
     let key = IpamKey::new("aws-cni", CONTAINER, "eth0");
     assert_eq!(key.short_container(), "4f2b9c1d8e7a");
 }
+
+#[test]
+fn the_grpc_limit_variables_are_checked_and_applied_by_the_binary() {
+    use ipamd::config::Config;
+    for (var, bad) in [
+        ("VPC_CNI_GRPC_MAX_CONNECTIONS", "0"),
+        ("VPC_CNI_GRPC_MAX_STREAMS", "-1"),
+        ("VPC_CNI_GRPC_MAX_MESSAGE_BYTES", "lots"),
+    ] {
+        let err = Config::for_test(&[(var, bad)]).expect_err("refused");
+        assert!(err.to_string().contains(var), "{var}={bad}: {err}");
+    }
+    let cfg = Config::for_test(&[
+        ("VPC_CNI_GRPC_MAX_CONNECTIONS", "2"),
+        ("VPC_CNI_GRPC_MAX_STREAMS", "3"),
+        ("VPC_CNI_GRPC_MAX_MESSAGE_BYTES", "2048"),
+    ])
+    .unwrap();
+    assert_eq!(
+        (
+            cfg.grpc_limits.max_connections,
+            cfg.grpc_limits.max_concurrent_streams,
+            cfg.grpc_limits.max_message_bytes
+        ),
+        (2, 3, 2048)
+    );
+    assert_eq!(
+        Config::for_test(&[]).unwrap().grpc_limits,
+        vpc_cni_rpc::ServeLimits::default()
+    );
+
+    let ipamd = Ipamd::start(
+        "ipamd.sock",
+        &[
+            ("VPC_CNI_GRPC_MAX_CONNECTIONS", "2"),
+            ("VPC_CNI_GRPC_MAX_MESSAGE_BYTES", "2048"),
+        ],
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let timeout = Duration::from_secs(5);
+        let mut first = vpc_cni_rpc::connect_unix(&ipamd.socket, timeout)
+            .await
+            .unwrap();
+        let request = |pod: String| AddNetworkRequest {
+            client_version: VERSION.into(),
+            k8s_pod_name: pod,
+            k8s_pod_namespace: "default".into(),
+            container_id: "limits".into(),
+            if_name: "eth0".into(),
+            network_name: "aws-cni".into(),
+            ..Default::default()
+        };
+        let status = first
+            .add_network(request("p".repeat(4096)))
+            .await
+            .expect_err("over VPC_CNI_GRPC_MAX_MESSAGE_BYTES");
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+        assert!(status.message().contains("2048"), "{status:?}");
+        // A second connection fits; a third is refused with the reason.
+        let _second = vpc_cni_rpc::connect_unix(&ipamd.socket, timeout)
+            .await
+            .unwrap();
+        let third = async {
+            let mut c = vpc_cni_rpc::connect_unix(&ipamd.socket, timeout)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            c.add_network(request("third".into()))
+                .await
+                .map_err(|s| format!("{s:?}"))
+        };
+        let err = third.await.expect_err("over VPC_CNI_GRPC_MAX_CONNECTIONS");
+        assert!(err.contains(vpc_cni_rpc::TOO_MANY_CONNECTIONS), "{err}");
+        // The held connection is still served.
+        let ok = first.add_network(request("first".into())).await;
+        assert!(ok.is_ok(), "{ok:?}");
+    });
+}
