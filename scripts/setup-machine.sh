@@ -16,6 +16,15 @@ need ping iputils-ping         # net/ tests ping through pod wiring inside test 
 need iptables iptables          # net/ SNAT/connmark rules (iptables, iptables-save, iptables-restore)
 need nft nftables               # net/ nftables connmark backend
 need kubectl kubernetes-client  # installer/tests/manifests.rs: kubectl kustomize manifests/
+# ipamd/tests/grpc_clients.rs: a grpc-go client built offline in GOPATH mode from Debian's
+# sources, dialling ipamd like the reference plugin (protobuf 1.5 of github.com/golang/protobuf,
+# not 1.3: grpc-go needs the APIv2-backed one).
+need go golang-go
+need protoc protobuf-compiler
+need protoc-gen-go-grpc protoc-gen-go-grpc
+[ -f /usr/share/gocode/src/google.golang.org/grpc/clientconn.go ] || apt_pkgs+=(golang-google-grpc-dev)
+[ -f /usr/share/gocode/src/google.golang.org/protobuf/cmd/protoc-gen-go/main.go ] || apt_pkgs+=(golang-google-protobuf-dev)
+dpkg -s golang-github-golang-protobuf-1-5-dev >/dev/null 2>&1 || apt_pkgs+=(golang-github-golang-protobuf-1-5-dev)
 
 if [ "${#apt_pkgs[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -33,6 +42,9 @@ command -v moto_server >/dev/null 2>&1 || python3 -m pip install --quiet 'moto[s
 # kubernetes-validate: offline schema validation of manifests/ (installer/tests/manifests.rs).
 command -v kubernetes-validate >/dev/null 2>&1 || python3 -m pip install --quiet 'kubernetes-validate==1.37.0' \
   || python3 -m pip install --quiet --break-system-packages 'kubernetes-validate==1.37.0'
+# grpcio + grpcio-tools: ipamd/tests/grpc_clients.rs talks to ipamd with Python's gRPC client.
+python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1 || python3 -m pip install --quiet grpcio grpcio-tools \
+  || python3 -m pip install --quiet --break-system-packages grpcio grpcio-tools
 command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 
 command -v cargo >/dev/null || { echo "setup-machine: cargo (Rust) is required" >&2; exit 1; }

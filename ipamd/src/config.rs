@@ -226,6 +226,10 @@ pub struct Config {
     pub backend: Backend,
     /// Simulator settings (backend `sim`).
     pub sim: SimSettings,
+    /// What gRPC clients may make ipamd hold on its socket (`VPC_CNI_GRPC_MAX_CONNECTIONS`,
+    /// `VPC_CNI_GRPC_MAX_STREAMS`, `VPC_CNI_GRPC_MAX_MESSAGE_BYTES`; the other fields keep
+    /// the `vpc_cni_rpc` defaults).
+    pub grpc_limits: vpc_cni_rpc::ServeLimits,
 }
 
 /// Command-line flags: every path and address, and the backend. A flag beats its variable.
@@ -257,6 +261,26 @@ pub struct Flags {
     /// `aws` or `sim` (env `IPAMD_BACKEND`).
     #[arg(long)]
     pub backend: Option<String>,
+}
+
+/// The gRPC socket's limits: each variable a whole number of at least 1.
+fn grpc_limits(env: &Env<'_>) -> Result<vpc_cni_rpc::ServeLimits, ConfigError> {
+    let d = vpc_cni_rpc::ServeLimits::default();
+    let at_least_one = |var: &str, default: u32| -> Result<u32, ConfigError> {
+        let n = env.count(var, default)?;
+        if n == 0 {
+            return Err(invalid(var, "0", "must be 1 or above"));
+        }
+        Ok(n)
+    };
+    let conns = u32::try_from(d.max_connections).unwrap_or(u32::MAX);
+    let message = u32::try_from(d.max_message_bytes).unwrap_or(u32::MAX);
+    Ok(vpc_cni_rpc::ServeLimits {
+        max_connections: at_least_one("VPC_CNI_GRPC_MAX_CONNECTIONS", conns)? as usize,
+        max_concurrent_streams: at_least_one("VPC_CNI_GRPC_MAX_STREAMS", d.max_concurrent_streams)?,
+        max_message_bytes: at_least_one("VPC_CNI_GRPC_MAX_MESSAGE_BYTES", message)? as usize,
+        ..d
+    })
 }
 
 /// Default checkpoint path.
@@ -768,6 +792,7 @@ impl Config {
             },
             backend,
             sim,
+            grpc_limits: grpc_limits(&env)?,
         };
         if cfg.enable_ipv6 && !cfg.prefix_delegation {
             return Err(ConfigError::Combination(

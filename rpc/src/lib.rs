@@ -10,8 +10,10 @@
 //!   [`check_health`] is a `grpc-health-probe` replacement;
 //! - server side (feature `server`, on by default): `serve_unix` / `bind_unix` /
 //!   `serve_listener` prepare the socket exactly as the reference does (parent directory
-//!   0755, stale socket removed, socket 0660) and serve tonic over it, and `health_service`
-//!   is a `grpc.health.v1.Health` service that says NOT_SERVING until told otherwise;
+//!   0755, stale socket removed, socket 0660) and serve tonic over it within `ServeLimits`
+//!   (`serve_listener_with`: connections, streams per connection, header and message sizes,
+//!   first-byte timeout, keepalive), and `health_service` is a `grpc.health.v1.Health`
+//!   service that says NOT_SERVING until told otherwise;
 //! - protocol rules shared by both ends: the version handshake ([`check_client_version`]), the
 //!   `datastore: unknown pod` marker ([`UNKNOWN_POD`], [`is_unknown_pod`]) and the DEL reasons
 //!   ([`REASON_POD_DELETED`], [`REASON_SETUP_NS_FAILED`]).
@@ -36,8 +38,11 @@ pub use client::{
 };
 #[cfg(feature = "server")]
 pub use server::{
-    bind_unix, health_service, serve_listener, serve_unix, HealthHandle, HealthServer, ServeError,
-    DIR_MODE, SOCKET_MODE,
+    bind_unix, health_service, health_service_with_limit, serve_listener, serve_listener_with,
+    serve_unix, HealthHandle, HealthServer, ServeError, ServeLimits, DEFAULT_FIRST_BYTE_TIMEOUT,
+    DEFAULT_KEEPALIVE, DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HEADER_LIST_SIZE, DEFAULT_MAX_MESSAGE_BYTES, DIR_MODE, SOCKET_MODE,
+    TOO_MANY_CONNECTIONS,
 };
 
 /// Code generated from `proto/rpc.proto` (package `rpc`).

@@ -1183,13 +1183,16 @@ async fn serve<F: Family>(
         let _ = rx.wait_for(|v| *v).await;
     };
     let mut tasks = Vec::new();
-    let (health, health_srv) = vpc_cni_rpc::health_service().await;
+    let limits = cfg.grpc_limits;
+    let (health, health_srv) =
+        vpc_cni_rpc::health_service_with_limit(limits.max_message_bytes).await;
     let listener = vpc_cni_rpc::bind_unix(&cfg.grpc_socket)
         .map_err(|e| serve_err("gRPC")(format!("{}: {e}", cfg.grpc_socket.display())))?;
-    let routes = crate::serve::grpc::routes(backend, health_srv);
+    let routes =
+        crate::serve::grpc::routes_with_limit(backend, health_srv, limits.max_message_bytes);
     let sd = stopped(rx.clone());
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = vpc_cni_rpc::serve_listener(listener, routes, sd).await {
+        if let Err(e) = vpc_cni_rpc::serve_listener_with(listener, routes, limits, sd).await {
             tracing::error!(error = %e, "gRPC server failed");
         }
     }));

@@ -107,7 +107,7 @@ pub async fn apply(
         }
     }
     for k in &report.lost_pods {
-        tracing::warn!(container = %k.container_id, "pod lost its address: no longer on the ENI");
+        tracing::warn!(container = %k.short_container(), "pod lost its address: no longer on the ENI");
     }
     Ok(report)
 }

@@ -273,9 +273,26 @@ pub fn routes<F: Family>(
     backend: Backend<F>,
     health: vpc_cni_rpc::HealthServer,
 ) -> tonic::service::Routes {
-    tonic::service::Routes::new(vpc_cni_rpc::CniBackendServer::new(backend.clone()))
-        .add_service(vpc_cni_rpc::ConfigServerBackendServer::new(backend))
-        .add_service(health)
+    routes_with_limit(backend, health, vpc_cni_rpc::DEFAULT_MAX_MESSAGE_BYTES)
+}
+
+/// [`routes`] whose services refuse a request message longer than `max_message_bytes`
+/// (decoded) with `OUT_OF_RANGE`; build `health` with the same limit
+/// (`vpc_cni_rpc::health_service_with_limit`).
+pub fn routes_with_limit<F: Family>(
+    backend: Backend<F>,
+    health: vpc_cni_rpc::HealthServer,
+    max_message_bytes: usize,
+) -> tonic::service::Routes {
+    tonic::service::Routes::new(
+        vpc_cni_rpc::CniBackendServer::new(backend.clone())
+            .max_decoding_message_size(max_message_bytes),
+    )
+    .add_service(
+        vpc_cni_rpc::ConfigServerBackendServer::new(backend)
+            .max_decoding_message_size(max_message_bytes),
+    )
+    .add_service(health)
 }
 
 #[cfg(test)]

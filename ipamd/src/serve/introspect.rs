@@ -9,7 +9,9 @@
 //! - `GET /` and any other path: `{"AvailableCommands":[...]}`.
 //!
 //! Connections get the reference's 5 s read and 5 s write timeouts (one request per
-//! connection, at most 10 s in all). The JSON shapes are the reference's, field for field;
+//! connection, at most 10 s in all), and [`HttpLimits`] (shared with the metrics listener):
+//! request head at most 16 KiB (431 past it), no request body over 4 KiB nor of unknown length
+//! (413), at most 64 connections at once (503 past it). The JSON shapes are the reference's, field for field;
 //! an address's container id and interface name are not even representable here
 //! ([`IpamKey`] holds only the network name and always writes them as `""`), because they
 //! are what a caller needs to forge a DelNetwork.
@@ -44,6 +46,44 @@ pub const DEFAULT_INTROSPECTION_BIND: &str = "127.0.0.1:61679";
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Write timeout of an introspection connection (the reference's `WriteTimeout`).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What one client may make an introspection or metrics listener hold. Past each limit the
+/// client gets a clear HTTP error (or, for a slow client, a closed connection) and every other
+/// client is still served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// The request line and headers must arrive within this (slowloris); the connection is
+    /// closed after it.
+    pub read_timeout: Duration,
+    /// The whole exchange is bounded by `read_timeout + write_timeout`.
+    pub write_timeout: Duration,
+    /// Request line plus headers, bytes; past it: `431 Request Header Fields Too Large`.
+    pub max_header_bytes: usize,
+    /// A declared request body longer than this, or one of unknown length (chunked): `413`.
+    /// The endpoints take no body.
+    pub max_body_bytes: u64,
+    /// Connections at once; one more is answered `503 Service Unavailable` and closed.
+    pub max_connections: usize,
+}
+
+/// Default of [`HttpLimits::max_header_bytes`] (16 KiB).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Default of [`HttpLimits::max_body_bytes`] (4 KiB).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024;
+/// Default of [`HttpLimits::max_connections`].
+pub const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 64;
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            read_timeout: READ_TIMEOUT,
+            write_timeout: WRITE_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_connections: DEFAULT_MAX_HTTP_CONNECTIONS,
+        }
+    }
+}
 
 /// The commands listed by `GET /` (and any unknown path).
 pub const AVAILABLE_COMMANDS: &[&str] = &[
@@ -454,10 +494,11 @@ enum ListenerKind {
     Unix(UnixListener, PathBuf),
 }
 
-/// A bound HTTP listener, TCP or unix socket.
+/// A bound HTTP listener, TCP or unix socket, with its [`HttpLimits`].
 #[derive(Debug)]
 pub struct HttpListener {
     kind: ListenerKind,
+    limits: HttpLimits,
 }
 
 impl HttpListener {
@@ -477,6 +518,7 @@ impl HttpListener {
             let listener = UnixListener::bind(&path).map_err(err)?;
             return Ok(HttpListener {
                 kind: ListenerKind::Unix(listener, path),
+                limits: HttpLimits::default(),
             });
         }
         let addr = match bind.strip_prefix(':') {
@@ -492,7 +534,14 @@ impl HttpListener {
         let listener = TcpListener::bind(addr.as_str()).await.map_err(err)?;
         Ok(HttpListener {
             kind: ListenerKind::Tcp(listener),
+            limits: HttpLimits::default(),
         })
+    }
+
+    /// Replaces the default [`HttpLimits`].
+    pub fn with_limits(mut self, limits: HttpLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The bound TCP address (`None` for a unix socket).
@@ -510,19 +559,45 @@ impl HttpListener {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), IntrospectError> {
         let mut shutdown = std::pin::pin!(shutdown);
+        let limits = self.limits;
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        // Refusals are logged at most once a second, with how many there were.
+        let (mut refused, mut last_warn) = (0u64, None::<tokio::time::Instant>);
         loop {
             let accepted = tokio::select! {
                 () = &mut shutdown => break,
                 accepted = self.accept() => accepted,
             };
-            match accepted {
-                Ok(Conn::Tcp(stream)) => {
-                    tokio::spawn(serve_connection(stream, route.clone()));
+            let slot = match &accepted {
+                Ok(_) => slots.clone().try_acquire_owned().ok(),
+                Err(_) => None,
+            };
+            if accepted.is_ok() && slot.is_none() {
+                refused += 1;
+                let now = tokio::time::Instant::now();
+                if last_warn.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+                    tracing::warn!(
+                        limit = limits.max_connections,
+                        refused,
+                        "HTTP listener: too many connections; answered 503"
+                    );
+                    (refused, last_warn) = (0, Some(now));
                 }
-                Ok(Conn::Unix(stream)) => {
-                    tokio::spawn(serve_connection(stream, route.clone()));
+            }
+            match (accepted, slot) {
+                (Ok(Conn::Tcp(stream)), Some(slot)) => {
+                    tokio::spawn(serve_connection(stream, route.clone(), limits, slot));
                 }
-                Err(e) => {
+                (Ok(Conn::Unix(stream)), Some(slot)) => {
+                    tokio::spawn(serve_connection(stream, route.clone(), limits, slot));
+                }
+                (Ok(Conn::Tcp(stream)), None) => {
+                    tokio::spawn(refuse_busy(stream, limits));
+                }
+                (Ok(Conn::Unix(stream)), None) => {
+                    tokio::spawn(refuse_busy(stream, limits));
+                }
+                (Err(e), _) => {
                     // EMFILE and friends: back off a little instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -561,13 +636,71 @@ fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
     }
 }
 
-async fn serve_connection<I>(io: I, route: Route)
+/// The answer to a connection past [`HttpLimits::max_connections`].
+const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 21\r\nConnection: close\r\n\r\ntoo many connections\n";
+
+/// Answers a connection over the limit with 503 and closes it; at most `read_timeout` and
+/// 64 KiB of the request are read first, so the close does not reset the answer.
+async fn refuse_busy<I>(mut io: I, limits: HttpLimits)
 where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut buf = [0u8; 4096];
+        let mut read = 0usize;
+        // Read the request head (until a blank line) before answering.
+        let mut tail = Vec::with_capacity(4);
+        while read < 64 * 1024 {
+            let n = io.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            read += n;
+            tail.extend_from_slice(&buf[..n]);
+            if tail.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+            let keep = tail.len().saturating_sub(3);
+            tail.drain(..keep);
+        }
+        io.write_all(BUSY_RESPONSE).await?;
+        io.shutdown().await
+    };
+    let _ = tokio::time::timeout(limits.read_timeout, exchange).await;
+}
+
+/// Whether a request declares a body over `max` bytes, or one of unknown length.
+fn body_too_large(req: &Request<Incoming>, max: u64) -> bool {
+    let headers = req.headers();
+    if headers.contains_key(hyper::header::TRANSFER_ENCODING) {
+        return true;
+    }
+    headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > max)
+}
+
+async fn serve_connection<I>(
+    io: I,
+    route: Route,
+    limits: HttpLimits,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req: Request<Incoming>| {
         let route = route.clone();
         async move {
+            if body_too_large(&req, limits.max_body_bytes) {
+                tracing::debug!(method = %req.method(), "http request body too large; 413");
+                return Ok::<_, Infallible>(text_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large or of unknown length\n",
+                ));
+            }
             let path = req.uri().path().to_owned();
             tracing::debug!(method = %req.method(), path = %path, "http request");
             Ok::<_, Infallible>(route(path).await)
@@ -576,10 +709,12 @@ where
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(READ_TIMEOUT)
+        .header_read_timeout(limits.read_timeout)
+        .max_header_size(limits.max_header_bytes)
+        .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
         .keep_alive(false);
     let conn = builder.serve_connection(TokioIo::new(io), service);
-    match tokio::time::timeout(READ_TIMEOUT + WRITE_TIMEOUT, conn).await {
+    match tokio::time::timeout(limits.read_timeout + limits.write_timeout, conn).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(error = %e, "http connection ended with an error"),
         Err(_) => tracing::debug!("http connection timed out"),
@@ -1060,5 +1195,225 @@ mod tests {
         });
         stop.send(()).expect("alive");
         task.await.expect("join").expect("stopped without serving");
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    //! [`HttpLimits`] on a real loopback listener: each limit refuses the bad client with a
+    //! clear answer while a good client is served.
+    use super::test_support::http_get_tcp;
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn ok_route() -> Route {
+        Arc::new(|path: String| {
+            Box::pin(async move {
+                if path == "/" {
+                    text_response(StatusCode::OK, "ok\n")
+                } else {
+                    text_response(StatusCode::NOT_FOUND, "404 page not found\n")
+                }
+            })
+        })
+    }
+
+    async fn start(
+        limits: HttpLimits,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), IntrospectError>>,
+    ) {
+        let listener = HttpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+            .with_limits(limits);
+        let addr = listener.tcp_addr().expect("tcp");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(listener.run(ok_route(), async {
+            let _ = stopped.await;
+        }));
+        (addr, stop, task)
+    }
+
+    /// Sends `raw` and reads the answer to the end: (status, whole text).
+    async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> (u16, String) {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(raw).await.expect("write");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+            .await
+            .expect("answered and closed");
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, text)
+    }
+
+    #[tokio::test]
+    async fn headers_past_the_limit_get_431_and_a_normal_request_is_served() {
+        let limits = HttpLimits {
+            max_header_bytes: 4096,
+            ..HttpLimits::default()
+        };
+        let (addr, stop, task) = start(limits).await;
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(8192)
+        );
+        let (status, text) = raw_exchange(addr, big.as_bytes()).await;
+        assert_eq!(status, 431, "{text}");
+        // Just under the limit: served.
+        let fits = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Fits: {}\r\n\r\n",
+            "a".repeat(3000)
+        );
+        let (status, text) = raw_exchange(addr, fits.as_bytes()).await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(http_get_tcp(addr, "/").await.0, 200);
+        let _ = stop.send(());
+        task.await.expect("join").expect("clean stop");
+    }
+
+    #[tokio::test]
+    async fn the_default_header_limit_refuses_40_kib_of_headers() {
+        let (addr, stop, task) = start(HttpLimits::default()).await;
+        let mut raw = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+        for i in 0..40 {
+            raw.extend_from_slice(format!("X-H{i}: {}\r\n", "b".repeat(1000)).as_bytes());
+        }
+        raw.extend_from_slice(b"\r\n");
+        let (status, text) = raw_exchange(addr, &raw).await;
+        assert_eq!(status, 431, "{text}");
+        let _ = stop.send(());
+        task.await.expect("join").expect("clean stop");
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_limit_or_of_unknown_length_gets_413() {
+        let (addr, stop, task) = start(HttpLimits::default()).await;
+        let declared = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            DEFAULT_MAX_BODY_BYTES + 1
+        );
+        let (status, text) = raw_exchange(addr, declared.as_bytes()).await;
+        assert_eq!(status, 413, "{text}");
+        assert!(text.contains("request body too large"), "{text}");
+        let chunked = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(raw_exchange(addr, chunked).await.0, 413);
+        let small =
+            b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(raw_exchange(addr, small).await.0, 200);
+        let _ = stop.send(());
+        task.await.expect("join").expect("clean stop");
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_is_cut_off_while_others_are_served() {
+        let limits = HttpLimits {
+            read_timeout: Duration::from_millis(300),
+            ..HttpLimits::default()
+        };
+        let (addr, stop, task) = start(limits).await;
+        let mut slow = TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+        // One header byte every 50 ms, never finishing the head, for at most 30 s; the
+        // server must close first. A good client is served meanwhile.
+        let mut good_served = false;
+        let mut closed = false;
+        for i in 0..600 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if slow.write_all(b"x").await.is_err() {
+                closed = true;
+                break;
+            }
+            let mut probe = [0u8; 512];
+            match tokio::time::timeout(Duration::from_millis(1), slow.read(&mut probe)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed = true;
+                    break;
+                }
+                Ok(Ok(_)) => {
+                    // An error answer (408) is also a cut-off; the close follows.
+                    closed = true;
+                    break;
+                }
+                Err(_) => {}
+            }
+            if i == 2 {
+                good_served = http_get_tcp(addr, "/").await.0 == 200;
+            }
+        }
+        assert!(closed, "the slow client was never cut off");
+        assert!(
+            good_served,
+            "the good client was served during the slow one"
+        );
+        let _ = stop.send(());
+        task.await.expect("join").expect("clean stop");
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_get_503_and_a_freed_slot_serves_the_next() {
+        let limits = HttpLimits {
+            max_connections: 2,
+            ..HttpLimits::default()
+        };
+        let (addr, stop, task) = start(limits).await;
+        // Two clients hold the slots with unfinished requests.
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+            held.push(s);
+        }
+        // Accepting is asynchronous: the third may need a moment to see both slots taken.
+        let mut refused = String::new();
+        for _ in 0..50 {
+            let (status, text) = raw_exchange(
+                addr,
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            if status == 503 {
+                refused = text;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(refused.contains("too many connections"), "{refused:?}");
+        // One held client finishes its request and is served.
+        let mut first = held.remove(0);
+        first
+            .write_all(b"Host: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = Vec::new();
+        first.read_to_end(&mut out).await.expect("read");
+        assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+        drop(first);
+        // Its slot is free: the next client is served.
+        let mut served = false;
+        for _ in 0..50 {
+            let (status, _) = raw_exchange(
+                addr,
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            if status == 200 {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(served);
+        drop(held);
+        let _ = stop.send(());
+        task.await.expect("join").expect("clean stop");
     }
 }

@@ -227,7 +227,7 @@ impl<F: Family> Shared<F> {
                         Change::Assigned(k, a) => g.ds.undo_assign(k, a),
                         Change::Released(u) => {
                             if !g.ds.undo_unassign(u) {
-                                tracing::warn!(ip = %u.ip, container = %u.key.container_id, "release stands: the address is no longer free to give back");
+                                tracing::warn!(ip = %u.ip, container = %u.key.short_container(), "release stands: the address is no longer free to give back");
                             }
                         }
                     }

@@ -44,6 +44,24 @@ impl IpamKey {
             if_name: ifname.into(),
         }
     }
+
+    /// The container id as logs show it: its first [`SHORT_ID_LEN`] characters (what
+    /// `crictl` and `docker` print). A full sandbox id is what a caller needs to forge a
+    /// DelNetwork on the socket, so logs never carry one.
+    pub fn short_container(&self) -> &str {
+        short_id(&self.container_id)
+    }
+}
+
+/// How many characters of a container id logs keep ([`short_id`]).
+pub const SHORT_ID_LEN: usize = 12;
+
+/// The first [`SHORT_ID_LEN`] characters of a container id (all of a shorter one).
+pub fn short_id(id: &str) -> &str {
+    match id.char_indices().nth(SHORT_ID_LEN) {
+        Some((end, _)) => &id[..end],
+        None => id,
+    }
 }
 
 /// One address's bookkeeping (exists once the address was assigned at least once).
