@@ -2,8 +2,38 @@
 //! each kept literally as a named test. Each test fails on the code before its fix.
 
 use std::path::Path;
+use std::time::Duration;
 
 use ipamd::store::checkpoint::{parse, CheckpointError, CheckpointStore, FileStore};
+use ipamd::store::datastore::{DataStore, DsError, EniSpec, IpamKey};
+
+fn store_v4() -> DataStore {
+    let mut ds = DataStore::new(false, false, false, Duration::from_secs(30));
+    ds.add_eni(
+        EniSpec {
+            id: "eni-0".into(),
+            mac: "02:00:00:00:00:01".into(),
+            is_primary: true,
+            is_trunk: false,
+            is_efa: false,
+            device_number: 0,
+            primary_ip: "10.0.0.5".parse().expect("ip"),
+            subnet_id: "subnet-1".into(),
+            subnet_cidr: "10.0.0.0/24".parse().expect("cidr"),
+            excluded: false,
+        },
+        Duration::ZERO,
+    );
+    for i in 10..20 {
+        ds.add_cidr(
+            "eni-0",
+            format!("10.0.0.{i}/32").parse().expect("cidr"),
+            false,
+        )
+        .expect("cidr");
+    }
+    ds
+}
 
 // --- checkpoint ---------------------------------------------------------------------------
 
@@ -35,4 +65,43 @@ fn checkpoint_endless_file_is_refused_not_read_whole() {
         }
         other => panic!("expected TooLarge, got {other:?}"),
     }
+}
+
+/// Found by `restore_accepts_exactly_the_parsed_entries`: the same pod key twice (with two
+/// addresses) was accepted; the first address then stayed held by a key that no DEL could
+/// find (a leak for good).
+#[test]
+fn restore_refuses_one_key_holding_two_addresses() {
+    let bytes = br#"{"version":"vpc-cni-ipam/1","allocations":[{"networkName":"aws-cni","containerID":"c","ifName":"eth0","ipv4":"10.0.0.10"},{"networkName":"aws-cni","containerID":"c","ifName":"eth0","ipv4":"10.0.0.11"}]}"#;
+    let file = parse(Path::new("x"), bytes).expect("parses");
+    let mut ds = store_v4();
+    let e = ds.restore(&file, &|_, _| true).expect_err("refused");
+    assert!(matches!(e, DsError::DuplicateKey(_)), "{e:?}");
+    assert!(e.to_string().contains("containerID"), "{e}");
+    assert!(ds.assignments().is_empty(), "nothing restored");
+    // The same container with two interfaces is two keys: both restored.
+    let bytes = br#"{"version":"vpc-cni-ipam/1","allocations":[{"networkName":"aws-cni","containerID":"c","ifName":"eth0","ipv4":"10.0.0.10"},{"networkName":"aws-cni","containerID":"c","ifName":"eth1","ipv4":"10.0.0.11"}]}"#;
+    let file = parse(Path::new("x"), bytes).expect("parses");
+    let mut ds = store_v4();
+    assert_eq!(ds.restore(&file, &|_, _| true).expect("ok").restored, 2);
+    assert_eq!(
+        ds.lookup(&IpamKey::new("aws-cni", "c", "eth1"))
+            .map(|ip| ip.to_string()),
+        Some("10.0.0.11".to_owned())
+    );
+}
+
+/// Found by `restore_refusal_changes_nothing`: a duplicate address late in the file was
+/// refused only after the entries before it had been restored into the datastore.
+#[test]
+fn restore_refusal_leaves_the_datastore_unchanged() {
+    let bytes = br#"{"version":"vpc-cni-ipam/1","allocations":[{"networkName":"aws-cni","containerID":"a","ifName":"eth0","ipv4":"10.0.0.10"},{"networkName":"aws-cni","containerID":"b","ifName":"eth0","ipv4":"10.0.0.12"},{"networkName":"aws-cni","containerID":"c","ifName":"eth0","ipv4":"10.0.0.10"}]}"#;
+    let file = parse(Path::new("x"), bytes).expect("parses");
+    let mut ds = store_v4();
+    assert_eq!(
+        ds.restore(&file, &|_, _| true),
+        Err(DsError::DuplicateIp("10.0.0.10".into()))
+    );
+    assert!(ds.assignments().is_empty());
+    assert!(ds.checkpoint().allocations.is_empty());
 }
