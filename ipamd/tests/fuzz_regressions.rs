@@ -105,3 +105,28 @@ fn restore_refusal_leaves_the_datastore_unchanged() {
     assert!(ds.assignments().is_empty());
     assert!(ds.checkpoint().allocations.is_empty());
 }
+
+// --- environment variables ----------------------------------------------------------------
+
+/// Found by `every_variable_with_every_edge_value`: a duration of `u64::MAX` seconds was
+/// accepted, and `Instant::now() + VPC_CNI_ENI_LINK_WAIT` (the wait for a new ENI's link)
+/// then panics with an overflow on the first ENI attach.
+#[test]
+fn a_duration_past_the_clock_is_refused_naming_the_variable() {
+    for (var, v) in [
+        ("VPC_CNI_ENI_LINK_WAIT", "18446744073709551615"),
+        ("VPC_CNI_POOL_TICK", "5124095576030431h"),
+        ("IP_COOLDOWN_PERIOD", "9223372036854775807"),
+        ("HTTP_TIMEOUT", "9223372036854775807"),
+    ] {
+        let e = ipamd::config::Config::for_test(&[(var, v)])
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains(var), "{e}");
+    }
+    let cfg = ipamd::config::Config::for_test(&[("VPC_CNI_ENI_LINK_WAIT", "31536000")])
+        .expect("a year is accepted");
+    assert!(std::time::Instant::now()
+        .checked_add(cfg.eni_link_wait)
+        .is_some());
+}
