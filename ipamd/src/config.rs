@@ -619,6 +619,19 @@ impl Config {
             eni_target_is_floor: env.get("WARM_ENI_TARGET").is_some(),
         };
         if let Err((field, why)) = settings.validate() {
+            if field == "window" && settings.window < settings.lead_time {
+                // A relation between two settings: name both (either may be the one set).
+                return Err(ConfigError::Combination(format!(
+                    "{}={:?} must be at least {}={:?}",
+                    ours::DEMAND_WINDOW,
+                    env.string(ours::DEMAND_WINDOW, &format!("{}s", settings.window.as_secs())),
+                    ours::DEMAND_LEAD_TIME,
+                    env.string(
+                        ours::DEMAND_LEAD_TIME,
+                        &format!("{}s", settings.lead_time.as_secs())
+                    ),
+                )));
+            }
             let var = match field {
                 "window" => ours::DEMAND_WINDOW,
                 "lead_time" => ours::DEMAND_LEAD_TIME,

@@ -108,6 +108,20 @@ fn restore_refusal_leaves_the_datastore_unchanged() {
 
 // --- environment variables ----------------------------------------------------------------
 
+/// Found by `every_variable_with_every_edge_value`: `VPC_CNI_DEMAND_LEAD_TIME` longer than
+/// the default window was refused as `VPC_CNI_DEMAND_WINDOW=""`, naming a variable that was
+/// not set and not the one that was.
+#[test]
+fn demand_lead_time_past_the_window_names_both_variables() {
+    let e = ipamd::config::Config::for_test(&[("VPC_CNI_DEMAND_LEAD_TIME", "31536000")])
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains("VPC_CNI_DEMAND_LEAD_TIME") && e.contains("VPC_CNI_DEMAND_WINDOW"),
+        "{e}"
+    );
+}
+
 /// Found by `every_variable_with_every_edge_value`: a duration of `u64::MAX` seconds was
 /// accepted, and `Instant::now() + VPC_CNI_ENI_LINK_WAIT` (the wait for a new ENI's link)
 /// then panics with an overflow on the first ENI attach.
