@@ -144,3 +144,109 @@ fn a_duration_past_the_clock_is_refused_naming_the_variable() {
         .checked_add(cfg.eni_link_wait)
         .is_some());
 }
+
+// --- gRPC requests ------------------------------------------------------------------------
+
+mod grpc {
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, Mutex};
+
+    use ipamd::serve::grpc::{Backend, BackendEvents, ReplySettings, VERSION};
+    use ipamd::store::checkpoint::MemoryStore;
+    use ipamd::store::commit::{PoolState, TokioClock};
+    use tonic::{Code, Request};
+    use vpc_cni_rpc::{AddNetworkRequest, CniBackend, DelNetworkRequest};
+
+    #[derive(Default)]
+    struct Reasons(Mutex<BTreeSet<String>>);
+
+    impl BackendEvents for Reasons {
+        fn del_request(&self, reason: &str) {
+            self.0.lock().expect("lock").insert(reason.to_owned());
+        }
+    }
+
+    fn backend() -> (Arc<PoolState>, Backend, Arc<Reasons>) {
+        let st = Arc::new(PoolState::new(
+            super::store_v4(),
+            Box::new(MemoryStore::default()),
+            Arc::new(TokioClock::new()),
+        ));
+        let reasons = Arc::new(Reasons::default());
+        let b = Backend::new(st.clone(), ReplySettings::default()).with_events(reasons.clone());
+        (st, b, reasons)
+    }
+
+    fn add(container: &str, ifname: &str) -> AddNetworkRequest {
+        AddNetworkRequest {
+            client_version: VERSION.into(),
+            k8s_pod_name: "web-0".into(),
+            k8s_pod_namespace: "default".into(),
+            container_id: container.into(),
+            if_name: ifname.into(),
+            network_name: "aws-cni".into(),
+            ..Default::default()
+        }
+    }
+
+    /// Found by `grpc_requests_are_served_or_refused_naming_the_field`: every distinct
+    /// DelNetwork `Reason` became a new series of `awscni_del_ip_req_count` (a client could
+    /// grow the daemon's memory and the scrape without bound).
+    #[tokio::test]
+    async fn an_unknown_del_reason_is_one_metric_label() {
+        let (_st, b, reasons) = backend();
+        for reason in ["2333d_l92", "x", "PodDeleted"] {
+            let _ = b
+                .del_network(Request::new(DelNetworkRequest {
+                    client_version: VERSION.into(),
+                    container_id: "c".into(),
+                    if_name: "eth0".into(),
+                    network_name: "aws-cni".into(),
+                    reason: reason.into(),
+                    ..Default::default()
+                }))
+                .await;
+        }
+        let seen: Vec<String> = reasons.0.lock().expect("lock").iter().cloned().collect();
+        assert_eq!(seen, ["PodDeleted", "other"]);
+    }
+
+    /// Found by `grpc_requests_are_served_or_refused_naming_the_field`: an interface name
+    /// with a newline (and container ids of any size or characters) got an address and went
+    /// into the checkpoint and the logs.
+    #[tokio::test]
+    async fn a_key_no_plugin_can_send_is_refused_naming_the_field() {
+        let (st, b, _) = backend();
+        let huge = "a".repeat(1 << 20);
+        for (req, field) in [
+            (add("o_e-n_zq_-__sa", "a\nb"), "IfName"),
+            (add(&huge, "eth0"), "ContainerID"),
+            (add("a/../b", "eth0"), "ContainerID"),
+            (add("c1", "eth0-with-a-long-name"), "IfName"),
+        ] {
+            let e = b.add_network(Request::new(req)).await.expect_err("refused");
+            assert_eq!(e.code(), Code::InvalidArgument);
+            assert!(e.message().starts_with(field), "{}", e.message());
+        }
+        assert!(st.lock().assignments().is_empty(), "nothing assigned");
+    }
+
+    /// Found by `grpc_requests_are_served_or_refused_naming_the_field`: an AddNetwork without
+    /// a container id answered `Success=false` like an empty pool, so the plugin waited for an
+    /// address that could never come; a wrong version's message named no field.
+    #[tokio::test]
+    async fn an_empty_key_field_and_a_wrong_version_are_named() {
+        let (_st, b, _) = backend();
+        let e = b
+            .add_network(Request::new(add("", "eth0")))
+            .await
+            .expect_err("refused");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().starts_with("ContainerID"), "{}", e.message());
+        let mut r = add("c1", "eth0");
+        r.client_version = "\u{0}".into();
+        let e = b.add_network(Request::new(r)).await.expect_err("refused");
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert!(e.message().contains("ClientVersion"), "{}", e.message());
+    }
+}
