@@ -833,3 +833,292 @@ fn refusals_name_the_duplicate() {
     let e = DsError::DuplicateIp("10.0.0.1".into()).to_string();
     assert!(e.contains("field"), "{e}");
 }
+
+// --- gRPC requests ------------------------------------------------------------------------
+
+mod grpc {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    use ipamd::serve::grpc::{Backend, BackendEvents, ReplySettings, VERSION};
+    use ipamd::store::checkpoint::MemoryStore;
+    use ipamd::store::commit::{PoolState, TokioClock};
+    use tonic::{Code, Request};
+    use vpc_cni_rpc::{AddNetworkRequest, CniBackend, DelNetworkRequest};
+
+    /// The proto names of the request fields: a refusal starts with one of them.
+    const FIELD_NAMES: &[&str] = &[
+        "ClientVersion",
+        "ContainerID",
+        "IfName",
+        "NetworkName",
+        "K8S_POD_NAME",
+        "K8S_POD_NAMESPACE",
+        "K8S_POD_INFRA_CONTAINER_ID",
+        "Netns",
+        "K8S_POD_UID",
+        "Reason",
+    ];
+
+    /// The checkpoint store as the test sees it (shared with the state).
+    struct Shared(Arc<MemoryStore>);
+
+    impl CheckpointStore for Shared {
+        fn read(&self) -> Result<Option<CheckpointFile>, CheckpointError> {
+            self.0.read()
+        }
+        fn write(&self, f: &CheckpointFile) -> Result<(), CheckpointError> {
+            self.0.write(f)
+        }
+    }
+
+    /// Every DelNetwork reason label the backend reported.
+    #[derive(Default)]
+    struct Reasons(Mutex<BTreeSet<String>>);
+
+    impl BackendEvents for Reasons {
+        fn del_request(&self, reason: &str) {
+            self.0.lock().unwrap().insert(reason.to_owned());
+        }
+    }
+
+    fn runtime() -> &'static tokio::runtime::Runtime {
+        static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        RT.get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        })
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[a-f0-9]{64}",
+            4 => "[a-z0-9][a-z0-9_.-]{0,20}",
+            2 => Just(String::new()),
+            2 => any::<String>(),
+            1 => Just("eth0".to_owned()),
+            1 => Just("aws-cni".to_owned()),
+            1 => Just("a/b".to_owned()),
+            1 => Just("a\nb".to_owned()),
+            1 => Just("\u{0}".to_owned()),
+            1 => Just(".".to_owned()),
+            1 => Just("é".to_owned()),
+            1 => prop::sample::select(vec![14usize, 15, 16, 63, 64, 65, 252, 253, 254, 255, 256, 257, 4096, 4097, 1 << 16, 1 << 20])
+                .prop_map(|n| "a".repeat(n)),
+        ]
+    }
+
+    fn version() -> impl Strategy<Value = String> {
+        prop_oneof![8 => Just(VERSION.to_owned()), 1 => Just(String::new()), 1 => any::<String>()]
+    }
+
+    fn add_req() -> impl Strategy<Value = AddNetworkRequest> {
+        (version(), text(), text(), text(), text(), text(), text(), text(), any::<bool>()).prop_map(
+            |(v, pod, ns, infra, c, ifn, net, netns, multi)| AddNetworkRequest {
+                client_version: v,
+                k8s_pod_name: pod,
+                k8s_pod_namespace: ns,
+                k8s_pod_infra_container_id: infra,
+                container_id: c,
+                if_name: ifn,
+                network_name: net,
+                netns,
+                requires_multi_nic_attachment: multi,
+            },
+        )
+    }
+
+    fn del_req() -> impl Strategy<Value = DelNetworkRequest> {
+        (version(), text(), text(), text(), text(), text(), text(), text(), text()).prop_map(
+            |(v, pod, ns, infra, c, ifn, net, reason, uid)| DelNetworkRequest {
+                client_version: v,
+                k8s_pod_name: pod,
+                k8s_pod_namespace: ns,
+                k8s_pod_infra_container_id: infra,
+                reason,
+                container_id: c,
+                if_name: ifn,
+                network_name: net,
+                k8s_pod_uid: uid,
+            },
+        )
+    }
+
+    fn good_add(i: u8) -> AddNetworkRequest {
+        AddNetworkRequest {
+            client_version: VERSION.into(),
+            k8s_pod_name: format!("pod-{i}"),
+            k8s_pod_namespace: "default".into(),
+            container_id: format!("c{i}"),
+            if_name: "eth0".into(),
+            network_name: "aws-cni".into(),
+            netns: "/var/run/netns/x".into(),
+            ..Default::default()
+        }
+    }
+
+    fn good_del(i: u8) -> DelNetworkRequest {
+        DelNetworkRequest {
+            client_version: VERSION.into(),
+            container_id: format!("c{i}"),
+            if_name: "eth0".into(),
+            network_name: "aws-cni".into(),
+            reason: "PodDeleted".into(),
+            ..Default::default()
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Add(AddNetworkRequest),
+        Del(DelNetworkRequest),
+        /// A request as the plugin sends it for pod `i` (so that DELs find something).
+        GoodAdd(u8),
+        GoodDel(u8),
+        /// A hostile DEL naming a held pod with one field mangled.
+        MangledDel(u8, DelNetworkRequest),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => add_req().prop_map(Op::Add),
+            3 => del_req().prop_map(Op::Del),
+            2 => (0u8..12).prop_map(Op::GoodAdd),
+            1 => (0u8..12).prop_map(Op::GoodDel),
+            2 => ((0u8..12), del_req()).prop_map(|(i, d)| Op::MangledDel(i, d)),
+        ]
+    }
+
+    /// `good` with one of its fields taken from `m` (which one: by `i`).
+    fn mangle_del(mut good: DelNetworkRequest, m: DelNetworkRequest, i: u8) -> DelNetworkRequest {
+        match i % 9 {
+            0 => good.client_version = m.client_version,
+            1 => good.container_id = m.container_id,
+            2 => good.if_name = m.if_name,
+            3 => good.network_name = m.network_name,
+            4 => good.reason = m.reason,
+            5 => good.k8s_pod_name = m.k8s_pod_name,
+            6 => good.k8s_pod_namespace = m.k8s_pod_namespace,
+            7 => good.k8s_pod_uid = m.k8s_pod_uid,
+            _ => good.k8s_pod_infra_container_id = m.k8s_pod_infra_container_id,
+        }
+        good
+    }
+
+    type Held = BTreeSet<(String, IpamKey)>;
+
+    fn held(st: &PoolState) -> Held {
+        st.lock()
+            .assignments()
+            .into_iter()
+            .map(|(ip, k)| (ip.to_string(), k))
+            .collect()
+    }
+
+    fn refusal_names_a_field(s: &tonic::Status) -> bool {
+        FIELD_NAMES.iter().any(|f| s.message().starts_with(f))
+    }
+
+    /// An accepted key is one a well-behaved plugin could send.
+    fn bounded_key(k: &IpamKey) -> bool {
+        let ok = |s: &str, max: usize| {
+            !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control)
+        };
+        ok(&k.container_id, 256) && ok(&k.if_name, 15) && ok(&k.network_name, 253)
+    }
+
+    async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let mem = Arc::new(MemoryStore::default());
+        let st = Arc::new(PoolState::new(
+            build_v4_store(),
+            Box::new(Shared(mem.clone())),
+            Arc::new(TokioClock::new()),
+        ));
+        let reasons = Arc::new(Reasons::default());
+        let b = Backend::new(st.clone(), ReplySettings::default()).with_events(reasons.clone());
+        for op in ops {
+            let before = held(&st);
+            match op.clone() {
+                Op::Add(r) => {
+                    let key = IpamKey::new(&r.network_name, &r.container_id, &r.if_name);
+                    match b.add_network(Request::new(r.clone())).await {
+                        Err(s) => {
+                            prop_assert!(
+                                matches!(s.code(), Code::InvalidArgument | Code::FailedPrecondition),
+                                "{:?}", s
+                            );
+                            prop_assert!(refusal_names_a_field(&s), "{:?}", s.message());
+                            prop_assert_eq!(held(&st), before, "refused ADD changed the store");
+                        }
+                        Ok(reply) => {
+                            let reply = reply.into_inner();
+                            let now = held(&st);
+                            if reply.success {
+                                prop_assert!(bounded_key(&key), "accepted key {:?}", key);
+                                prop_assert!(r.k8s_pod_name.len() <= 253 && r.k8s_pod_namespace.len() <= 253);
+                                let ip = reply.ip_allocation_metadata[0].i_pv4_addr.clone();
+                                let mut want = before.clone();
+                                want.insert((ip, key));
+                                prop_assert_eq!(now, want);
+                            } else {
+                                prop_assert_eq!(now, before);
+                            }
+                        }
+                    }
+                }
+                Op::GoodAdd(i) => {
+                    let r = b.add_network(Request::new(good_add(i))).await;
+                    prop_assert!(r.is_ok_and(|r| r.into_inner().success));
+                }
+                Op::Del(_) | Op::MangledDel(..) => {
+                    let r = match op {
+                        Op::MangledDel(i, m) => mangle_del(good_del(i), m, i),
+                        Op::Del(r) => r,
+                        _ => unreachable!(),
+                    };
+                    let key = IpamKey::new(&r.network_name, &r.container_id, &r.if_name);
+                    let held_key = before.iter().any(|(_, k)| *k == key);
+                    match b.del_network(Request::new(r)).await {
+                        Ok(reply) => {
+                            prop_assert!(reply.into_inner().success);
+                            prop_assert!(held_key);
+                            let want: Held = before.iter().filter(|(_, k)| *k != key).cloned().collect();
+                            prop_assert_eq!(held(&st), want);
+                        }
+                        Err(s) => {
+                            prop_assert!(
+                                vpc_cni_rpc::is_unknown_pod(&s) || refusal_names_a_field(&s),
+                                "{:?}", s
+                            );
+                            prop_assert_eq!(held(&st), before, "refused DEL changed the store");
+                        }
+                    }
+                }
+                Op::GoodDel(i) => {
+                    let _ = b.del_network(Request::new(good_del(i))).await;
+                }
+            }
+        }
+        // Nothing dropped: what the datastore holds is what the checkpoint says.
+        let disk = mem.current().unwrap_or_else(|| CheckpointFile::new(Vec::new()));
+        prop_assert_eq!(entries(&disk, false), held(&st));
+        for r in reasons.0.lock().unwrap().iter() {
+            prop_assert!(
+                ["PodDeleted", "SetupNSFailed", "", "other"].contains(&r.as_str()),
+                "metric label {:?} taken from a request", r
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(cases(48))]
+
+        #[test]
+        fn grpc_requests_are_served_or_refused_naming_the_field(ops in proptest::collection::vec(op(), 1..24)) {
+            runtime().block_on(run(ops))?;
+        }
+    }
+}
