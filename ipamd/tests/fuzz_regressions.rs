@@ -250,3 +250,19 @@ mod grpc {
         assert!(e.message().contains("ClientVersion"), "{}", e.message());
     }
 }
+
+/// Found by `node_and_eni_config_objects_are_used_or_refused_naming_the_field` (the same
+/// holds for the checkpoint): a refusal quoted the whole refused value, a 1 MiB string made
+/// a 1 MiB error message and log line.
+#[test]
+fn checkpoint_refusal_message_is_bounded() {
+    let big = "x".repeat(1 << 20);
+    let doc = format!(
+        r#"{{"version":"vpc-cni-ipam/1","allocations":[{{"networkName":"aws-cni","containerID":"a","ifName":"eth0","ipv4":"10.0.0.1","allocationTimestamp":"{big}"}}]}}"#
+    );
+    let e = parse(Path::new("x"), doc.as_bytes())
+        .expect_err("refused")
+        .to_string();
+    assert!(e.len() < 1024, "{} bytes", e.len());
+    assert!(e.contains("allocations[0].allocationTimestamp"));
+}

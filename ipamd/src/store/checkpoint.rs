@@ -97,7 +97,7 @@ pub enum CheckpointError {
     },
     /// The file is not valid checkpoint JSON; it is kept as it is.
     #[error(
-        "checkpoint {path} is corrupt at {field}: {source} (kept untouched; move it away to start from an empty pool)"
+        "checkpoint {path} is corrupt at {field}: {why} (kept untouched; move it away to start from an empty pool)"
     )]
     Corrupt {
         /// File.
@@ -105,6 +105,8 @@ pub enum CheckpointError {
         /// Where in the document: a field path such as `allocations[3].ipv4`, or `.` when
         /// the bytes are not JSON at all.
         field: String,
+        /// The parser's message, cut to 256 characters (it quotes the value it refused).
+        why: String,
         /// Cause.
         #[source]
         source: serde_json::Error,
@@ -236,10 +238,18 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<CheckpointFile, CheckpointErro
             limit: MAX_FILE_BYTES,
         });
     }
-    let corrupt = |field: String, source| CheckpointError::Corrupt {
-        path: path.to_owned(),
-        field,
-        source,
+    let corrupt = |field: String, source: serde_json::Error| {
+        let text = source.to_string();
+        let mut why: String = text.chars().take(256).collect();
+        if why.len() < text.len() {
+            why.push('…');
+        }
+        CheckpointError::Corrupt {
+            path: path.to_owned(),
+            field,
+            why,
+            source,
+        }
     };
     // Check the version first, so that a file of another version is "foreign" even when its
     // allocations have another shape.
