@@ -266,3 +266,106 @@ fn checkpoint_refusal_message_is_bounded() {
     assert!(e.len() < 1024, "{} bytes", e.len());
     assert!(e.contains("allocations[0].allocationTimestamp"));
 }
+
+// --- ENIConfig and Node objects -----------------------------------------------------------
+
+mod k8s {
+    use http::{Request, Response};
+    use ipamd::io::k8s::{K8s, K8sError};
+    use kube::client::Body;
+    use serde_json::{json, Value};
+
+    /// Answers the Node GET with `node` and any ENIConfig GET with `eni`; returns the paths
+    /// asked for.
+    async fn node_eni_config(node: Value, eni: Value) -> (Result<(String, ipamd::io::k8s::EniConfigSpec), K8sError>, Vec<String>) {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let server = tokio::spawn(async move {
+            let mut paths = Vec::new();
+            while let Some((req, send)) = handle.next_request().await {
+                let path = req.uri().path().to_owned();
+                let body = if path.starts_with("/api/v1/nodes/") { &node } else { &eni };
+                paths.push(path);
+                send.send_response(
+                    Response::builder()
+                        .status(200)
+                        .body(Body::from(serde_json::to_vec(body).expect("json")))
+                        .expect("response"),
+                );
+            }
+            paths
+        });
+        let k = K8s::new(client, "n1", "aws-node-1", "kube-system");
+        let r = k.node_eni_config().await;
+        drop(k);
+        (r, server.await.expect("server"))
+    }
+
+    fn node(label: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Node",
+               "metadata": {"name": "n1", "labels": {"k8s.amazonaws.com/eniConfig": label}}})
+    }
+
+    fn eni(spec: Value) -> Value {
+        json!({"apiVersion": "crd.k8s.amazonaws.com/v1alpha1", "kind": "ENIConfig",
+               "metadata": {"name": "a"}, "spec": spec})
+    }
+
+    fn bad_field(r: &Result<(String, ipamd::io::k8s::EniConfigSpec), K8sError>) -> String {
+        match r {
+            Err(K8sError::BadObject { field, .. }) => field.clone(),
+            other => panic!("expected BadObject, got {other:?}"),
+        }
+    }
+
+    /// Found by `node_and_eni_config_objects_are_used_or_refused_naming_the_field`: an
+    /// ENIConfig whose subnet or security groups are no ids (empty, `bogus`) was taken, and
+    /// EC2 was asked to create an ENI in subnet "".
+    #[tokio::test]
+    async fn an_eni_config_of_bogus_ids_is_refused_naming_the_field() {
+        for (spec, field) in [
+            (json!({"subnet": ""}), "spec.subnet"),
+            (json!({"subnet": "not-a-subnet"}), "spec.subnet"),
+            (
+                json!({"subnet": "subnet-0123456789abcdef0", "securityGroups": ["sg-0123abcd", "bogus"]}),
+                "spec.securityGroups[1]",
+            ),
+        ] {
+            let (r, _) = node_eni_config(node("a"), eni(spec)).await;
+            assert_eq!(bad_field(&r), field);
+        }
+        let (r, _) = node_eni_config(
+            node("a"),
+            eni(json!({"subnet": "subnet-0123456789abcdef0", "securityGroups": ["sg-0123abcd"]})),
+        )
+        .await;
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    /// Found by `node_and_eni_config_objects_are_used_or_refused_naming_the_field`: a wrong
+    /// JSON type in an ENIConfig gave kube's "invalid type: integer `5`, expected a string"
+    /// without the field; and its message quoted a refused 64 KiB value whole.
+    #[tokio::test]
+    async fn a_wrong_type_in_an_eni_config_names_the_field_in_a_short_message() {
+        let (r, _) = node_eni_config(node("a"), eni(json!({"subnet": 5}))).await;
+        assert_eq!(bad_field(&r), "spec.subnet");
+        let huge = format!("subnet-{}", "f".repeat(1 << 16));
+        let (r, _) = node_eni_config(node("a"), eni(Value::String(huge))).await;
+        assert_eq!(bad_field(&r), "spec");
+        let text = r.expect_err("refused").to_string();
+        assert!(text.len() < 2048, "{} bytes", text.len());
+    }
+
+    /// Found by `node_and_eni_config_objects_are_used_or_refused_naming_the_field`: a node
+    /// label that is no object name (`../../api/v1/secrets/x`) went into the ENIConfig GET's
+    /// path.
+    #[tokio::test]
+    async fn a_node_label_that_cannot_name_an_eni_config_is_refused_before_any_get() {
+        let (r, paths) = node_eni_config(node("../../api/v1/secrets/x"), eni(json!({}))).await;
+        assert_eq!(
+            bad_field(&r),
+            r#"metadata.labels["k8s.amazonaws.com/eniConfig"]"#
+        );
+        assert_eq!(paths, ["/api/v1/nodes/n1"], "no ENIConfig GET");
+    }
+}
