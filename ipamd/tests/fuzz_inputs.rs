@@ -1122,3 +1122,167 @@ mod grpc {
         }
     }
 }
+
+// --- ENIConfig and Node objects -----------------------------------------------------------
+
+mod k8s {
+    use super::*;
+    use http::{Request, Response};
+    use ipamd::io::k8s::{check_eni_config, is_object_name, K8s, K8sError};
+    use kube::client::Body;
+    use serde_json::{json, Value};
+
+    /// Serves every GET: the Node as `node`, any ENIConfig as `eni_config`.
+    async fn api_server(
+        mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+        node: Vec<u8>,
+        eni_config: Vec<u8>,
+    ) {
+        while let Some((req, send)) = handle.next_request().await {
+            let body = if req.uri().path().starts_with("/api/v1/nodes/") {
+                node.clone()
+            } else {
+                eni_config.clone()
+            };
+            send.send_response(
+                Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(Body::from(body))
+                    .unwrap(),
+            );
+        }
+    }
+
+    fn node_json(labels: Value, annotations: Value) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "n1", "labels": labels, "annotations": annotations},
+            "status": {"capacity": {"pods": "110"}}
+        })
+    }
+
+    /// Values for one label or annotation: names an ENIConfig could have, and not.
+    fn label_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            3 => "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?".prop_map(Value::String),
+            1 => any::<String>().prop_map(Value::String),
+            1 => Just(Value::String("../../api/v1/secrets/x".into())),
+            1 => Just(Value::String("UPPER".into())),
+            1 => Just(Value::String("a".repeat(254))),
+            1 => Just(Value::String("a".repeat(1 << 20))),
+            1 => Just(Value::String(String::new())),
+            1 => json_value(),
+        ]
+    }
+
+    fn labels() -> impl Strategy<Value = Value> {
+        let key = prop_oneof![
+            Just("k8s.amazonaws.com/eniConfig".to_owned()),
+            Just("vpc.amazonaws.com/externalEniConfig".to_owned()),
+            "[a-z./]{1,20}",
+        ];
+        prop_oneof![
+            6 => proptest::collection::btree_map(key, label_value(), 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            1 => json_value(),
+        ]
+    }
+
+    fn id_like(prefix: &'static str) -> impl Strategy<Value = Value> {
+        prop_oneof![
+            3 => "[0-9a-f]{17}".prop_map(move |h| Value::String(format!("{prefix}{h}"))),
+            1 => any::<String>().prop_map(Value::String),
+            1 => Just(Value::String(String::new())),
+            1 => Just(Value::String(format!("{prefix}{}", "f".repeat(1 << 16)))),
+            1 => json_value(),
+        ]
+    }
+
+    fn eni_config_json() -> impl Strategy<Value = Value> {
+        let groups = prop_oneof![
+            3 => proptest::collection::vec(id_like("sg-"), 0..4).prop_map(Value::Array),
+            1 => json_value(),
+        ];
+        (id_like("subnet-"), groups, 0u8..4).prop_map(|(subnet, groups, shape)| {
+            let spec = match shape {
+                0 => json!({"subnet": subnet, "securityGroups": groups}),
+                1 => json!({"subnet": subnet}),
+                2 => json!({"securityGroups": groups}),
+                _ => subnet,
+            };
+            json!({"apiVersion": "crd.k8s.amazonaws.com/v1alpha1", "kind": "ENIConfig",
+                   "metadata": {"name": "x"}, "spec": spec})
+        })
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    async fn node_eni_config(node: Vec<u8>, eni: Vec<u8>) -> Result<(String, ipamd::io::k8s::EniConfigSpec), K8sError> {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let server = tokio::spawn(api_server(handle, node, eni));
+        let k = K8s::new(client, "n1", "aws-node-1", "kube-system");
+        let r = tokio::time::timeout(Duration::from_secs(10), k.node_eni_config())
+            .await
+            .expect("no answer within 10 s");
+        drop(k);
+        server.abort();
+        r
+    }
+
+    fn check(r: &Result<(String, ipamd::io::k8s::EniConfigSpec), K8sError>) -> Result<(), TestCaseError> {
+        match r {
+            Ok((name, spec)) => {
+                prop_assert!(is_object_name(name), "ENIConfig name {:?} used", name);
+                prop_assert!(check_eni_config(spec).is_ok(), "spec {:?} used", spec);
+            }
+            Err(e @ K8sError::BadObject { field, .. }) => {
+                prop_assert!(!field.is_empty() && e.to_string().contains(field.as_str()), "{}", e);
+                prop_assert!(e.to_string().len() < 2048, "message of {} bytes", e.to_string().len());
+            }
+            Err(e) => prop_assert!(false, "unexpected error {e}: {e:?}"),
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(cases(96))]
+
+        #[test]
+        fn node_and_eni_config_objects_are_used_or_refused_naming_the_field(
+            labels in labels(),
+            annotations in labels(),
+            eni in eni_config_json(),
+        ) {
+            let node = serde_json::to_vec(&node_json(labels, annotations)).unwrap();
+            let eni = serde_json::to_vec(&eni).unwrap();
+            let r = runtime().block_on(node_eni_config(node, eni));
+            check(&r)?;
+        }
+
+        #[test]
+        fn mangled_object_bytes_are_refused_naming_the_field(
+            eni in eni_config_json(),
+            cut in any::<prop::sample::Index>(),
+            junk in proptest::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let node = serde_json::to_vec(&node_json(json!({"k8s.amazonaws.com/eniConfig": "a"}), json!({}))).unwrap();
+            let mut eni = serde_json::to_vec(&eni).unwrap();
+            let at = cut.index(eni.len());
+            eni.truncate(at);
+            eni.extend_from_slice(&junk);
+            let r = runtime().block_on(node_eni_config(node, eni));
+            match &r {
+                Err(K8sError::Request { .. }) => {}
+                other => check(other)?,
+            }
+        }
+    }
+}
+
