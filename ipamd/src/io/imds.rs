@@ -34,6 +34,33 @@ pub enum ImdsError {
         /// The value.
         value: String,
     },
+    /// A number past what the daemon can use.
+    #[error("instance metadata {path}: {value} is above {max}")]
+    OutOfRange {
+        /// The path.
+        path: String,
+        /// The value.
+        value: u32,
+        /// The largest value taken.
+        max: u32,
+    },
+}
+
+/// The largest `device-number` and `network-card` taken: the route table of an ENI is
+/// `device + 1` on card 0 and `10000 + device + 100 × card` on the others, so a device
+/// number above 99 would share a table with another card's ENI, or reach the kernel's own
+/// tables (253-255), and a huge one would overflow. EC2 instances have far fewer.
+pub const MAX_DEVICE_NUMBER: u32 = 99;
+
+fn at_most(path: &str, value: u32, max: u32) -> ImdsResult<u32> {
+    if value > max {
+        return Err(ImdsError::OutOfRange {
+            path: path.to_owned(),
+            value,
+            max,
+        });
+    }
+    Ok(value)
 }
 
 /// Result of a metadata read.
@@ -256,10 +283,18 @@ impl Imds for AwsImds {
         let device_number = if primary {
             0
         } else {
-            parse(&p("device-number"), &self.get(&p("device-number")).await?)?
+            let path = p("device-number");
+            at_most(
+                &path,
+                parse(&path, &self.get(&path).await?)?,
+                MAX_DEVICE_NUMBER,
+            )?
         };
         let network_card = match self.get_opt(&p("network-card")).await? {
-            Some(v) => parse(&p("network-card"), &v)?,
+            Some(v) => {
+                let path = p("network-card");
+                at_most(&path, parse(&path, &v)?, MAX_DEVICE_NUMBER)?
+            }
             None => 0,
         };
         let cidr = p("subnet-ipv4-cidr-block");
