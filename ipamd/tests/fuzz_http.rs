@@ -922,6 +922,34 @@ fn the_proxy_passes_real_answers() {
     });
 }
 
+/// Found by `every_ec2_answer_mangled_is_parsed_or_a_clear_error` (`NextToken("again")`):
+/// an endpoint that answers every page with the same `NextToken` kept the leaked-ENI scan
+/// paging for ever (6,262 pages in 20 s here, its list growing); a repeated token now ends
+/// it with an error.
+#[test]
+fn regression_endless_pagination_ends_with_an_error() {
+    use ipamd::io::ec2::Ec2Api;
+    let _one = exclusive();
+    let b = bench();
+    let c = ec2_client();
+    runtime().block_on(async {
+        b.ec2.set(" DescribeNetworkInterfaces", Spoil::NextToken("again".into()));
+        let leaked = tokio::time::timeout(
+            Duration::from_secs(20),
+            c.describe_leaked_candidates(&b.node.vpc_id, None),
+        )
+        .await;
+        let pages = b.ec2.seen().len();
+        b.ec2.set("", Spoil::None);
+        let e = leaked
+            .unwrap_or_else(|_| panic!("pagination still going after {pages} pages"))
+            .expect_err("refused");
+        assert_eq!(e.code, "BadAnswer");
+        assert!(e.to_string().contains("NextToken"), "{e}");
+        assert_eq!(pages, 2, "stops at the first repeat");
+    });
+}
+
 /// Found by `every_imds_key_mangled_is_parsed_or_named` (`/network-card` = `2147483647`):
 /// any `network-card` or `device-number` that parsed as a u32 was taken, and the ENI's route
 /// table (`10000 + device + 100 × card`) then overflows; `device-number` 253 made table 254,
