@@ -353,7 +353,6 @@ fn at_most_max_duration(var: &str, value: &str, d: Duration) -> Result<Duration,
 }
 
 impl Env<'_> {
-
     fn cidrs(&self, var: &str) -> Result<Vec<Ipv4Net>, ConfigError> {
         let Some(v) = self.get(var) else {
             return Ok(Vec::new());
@@ -624,7 +623,10 @@ impl Config {
                 return Err(ConfigError::Combination(format!(
                     "{}={:?} must be at least {}={:?}",
                     ours::DEMAND_WINDOW,
-                    env.string(ours::DEMAND_WINDOW, &format!("{}s", settings.window.as_secs())),
+                    env.string(
+                        ours::DEMAND_WINDOW,
+                        &format!("{}s", settings.window.as_secs())
+                    ),
                     ours::DEMAND_LEAD_TIME,
                     env.string(
                         ours::DEMAND_LEAD_TIME,

@@ -114,7 +114,10 @@ fn texts(body: &[u8]) -> Vec<std::ops::Range<usize>> {
     while i < body.len() {
         if body[i] == b'>' {
             let s = i + 1;
-            let e = body[s..].iter().position(|b| *b == b'<').map_or(body.len(), |p| s + p);
+            let e = body[s..]
+                .iter()
+                .position(|b| *b == b'<')
+                .map_or(body.len(), |p| s + p);
             if body[s..e].iter().any(|b| !b.is_ascii_whitespace()) {
                 out.push(s..e);
             }
@@ -395,8 +398,7 @@ impl Proxy {
 fn addr_of(url: &str) -> SocketAddr {
     let rest = url.trim_start_matches("http://");
     let host = rest.split('/').next().unwrap_or(rest);
-    host.parse()
-        .unwrap_or_else(|e| panic!("{url}: {e}"))
+    host.parse().unwrap_or_else(|e| panic!("{url}: {e}"))
 }
 
 /// Held by each test for its whole run: the proxies have one plan at a time, and the tests
@@ -559,7 +561,10 @@ mod imds {
         | ImdsError::Request { path, .. }
         | ImdsError::Parse { path, .. }
         | ImdsError::OutOfRange { path, .. }) = e;
-        !path.is_empty() && (e.to_string().contains(key.trim()) || e.to_string().contains("meta-data") || e.to_string().contains("dynamic"))
+        !path.is_empty()
+            && (e.to_string().contains(key.trim())
+                || e.to_string().contains("meta-data")
+                || e.to_string().contains("dynamic"))
     }
 
     async fn read_all(imds: &AwsImds) -> Result<(), ImdsError> {
@@ -661,7 +666,11 @@ mod ec2 {
         prop_assert_eq!(e.action, action);
         prop_assert!(!e.code.is_empty(), "{:?}", e);
         prop_assert!(e.to_string().contains(action));
-        prop_assert!(e.to_string().len() < 64 * 1024, "error of {} bytes", e.to_string().len());
+        prop_assert!(
+            e.to_string().len() < 64 * 1024,
+            "error of {} bytes",
+            e.to_string().len()
+        );
         Ok(())
     }
 
@@ -683,44 +692,69 @@ mod ec2 {
         } else {
             c.create_eni(&req).await.ok()
         };
-        let needs_attachment = matches!(call, "ModifyNetworkInterfaceAttribute" | "DetachNetworkInterface");
+        let needs_attachment = matches!(
+            call,
+            "ModifyNetworkInterfaceAttribute" | "DetachNetworkInterface"
+        );
         let mut attachment = None;
         if let (Some(e), true) = (&eni, needs_attachment) {
-            let used = c.used_device_indexes(&node.instance_id).await.unwrap_or_default();
-            let dev = (1..15u32).find(|d| !used.iter().any(|(_, u)| u == d)).unwrap_or(2);
+            let used = c
+                .used_device_indexes(&node.instance_id)
+                .await
+                .unwrap_or_default();
+            let dev = (1..15u32)
+                .find(|d| !used.iter().any(|(_, u)| u == d))
+                .unwrap_or(2);
             attachment = c.attach_eni(&e.id, &node.instance_id, dev, 0).await.ok();
         }
-        let eni_id = eni.as_ref().map(|e| e.id.clone()).unwrap_or_else(|| "eni-0000".into());
+        let eni_id = eni
+            .as_ref()
+            .map(|e| e.id.clone())
+            .unwrap_or_else(|| "eni-0000".into());
         let action = call.split('/').next().unwrap_or(call);
         b.ec2.set(&format!(" {action}"), how.clone());
         let res: Result<String, Ec2Error> = match call {
-            "DescribeNetworkInterfaces" => c.describe_enis(&[eni_id.clone()]).await.map(|v| format!("{}", v.len())),
+            "DescribeNetworkInterfaces" => c
+                .describe_enis(std::slice::from_ref(&eni_id))
+                .await
+                .map(|v| format!("{}", v.len())),
             "DescribeNetworkInterfaces/leaked" => c
                 .describe_leaked_candidates(&node.vpc_id, Some("c"))
                 .await
                 .map(|v| format!("{}", v.len())),
-            "DescribeInstances" => c.used_device_indexes(&node.instance_id).await.map(|v| format!("{v:?}")),
+            "DescribeInstances" => c
+                .used_device_indexes(&node.instance_id)
+                .await
+                .map(|v| format!("{v:?}")),
             "DescribeInstanceTypes" => c.describe_instance_type("m5.large").await.map(|t| {
                 // What the daemon computes from it (NodeLimits, prefix mode) must not overflow.
                 assert!(
-                    t.ipv4_per_eni.checked_mul(16).and_then(|x| x.checked_mul(t.max_enis)).is_some(),
+                    t.ipv4_per_eni
+                        .checked_mul(16)
+                        .and_then(|x| x.checked_mul(t.max_enis))
+                        .is_some(),
                     "limits {t:?} accepted"
                 );
                 format!("{t:?}")
             }),
-            "DescribeSubnets" => c.describe_subnets(&node.vpc_id, SIM_AZ).await.map(|v| format!("{}", v.len())),
-            "CreateNetworkInterface" => c.create_eni(&req).await.map(|e| {
-                let id = e.id.clone();
-                id
-            }),
+            "DescribeSubnets" => c
+                .describe_subnets(&node.vpc_id, SIM_AZ)
+                .await
+                .map(|v| format!("{}", v.len())),
+            "CreateNetworkInterface" => c.create_eni(&req).await.map(|e| e.id),
             "AttachNetworkInterface" => {
                 let used = {
                     b.ec2.set("", Spoil::None);
-                    let u = c.used_device_indexes(&node.instance_id).await.unwrap_or_default();
+                    let u = c
+                        .used_device_indexes(&node.instance_id)
+                        .await
+                        .unwrap_or_default();
                     b.ec2.set(&format!(" {action}"), how.clone());
                     u
                 };
-                let dev = (1..15u32).find(|d| !used.iter().any(|(_, u)| u == d)).unwrap_or(1);
+                let dev = (1..15u32)
+                    .find(|d| !used.iter().any(|(_, u)| u == d))
+                    .unwrap_or(1);
                 let r = c.attach_eni(&eni_id, &node.instance_id, dev, 0).await;
                 if let Ok(a) = &r {
                     attachment = Some(a.clone());
@@ -731,15 +765,29 @@ mod ec2 {
                 .set_delete_on_termination(&eni_id, attachment.as_deref().unwrap_or("eni-attach-0"))
                 .await
                 .map(|()| String::new()),
-            "AssignPrivateIpAddresses" => c.assign(&eni_id, Addresses::Ips(2)).await.map(|a| format!("{a:?}")),
-            "AssignPrivateIpAddresses/prefixes" => c.assign(&eni_id, Addresses::Prefixes(1)).await.map(|a| format!("{a:?}")),
+            "AssignPrivateIpAddresses" => c
+                .assign(&eni_id, Addresses::Ips(2))
+                .await
+                .map(|a| format!("{a:?}")),
+            "AssignPrivateIpAddresses/prefixes" => c
+                .assign(&eni_id, Addresses::Prefixes(1))
+                .await
+                .map(|a| format!("{a:?}")),
             "UnassignPrivateIpAddresses" => {
                 let ip = eni.as_ref().and_then(|e| e.secondary_ips.first().copied());
-                c.unassign_ips(&eni_id, &ip.into_iter().collect::<Vec<_>>()).await.map(|()| String::new())
+                c.unassign_ips(&eni_id, &ip.into_iter().collect::<Vec<_>>())
+                    .await
+                    .map(|()| String::new())
             }
-            "AssignIpv6Addresses" => c.assign_ipv6_prefixes(&eni_id, 1).await.map(|p| format!("{p:?}")),
+            "AssignIpv6Addresses" => c
+                .assign_ipv6_prefixes(&eni_id, 1)
+                .await
+                .map(|p| format!("{p:?}")),
             "CreateTags" => c
-                .create_tags(&eni_id, &[("k".to_owned(), "v".to_owned())].into_iter().collect())
+                .create_tags(
+                    &eni_id,
+                    &[("k".to_owned(), "v".to_owned())].into_iter().collect(),
+                )
                 .await
                 .map(|()| String::new()),
             "DetachNetworkInterface" => c
@@ -826,7 +874,9 @@ mod servers {
                 let i = IntrospectServer::bind("127.0.0.1:0").await.unwrap();
                 let ia = i.local_addr().unwrap();
                 tokio::spawn(i.run(Arc::new(Source), std::future::pending()));
-                let m = MetricsServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+                let m = MetricsServer::bind("127.0.0.1:0".parse().unwrap())
+                    .await
+                    .unwrap();
                 let ma = m.local_addr().unwrap();
                 let metrics = Metrics::new().unwrap();
                 tokio::spawn(m.run(metrics.registry().clone(), std::future::pending()));
@@ -862,7 +912,10 @@ mod servers {
         let base = prop_oneof![
             Just(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
             Just(b"GET /v1/enis HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
-            Just(b"POST /v1/enis HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec()),
+            Just(
+                b"POST /v1/enis HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+                    .to_vec()
+            ),
             Just(b"GET /metrics HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n".to_vec()),
             Just(b"GET /metrics HTTP/9.9\r\n\r\n".to_vec()),
             Just(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec()),
@@ -872,8 +925,11 @@ mod servers {
             Just(format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "b".repeat(1 << 20)).into_bytes()),
             proptest::collection::vec(any::<u8>(), 0..512),
         ];
-        (base, proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6)).prop_map(
-            |(mut b, edits)| {
+        (
+            base,
+            proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        )
+            .prop_map(|(mut b, edits)| {
                 for (i, x) in edits {
                     if !b.is_empty() {
                         let i = i.index(b.len());
@@ -881,8 +937,7 @@ mod servers {
                     }
                 }
                 b
-            },
-        )
+            })
     }
 
     proptest! {
@@ -913,12 +968,21 @@ fn the_proxy_passes_real_answers() {
     let c = ec2_client();
     runtime().block_on(async {
         b.ec2.set("", Spoil::None);
-        let subnets = c.describe_subnets(&b.node.vpc_id, SIM_AZ).await.expect("subnets");
+        let subnets = c
+            .describe_subnets(&b.node.vpc_id, SIM_AZ)
+            .await
+            .expect("subnets");
         assert!(!subnets.is_empty());
-        let used = c.used_device_indexes(&b.node.instance_id).await.expect("instances");
+        let used = c
+            .used_device_indexes(&b.node.instance_id)
+            .await
+            .expect("instances");
         assert!(!used.is_empty());
         let seen = b.ec2.seen();
-        assert!(seen.iter().any(|s| s.ends_with(" DescribeSubnets")), "{seen:?}");
+        assert!(
+            seen.iter().any(|s| s.ends_with(" DescribeSubnets")),
+            "{seen:?}"
+        );
     });
 }
 
@@ -933,7 +997,10 @@ fn regression_endless_pagination_ends_with_an_error() {
     let b = bench();
     let c = ec2_client();
     runtime().block_on(async {
-        b.ec2.set(" DescribeNetworkInterfaces", Spoil::NextToken("again".into()));
+        b.ec2.set(
+            " DescribeNetworkInterfaces",
+            Spoil::NextToken("again".into()),
+        );
         let leaked = tokio::time::timeout(
             Duration::from_secs(20),
             c.describe_leaked_candidates(&b.node.vpc_id, None),
@@ -973,7 +1040,10 @@ fn regression_imds_device_and_card_numbers_past_99_are_refused() {
             b.imds.set(key, Spoil::Whole(value.into()));
             let id = imds.identity().await.expect("identity");
             let e = imds.enis(&id.primary_mac).await.expect_err("refused");
-            assert!(matches!(e, ImdsError::OutOfRange { .. }), "{key}={value}: {e}");
+            assert!(
+                matches!(e, ImdsError::OutOfRange { .. }),
+                "{key}={value}: {e}"
+            );
             assert!(e.to_string().contains(key.trim_start_matches('/')), "{e}");
         }
         b.imds.set("", Spoil::None);

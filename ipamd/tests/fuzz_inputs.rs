@@ -169,10 +169,7 @@ fn edge_value() -> impl Strategy<Value = String> {
 /// `Config::parse` over `vars`, with every variable of a refused value named in the error.
 fn check_config(vars: &[(&str, String)]) -> Result<(), TestCaseError> {
     let map: BTreeMap<&str, String> = vars.iter().map(|(k, v)| (*k, v.clone())).collect();
-    let res = Config::parse(
-        &|k| map.get(k).cloned(),
-        &ipamd::config::Flags::default(),
-    );
+    let res = Config::parse(&|k| map.get(k).cloned(), &ipamd::config::Flags::default());
     match res {
         Ok(cfg) => {
             // Every duration accepted can be added to the clock (no deadline overflows).
@@ -371,7 +368,11 @@ fn allocation(v6: bool) -> impl Strategy<Value = (u16, Allocation)> {
             (
                 i,
                 Allocation {
-                    network_name: if net.is_empty() { "aws-cni".into() } else { net },
+                    network_name: if net.is_empty() {
+                        "aws-cni".into()
+                    } else {
+                        net
+                    },
                     container_id: c,
                     if_name: ifn,
                     ipv4,
@@ -795,16 +796,15 @@ fn checkpoint_huge_files_are_bounded() {
 /// Non-UTF-8 bytes inside a string are refused, naming the field.
 #[test]
 fn checkpoint_non_utf8_is_refused_naming_the_field() {
-    let mut b = br#"{"version":"vpc-cni-ipam/1","allocations":[{"networkName":"aws-cni","containerID":""#.to_vec();
+    let mut b =
+        br#"{"version":"vpc-cni-ipam/1","allocations":[{"networkName":"aws-cni","containerID":""#
+            .to_vec();
     b.extend_from_slice(&[0xff, 0xfe, b'x']);
     b.extend_from_slice(br#"","ifName":"eth0","ipv4":"10.0.0.1"}]}"#);
     let e = parse(Path::new("x"), &b).unwrap_err();
     assert!(matches!(e, CheckpointError::Corrupt { .. }), "{e}");
     assert!(e.to_string().contains("allocations[0]"), "{e}");
-    assert!(matches!(
-        restore_checked(&b, false),
-        Ok(false)
-    ));
+    assert!(matches!(restore_checked(&b, false), Ok(false)));
 }
 
 /// A refused file stays on disk as it was.
@@ -915,35 +915,57 @@ mod grpc {
     }
 
     fn add_req() -> impl Strategy<Value = AddNetworkRequest> {
-        (version(), text(), text(), text(), text(), text(), text(), text(), any::<bool>()).prop_map(
-            |(v, pod, ns, infra, c, ifn, net, netns, multi)| AddNetworkRequest {
-                client_version: v,
-                k8s_pod_name: pod,
-                k8s_pod_namespace: ns,
-                k8s_pod_infra_container_id: infra,
-                container_id: c,
-                if_name: ifn,
-                network_name: net,
-                netns,
-                requires_multi_nic_attachment: multi,
-            },
+        (
+            version(),
+            text(),
+            text(),
+            text(),
+            text(),
+            text(),
+            text(),
+            text(),
+            any::<bool>(),
         )
+            .prop_map(
+                |(v, pod, ns, infra, c, ifn, net, netns, multi)| AddNetworkRequest {
+                    client_version: v,
+                    k8s_pod_name: pod,
+                    k8s_pod_namespace: ns,
+                    k8s_pod_infra_container_id: infra,
+                    container_id: c,
+                    if_name: ifn,
+                    network_name: net,
+                    netns,
+                    requires_multi_nic_attachment: multi,
+                },
+            )
     }
 
     fn del_req() -> impl Strategy<Value = DelNetworkRequest> {
-        (version(), text(), text(), text(), text(), text(), text(), text(), text()).prop_map(
-            |(v, pod, ns, infra, c, ifn, net, reason, uid)| DelNetworkRequest {
-                client_version: v,
-                k8s_pod_name: pod,
-                k8s_pod_namespace: ns,
-                k8s_pod_infra_container_id: infra,
-                reason,
-                container_id: c,
-                if_name: ifn,
-                network_name: net,
-                k8s_pod_uid: uid,
-            },
+        (
+            version(),
+            text(),
+            text(),
+            text(),
+            text(),
+            text(),
+            text(),
+            text(),
+            text(),
         )
+            .prop_map(
+                |(v, pod, ns, infra, c, ifn, net, reason, uid)| DelNetworkRequest {
+                    client_version: v,
+                    k8s_pod_name: pod,
+                    k8s_pod_namespace: ns,
+                    k8s_pod_infra_container_id: infra,
+                    reason,
+                    container_id: c,
+                    if_name: ifn,
+                    network_name: net,
+                    k8s_pod_uid: uid,
+                },
+            )
     }
 
     fn good_add(i: u8) -> AddNetworkRequest {
@@ -1046,8 +1068,12 @@ mod grpc {
                     match b.add_network(Request::new(r.clone())).await {
                         Err(s) => {
                             prop_assert!(
-                                matches!(s.code(), Code::InvalidArgument | Code::FailedPrecondition),
-                                "{:?}", s
+                                matches!(
+                                    s.code(),
+                                    Code::InvalidArgument | Code::FailedPrecondition
+                                ),
+                                "{:?}",
+                                s
                             );
                             prop_assert!(refusal_names_a_field(&s), "{:?}", s.message());
                             prop_assert_eq!(held(&st), before, "refused ADD changed the store");
@@ -1057,7 +1083,9 @@ mod grpc {
                             let now = held(&st);
                             if reply.success {
                                 prop_assert!(bounded_key(&key), "accepted key {:?}", key);
-                                prop_assert!(r.k8s_pod_name.len() <= 253 && r.k8s_pod_namespace.len() <= 253);
+                                prop_assert!(
+                                    r.k8s_pod_name.len() <= 253 && r.k8s_pod_namespace.len() <= 253
+                                );
                                 let ip = reply.ip_allocation_metadata[0].i_pv4_addr.clone();
                                 let mut want = before.clone();
                                 want.insert((ip, key));
@@ -1084,13 +1112,15 @@ mod grpc {
                         Ok(reply) => {
                             prop_assert!(reply.into_inner().success);
                             prop_assert!(held_key);
-                            let want: Held = before.iter().filter(|(_, k)| *k != key).cloned().collect();
+                            let want: Held =
+                                before.iter().filter(|(_, k)| *k != key).cloned().collect();
                             prop_assert_eq!(held(&st), want);
                         }
                         Err(s) => {
                             prop_assert!(
                                 vpc_cni_rpc::is_unknown_pod(&s) || refusal_names_a_field(&s),
-                                "{:?}", s
+                                "{:?}",
+                                s
                             );
                             prop_assert_eq!(held(&st), before, "refused DEL changed the store");
                         }
@@ -1102,12 +1132,15 @@ mod grpc {
             }
         }
         // Nothing dropped: what the datastore holds is what the checkpoint says.
-        let disk = mem.current().unwrap_or_else(|| CheckpointFile::new(Vec::new()));
+        let disk = mem
+            .current()
+            .unwrap_or_else(|| CheckpointFile::new(Vec::new()));
         prop_assert_eq!(entries(&disk, false), held(&st));
         for r in reasons.0.lock().unwrap().iter() {
             prop_assert!(
                 ["PodDeleted", "SetupNSFailed", "", "other"].contains(&r.as_str()),
-                "metric label {:?} taken from a request", r
+                "metric label {:?} taken from a request",
+                r
             );
         }
         Ok(())
@@ -1223,7 +1256,10 @@ mod k8s {
             .unwrap()
     }
 
-    async fn node_eni_config(node: Vec<u8>, eni: Vec<u8>) -> Result<(String, ipamd::io::k8s::EniConfigSpec), K8sError> {
+    async fn node_eni_config(
+        node: Vec<u8>,
+        eni: Vec<u8>,
+    ) -> Result<(String, ipamd::io::k8s::EniConfigSpec), K8sError> {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = kube::Client::new(service, "default");
         let server = tokio::spawn(api_server(handle, node, eni));
@@ -1236,15 +1272,25 @@ mod k8s {
         r
     }
 
-    fn check(r: &Result<(String, ipamd::io::k8s::EniConfigSpec), K8sError>) -> Result<(), TestCaseError> {
+    fn check(
+        r: &Result<(String, ipamd::io::k8s::EniConfigSpec), K8sError>,
+    ) -> Result<(), TestCaseError> {
         match r {
             Ok((name, spec)) => {
                 prop_assert!(is_object_name(name), "ENIConfig name {:?} used", name);
                 prop_assert!(check_eni_config(spec).is_ok(), "spec {:?} used", spec);
             }
             Err(e @ K8sError::BadObject { field, .. }) => {
-                prop_assert!(!field.is_empty() && e.to_string().contains(field.as_str()), "{}", e);
-                prop_assert!(e.to_string().len() < 2048, "message of {} bytes", e.to_string().len());
+                prop_assert!(
+                    !field.is_empty() && e.to_string().contains(field.as_str()),
+                    "{}",
+                    e
+                );
+                prop_assert!(
+                    e.to_string().len() < 2048,
+                    "message of {} bytes",
+                    e.to_string().len()
+                );
             }
             Err(e) => prop_assert!(false, "unexpected error {e}: {e:?}"),
         }
@@ -1285,4 +1331,3 @@ mod k8s {
         }
     }
 }
-

@@ -46,7 +46,9 @@ fn checkpoint_wrong_type_names_the_field_path() {
     let text = e.to_string();
     assert!(text.contains("allocations[1].ipv4"), "{text}");
     let bytes = br#"{"version":"vpc-cni-ipam/1","allocations":[{"networkName":"aws-cni","containerID":"a","ifName":"eth0","ipv4":"10.0.0.10","metadata":{"interfacesCount":"one"}}]}"#;
-    let text = parse(Path::new("x"), bytes).expect_err("refused").to_string();
+    let text = parse(Path::new("x"), bytes)
+        .expect_err("refused")
+        .to_string();
     assert!(
         text.contains("allocations[0].metadata.interfacesCount"),
         "{text}"
@@ -277,14 +279,24 @@ mod k8s {
 
     /// Answers the Node GET with `node` and any ENIConfig GET with `eni`; returns the paths
     /// asked for.
-    async fn node_eni_config(node: Value, eni: Value) -> (Result<(String, ipamd::io::k8s::EniConfigSpec), K8sError>, Vec<String>) {
+    async fn node_eni_config(
+        node: Value,
+        eni: Value,
+    ) -> (
+        Result<(String, ipamd::io::k8s::EniConfigSpec), K8sError>,
+        Vec<String>,
+    ) {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = kube::Client::new(service, "default");
         let server = tokio::spawn(async move {
             let mut paths = Vec::new();
             while let Some((req, send)) = handle.next_request().await {
                 let path = req.uri().path().to_owned();
-                let body = if path.starts_with("/api/v1/nodes/") { &node } else { &eni };
+                let body = if path.starts_with("/api/v1/nodes/") {
+                    &node
+                } else {
+                    &eni
+                };
                 paths.push(path);
                 send.send_response(
                     Response::builder()

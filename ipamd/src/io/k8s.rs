@@ -568,7 +568,12 @@ impl K8s {
 
     /// GETs a cluster-scoped object (3 s timeout), the same request as `Api::get`, and
     /// parses it naming the field path of a malformed answer ([`K8sError::BadObject`]).
-    async fn get_object<K>(&self, op: &'static str, kind: &'static str, name: &str) -> Result<K, K8sError>
+    async fn get_object<K>(
+        &self,
+        op: &'static str,
+        kind: &'static str,
+        name: &str,
+    ) -> Result<K, K8sError>
     where
         K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned,
     {
@@ -635,7 +640,10 @@ impl K8s {
                 kind: "Node",
                 name: self.node_name.clone(),
                 field: eni_config_field(&node, &self.annotation_key, &self.label_key),
-                why: format!("{:?} cannot name an ENIConfig (not a DNS subdomain name)", clip(&name)),
+                why: format!(
+                    "{:?} cannot name an ENIConfig (not a DNS subdomain name)",
+                    clip(&name)
+                ),
             });
         }
         let spec = self.eni_config(&name).await?;

@@ -356,11 +356,8 @@ impl CheckpointStore for FileStore {
         // Read at most one byte past the limit: a huge file (or a device that never ends)
         // is refused without being read whole.
         let mut bytes = Vec::new();
-        std::io::Read::read_to_end(
-            &mut std::io::Read::take(f, MAX_FILE_BYTES + 1),
-            &mut bytes,
-        )
-        .map_err(rerr)?;
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_FILE_BYTES + 1), &mut bytes)
+            .map_err(rerr)?;
         parse(&self.path, &bytes).map(Some)
     }
 
