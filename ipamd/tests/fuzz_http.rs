@@ -74,6 +74,8 @@ enum Spoil {
     Empty,
     /// Another status with the body.
     Status(u16),
+    /// The text of the first element `<name>` replaced.
+    Element(&'static str, String),
     /// (Text answers) the whole value replaced.
     Whole(String),
     /// (Text answers) the value's lines repeated `n` times.
@@ -193,6 +195,22 @@ fn spoil(spoil: &Spoil, status: u16, body: Vec<u8>) -> (u16, Vec<u8>) {
         Spoil::Empty => b.clear(),
         Spoil::Status(s) => return (*s, b),
         Spoil::Whole(v) => b = v.clone().into_bytes(),
+        Spoil::Element(name, v) => {
+            let open = format!("<{name}>");
+            let close = format!("</{name}>");
+            let find = |hay: &[u8], pat: &str, from: usize| {
+                hay[from..]
+                    .windows(pat.len())
+                    .position(|w| w == pat.as_bytes())
+                    .map(|p| p + from)
+            };
+            if let Some(a) = find(&b, &open, 0) {
+                let start = a + open.len();
+                if let Some(end) = find(&b, &close, start) {
+                    b.splice(start..end, v.bytes());
+                }
+            }
+        }
         Spoil::Lines(n) => {
             let one = std::mem::take(&mut b);
             for _ in 0..*n {
@@ -494,8 +512,32 @@ fn a_spoil() -> impl Strategy<Value = Spoil> {
         1 => any::<u16>().prop_map(Spoil::NotUtf8),
         1 => Just(Spoil::Empty),
         1 => prop::sample::select(vec![201u16, 204, 302, 400, 404, 500, 503]).prop_map(Spoil::Status),
+        3 => (prop::sample::select(ELEMENTS), text_value()).prop_map(|(e, v)| Spoil::Element(e, v)),
     ]
 }
+
+/// Elements of the EC2 answers whose values ipamd reads.
+const ELEMENTS: &[&str] = &[
+    "deviceIndex",
+    "networkCardIndex",
+    "maximumNetworkInterfaces",
+    "ipv4AddressesPerInterface",
+    "privateIpAddress",
+    "primary",
+    "ipv4Prefix",
+    "ipv6Prefix",
+    "cidrBlock",
+    "availableIpAddressCount",
+    "attachmentId",
+    "networkInterfaceId",
+    "macAddress",
+    "status",
+    "interfaceType",
+    "key",
+    "value",
+    "bareMetal",
+    "hypervisor",
+];
 
 // --- instance metadata --------------------------------------------------------------------
 
@@ -1049,5 +1091,33 @@ fn regression_imds_device_and_card_numbers_past_99_are_refused() {
         b.imds.set("", Spoil::None);
         let id = imds.identity().await.expect("identity");
         assert!(imds.enis(&id.primary_mac).await.expect("enis").len() >= 2);
+    });
+}
+
+/// Found with the `Element` spoil of `every_ec2_answer_mangled_is_parsed_or_a_clear_error`
+/// (`maximumNetworkInterfaces` = `2147483647`): any positive limit was taken from
+/// `DescribeInstanceTypes`, and the pool's addresses per ENI × 16 × ENIs then overflows.
+#[test]
+fn regression_absurd_instance_type_limits_are_refused() {
+    use ipamd::io::ec2::Ec2Api;
+    let _one = exclusive();
+    let b = bench();
+    let c = ec2_client();
+    runtime().block_on(async {
+        for element in ["maximumNetworkInterfaces", "ipv4AddressesPerInterface"] {
+            b.ec2.set(
+                " DescribeInstanceTypes",
+                Spoil::Element(element, "2147483647".into()),
+            );
+            let e = c
+                .describe_instance_type("m5.large")
+                .await
+                .expect_err("refused");
+            assert_eq!(e.code, "BadAnswer");
+            assert!(e.to_string().contains(element), "{e}");
+        }
+        b.ec2.set("", Spoil::None);
+        let t = c.describe_instance_type("m5.large").await.expect("limits");
+        assert!(t.max_enis >= 1 && t.ipv4_per_eni >= 1);
     });
 }

@@ -55,9 +55,10 @@ fn checkpoint_wrong_type_names_the_field_path() {
     );
 }
 
-/// Found by `checkpoint_huge_files_are_bounded`: a checkpoint path that names an endless
-/// device (`/dev/zero`) was read into memory without end; any file past the limit is now
-/// refused after reading one byte more than the limit.
+/// Found in review while writing `checkpoint_huge_files_are_bounded` (which failed too: a
+/// 64 MiB file was read and parsed whole): a checkpoint path that names an endless device
+/// (`/dev/zero`) was read into memory without end; any file past the limit is now refused
+/// after reading one byte more than the limit.
 #[test]
 fn checkpoint_endless_file_is_refused_not_read_whole() {
     let s = FileStore::new("/dev/zero");

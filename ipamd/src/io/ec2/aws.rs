@@ -283,6 +283,9 @@ fn eni_of(action: &'static str, n: &NetworkInterface) -> Ec2Result<EniInfo> {
     })
 }
 
+/// The largest `maximumNetworkInterfaces` and `ipv4AddressesPerInterface` taken.
+const MAX_TYPE_LIMIT: i32 = 1024;
+
 /// The most pages one paginated describe reads (1,000 of up to 1,000 ENIs).
 const MAX_PAGES: usize = 1000;
 
@@ -404,6 +407,20 @@ impl Ec2Api for AwsEc2 {
         let per_eni = ni.ipv4_addresses_per_interface().unwrap_or(0);
         if max_enis <= 0 || per_eni <= 0 {
             return Err(unknown());
+        }
+        // Far above any instance type, and low enough that the pool's arithmetic
+        // (addresses per ENI × 16 in prefix mode × ENIs) cannot overflow.
+        for (element, v) in [
+            ("maximumNetworkInterfaces", max_enis),
+            ("ipv4AddressesPerInterface", per_eni),
+        ] {
+            if v > MAX_TYPE_LIMIT {
+                return Err(Ec2Error::coded(
+                    A,
+                    "BadAnswer",
+                    format!("{element} {v} is above {MAX_TYPE_LIMIT}"),
+                ));
+            }
         }
         Ok(InstanceTypeInfo {
             max_enis: max_enis as u32,
