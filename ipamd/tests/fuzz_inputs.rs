@@ -1331,3 +1331,200 @@ mod k8s {
         }
     }
 }
+
+// --- raw gRPC bodies over the unix socket -------------------------------------------------
+
+mod grpc_raw {
+    use super::*;
+    use std::sync::Arc;
+
+    use bytes::{Buf, BufMut};
+    use ipamd::serve::grpc::{routes, Backend, ReplySettings, VERSION};
+    use ipamd::store::checkpoint::MemoryStore;
+    use ipamd::store::commit::{PoolState, TokioClock};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::{Request, Status};
+
+    /// Sends and receives message bodies as bytes, whatever they hold.
+    #[derive(Default, Clone, Copy)]
+    struct Raw;
+    struct RawEnc;
+    struct RawDec;
+
+    impl Encoder for RawEnc {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            buf.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawDec {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+            let mut out = Vec::new();
+            while buf.has_remaining() {
+                let c = buf.chunk();
+                out.extend_from_slice(c);
+                let n = c.len();
+                buf.advance(n);
+            }
+            Ok(Some(out))
+        }
+    }
+
+    impl Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = RawEnc;
+        type Decoder = RawDec;
+        fn encoder(&mut self) -> RawEnc {
+            RawEnc
+        }
+        fn decoder(&mut self) -> RawDec {
+            RawDec
+        }
+    }
+
+    struct Server {
+        sock: std::path::PathBuf,
+        state: Arc<PoolState>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// The real gRPC server on a unix socket in a temporary directory, started once.
+    fn server() -> &'static Server {
+        static S: std::sync::OnceLock<Server> = std::sync::OnceLock::new();
+        S.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let sock = dir.path().join("ipamd.sock");
+            let state = Arc::new(PoolState::new(
+                build_v4_store(),
+                Box::new(MemoryStore::default()),
+                Arc::new(TokioClock::new()),
+            ));
+            let backend = Backend::new(state.clone(), ReplySettings::default());
+            let s = sock.clone();
+            grpc_runtime().spawn(async move {
+                let (_health, health_srv) = vpc_cni_rpc::health_service().await;
+                let _ =
+                    vpc_cni_rpc::serve_unix(s, routes(backend, health_srv), std::future::pending())
+                        .await;
+            });
+            Server {
+                sock,
+                state,
+                _dir: dir,
+            }
+        })
+    }
+
+    fn grpc_runtime() -> &'static tokio::runtime::Runtime {
+        static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        RT.get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap()
+        })
+    }
+
+    const METHODS: &[&str] = &[
+        "/rpc.CNIBackend/AddNetwork",
+        "/rpc.CNIBackend/DelNetwork",
+        "/rpc.ConfigServerBackend/GetNetworkPolicyConfigs",
+        "/grpc.health.v1.Health/Check",
+    ];
+
+    /// A protobuf-ish body: random bytes, or a real request with bytes changed.
+    /// The protobuf encoding of string fields `(number, value)`.
+    fn encode(fields: &[(u8, &str)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (n, v) in fields {
+            b.push((n << 3) | 2);
+            let mut len = v.len();
+            loop {
+                let byte = (len & 0x7f) as u8;
+                len >>= 7;
+                if len == 0 {
+                    b.push(byte);
+                    break;
+                }
+                b.push(byte | 0x80);
+            }
+            b.extend_from_slice(v.as_bytes());
+        }
+        b
+    }
+
+    fn good_add(c: &str) -> Vec<u8> {
+        encode(&[(8, VERSION), (7, c), (5, "eth0"), (6, "aws-cni")])
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let real = good_add("c1");
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..256),
+            proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6).prop_map(
+                move |edits| {
+                    let mut b = real.clone();
+                    for (i, x) in edits {
+                        let i = i.index(b.len());
+                        b[i] = x;
+                    }
+                    b
+                }
+            ),
+            // A field of a wire type the message does not have, and one of 1 MiB.
+            Just(vec![0x3a, 0x80, 0x80, 0x40]),
+            Just({
+                let mut b = vec![0x3a, 0x80, 0x80, 0x40];
+                b.resize(4 + (1 << 20), b'a');
+                b
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(cases(64))]
+
+        #[test]
+        fn raw_grpc_bodies_over_the_socket_are_answered(which in 0..METHODS.len(), bytes in body()) {
+            let s = server();
+            grpc_runtime().block_on(async {
+                let before = s.state.lock().assignments();
+                let ch = loop {
+                    match vpc_cni_rpc::connect_channel(&s.sock, Duration::from_secs(5)).await {
+                        Ok(c) => break c,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                };
+                let mut g = tonic::client::Grpc::new(ch.clone());
+                g.ready().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let path = http::uri::PathAndQuery::from_static(METHODS[which]);
+                let r = tokio::time::timeout(Duration::from_secs(10), g.unary(Request::new(bytes.clone()), path, Raw)).await;
+                prop_assert!(r.is_ok(), "no answer within 10 s");
+                let after = s.state.lock().assignments();
+                if let Ok(Err(status)) = &r {
+                    prop_assert_eq!(&after, &before, "refused ({:?}) but changed the store", status);
+                }
+                // The server still serves a good request (the same pod each time: idempotent).
+                let mut c = vpc_cni_rpc::CniBackendClient::new(ch);
+                let good = vpc_cni_rpc::AddNetworkRequest {
+                    client_version: VERSION.into(),
+                    container_id: "probe".into(),
+                    if_name: "eth0".into(),
+                    network_name: "aws-cni".into(),
+                    ..Default::default()
+                };
+                let r = c.add_network(good).await;
+                prop_assert!(r.is_ok_and(|r| r.into_inner().success), "a good AddNetwork failed after {:?}", bytes.len());
+
+                Ok(())
+            })?;
+        }
+    }
+}
