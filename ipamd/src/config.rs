@@ -344,16 +344,39 @@ impl Env<'_> {
     fn duration(&self, var: &str, default: Duration) -> Result<Duration, ConfigError> {
         match self.get(var) {
             None => Ok(default),
-            Some(v) => parse_duration(&v).ok_or_else(|| {
-                invalid(
-                    var,
-                    &v,
-                    "expected a duration: seconds, or a number with ms, s, m or h",
-                )
-            }),
+            Some(v) => {
+                let d = parse_duration(&v).ok_or_else(|| {
+                    invalid(
+                        var,
+                        &v,
+                        "expected a duration: seconds, or a number with ms, s, m or h",
+                    )
+                })?;
+                at_most_max_duration(var, &v, d)
+            }
         }
     }
 
+    /// Whole seconds, 0 or above (`IP_COOLDOWN_PERIOD`, `HTTP_TIMEOUT`), at most
+    /// [`MAX_DURATION`].
+    fn seconds(&self, var: &str, n: i64) -> Result<Duration, ConfigError> {
+        let d = Duration::from_secs(n.unsigned_abs());
+        at_most_max_duration(var, &n.to_string(), d)
+    }
+}
+
+/// The longest duration a setting takes (365 days): a longer one is refused, so that no
+/// deadline or timer computed from a setting can overflow the clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn at_most_max_duration(var: &str, value: &str, d: Duration) -> Result<Duration, ConfigError> {
+    if d > MAX_DURATION {
+        return Err(invalid(var, value, "must be at most 365 days"));
+    }
+    Ok(d)
+}
+
+impl Env<'_> {
     fn cidrs(&self, var: &str) -> Result<Vec<Ipv4Net>, ConfigError> {
         let Some(v) = self.get(var) else {
             return Ok(Vec::new());
@@ -474,7 +497,7 @@ impl Config {
                     "must be 0 or above",
                 ))
             }
-            Some(n) => Duration::from_secs(n.unsigned_abs()),
+            Some(n) => env.seconds("IP_COOLDOWN_PERIOD", n)?,
         };
         let additional_eni_tags = match env.get("ADDITIONAL_ENI_TAGS") {
             None => BTreeMap::new(),
@@ -522,7 +545,7 @@ impl Config {
                     "must be at least 10 (seconds)",
                 ))
             }
-            Some(n) => Duration::from_secs(n.unsigned_abs()),
+            Some(n) => env.seconds("HTTP_TIMEOUT", n)?,
         };
         let randomize_snat = match env.get("AWS_VPC_K8S_CNI_RANDOMIZESNAT").as_deref() {
             None | Some("prng") => RandomizeSnat::Prng,
@@ -619,6 +642,22 @@ impl Config {
             eni_target_is_floor: env.get("WARM_ENI_TARGET").is_some(),
         };
         if let Err((field, why)) = settings.validate() {
+            if field == "window" && settings.window < settings.lead_time {
+                // A relation between two settings: name both (either may be the one set).
+                return Err(ConfigError::Combination(format!(
+                    "{}={:?} must be at least {}={:?}",
+                    ours::DEMAND_WINDOW,
+                    env.string(
+                        ours::DEMAND_WINDOW,
+                        &format!("{}s", settings.window.as_secs())
+                    ),
+                    ours::DEMAND_LEAD_TIME,
+                    env.string(
+                        ours::DEMAND_LEAD_TIME,
+                        &format!("{}s", settings.lead_time.as_secs())
+                    ),
+                )));
+            }
             let var = match field {
                 "window" => ours::DEMAND_WINDOW,
                 "lead_time" => ours::DEMAND_LEAD_TIME,

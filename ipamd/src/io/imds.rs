@@ -34,6 +34,33 @@ pub enum ImdsError {
         /// The value.
         value: String,
     },
+    /// A number past what the daemon can use.
+    #[error("instance metadata {path}: {value} is above {max}")]
+    OutOfRange {
+        /// The path.
+        path: String,
+        /// The value.
+        value: u32,
+        /// The largest value taken.
+        max: u32,
+    },
+}
+
+/// The largest `device-number` and `network-card` taken: the route table of an ENI is
+/// `device + 1` on card 0 and `10000 + device + 100 × card` on the others, so a device
+/// number above 99 would share a table with another card's ENI, or reach the kernel's own
+/// tables (253-255), and a huge one would overflow. EC2 instances have far fewer.
+pub const MAX_DEVICE_NUMBER: u32 = 99;
+
+fn at_most(path: &str, value: u32, max: u32) -> ImdsResult<u32> {
+    if value > max {
+        return Err(ImdsError::OutOfRange {
+            path: path.to_owned(),
+            value,
+            max,
+        });
+    }
+    Ok(value)
 }
 
 /// Result of a metadata read.
@@ -216,6 +243,42 @@ fn parse_lines<T: std::str::FromStr>(path: &str, v: Option<String>) -> ImdsResul
         .collect()
 }
 
+/// The most interfaces one instance has: far above any instance type (each interface costs
+/// about ten metadata reads, so a longer list is refused rather than read).
+pub const MAX_INTERFACES: usize = 256;
+
+/// The `macs/` listing: one MAC (`02:ab:..`, six hexadecimal pairs) per line, each with an
+/// optional trailing `/`; duplicates dropped. A line that is no MAC is refused (it would be
+/// put into the paths of the following reads).
+fn parse_macs(path: &str, v: &str) -> ImdsResult<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for l in v.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let mac = l.trim_end_matches('/').to_ascii_lowercase();
+        let ok = mac.len() == 17
+            && mac.split(':').count() == 6
+            && mac
+                .split(':')
+                .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !ok {
+            return Err(ImdsError::Parse {
+                path: path.to_owned(),
+                value: l.chars().take(64).collect(),
+            });
+        }
+        if !out.contains(&mac) {
+            if out.len() == MAX_INTERFACES {
+                return Err(ImdsError::OutOfRange {
+                    path: path.to_owned(),
+                    value: u32::try_from(v.lines().count()).unwrap_or(u32::MAX),
+                    max: MAX_INTERFACES as u32,
+                });
+            }
+            out.push(mac);
+        }
+    }
+    Ok(out)
+}
+
 /// The region field of the identity document.
 fn region_of(doc: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(doc).ok()?;
@@ -243,11 +306,9 @@ impl Imds for AwsImds {
     }
 
     async fn macs(&self) -> ImdsResult<Vec<String>> {
-        let v = self.get("meta-data/network/interfaces/macs/").await?;
-        Ok(v.lines()
-            .map(|l| l.trim().trim_end_matches('/').to_ascii_lowercase())
-            .filter(|l| !l.is_empty())
-            .collect())
+        const P: &str = "meta-data/network/interfaces/macs/";
+        let v = self.get(P).await?;
+        parse_macs(P, &v)
     }
 
     async fn eni(&self, mac: &str, primary: bool) -> ImdsResult<ImdsEni> {
@@ -256,10 +317,18 @@ impl Imds for AwsImds {
         let device_number = if primary {
             0
         } else {
-            parse(&p("device-number"), &self.get(&p("device-number")).await?)?
+            let path = p("device-number");
+            at_most(
+                &path,
+                parse(&path, &self.get(&path).await?)?,
+                MAX_DEVICE_NUMBER,
+            )?
         };
         let network_card = match self.get_opt(&p("network-card")).await? {
-            Some(v) => parse(&p("network-card"), &v)?,
+            Some(v) => {
+                let path = p("network-card");
+                at_most(&path, parse(&path, &v)?, MAX_DEVICE_NUMBER)?
+            }
             None => 0,
         };
         let cidr = p("subnet-ipv4-cidr-block");
@@ -453,6 +522,40 @@ mod tests {
             ["10.0.0.11".parse::<Ipv4Addr>().unwrap()]
         );
         assert!(f.eni("02:00:00:00:00:ff", false).await.is_err());
+    }
+
+    /// Found by `every_imds_key_mangled_is_parsed_or_named` (the MAC list's lines repeated
+    /// 4,000 times): each listed MAC was read, about ten requests each, with no bound; and
+    /// a line that is no MAC went into the following paths.
+    #[test]
+    fn the_mac_list_is_macs_deduplicated_and_bounded() {
+        let p = "meta-data/network/interfaces/macs/";
+        assert_eq!(
+            parse_macs(
+                p,
+                "02:00:00:00:00:0A/\n02:00:00:00:00:0b/\n02:00:00:00:00:0a/\n"
+            ),
+            Ok(vec![
+                "02:00:00:00:00:0a".to_owned(),
+                "02:00:00:00:00:0b".to_owned()
+            ])
+        );
+        let many: String = (0..4000u32)
+            .map(|i| format!("02:00:00:00:{:02x}:{:02x}/\n", i >> 8, i & 255))
+            .collect();
+        assert!(matches!(
+            parse_macs(p, &many),
+            Err(ImdsError::OutOfRange { max: 256, .. })
+        ));
+        for bad in [
+            "../../latest/api/token",
+            "02:00:00:00:00",
+            "zz:00:00:00:00:00",
+            "02:00:00:00:00:0a/x",
+        ] {
+            let e = parse_macs(p, bad).unwrap_err();
+            assert!(e.to_string().contains(p), "{e}");
+        }
     }
 
     #[test]

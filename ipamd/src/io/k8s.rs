@@ -298,6 +298,19 @@ pub enum K8sError {
         /// The timeout.
         after: Duration,
     },
+    /// An object answered by the API server that the daemon cannot use: a field of the wrong
+    /// type, or a value it refuses (an ENIConfig subnet that is no subnet id, ...).
+    #[error("{kind} {name:?}: {field}: {why}")]
+    BadObject {
+        /// `Node` or `ENIConfig`.
+        kind: &'static str,
+        /// The object's name.
+        name: String,
+        /// The field, as a path (`spec.securityGroups[1]`, `metadata.labels`).
+        field: String,
+        /// What is wrong.
+        why: String,
+    },
     /// The ENIConfig the node selects does not exist.
     #[error("ENIConfig {name:?} not found")]
     EniConfigNotFound {
@@ -391,6 +404,82 @@ pub fn node_info_of(node: &Node, annotation_key: &str, label_key: &str) -> NodeI
     }
 }
 
+/// Checks an ENIConfig's spec: `subnet` a subnet id (`subnet-` and hexadecimal digits),
+/// each security group a security group id (`sg-` and hexadecimal digits). Returns the field
+/// and what is wrong.
+pub fn check_eni_config(spec: &EniConfigSpec) -> Result<(), (String, String)> {
+    fn aws_id(v: &str, prefix: &str) -> bool {
+        v.strip_prefix(prefix).is_some_and(|hex| {
+            !hex.is_empty() && hex.len() <= 32 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+    }
+    if !aws_id(&spec.subnet, "subnet-") {
+        return Err((
+            "spec.subnet".into(),
+            format!("{:?} is not a subnet id (subnet-<hex>)", clip(&spec.subnet)),
+        ));
+    }
+    for (i, g) in spec.security_groups.iter().flatten().enumerate() {
+        if !aws_id(g, "sg-") {
+            return Err((
+                format!("spec.securityGroups[{i}]"),
+                format!("{:?} is not a security group id (sg-<hex>)", clip(g)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `name` can name an ENIConfig: a DNS subdomain name (RFC 1123, at most 253
+/// characters of lower-case alphanumerics, `-` and `.`).
+pub fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// The node field the ENIConfig name came from, for an error about it.
+fn eni_config_field(node: &Node, annotation_key: &str, label_key: &str) -> String {
+    let has = |map: &Option<BTreeMap<String, String>>, key: &str| {
+        map.as_ref()
+            .and_then(|m| m.get(key))
+            .is_some_and(|v| !v.is_empty())
+    };
+    if has(&node.metadata.labels, EXTERNAL_ENI_CONFIG_LABEL) {
+        format!("metadata.labels[{EXTERNAL_ENI_CONFIG_LABEL:?}]")
+    } else if has(&node.metadata.annotations, annotation_key) {
+        format!("metadata.annotations[{annotation_key:?}]")
+    } else {
+        format!("metadata.labels[{label_key:?}]")
+    }
+}
+
+/// At most 256 characters of a parser's message (which quotes the value it refused).
+fn clip_message(m: &str) -> String {
+    let mut out: String = m.chars().take(256).collect();
+    if out.len() < m.len() {
+        out.push('…');
+    }
+    out
+}
+
+/// At most 64 characters of `v`, for error messages.
+fn clip(v: &str) -> String {
+    let mut out: String = v.chars().take(64).collect();
+    if out.len() < v.len() {
+        out.push('…');
+    }
+    out
+}
+
 async fn bounded<T>(
     after: Duration,
     op: &'static str,
@@ -477,24 +566,62 @@ impl K8s {
         &self.client
     }
 
+    /// GETs a cluster-scoped object (3 s timeout), the same request as `Api::get`, and
+    /// parses it naming the field path of a malformed answer ([`K8sError::BadObject`]).
+    async fn get_object<K>(
+        &self,
+        op: &'static str,
+        kind: &'static str,
+        name: &str,
+    ) -> Result<K, K8sError>
+    where
+        K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned,
+    {
+        let mut req = kube::core::Request::new(K::url_path(&(), None))
+            .get(name, &kube::api::GetParams::default())
+            .map_err(|e| K8sError::Request {
+                op,
+                object: name.to_owned(),
+                source: kube::Error::BuildRequest(e),
+            })?;
+        req.extensions_mut().insert("get");
+        let text = bounded(GET_TIMEOUT, op, name, self.client.request_text(req)).await?;
+        let mut de = serde_json::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| K8sError::BadObject {
+            kind,
+            name: name.to_owned(),
+            field: e.path().to_string(),
+            why: clip_message(&e.into_inner().to_string()),
+        })
+    }
+
+    async fn node(&self) -> Result<Node, K8sError> {
+        self.get_object("get node", "Node", &self.node_name).await
+    }
+
     /// GETs the own Node (3 s timeout): max pods, ENIConfig name, cordon taint.
     pub async fn node_info(&self) -> Result<NodeInfo, K8sError> {
-        let api: Api<Node> = Api::all(self.client.clone());
-        let node = bounded(
-            GET_TIMEOUT,
-            "get node",
-            &self.node_name,
-            api.get(&self.node_name),
-        )
-        .await?;
+        let node = self.node().await?;
         Ok(node_info_of(&node, &self.annotation_key, &self.label_key))
     }
 
-    /// GETs an ENIConfig by name (3 s timeout); [`K8sError::EniConfigNotFound`] when absent.
+    /// GETs an ENIConfig by name (3 s timeout); [`K8sError::EniConfigNotFound`] when absent,
+    /// [`K8sError::BadObject`] naming the field when its spec is unusable
+    /// ([`check_eni_config`]).
     pub async fn eni_config(&self, name: &str) -> Result<EniConfigSpec, K8sError> {
-        let api: Api<EniConfig> = Api::all(self.client.clone());
-        match bounded(GET_TIMEOUT, "get ENIConfig", name, api.get(name)).await {
-            Ok(cfg) => Ok(cfg.spec),
+        match self
+            .get_object::<EniConfig>("get ENIConfig", "ENIConfig", name)
+            .await
+        {
+            Ok(cfg) => {
+                check_eni_config(&cfg.spec).map_err(|(field, why)| K8sError::BadObject {
+                    kind: "ENIConfig",
+                    name: name.to_owned(),
+                    field,
+                    why,
+                })?;
+                Ok(cfg.spec)
+            }
             Err(e) if e.is_not_found() => Err(K8sError::EniConfigNotFound {
                 name: name.to_owned(),
             }),
@@ -502,9 +629,23 @@ impl K8s {
         }
     }
 
-    /// The node's ENIConfig: [`K8s::node_info`] then [`K8s::eni_config`]; returns its name too.
+    /// The node's ENIConfig: the Node's choice (see [`eni_config_name_of`]), which must be an
+    /// object name (else [`K8sError::BadObject`] naming the label or annotation), then
+    /// [`K8s::eni_config`]; returns its name too.
     pub async fn node_eni_config(&self) -> Result<(String, EniConfigSpec), K8sError> {
-        let name = self.node_info().await?.eni_config;
+        let node = self.node().await?;
+        let name = eni_config_name_of(&node, &self.annotation_key, &self.label_key);
+        if !is_object_name(&name) {
+            return Err(K8sError::BadObject {
+                kind: "Node",
+                name: self.node_name.clone(),
+                field: eni_config_field(&node, &self.annotation_key, &self.label_key),
+                why: format!(
+                    "{:?} cannot name an ENIConfig (not a DNS subdomain name)",
+                    clip(&name)
+                ),
+            });
+        }
         let spec = self.eni_config(&name).await?;
         Ok((name, spec))
     }

@@ -139,16 +139,16 @@ impl<F: Family> CniBackend for Backend<F> {
         request: Request<AddNetworkRequest>,
     ) -> Result<Response<AddNetworkReply>, Status> {
         let r = request.into_inner();
-        vpc_cni_rpc::check_client_version(&r.client_version, &self.version)?;
+        crate::serve::request::check_version(&r.client_version, &self.version)?;
         self.event(|e| e.add_request());
         let fail = || AddNetworkReply {
             success: false,
             network_policy_mode: self.reply.network_policy_mode.clone(),
             ..Default::default()
         };
-        if r.container_id.is_empty() || r.if_name.is_empty() || r.network_name.is_empty() {
-            tracing::warn!(pod = %r.k8s_pod_name, "AddNetwork without container id, interface or network name");
-            return Ok(Response::new(fail()));
+        if let Err(e) = crate::serve::request::check_add(&r) {
+            tracing::warn!(error = %e.message(), "AddNetwork refused");
+            return Err(e);
         }
         if r.requires_multi_nic_attachment {
             tracing::warn!(pod = %r.k8s_pod_name, "multi-NIC attachment requested but ENABLE_MULTI_NIC is off");
@@ -206,8 +206,12 @@ impl<F: Family> CniBackend for Backend<F> {
         request: Request<DelNetworkRequest>,
     ) -> Result<Response<DelNetworkReply>, Status> {
         let r = request.into_inner();
-        vpc_cni_rpc::check_client_version(&r.client_version, &self.version)?;
-        self.event(|e| e.del_request(&r.reason));
+        crate::serve::request::check_version(&r.client_version, &self.version)?;
+        if let Err(e) = crate::serve::request::check_del(&r) {
+            tracing::warn!(error = %e.message(), "DelNetwork refused");
+            return Err(e);
+        }
+        self.event(|e| e.del_request(crate::serve::request::reason_label(&r.reason)));
         let key = IpamKey::new(&r.network_name, &r.container_id, &r.if_name);
         let res = match self.state.unassign(&key) {
             Ok(c) => c.durable().await,

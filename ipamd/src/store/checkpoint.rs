@@ -97,14 +97,28 @@ pub enum CheckpointError {
     },
     /// The file is not valid checkpoint JSON; it is kept as it is.
     #[error(
-        "checkpoint {path} is corrupt (kept untouched; move it away to start from an empty pool)"
+        "checkpoint {path} is corrupt at {field}: {why} (kept untouched; move it away to start from an empty pool)"
     )]
     Corrupt {
         /// File.
         path: PathBuf,
+        /// Where in the document: a field path such as `allocations[3].ipv4`, or `.` when
+        /// the bytes are not JSON at all.
+        field: String,
+        /// The parser's message, cut to 256 characters (it quotes the value it refused).
+        why: String,
         /// Cause.
         #[source]
         source: serde_json::Error,
+    },
+    /// The file is larger than any checkpoint this daemon writes ([`MAX_FILE_BYTES`]); it is
+    /// kept as it is and not read further.
+    #[error("checkpoint {path} is larger than {limit} bytes (kept untouched; move it away to start from an empty pool)")]
+    TooLarge {
+        /// File.
+        path: PathBuf,
+        /// The limit.
+        limit: u64,
     },
     /// The file has another version; it is kept as it is.
     #[error("checkpoint {path} has version {found:?}, expected {VERSION:?} (kept untouched)")]
@@ -203,26 +217,67 @@ impl FileStore {
     }
 }
 
-/// Parses checkpoint bytes read from `path`.
+/// The largest checkpoint file read: 32 MiB, over a hundred thousand allocations of the
+/// longest names Kubernetes allows, far more than a node holds (a larger file is refused
+/// before it is parsed, so a corrupt or hostile file cannot take the daemon's memory).
+pub const MAX_FILE_BYTES: u64 = 32 << 20;
+
+/// Only the version, read before the rest (every other field skipped without allocation).
+#[derive(Deserialize)]
+struct VersionProbe {
+    #[serde(default)]
+    version: Option<serde_json::Value>,
+}
+
+/// Parses checkpoint bytes read from `path`. A malformed document is
+/// [`CheckpointError::Corrupt`] naming the field path (`allocations[3].ipv4`).
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<CheckpointFile, CheckpointError> {
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(CheckpointError::TooLarge {
+            path: path.to_owned(),
+            limit: MAX_FILE_BYTES,
+        });
+    }
+    let corrupt = |field: String, source: serde_json::Error| {
+        let text = source.to_string();
+        let mut why: String = text.chars().take(256).collect();
+        if why.len() < text.len() {
+            why.push('…');
+        }
+        CheckpointError::Corrupt {
+            path: path.to_owned(),
+            field,
+            why,
+            source,
+        }
+    };
     // Check the version first, so that a file of another version is "foreign" even when its
     // allocations have another shape.
-    let v: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|source| CheckpointError::Corrupt {
-            path: path.to_owned(),
-            source,
-        })?;
-    let found = v.get("version").and_then(|v| v.as_str()).unwrap_or("");
+    let probe: VersionProbe = deserialize_at(bytes).map_err(|(f, e)| corrupt(f, e))?;
+    let found = match &probe.version {
+        Some(serde_json::Value::String(s)) => s.as_str(),
+        _ => "",
+    };
     if found != VERSION {
         return Err(CheckpointError::Foreign {
             path: path.to_owned(),
             found: found.to_owned(),
         });
     }
-    serde_json::from_value(v).map_err(|source| CheckpointError::Corrupt {
-        path: path.to_owned(),
-        source,
-    })
+    deserialize_at(bytes).map_err(|(f, e)| corrupt(f, e))
+}
+
+/// Deserialises `bytes`, naming the field path of a failure (`.` for the document itself).
+fn deserialize_at<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, (String, serde_json::Error)> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        (field, e.into_inner())
+    })?;
+    de.end().map_err(|e| (".".to_owned(), e))?;
+    Ok(value)
 }
 
 impl FileStore {
@@ -289,14 +344,21 @@ impl FileStore {
 
 impl CheckpointStore for FileStore {
     fn read(&self) -> Result<Option<CheckpointFile>, CheckpointError> {
-        match fs::read(&self.path) {
-            Ok(b) => parse(&self.path, &b).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(CheckpointError::Read {
-                path: self.path.clone(),
-                source,
-            }),
-        }
+        let rerr = |source| CheckpointError::Read {
+            path: self.path.clone(),
+            source,
+        };
+        let f = match fs::File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(rerr(source)),
+        };
+        // Read at most one byte past the limit: a huge file (or a device that never ends)
+        // is refused without being read whole.
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_FILE_BYTES + 1), &mut bytes)
+            .map_err(rerr)?;
+        parse(&self.path, &bytes).map(Some)
     }
 
     fn write(&self, file: &CheckpointFile) -> Result<(), CheckpointError> {

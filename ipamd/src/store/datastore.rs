@@ -187,11 +187,14 @@ pub enum DsError {
     #[error("datastore: {0} has assigned addresses")]
     InUse(String),
     /// Two checkpoint allocations name the same address.
-    #[error("checkpoint: address {0} is allocated twice")]
+    #[error("checkpoint: address {0} is allocated twice (field ipv4/ipv6 of two allocations)")]
     DuplicateIp(String),
     /// A checkpoint allocation with an unparsable address.
-    #[error("checkpoint: bad address {0:?}")]
+    #[error("checkpoint: bad address {0:?} (field ipv4/ipv6 of an allocation)")]
     BadAddress(String),
+    /// Two checkpoint allocations of the same pod key (networkName, containerID, ifName).
+    #[error("checkpoint: key {0} holds two addresses (fields networkName, containerID, ifName of two allocations)")]
+    DuplicateKey(String),
 }
 
 /// A successful assignment.
@@ -244,6 +247,9 @@ pub struct RestoreReport<F: Family = V4> {
     pub dropped_stale: Vec<(F::Addr, IpamKey)>,
     /// Allocations dropped because no known CIDR holds the address.
     pub dropped_unknown: Vec<(F::Addr, IpamKey)>,
+    /// Allocations without an address of this datastore's family (the other family's
+    /// entries), left alone.
+    pub other_family: usize,
 }
 
 impl<F: Family> Default for RestoreReport<F> {
@@ -252,6 +258,7 @@ impl<F: Family> Default for RestoreReport<F> {
             restored: 0,
             dropped_stale: Vec::new(),
             dropped_unknown: Vec::new(),
+            other_family: 0,
         }
     }
 }
@@ -687,17 +694,24 @@ impl<F: Family> DataStore<F> {
 
     /// Restores a checkpoint over the ENIs and CIDRs already loaded (spec 3.4): drops
     /// allocations whose pod's host veth is gone (`veth_exists(namespace, name)`) and those
-    /// in no known CIDR; a duplicate address is an error.
+    /// in no known CIDR; a duplicate address or key, or an unparsable address, is an error
+    /// and leaves the datastore unchanged. Meant for a datastore holding no assignments yet
+    /// (start-up).
     pub fn restore(
         &mut self,
         file: &CheckpointFile,
         veth_exists: &dyn Fn(&str, &str) -> bool,
     ) -> Result<RestoreReport<F>, DsError> {
         let mut report = RestoreReport::default();
+        // Check the whole file before changing anything: a refused file leaves the datastore
+        // as it was.
         let mut seen = std::collections::HashSet::new();
+        let mut keys = std::collections::HashSet::new();
+        let mut entries = Vec::with_capacity(file.allocations.len());
         for a in &file.allocations {
             let text = F::entry_address(a);
             if text.is_empty() {
+                report.other_family += 1;
                 continue;
             }
             let ip: F::Addr = text
@@ -707,6 +721,15 @@ impl<F: Family> DataStore<F> {
                 return Err(DsError::DuplicateIp(ip.to_string()));
             }
             let key = IpamKey::new(&a.network_name, &a.container_id, &a.if_name);
+            if !keys.insert(key.clone()) {
+                return Err(DsError::DuplicateKey(format!(
+                    "({:?}, {:?}, {:?})",
+                    key.network_name, key.container_id, key.if_name
+                )));
+            }
+            entries.push((ip, key, a));
+        }
+        for (ip, key, a) in entries {
             let md = &a.metadata;
             if !md.pod_namespace.is_empty()
                 && !md.pod_name.is_empty()

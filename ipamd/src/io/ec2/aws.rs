@@ -283,6 +283,12 @@ fn eni_of(action: &'static str, n: &NetworkInterface) -> Ec2Result<EniInfo> {
     })
 }
 
+/// The largest `maximumNetworkInterfaces` and `ipv4AddressesPerInterface` taken.
+const MAX_TYPE_LIMIT: i32 = 1024;
+
+/// The most pages one paginated describe reads (1,000 of up to 1,000 ENIs).
+const MAX_PAGES: usize = 1000;
+
 fn count(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
@@ -315,7 +321,15 @@ impl Ec2Api for AwsEc2 {
         const A: &str = "DescribeNetworkInterfaces";
         let mut out = Vec::new();
         let mut token: Option<String> = None;
+        let mut tokens = std::collections::HashSet::new();
         loop {
+            if tokens.len() >= MAX_PAGES {
+                return Err(Ec2Error::coded(
+                    A,
+                    "BadAnswer",
+                    format!("more than {MAX_PAGES} pages of answers: pagination does not end"),
+                ));
+            }
             let mut req = self
                 .client
                 .describe_network_interfaces()
@@ -332,7 +346,16 @@ impl Ec2Api for AwsEc2 {
                 out.push(eni_of(A, n)?);
             }
             match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
+                Some(t) if !t.is_empty() => {
+                    if !tokens.insert(t.to_owned()) {
+                        return Err(Ec2Error::coded(
+                            A,
+                            "BadAnswer",
+                            format!("NextToken {t:?} came twice: pagination does not end"),
+                        ));
+                    }
+                    token = Some(t.to_owned());
+                }
                 _ => return Ok(out),
             }
         }
@@ -384,6 +407,20 @@ impl Ec2Api for AwsEc2 {
         let per_eni = ni.ipv4_addresses_per_interface().unwrap_or(0);
         if max_enis <= 0 || per_eni <= 0 {
             return Err(unknown());
+        }
+        // Far above any instance type, and low enough that the pool's arithmetic
+        // (addresses per ENI × 16 in prefix mode × ENIs) cannot overflow.
+        for (element, v) in [
+            ("maximumNetworkInterfaces", max_enis),
+            ("ipv4AddressesPerInterface", per_eni),
+        ] {
+            if v > MAX_TYPE_LIMIT {
+                return Err(Ec2Error::coded(
+                    A,
+                    "BadAnswer",
+                    format!("{element} {v} is above {MAX_TYPE_LIMIT}"),
+                ));
+            }
         }
         Ok(InstanceTypeInfo {
             max_enis: max_enis as u32,
