@@ -591,11 +591,18 @@ impl Config {
             }
         };
         let veth_prefix = env.string("AWS_VPC_K8S_CNI_VETHPREFIX", "eni");
-        if veth_prefix.len() > 4 || ["eth", "lo", "vlan"].contains(&veth_prefix.as_str()) {
+        // The plugin's rule (cni/src/config.rs `veth_prefix`): ipamd finds pods' host veths by
+        // this prefix, so both must accept the same values.
+        if veth_prefix.len() > 4
+            || ["eth", "lo", "vlan"].contains(&veth_prefix.as_str())
+            || !veth_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
             return Err(invalid(
                 "AWS_VPC_K8S_CNI_VETHPREFIX",
                 &veth_prefix,
-                "at most 4 characters, and not eth, lo or vlan",
+                "at most 4 characters among letters, digits, '_' and '-', and not eth, lo or vlan",
             ));
         }
         let enable_pod_eni = env.bool("ENABLE_POD_ENI", false)?;
@@ -1044,6 +1051,14 @@ mod tests {
             ),
             (
                 &[("AWS_VPC_K8S_CNI_VETHPREFIX", "eth")],
+                "AWS_VPC_K8S_CNI_VETHPREFIX",
+            ),
+            (
+                &[("AWS_VPC_K8S_CNI_VETHPREFIX", "e.n")],
+                "AWS_VPC_K8S_CNI_VETHPREFIX",
+            ),
+            (
+                &[("AWS_VPC_K8S_CNI_VETHPREFIX", "é")],
                 "AWS_VPC_K8S_CNI_VETHPREFIX",
             ),
             (
