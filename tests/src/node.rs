@@ -373,8 +373,8 @@ impl ProcSample {
     /// Samples process `pid`; fails (naming the file) when it is gone or `VmRSS` is missing.
     pub fn of(pid: u32) -> anyhow::Result<ProcSample> {
         let status_path = format!("/proc/{pid}/status");
-        let status = std::fs::read_to_string(&status_path)
-            .with_context(|| format!("read {status_path}"))?;
+        let status =
+            std::fs::read_to_string(&status_path).with_context(|| format!("read {status_path}"))?;
         let rss_kib = status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))

@@ -14,7 +14,7 @@
 //!   At most [`MAX_LIVE`] pods hold addresses at once (the m5.large's 27 secondary addresses);
 //!   the number alive follows a seeded random target, so the pool grows and shrinks by whole
 //!   ENIs.
-//! - Kills: `ops / 200` (at least 4) in the first 60 % of the operations, each either a SIGKILL
+//! - Kills: `ops / 125` (at least 4) in the first 60 % of the operations, each either a SIGKILL
 //!   from another thread 0-40 ms after an operation starts, or a failpoint
 //!   (`VPC_CNI_FAILPOINTS`: inside a checkpoint write, before an ENI is attached, before
 //!   assigned addresses reach the datastore) armed at the restart before it. The last 40 % of
@@ -22,10 +22,12 @@
 //! - EC2 bursts (`ops / 125`, at least 4, 15-55 operations each): small token buckets
 //!   (`RequestLimitExceeded`), `InternalError`/`Unavailable` answers and lost answers, or all
 //!   of them.
-//! - At the end: faults off, then (polled until they agree, which needs a reconcile) ipamd's
-//!   datastore by introspection, its checkpoint file and the simulator's ENIs all describe
-//!   exactly the pods alive, no address held twice; then every pod is deleted and the same
-//!   holds with none.
+//! - Every acknowledged ADD is checked at once against the pods alive: no address given twice.
+//! - At the end: faults off, then (polled until they agree, at least two reconcile periods and
+//!   two EC2 reads by ipamd's loops after the faults stopped) ipamd's datastore by
+//!   introspection, its checkpoint file and the simulator's ENIs all describe exactly the pods
+//!   alive, no address held twice, no ENI or address leaked; then every pod is deleted and the
+//!   same holds with none.
 //! - ipamd's `VmRSS` and descriptor count are sampled every few operations of each process and
 //!   printed as a series. Checks (counts, not times): in every segment with enough samples, the
 //!   descriptors after the first fifth never exceed the most seen in that fifth by more than
@@ -82,6 +84,8 @@ const FD_SLACK: usize = 8;
 /// short run's 400-operation segment and 1 KiB per operation over the long run's 4,000: a
 /// request, a reply or a datastore entry kept per operation would exceed it.
 const RSS_SLACK_KIB: u64 = 4096;
+/// ipamd's reconcile period (`VPC_CNI_RECONCILE_INTERVAL`).
+const RECONCILE_PERIOD: Duration = Duration::from_secs(1);
 /// How long the final checks wait for ipamd's loops and EC2 to agree.
 const SETTLE_WAIT: Duration = Duration::from_secs(90);
 
@@ -107,7 +111,7 @@ impl Scale {
         };
         Ok(Scale {
             ops,
-            kills: (ops / 200).max(4),
+            kills: (ops / 125).max(4),
             bursts: (ops / 125).max(4),
             sample_every: (ops / 400).max(10),
         })
@@ -125,13 +129,15 @@ enum Kill {
 }
 
 /// The failpoints, each with how many hits to draw the count from (checkpoint writes happen
-/// once per operation or more; pool growth a few times per segment).
+/// once per operation or more; address assignments every few operations; ENI creations a few
+/// times per thousand operations: while `eni-created` is armed the pods go and come back, and
+/// when it is not reached by the segment's end ipamd is killed from outside instead).
 const FAILPOINTS: &[(&str, u64)] = &[
-    ("checkpoint-before-write", 40),
     ("checkpoint-before-rename", 40),
+    ("eni-created", 1),
     ("checkpoint-before-dir-sync", 40),
-    ("eni-created", 2),
     ("addresses-assigned", 3),
+    ("checkpoint-before-write", 40),
 ];
 
 /// A burst of EC2 trouble over operations `start..start + len`.
@@ -248,7 +254,10 @@ impl Rpc {
             up: false,
         };
         let local = end(host_veth(pod));
-        let peer = end(format!("p{}", vpc_cni_net::names::pod_hash("default", pod, 0)));
+        let peer = end(format!(
+            "p{}",
+            vpc_cni_net::names::pod_hash("default", pod, 0)
+        ));
         self.rt
             .block_on(self.node.add_veth(&local, &peer, None))
             .with_context(|| format!("host veth of {pod}"))
@@ -435,7 +444,10 @@ fn run(seed: u64, scale: Scale, tmp: &Path) -> anyhow::Result<()> {
         .env("VPC_CNI_POOL_TICK", "200ms")
         .env("VPC_CNI_DECREASE_INTERVAL", "1s")
         .env("VPC_CNI_MIN_ENI_AGE", "2s")
-        .env("VPC_CNI_RECONCILE_INTERVAL", "1s")
+        .env(
+            "VPC_CNI_RECONCILE_INTERVAL",
+            format!("{}ms", RECONCILE_PERIOD.as_millis()),
+        )
         .env("VPC_CNI_LEAKED_ENI_DELAY", "0s")
         .env("VPC_CNI_LEAKED_ENI_INTERVAL", "2s")
         .env("VPC_CNI_EC2_RETRY_BASE", "50ms");
@@ -548,6 +560,7 @@ impl Soak<'_> {
             if op % 40 == 0 {
                 target = self.rng.below(MAX_LIVE as u64 + 1) as usize;
             }
+            let target = self.eni_created_target().unwrap_or(target);
             for b in bursts {
                 if b.start == op {
                     let (t, f) = faults_for(b);
@@ -582,6 +595,20 @@ impl Soak<'_> {
         Ok(())
     }
 
+    /// While `eni-created` is armed, the pods alive first aim at none, so that ipamd frees
+    /// its secondary ENIs, then at [`MAX_LIVE`], so that it creates them again.
+    fn eni_created_target(&self) -> Option<usize> {
+        let seg = self.segments.last()?;
+        if !seg.armed.as_deref()?.starts_with("eni-created") {
+            return None;
+        }
+        let Some(Kill::Failpoint { by, .. }) = self.kills.get(self.next_kill) else {
+            return None;
+        };
+        let half = seg.first_op + by.saturating_sub(seg.first_op) / 2;
+        Some(if self.op < half { 0 } else { MAX_LIVE })
+    }
+
     /// Starts the killer thread of an external kill (or of a failpoint that was not reached in
     /// time) at its operation.
     fn arm_killer(&mut self) -> anyhow::Result<()> {
@@ -596,7 +623,10 @@ impl Soak<'_> {
             }
             _ => return Ok(()),
         };
-        let pid = self.ipamd.pid().context("ipamd not running at a kill point")?;
+        let pid = self
+            .ipamd
+            .pid()
+            .context("ipamd not running at a kill point")?;
         let handle = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(delay_ms));
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
@@ -883,6 +913,10 @@ impl Soak<'_> {
     /// checkpoint and EC2 must describe exactly the live pods; then with every pod deleted,
     /// nothing.
     fn final_checks(&mut self) -> anyhow::Result<()> {
+        let quiet_since = (
+            Instant::now(),
+            self.c.sim.with(|s| s.calls().back().map_or(0, |c| c.seq)) + 1,
+        );
         self.pay_owed_now()?;
         ensure!(self.owed.is_empty(), "DELs still owed at the end");
         let planned = self.kills.len();
@@ -893,8 +927,11 @@ impl Soak<'_> {
         );
         let live: BTreeSet<(Ipv4Addr, String)> =
             self.live.iter().map(|p| (p.ip, p.name.clone())).collect();
-        ensure!(live.len() == self.live.len(), "two live pods share an address");
-        self.settle(&live)
+        ensure!(
+            live.len() == self.live.len(),
+            "two live pods share an address"
+        );
+        self.settle(&live, quiet_since)
             .context("with the live pods, after the last restart")?;
         eprintln!(
             "soak: {} live pods: datastore, checkpoint and EC2 agree",
@@ -906,7 +943,7 @@ impl Soak<'_> {
                 Via::Plugin { ns, result } => self.plugin.del(&p.name, ns.path(), Some(result))?,
             }
         }
-        self.settle(&BTreeSet::new())
+        self.settle(&BTreeSet::new(), quiet_since)
             .context("after deleting every pod")?;
         eprintln!("soak: no pod left: nothing assigned, nothing leaked in EC2");
         Ok(())
@@ -914,14 +951,35 @@ impl Soak<'_> {
 
     /// Waits until the datastore (introspection), the checkpoint and the simulator agree with
     /// `live` (address, pod name): no address held twice, no assignment missing or extra, no
-    /// ENI or address leaked.
-    fn settle(&self, live: &BTreeSet<(Ipv4Addr, String)>) -> anyhow::Result<()> {
+    /// ENI or address leaked; and until ipamd's loops have run since the faults stopped
+    /// (`quiet_since`: time and first call sequence number): two reconcile periods and two
+    /// `DescribeNetworkInterfaces` answered.
+    fn settle(
+        &self,
+        live: &BTreeSet<(Ipv4Addr, String)>,
+        quiet_since: (Instant, u64),
+    ) -> anyhow::Result<()> {
         let mut last = Vec::new();
         let r = wait_until(
             "datastore, checkpoint and EC2 to agree",
             SETTLE_WAIT,
             || {
                 last.clear();
+                let reads = self.c.sim.with(|s| {
+                    s.calls()
+                        .iter()
+                        .filter(|c| {
+                            c.seq >= quiet_since.1
+                                && c.action == "DescribeNetworkInterfaces"
+                                && c.outcome == "ok"
+                        })
+                        .count()
+                });
+                if reads < 2 || quiet_since.0.elapsed() < 2 * RECONCILE_PERIOD {
+                    last.push(format!(
+                        "{reads} DescribeNetworkInterfaces since the faults stopped"
+                    ));
+                }
                 let view = self.ipamd.view()?;
                 let mut held: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
                 for (ip, (_, pod)) in view.assignments() {
@@ -956,7 +1014,10 @@ impl Soak<'_> {
                 if cp_set.len() != entries.len() || cp_set != want {
                     last.push(format!("checkpoint holds {entries:?}, pods hold {want:?}"));
                 }
-                last.extend(leaks(&SimNodeView::of(&self.c.sim, &self.instance_id), &view));
+                last.extend(leaks(
+                    &SimNodeView::of(&self.c.sim, &self.instance_id),
+                    &view,
+                ));
                 Ok(last.is_empty())
             },
         );
@@ -991,8 +1052,13 @@ impl Soak<'_> {
         for f in &st.plugin_add_failures {
             eprintln!("soak: plugin ADD failure: {f}");
         }
-        let (mut calls, mut throttled, mut server, mut by_action) =
-            (0usize, 0usize, 0usize, BTreeMap::<String, usize>::new());
+        let (mut calls, mut throttled, mut server, mut dropped, mut by_action) = (
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+            BTreeMap::<String, usize>::new(),
+        );
         self.c.sim.with(|s| {
             for r in s.calls().iter().filter(|r| r.seq >= first_seq) {
                 calls += 1;
@@ -1001,12 +1067,14 @@ impl Soak<'_> {
                     throttled += 1;
                 } else if r.http_status >= 500 {
                     server += 1;
+                } else if r.http_status == 0 {
+                    dropped += 1;
                 }
             }
         });
         eprintln!(
-            "soak: EC2: {calls} calls from ipamd, {throttled} throttled, {server} 5xx; by \
-             action {by_action:?}"
+            "soak: EC2: {calls} calls from ipamd, {throttled} throttled, {server} 5xx, \
+             {dropped} answers lost; by action {by_action:?}"
         );
         eprintln!("soak: ipamd memory and descriptors, per process (op: VmRSS KiB / fds):");
         for (i, seg) in self.segments.iter().enumerate() {
