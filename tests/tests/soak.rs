@@ -11,6 +11,10 @@
 //!   `aws-cni` binary into a real pod namespace instead. The runtime's semantics: an ADD that
 //!   failed or was abandoned (the client gave up before the answer) is followed by a DEL; some
 //!   DELs are repeated; a DEL that failed because ipamd was down is retried after the restart.
+//!   The DEL after an abandoned ADD comes [`ABANDONED_DEL_AFTER`] operations later, as a
+//!   runtime's does after its timeout: sent at once, it can overtake the ADD inside ipamd
+//!   (the ADD's request is still queued on the closed connection), and the address then stays
+//!   assigned to a pod that is gone until the next restart drops it (its veth is gone).
 //!   At most [`MAX_LIVE`] pods hold addresses at once (the m5.large's 27 secondary addresses);
 //!   the number alive follows a seeded random target, so the pool grows and shrinks by whole
 //!   ENIs.
@@ -65,6 +69,8 @@ const DEFAULT_OPS: usize = 1000;
 /// Most pods holding an address at once (live plus those whose DEL is still owed): an
 /// m5.large has 3 ENIs of 10 addresses, 27 of them secondary.
 const MAX_LIVE: usize = 27;
+/// Operations between an ADD the client abandoned and the runtime's DEL for it.
+const ABANDONED_DEL_AFTER: usize = 5;
 /// One new pod in this many goes through the real plugin binary and a real namespace.
 const PLUGIN_EVERY: u64 = 12;
 /// How long an ADD keeps asking while ipamd has no free address (the plugin's
@@ -207,6 +213,9 @@ struct Owed {
     name: String,
     /// For a plugin pod: its namespace and, when known, the ADD result.
     plugin: Option<(TestNetns, Option<serde_json::Value>)>,
+    /// Not sent before this operation (with ipamd running): the runtime's DEL after an ADD
+    /// it gave up on comes later, once the plugin is gone, not microseconds after.
+    due: usize,
 }
 
 /// What an AddNetwork came to.
@@ -664,6 +673,7 @@ impl Soak<'_> {
                     self.owed.push(Owed {
                         name,
                         plugin: Some((ns, None)),
+                        due: self.op,
                     });
                     Ok(false)
                 }
@@ -687,18 +697,29 @@ impl Soak<'_> {
             }
             AddOutcome::Abandoned => {
                 self.stats.adds_abandoned += 1;
-                self.owed.push(Owed { name, plugin: None });
-                self.pay_owed_now()?;
+                self.owed.push(Owed {
+                    name,
+                    plugin: None,
+                    due: self.op + ABANDONED_DEL_AFTER,
+                });
                 Ok(true)
             }
             AddOutcome::NoAddress => {
                 // The runtime's DEL follows at once (in after_op).
                 self.stats.adds_no_address += 1;
-                self.owed.push(Owed { name, plugin: None });
+                self.owed.push(Owed {
+                    name,
+                    plugin: None,
+                    due: self.op,
+                });
                 Ok(true)
             }
             AddOutcome::Failed(e) => {
-                self.owed.push(Owed { name, plugin: None });
+                self.owed.push(Owed {
+                    name,
+                    plugin: None,
+                    due: self.op,
+                });
                 self.check_failure(&format!("ADD: {e}"))?;
                 Ok(false)
             }
@@ -729,8 +750,10 @@ impl Soak<'_> {
             Via::Grpc => self.rpc.del(&pod.name).map_err(anyhow::Error::msg),
             Via::Plugin { ns, result } => self.plugin.del(&pod.name, ns.path(), Some(result)),
         };
+        let op = self.op;
         let owed = |pod: Pod| Owed {
             name: pod.name,
+            due: op,
             plugin: match pod.via {
                 Via::Grpc => None,
                 Via::Plugin { ns, result } => Some((ns, Some(result))),
@@ -776,9 +799,17 @@ impl Soak<'_> {
         Ok(false)
     }
 
-    /// The runtime's DELs for what is owed, with ipamd running.
-    fn pay_owed_now(&mut self) -> anyhow::Result<()> {
-        while let Some(o) = self.owed.pop() {
+    /// The runtime's DELs for what is owed and due (everything after a restart and at the
+    /// end: the abandoned ADDs' requests died with the old process or were long served), with
+    /// ipamd running. Stops at the first failure, which must be ipamd going down.
+    fn pay_owed(&mut self, all: bool) -> anyhow::Result<()> {
+        let mut i = 0;
+        while i < self.owed.len() {
+            if !all && self.owed[i].due > self.op {
+                i += 1;
+                continue;
+            }
+            let o = self.owed.swap_remove(i);
             let r = match &o.plugin {
                 None => self.rpc.del(&o.name).map_err(anyhow::Error::msg),
                 Some((ns, prev)) => self.plugin.del(&o.name, ns.path(), prev.as_ref()),
@@ -793,6 +824,10 @@ impl Soak<'_> {
         Ok(())
     }
 
+    fn pay_owed_now(&mut self) -> anyhow::Result<()> {
+        self.pay_owed(false)
+    }
+
     fn after_op(&mut self, ok: bool) -> anyhow::Result<()> {
         let crashed = match &self.killer {
             Some((h, _)) if h.is_finished() || !ok => true,
@@ -802,7 +837,7 @@ impl Soak<'_> {
         if crashed {
             self.recover()?;
         } else if !self.owed.is_empty() {
-            // An ADD that found no free address: the runtime's DEL follows at once.
+            // The runtime's DELs that are due (after an ADD that found no free address: at once).
             self.pay_owed_now()?;
             if self.ipamd.exited()?.is_some() {
                 self.recover()?;
@@ -858,7 +893,7 @@ impl Soak<'_> {
             self.next_kill += 1;
             while !self.start_segment()? {}
             let owed = self.owed.len();
-            self.pay_owed_now()?;
+            self.pay_owed(true)?;
             self.stats.owed_retried += owed - self.owed.len();
             if self.owed.is_empty() && self.ipamd.exited()?.is_none() {
                 return Ok(());
@@ -917,7 +952,7 @@ impl Soak<'_> {
             Instant::now(),
             self.c.sim.with(|s| s.calls().back().map_or(0, |c| c.seq)) + 1,
         );
-        self.pay_owed_now()?;
+        self.pay_owed(true)?;
         ensure!(self.owed.is_empty(), "DELs still owed at the end");
         let planned = self.kills.len();
         let done = self.stats.kills_external + self.stats.kills_failpoint;
