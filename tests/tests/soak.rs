@@ -566,7 +566,7 @@ impl Soak<'_> {
         let mut target = 0usize;
         while self.op < self.scale.ops {
             let op = self.op;
-            if op % 40 == 0 {
+            if op.is_multiple_of(40) {
                 target = self.rng.below(MAX_LIVE as u64 + 1) as usize;
             }
             let target = self.eni_created_target().unwrap_or(target);
@@ -844,7 +844,7 @@ impl Soak<'_> {
             }
         }
         if let (Some(seg), Some(pid)) = (self.segments.last_mut(), self.ipamd.pid()) {
-            if (self.op - seg.first_op) % self.scale.sample_every == 0 {
+            if (self.op - seg.first_op).is_multiple_of(self.scale.sample_every) {
                 if let Ok(s) = ProcSample::of(pid) {
                     seg.samples.push((self.op, s));
                 }
