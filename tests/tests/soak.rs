@@ -12,9 +12,10 @@
 //!   failed or was abandoned (the client gave up before the answer) is followed by a DEL; some
 //!   DELs are repeated; a DEL that failed because ipamd was down is retried after the restart.
 //!   The DEL after an abandoned ADD comes [`ABANDONED_DEL_AFTER`] operations later, as a
-//!   runtime's does after its timeout: sent at once, it can overtake the ADD inside ipamd
-//!   (the ADD's request is still queued on the closed connection), and the address then stays
-//!   assigned to a pod that is gone until the next restart drops it (its veth is gone).
+//!   runtime's does after its timeout. Sent at once, it was seen to be served before the
+//!   abandoned ADD (ipamd answered "unknown pod", then assigned the ADD's address, with no log
+//!   line for either): the address then stays assigned to a pod that is gone until the next
+//!   restart drops the entry (its veth is gone).
 //!   At most [`MAX_LIVE`] pods hold addresses at once (the m5.large's 27 secondary addresses);
 //!   the number alive follows a seeded random target, so the pool grows and shrinks by whole
 //!   ENIs.
@@ -596,6 +597,15 @@ impl Soak<'_> {
             let ok = if add { self.add()? } else { self.del()? };
             self.op += 1;
             self.after_op(ok)?;
+            if self.op.is_multiple_of(self.scale.ops / 10) {
+                eprintln!(
+                    "soak: op {}: {} pods alive, {} kills, {} ipamd processes",
+                    self.op,
+                    self.live.len(),
+                    self.stats.kills_external + self.stats.kills_failpoint,
+                    self.segments.len()
+                );
+            }
         }
         self.c.sim.with(|s| {
             s.set_throttle(ThrottleConfig::default());
