@@ -52,6 +52,39 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// The seed of a scenario's random choices: `E2E_SEED` when set (to replay a run), else
+/// taken from the clock. Scenarios print it at the start and in every failure.
+pub fn e2e_seed() -> u64 {
+    match std::env::var("E2E_SEED") {
+        Ok(s) => s.trim().parse().unwrap_or(0),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+    }
+}
+
+/// Copies the files of a failed run's directory `dir` (ipamd's log of every start, its
+/// checkpoint, stdout) into `keep` (for example `$CARGO_TARGET_TMPDIR/<scenario>-<seed>`), so
+/// that a failure seen once under load can be studied afterwards. Best effort: a failure to
+/// copy is only reported.
+pub fn keep_evidence(dir: &Path, keep: &Path) {
+    if let Err(e) = std::fs::create_dir_all(keep) {
+        eprintln!("e2e: cannot keep evidence in {}: {e}", keep.display());
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_file() {
+            let _ = std::fs::copy(&p, keep.join(e.file_name()));
+        }
+    }
+    eprintln!("e2e: ipamd's log and checkpoint kept in {}", keep.display());
+}
+
 /// Polls `f` every 50 ms until it returns true, failing with `what` once `wait` has passed.
 pub fn wait_until(
     what: &str,
@@ -256,6 +289,26 @@ impl Ipamd {
         }
     }
 
+    /// The exit status if the daemon has exited on its own (a failpoint, a crash), without
+    /// waiting; `None` while it runs or when it was not started. The handle is kept until
+    /// [`Ipamd::kill`] reaps it.
+    pub fn exited(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        match self.process.as_mut() {
+            Some(p) => Ok(p.try_wait()?),
+            None => Ok(None),
+        }
+    }
+
+    /// The log of the latest start only (after its `===== e2e: ipamd start N =====` marker).
+    pub fn log_of_last_start(&self) -> String {
+        let log = self.log();
+        let marker = format!("===== e2e: ipamd start {} =====", self.starts);
+        match log.rfind(&marker) {
+            Some(i) => log[i..].to_owned(),
+            None => log,
+        }
+    }
+
     /// Sends SIGTERM to the running daemon without waiting.
     pub fn sigterm(&self) -> anyhow::Result<()> {
         let pid = self.pid().context("ipamd is not running")?;
@@ -303,6 +356,35 @@ impl Ipamd {
     /// The checkpoint file as written by the daemon.
     pub fn checkpoint(&self) -> anyhow::Result<Checkpoint> {
         Checkpoint::read(&self.checkpoint_path())
+    }
+}
+
+/// Resident memory and open file descriptors of a process, read from `/proc/<pid>/status`
+/// (`VmRSS`) and `/proc/<pid>/fd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcSample {
+    /// `VmRSS` in KiB.
+    pub rss_kib: u64,
+    /// Entries of `/proc/<pid>/fd`.
+    pub fds: usize,
+}
+
+impl ProcSample {
+    /// Samples process `pid`; fails (naming the file) when it is gone or `VmRSS` is missing.
+    pub fn of(pid: u32) -> anyhow::Result<ProcSample> {
+        let status_path = format!("/proc/{pid}/status");
+        let status =
+            std::fs::read_to_string(&status_path).with_context(|| format!("read {status_path}"))?;
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("{status_path}: no VmRSS line in kB"))?;
+        let fd_dir = format!("/proc/{pid}/fd");
+        let fds = std::fs::read_dir(&fd_dir)
+            .with_context(|| format!("read {fd_dir}"))?
+            .count();
+        Ok(ProcSample { rss_kib, fds })
     }
 }
 

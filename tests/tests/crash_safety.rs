@@ -55,22 +55,12 @@ struct Pod {
     added: Added,
 }
 
-fn seed() -> u64 {
-    match std::env::var("E2E_SEED") {
-        Ok(s) => s.trim().parse().unwrap_or(0),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    }
-}
-
 #[test]
 fn ipamd_survives_sigkill_during_pod_churn() -> anyhow::Result<()> {
     if skip_netns_test("crash safety (ipamd SIGKILL during pod churn)") {
         return Ok(());
     }
-    let seed = seed();
+    let seed = vpc_cni_e2e::node::e2e_seed();
     eprintln!("crash_safety: seed {seed} (replay with E2E_SEED={seed})");
     let tmp = tempfile::Builder::new().prefix("vcn-crash-").tempdir()?;
     let r = run(seed, tmp.path());
@@ -80,25 +70,10 @@ fn ipamd_survives_sigkill_during_pod_churn() -> anyhow::Result<()> {
     r.with_context(|| format!("crash_safety seed {seed} (replay with E2E_SEED={seed})"))
 }
 
-/// Copies ipamd's files of a failed run (the log of every start, the checkpoint, stdout) to
-/// `target/tmp/<name>/`, so that a failure seen once under load can be studied afterwards.
 fn keep_evidence(dir: &std::path::Path, name: &str) {
-    let keep = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    if std::fs::create_dir_all(&keep).is_err() {
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_file() {
-            let _ = std::fs::copy(&p, keep.join(e.file_name()));
-        }
-    }
-    eprintln!(
-        "crash_safety: ipamd's log and checkpoint kept in {}",
-        keep.display()
+    vpc_cni_e2e::node::keep_evidence(
+        dir,
+        &std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name),
     );
 }
 
@@ -437,7 +412,7 @@ fn ipamd_killed_inside_a_checkpoint_write_or_pool_growth_loses_and_leaks_nothing
     if skip_netns_test("crash safety (ipamd killed at failpoints)") {
         return Ok(());
     }
-    let seed = seed();
+    let seed = vpc_cni_e2e::node::e2e_seed();
     eprintln!("crash_safety failpoints: seed {seed} (replay with E2E_SEED={seed})");
     let tmp = tempfile::Builder::new().prefix("vcn-crashfp-").tempdir()?;
     let r = run_failpoints(seed, tmp.path());

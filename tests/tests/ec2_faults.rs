@@ -55,22 +55,12 @@ struct Pod {
     added: Added,
 }
 
-fn seed() -> u64 {
-    match std::env::var("E2E_SEED") {
-        Ok(s) => s.trim().parse().unwrap_or(0),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    }
-}
-
 #[test]
 fn pods_keep_starting_through_throttling_and_5xx() -> anyhow::Result<()> {
     if skip_netns_test("EC2 faults (throttling and 5xx)") {
         return Ok(());
     }
-    let seed = seed();
+    let seed = vpc_cni_e2e::node::e2e_seed();
     eprintln!("ec2_faults: seed {seed} (replay with E2E_SEED={seed})");
     run(seed).with_context(|| format!("ec2_faults seed {seed} (replay with E2E_SEED={seed})"))
 }

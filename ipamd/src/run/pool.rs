@@ -566,6 +566,20 @@ impl PoolManager {
         r.clone()
     }
 
+    /// Records `cidrs` as released now (`true`) or forgets them (`false`, the release failed
+    /// and they go back to the pool).
+    fn mark_released(&self, cidrs: &[Ipv4Net], released: bool) {
+        let now = self.state.now();
+        let mut r = lock(&self.released);
+        for c in cidrs {
+            if released {
+                r.insert(*c, now);
+            } else {
+                r.remove(c);
+            }
+        }
+    }
+
     async fn release(&self, eni: &str, prefixes: bool, n: usize) -> Result<(), PoolError> {
         let now = self.state.now();
         let cidrs = {
@@ -578,6 +592,10 @@ impl PoolManager {
         if cidrs.is_empty() {
             return Ok(());
         }
+        // Counted as released from now on: while the call is in flight EC2 and IMDS still list
+        // these CIDRs, and a reconcile that saw them missing from the datastore would put them
+        // back in the pool, where a pod could be given one that EC2 is about to take away.
+        self.mark_released(&cidrs, true);
         let ec2 = self.ec2.clone();
         let res = self
             .pacer
@@ -595,6 +613,7 @@ impl PoolManager {
             .await;
         if let Err(source) = res {
             // Still on the ENI: keep them in the pool.
+            self.mark_released(&cidrs, false);
             let mut ds = self.state.lock();
             for c in &cidrs {
                 let _ = ds.add_cidr(eni, *c, prefixes);
@@ -604,13 +623,8 @@ impl PoolManager {
                 source,
             });
         }
-        {
-            let now = self.state.now();
-            let mut r = lock(&self.released);
-            for c in &cidrs {
-                r.insert(*c, now);
-            }
-        }
+        // The cooldown runs from EC2's change.
+        self.mark_released(&cidrs, true);
         tracing::info!(eni, count = cidrs.len(), prefixes, "released to EC2");
         Ok(())
     }
@@ -1249,6 +1263,50 @@ mod tests {
         }
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(n.pool.recently_released().is_empty());
+    }
+
+    // Found by the e2e soak: while an UnassignPrivateIpAddresses is in flight (here waiting
+    // for its retry after a throttle), EC2 and IMDS still list the addresses the pool took
+    // out of the datastore. A reconcile then must see them as released, or it puts them back
+    // in the pool, a pod is given one, and EC2 takes it away when the call completes.
+    #[tokio::test(start_paused = true)]
+    async fn cidrs_being_released_count_as_released_while_the_call_is_in_flight() {
+        let n = node(
+            &[("WARM_IP_TARGET", "3"), ("IP_COOLDOWN_PERIOD", "0")],
+            "10.0.0.0/20",
+        );
+        n.pool.settle().await.unwrap();
+        pods(&n.state, 0, 3).await;
+        n.pool.settle().await.unwrap();
+        unpods(&n.state, 0, 3).await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        n.ec2
+            .fail("UnassignPrivateIpAddresses", "RequestLimitExceeded", 1);
+        let primary = n.ec2.primary_eni();
+        let during = async {
+            // The first attempt was throttled; the retry waits at least 200 ms.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let in_ec2: Vec<_> = n.ec2.state().enis[&primary].secondary_ips.clone();
+            (n.pool.recently_released(), in_ec2)
+        };
+        let (ticked, (released, in_ec2)) = tokio::join!(n.pool.tick(), during);
+        ticked.unwrap();
+        assert_eq!(n.ec2.count("UnassignPrivateIpAddresses"), 2, "retried once");
+        assert!(
+            !released.is_empty(),
+            "nothing counted as released while the unassign was in flight"
+        );
+        for c in released.keys() {
+            assert!(
+                in_ec2.contains(&c.addr()),
+                "{c} was already gone from EC2 during the call"
+            );
+        }
+        let after = n.pool.recently_released();
+        assert_eq!(
+            after.keys().collect::<Vec<_>>(),
+            released.keys().collect::<Vec<_>>()
+        );
     }
 
     #[tokio::test(start_paused = true)]
