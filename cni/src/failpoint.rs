@@ -10,9 +10,6 @@
 //! The wiring steps are `vpc-cni-net`'s `pod setup step` trace events: a point "after X" is
 //! the instant the step following X starts (the [`StepLayer`] sees it).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::Context;
@@ -20,8 +17,10 @@ use tracing_subscriber::Layer;
 
 use crate::error::CniError;
 
+use vpc_cni_net::failpoint::Failpoints;
+
 /// The environment variable that arms kill points.
-pub const ENV: &str = "VPC_CNI_FAILPOINTS";
+pub const ENV: &str = vpc_cni_net::failpoint::ENV;
 
 /// ipamd answered AddNetwork with an address; nothing of the pod's wiring depends on it yet.
 pub const IPAMD_ANSWERED: &str = "add-ipamd-answered";
@@ -65,85 +64,33 @@ fn point_of_step(step: &str) -> Option<&'static str> {
     })
 }
 
-struct Armed {
-    name: &'static str,
-    at: u64,
-    seen: AtomicU64,
-}
-
-static ARMED: OnceLock<Vec<Armed>> = OnceLock::new();
-
-fn invalid(reason: String) -> CniError {
-    CniError::InvalidEnvironment { var: ENV, reason }
-}
+static POINTS: Failpoints = Failpoints::new("aws-cni");
 
 /// Parses a [`ENV`] value: comma-separated `name=N`, a known name and N >= 1. Empty items
 /// are skipped; a malformed one is an error naming the variable (code 4).
 pub fn parse(value: &str) -> Result<Vec<(&'static str, u64)>, CniError> {
-    let mut out = Vec::new();
-    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (name, n) = item
-            .split_once('=')
-            .ok_or_else(|| invalid(format!("{item:?} is not name=N")))?;
-        let name = ALL
-            .iter()
-            .copied()
-            .find(|k| *k == name.trim())
-            .ok_or_else(|| {
-                invalid(format!(
-                    "unknown failpoint {:?} (known: {})",
-                    name.trim(),
-                    ALL.join(", ")
-                ))
-            })?;
-        let at = n
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| invalid(format!("{name}: {n:?} is not a count >= 1")))?;
-        out.push((name, at));
-    }
-    Ok(out)
+    vpc_cni_net::failpoint::parse(value, ALL)
+        .map_err(|reason| CniError::InvalidEnvironment { var: ENV, reason })
 }
 
 /// Arms the points of `value` (once per process; later calls change nothing).
 pub fn init(value: &str) -> Result<(), CniError> {
     let parsed = parse(value)?;
-    if parsed.is_empty() {
-        return Ok(());
+    if !parsed.is_empty() {
+        POINTS.arm(parsed);
     }
-    let _ = ARMED.set(
-        parsed
-            .into_iter()
-            .map(|(name, at)| Armed {
-                name,
-                at,
-                seen: AtomicU64::new(0),
-            })
-            .collect(),
-    );
     Ok(())
 }
 
 /// Whether any point is armed.
 pub fn armed() -> bool {
-    ARMED.get().is_some_and(|a| !a.is_empty())
+    POINTS.armed()
 }
 
 /// Marks that ADD reached point `name`; SIGKILLs the process when it is armed and this is
 /// its Nth time.
 pub fn hit(name: &str) {
-    let Some(armed) = ARMED.get() else {
-        return;
-    };
-    for a in armed.iter().filter(|a| a.name == name) {
-        if a.seen.fetch_add(1, Ordering::Relaxed) + 1 == a.at {
-            eprintln!("aws-cni: failpoint {name} reached ({}): SIGKILL", a.at);
-            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-            std::process::abort();
-        }
-    }
+    POINTS.hit(name);
 }
 
 /// A tracing layer turning `vpc-cni-net`'s `pod setup step` events into kill points

@@ -6,11 +6,10 @@
 //! destructor, no flush). Unset, each point costs one relaxed atomic load. Meant for tests;
 //! documented in docs/settings.md so that nobody sets it by accident.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use vpc_cni_net::failpoint::Failpoints;
 
 /// The environment variable that arms failpoints.
-pub const ENV: &str = "VPC_CNI_FAILPOINTS";
+pub const ENV: &str = vpc_cni_net::failpoint::ENV;
 
 /// The checkpoint's temporary file is written and synced, not yet renamed over the file.
 pub const CHECKPOINT_BEFORE_RENAME: &str = "checkpoint-before-rename";
@@ -37,40 +36,11 @@ pub const ALL: &[&str] = &[
 #[error("{ENV}: {0}")]
 pub struct FailpointError(String);
 
-struct Armed {
-    name: &'static str,
-    at: u64,
-    seen: AtomicU64,
-}
-
-static ARMED: OnceLock<Vec<Armed>> = OnceLock::new();
+static POINTS: Failpoints = Failpoints::new("ipamd");
 
 /// Parses an [`ENV`] value: comma-separated `name=N` with a known name and N >= 1.
 pub fn parse(value: &str) -> Result<Vec<(&'static str, u64)>, FailpointError> {
-    let mut out = Vec::new();
-    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (name, n) = item
-            .split_once('=')
-            .ok_or_else(|| FailpointError(format!("{item:?} is not name=N")))?;
-        let name = ALL
-            .iter()
-            .copied()
-            .find(|k| *k == name.trim())
-            .ok_or_else(|| {
-                FailpointError(format!(
-                    "unknown failpoint {name:?} (known: {})",
-                    ALL.join(", ")
-                ))
-            })?;
-        let at: u64 = n
-            .trim()
-            .parse()
-            .ok()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| FailpointError(format!("{name}: {n:?} is not a count >= 1")))?;
-        out.push((name, at));
-    }
-    Ok(out)
+    vpc_cni_net::failpoint::parse(value, ALL).map_err(FailpointError)
 }
 
 /// Arms the failpoints named in [`ENV`] (once, at start-up; later calls change nothing).
@@ -80,32 +50,14 @@ pub fn init_from_env() -> Result<(), FailpointError> {
     if !parsed.is_empty() {
         tracing::warn!(failpoints = %v, "failpoints armed: the daemon will kill itself (tests only)");
     }
-    let _ = ARMED.set(
-        parsed
-            .into_iter()
-            .map(|(name, at)| Armed {
-                name,
-                at,
-                seen: AtomicU64::new(0),
-            })
-            .collect(),
-    );
+    POINTS.arm(parsed);
     Ok(())
 }
 
 /// Marks that the daemon reached failpoint `name`; kills the process if it is armed and this
 /// is the time.
 pub fn hit(name: &'static str) {
-    let Some(armed) = ARMED.get() else {
-        return;
-    };
-    for a in armed.iter().filter(|a| a.name == name) {
-        if a.seen.fetch_add(1, Ordering::Relaxed) + 1 == a.at {
-            eprintln!("ipamd: failpoint {name} reached ({}): SIGKILL", a.at);
-            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-            std::process::abort();
-        }
-    }
+    POINTS.hit(name);
 }
 
 #[cfg(test)]

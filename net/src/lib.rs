@@ -14,6 +14,7 @@
 //! No netlink or SDK type crosses this crate's API.
 
 pub mod error;
+pub mod failpoint;
 pub mod host;
 pub mod memory;
 pub mod names;
