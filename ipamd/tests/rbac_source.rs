@@ -53,6 +53,22 @@ fn calls_in(source: &str) -> BTreeSet<(String, String, String)> {
         if let Some(rest) = code.split("let api: Api<").nth(1) {
             current = rest.split('>').next();
         }
+        // `self.get_object::<T>(...)`: the module's GET of a cluster-scoped object.
+        let mut rest = code;
+        while let Some(at) = rest.find("get_object") {
+            let after = &rest[at + "get_object".len()..];
+            if let Some(ty) = after.strip_prefix("::<") {
+                let ty = ty.split('>').next().unwrap_or("");
+                let (group, resource) = resource_of(ty, source);
+                found.insert(("get".to_owned(), group.to_owned(), resource.to_owned()));
+            } else {
+                assert!(
+                    after.starts_with('<') || after.starts_with(" "),
+                    "a get_object call without its type (`get_object::<T>`): {line}"
+                );
+            }
+            rest = after;
+        }
         let mut rest = code;
         while let Some(at) = rest.find("api.") {
             let after = &rest[at + 4..];

@@ -202,7 +202,7 @@ async fn add_once(client: &mut Client, pod: &str) -> anyhow::Result<bool> {
 async fn del(client: &mut Client, pod: &str) -> anyhow::Result<()> {
     let r = match client.del_network(del_request(pod)).await {
         Ok(r) => r.into_inner(),
-        Err(s) if s.message().contains("unknown pod") => return Ok(()),
+        Err(s) if vpc_cni_rpc::is_unknown_pod(&s) => return Ok(()),
         Err(s) => return Err(s).with_context(|| format!("DelNetwork {pod}")),
     };
     if !r.success {

@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use vpc_cni_e2e::demo::{add_request, del_request};
 use vpc_cni_e2e::node::{
     e2e_seed, keep_evidence, leaks, wait_until, workspace_bin, Ipamd, Plugin, ProcSample,
     SimNodeView,
@@ -60,7 +61,7 @@ use vpc_cni_e2e::serve::serve;
 use vpc_cni_e2e::SimCluster;
 use vpc_cni_net::testing::{skip_netns_test, TestNetns};
 use vpc_cni_net::{Netlink, VethEnd};
-use vpc_cni_rpc::{is_unknown_pod, AddNetworkRequest, DelNetworkRequest};
+use vpc_cni_rpc::{is_unknown_pod, AddNetworkRequest};
 use vpc_sim::control::{BucketSpec, FaultSpec, ThrottleConfig};
 use vpc_sim::rng::SimRng;
 use vpc_sim::sim::SimConfig;
@@ -275,15 +276,8 @@ impl Rpc {
 
     fn add(&self, pod: &str, abandon_after: Option<Duration>) -> AddOutcome {
         let req = AddNetworkRequest {
-            client_version: env!("CARGO_PKG_VERSION").into(),
-            k8s_pod_name: pod.into(),
-            k8s_pod_namespace: "default".into(),
-            k8s_pod_infra_container_id: format!("c-{pod}"),
-            container_id: format!("c-{pod}"),
-            if_name: "eth0".into(),
-            network_name: "aws-cni".into(),
             netns: format!("/var/run/netns/{pod}"),
-            ..Default::default()
+            ..add_request(pod)
         };
         let call = async {
             let deadline = tokio::time::Instant::now() + POOL_WAIT;
@@ -332,17 +326,7 @@ impl Rpc {
     /// DelNetwork ("unknown pod" counts as done, as the plugin treats it), then the host veth
     /// goes.
     fn del(&self, pod: &str) -> Result<(), String> {
-        let req = DelNetworkRequest {
-            client_version: env!("CARGO_PKG_VERSION").into(),
-            k8s_pod_name: pod.into(),
-            k8s_pod_namespace: "default".into(),
-            k8s_pod_infra_container_id: format!("c-{pod}"),
-            container_id: format!("c-{pod}"),
-            if_name: "eth0".into(),
-            network_name: "aws-cni".into(),
-            reason: vpc_cni_rpc::REASON_POD_DELETED.into(),
-            ..Default::default()
-        };
+        let req = del_request(pod);
         self.rt.block_on(async {
             let mut client = vpc_cni_rpc::connect_unix_direct(&self.socket, CALL_TIMEOUT)
                 .await

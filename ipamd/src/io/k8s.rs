@@ -568,6 +568,8 @@ impl K8s {
 
     /// GETs a cluster-scoped object (3 s timeout), the same request as `Api::get`, and
     /// parses it naming the field path of a malformed answer ([`K8sError::BadObject`]).
+    /// Callers name the type (`get_object::<Node>`): `ipamd/tests/rbac_source.rs` reads it
+    /// from the source to check the ClusterRole.
     async fn get_object<K>(
         &self,
         op: &'static str,
@@ -596,7 +598,8 @@ impl K8s {
     }
 
     async fn node(&self) -> Result<Node, K8sError> {
-        self.get_object("get node", "Node", &self.node_name).await
+        self.get_object::<Node>("get node", "Node", &self.node_name)
+            .await
     }
 
     /// GETs the own Node (3 s timeout): max pods, ENIConfig name, cordon taint.
