@@ -10,7 +10,6 @@
 //! The wiring steps are `vpc-cni-net`'s `pod setup step` trace events: a point "after X" is
 //! the instant the step following X starts (the [`StepLayer`] sees it).
 
-use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::Layer;
@@ -98,24 +97,12 @@ pub fn hit(name: &str) {
 #[derive(Debug, Default)]
 pub struct StepLayer;
 
-struct StepField(Option<String>);
-
-impl Visit for StepField {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "step" {
-            self.0 = Some(format!("{value:?}"));
-        }
-    }
-}
-
 impl<S: Subscriber> Layer<S> for StepLayer {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
-        if !event.metadata().target().starts_with("vpc_cni_net") {
-            return;
-        }
-        let mut f = StepField(None);
-        event.record(&mut f);
-        if let Some(point) = f.0.as_deref().and_then(point_of_step) {
+        if let Some(point) = crate::timing::net_step(event)
+            .as_deref()
+            .and_then(point_of_step)
+        {
             hit(point);
         }
     }

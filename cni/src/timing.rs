@@ -87,14 +87,20 @@ impl Visit for StepField {
     }
 }
 
+/// The `step` of a `vpc-cni-net` `pod setup step` event (its `Display` name), if `event` is
+/// one.
+pub(crate) fn net_step(event: &Event<'_>) -> Option<String> {
+    if !event.metadata().target().starts_with("vpc_cni_net") {
+        return None;
+    }
+    let mut f = StepField(None);
+    event.record(&mut f);
+    f.0
+}
+
 impl<S: Subscriber> Layer<S> for StepLayer {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
-        if !event.metadata().target().starts_with("vpc_cni_net") {
-            return;
-        }
-        let mut f = StepField(None);
-        event.record(&mut f);
-        if let Some(step) = f.0 {
+        if let Some(step) = net_step(event) {
             mark(&format!("step:{step}"));
         }
     }
