@@ -148,8 +148,12 @@ pub fn output_in(ns: &Netns, mut cmd: Command, stdin: Option<&[u8]>) -> Result<O
         )))?
         .map_err(perr(format!("spawn {program}")))?;
     if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(data)
-            .map_err(perr(format!("write stdin of {program}")))?;
+        // A program that refuses its input before reading stdin exits and closes the pipe:
+        // its exit status and output are the answer, not the broken pipe.
+        match pipe.write_all(data) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            r => r.map_err(perr(format!("write stdin of {program}")))?,
+        }
     }
     child
         .wait_with_output()
