@@ -11,8 +11,8 @@
 //!   mean EC2 latencies of the simulator's realistic model charged to waiting pods.
 //! - **daemon**: ipamd in-process (the real SDK clients over HTTP) on a served simulator with
 //!   the realistic EC2 latencies. A driver brings the pods to the trace at every tick as the
-//!   runtime would: new pods ask with `AddNetwork` over the gRPC socket and, finding no
-//!   address, ask again every 250 ms; leaving pods (pending ones first, then running ones
+//!   runtime would: the waiting pods ask with `AddNetwork` over the gRPC socket, all at once
+//!   (as concurrent sandbox starts do), and, finding no address, ask again every 250 ms; leaving pods (pending ones first, then running ones
 //!   chosen by a seeded random draw, as the planner chooses them) get `DelNetwork`. The
 //!   datastore's totals are sampled every second; the EC2 calls are the simulator's log.
 //!
@@ -46,6 +46,9 @@ const SUBNET: &str = "10.0.0.0/18";
 const TICK: u64 = 5;
 /// A pod without an address asks again this often (the plugin's retry).
 const RETRY: Duration = Duration::from_millis(250);
+/// Waiting pods asking at once, at most: below the gRPC socket's streams per connection
+/// (`VPC_CNI_GRPC_MAX_STREAMS`, 64), since the driver's pods share one connection.
+const IN_FLIGHT: usize = 48;
 /// Means of the simulator's realistic latencies, for the planner's waiting model: one assign,
 /// and create + attach of an ENI.
 const ASSIGN_MS: u64 = 150;
@@ -263,14 +266,30 @@ async fn daemon(case: &Case, trace: &[(u64, u32)], seconds: u64) -> anyhow::Resu
                 del(&mut client, &pod).await?;
             }
         }
-        while let Some((pod, since)) = pending.front() {
-            if !add_once(&mut client, pod).await? {
-                break;
+        if !pending.is_empty() {
+            // Every waiting pod asks at once, as the runtime's concurrent sandbox starts do
+            // (one plugin each): the daemon sees a tick's arrivals together, as the planner
+            // does, rather than one refused pod per retry.
+            let mut asks = tokio::task::JoinSet::new();
+            for (i, (pod, _)) in pending.iter().take(IN_FLIGHT).enumerate() {
+                let (mut c, pod) = (client.clone(), pod.clone());
+                asks.spawn(async move { (i, add_once(&mut c, &pod).await) });
             }
-            waited += since.elapsed();
-            if let Some((pod, _)) = pending.pop_front() {
-                running.push(pod);
+            let mut served = vec![false; pending.len()];
+            while let Some(answer) = asks.join_next().await {
+                let (i, got) = answer.context("AddNetwork task")?;
+                served[i] = got?;
             }
+            let mut still = VecDeque::with_capacity(pending.len());
+            for ((pod, since), got) in pending.drain(..).zip(served) {
+                if got {
+                    waited += since.elapsed();
+                    running.push(pod);
+                } else {
+                    still.push_back((pod, since));
+                }
+            }
+            pending = still;
         }
         if sub == 0 {
             let t = run.daemon.state().lock().totals();
