@@ -430,17 +430,20 @@ impl Kube {
         .map(|_| ())
     }
 
-    /// Posts a core/v1 Event on an object (reason and message), best effort.
+    /// Posts a core/v1 Event (`type_` `Normal` or `Warning`) on an object.
     pub async fn event(
         &self,
-        kind: &str,
-        namespace: &str,
-        name: &str,
-        uid: &str,
+        on: &Involved<'_>,
         type_: &str,
         reason: &str,
         message: &str,
     ) -> Result<(), K8sError> {
+        let Involved {
+            kind,
+            namespace,
+            name,
+            uid,
+        } = *on;
         use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
         let ns = if namespace.is_empty() {
             "default"
@@ -483,6 +486,19 @@ impl Kube {
         .await
         .map(|_| ())
     }
+}
+
+/// The object an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Involved<'a> {
+    /// `Pod`, `Node`.
+    pub kind: &'a str,
+    /// Namespace (`""` for cluster-scoped objects; the event then goes to `default`).
+    pub namespace: &'a str,
+    /// Name.
+    pub name: &'a str,
+    /// Uid (`""` when unknown).
+    pub uid: &'a str,
 }
 
 /// Turns the lists into the reconcile's [`Cluster`].

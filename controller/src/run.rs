@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::ec2::{ControllerEc2, NewEni};
-use crate::k8s::{K8sError, Kube};
+use crate::k8s::{Involved, K8sError, Kube};
 use crate::model::{
     BranchEni, Fleet, BRANCH_DESCRIPTION, TAG_INSTANCE_ID, TAG_TRUNK_ENI_ID, TAG_VLAN_ID,
     TRUNK_DESCRIPTION,
@@ -155,10 +155,12 @@ impl Controller {
             | Action::AssociateBranch { pod, pod_uid, .. } => {
                 self.kube
                     .event(
-                        "Pod",
-                        &pod.namespace,
-                        &pod.name,
-                        pod_uid,
+                        &Involved {
+                            kind: "Pod",
+                            namespace: &pod.namespace,
+                            name: &pod.name,
+                            uid: pod_uid,
+                        },
                         "Warning",
                         "BranchAllocationFailed",
                         why,
@@ -168,10 +170,12 @@ impl Controller {
             Action::CreateTrunk { node, .. } => {
                 self.kube
                     .event(
-                        "Node",
-                        "",
-                        node,
-                        "",
+                        &Involved {
+                            kind: "Node",
+                            namespace: "",
+                            name: node,
+                            uid: "",
+                        },
                         "Warning",
                         "BranchTrunkENICreationFailed",
                         why,

@@ -10,7 +10,7 @@ use http::{Request, Response, StatusCode};
 use kube::client::Body;
 use serde_json::{json, Value};
 use tower_test::mock::{Handle, SendResponse};
-use vpc_cni_controller::k8s::{rbac_need, Kube, RbacNeed, API_REQUESTS};
+use vpc_cni_controller::k8s::{rbac_need, Involved, Kube, RbacNeed, API_REQUESTS};
 use vpc_cni_controller::model::{BranchEni, PodKey, POD_ENI_ANNOTATION};
 
 struct Verifier {
@@ -366,10 +366,12 @@ async fn every_request_is_asserted_and_the_set_is_exactly_the_published_one() {
         .expect_err("uid mismatch");
     assert!(err.is_conflict(), "{err}");
     kube.event(
-        "Pod",
-        "ns",
-        "db",
-        "pu1",
+        &Involved {
+            kind: "Pod",
+            namespace: "ns",
+            name: "db",
+            uid: "pu1",
+        },
         "Warning",
         "BranchAllocationFailed",
         "no",

@@ -25,6 +25,18 @@ use vpc_sim::sim::{SimConfig, Simulator};
 
 const CLUSTER: &str = "c1";
 
+/// An owned ENI: (type, status, attached instance, groups, tags, private IP).
+type EniRow = (
+    String,
+    String,
+    Option<String>,
+    BTreeSet<String>,
+    BTreeMap<String, String>,
+    Option<String>,
+);
+/// Owned ENIs by id.
+type Owned = BTreeMap<String, EniRow>;
+
 struct World {
     _running: Running,
     sim: Shared,
@@ -202,19 +214,7 @@ impl World {
     }
 
     /// Every ENI with the cluster tag: id → (type, status, attached instance, groups, tags).
-    async fn owned(
-        &self,
-    ) -> BTreeMap<
-        String,
-        (
-            String,
-            String,
-            Option<String>,
-            BTreeSet<String>,
-            BTreeMap<String, String>,
-            Option<String>,
-        ),
-    > {
+    async fn owned(&self) -> Owned {
         let out = self
             .ec2
             .describe_network_interfaces()
@@ -296,20 +296,7 @@ impl World {
         Some(parse_pod_eni(&v).expect("annotation parses"))
     }
 
-    fn trunk(
-        &self,
-        owned: &BTreeMap<
-            String,
-            (
-                String,
-                String,
-                Option<String>,
-                BTreeSet<String>,
-                BTreeMap<String, String>,
-                Option<String>,
-            ),
-        >,
-    ) -> String {
+    fn trunk(&self, owned: &Owned) -> String {
         let trunks: Vec<&String> = owned
             .iter()
             .filter(|(_, v)| v.0 == "trunk")
