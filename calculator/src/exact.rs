@@ -38,8 +38,13 @@ pub struct NodeSteadyState {
     pub prefixes: u32,
     /// Pod addresses held but not assigned.
     pub unused_pod_ips: u32,
-    /// Subnet addresses consumed: pod addresses plus each ENI's primary in this subnet.
+    /// Subnet addresses consumed: pod addresses plus each ENI's primary in this subnet, plus
+    /// the trunk and branch ENIs (security groups for pods).
     pub subnet_ips: u32,
+    /// Of `subnet_ips`: the trunk ENI's primary and one address per branch ENI.
+    pub trunk_ips: u32,
+    /// Branch-ENI pods that found no subnet address.
+    pub branch_pods_without_ip: u32,
     /// Pods that found no address.
     pub pods_without_ip: u32,
     /// Whether the pool never settled (oscillates between two states).
@@ -86,6 +91,9 @@ pub fn steady_state_with(
     if let Some(d) = demand {
         node = node.with_demand(d, t);
     }
+    let branch_short = group
+        .branch_pods
+        .map_or(0, |b| node.attach_trunk(subnet, b));
     let mut oscillates = settle(&mut node, subnet, &mut t);
     for _ in 0..pods {
         node.add_pods(1, t);
@@ -106,7 +114,9 @@ pub fn steady_state_with(
         pod_ips,
         prefixes,
         unused_pod_ips: pod_ips - node.pods(),
-        subnet_ips: pod_ips + primaries,
+        subnet_ips: pod_ips + primaries + node.trunk_addresses(),
+        trunk_ips: node.trunk_addresses(),
+        branch_pods_without_ip: branch_short,
         pods_without_ip: node.pending(),
         oscillates,
         ec2_mutating_calls: node.calls().mutating(),
@@ -148,6 +158,10 @@ pub struct GroupResult {
     pub count: u32,
     /// Pods per node wanting an address.
     pub pods_per_node: u32,
+    /// Branch-ENI pods per node (security groups for pods), besides `pods_per_node`.
+    pub branch_pods_per_node: u32,
+    /// Subnet addresses per node of the trunk and branch ENIs (in `subnet_ips_per_node`).
+    pub trunk_ips_per_node: u32,
     /// Kubelet max pods used.
     pub max_pods: u32,
     /// ENIs per node.
@@ -205,6 +219,9 @@ pub struct ExactReport {
     pub warnings: Vec<String>,
 }
 
+/// What makes two groups' nodes identical: type, ENIs, slots, max pods, pods, branch pods.
+type GroupKey = (String, u32, u32, u32, u32, Option<u32>);
+
 /// Runs exact mode over a plan.
 pub fn plan(input: &PlanInput, groups: &[ResolvedGroup]) -> Result<ExactReport, InputError> {
     let cidr = input.subnet.cidr_or_default()?;
@@ -212,7 +229,7 @@ pub fn plan(input: &PlanInput, groups: &[ResolvedGroup]) -> Result<ExactReport, 
     let demand = (input.config.policy == Flavour::Demand).then_some(input.config.demand);
     let usable = subnet::aws_usable_ips(len).unwrap_or(0);
     // Steady state of each distinct group in a private, ample subnet.
-    let mut cache: HashMap<(String, u32, u32, u32, u32), NodeSteadyState> = HashMap::new();
+    let mut cache: HashMap<GroupKey, NodeSteadyState> = HashMap::new();
     let mut states = Vec::with_capacity(groups.len());
     for g in groups {
         let key = (
@@ -221,6 +238,7 @@ pub fn plan(input: &PlanInput, groups: &[ResolvedGroup]) -> Result<ExactReport, 
             g.node.slots_per_eni,
             g.kubelet_max_pods,
             g.spec.pods_per_node,
+            g.branch_pods,
         );
         let s = *cache.entry(key).or_insert_with(|| {
             let mut private = SubnetAllocator::new(Ipv4Cidr::containing(0x0a00_0000, 16));
@@ -240,7 +258,7 @@ pub fn plan(input: &PlanInput, groups: &[ResolvedGroup]) -> Result<ExactReport, 
         .map(|(g, s)| {
             let n = u64::from(g.spec.count);
             (
-                n * u64::from(s.pods_without_ip),
+                n * u64::from(s.pods_without_ip + s.branch_pods_without_ip),
                 n * u64::from(s.subnet_ips),
             )
         })
@@ -263,12 +281,12 @@ pub fn plan(input: &PlanInput, groups: &[ResolvedGroup]) -> Result<ExactReport, 
                 if alloc.free_addresses() == 0 {
                     if let Some(p) = prev {
                         repeat = u64::from(g.spec.count - n);
-                        without += repeat * u64::from(p.pods_without_ip);
+                        without += repeat * u64::from(p.pods_without_ip + p.branch_pods_without_ip);
                         break;
                     }
                 }
                 let s = steady_state_with(&g.pool, demand, g, g.spec.pods_per_node, &mut alloc);
-                without += u64::from(s.pods_without_ip);
+                without += u64::from(s.pods_without_ip + s.branch_pods_without_ip);
                 prev = Some(s);
             }
             let _ = repeat;
@@ -327,17 +345,34 @@ pub fn plan(input: &PlanInput, groups: &[ResolvedGroup]) -> Result<ExactReport, 
                 s.pods_without_ip, g.spec.pods_per_node
             ));
         }
-        if s.enis >= g.node.max_enis && s.pods_without_ip == 0 {
+        let trunk_slot = u32::from(g.branch_pods.is_some());
+        if s.enis + trunk_slot >= g.node.max_enis && s.pods_without_ip == 0 {
             w.push(format!(
-                "every ENI slot is used ({} of {})",
-                s.enis, g.node.max_enis
+                "every ENI slot is used ({} of {}{})",
+                s.enis + trunk_slot,
+                g.node.max_enis,
+                if trunk_slot == 1 {
+                    ", one by the trunk ENI"
+                } else {
+                    ""
+                }
             ));
         }
-        pods_hosted += u64::from(g.spec.count) * u64::from(g.spec.pods_per_node) - without;
+        if s.branch_pods_without_ip > 0 {
+            w.push(format!(
+                "{} of {} branch pods per node get no branch ENI: the subnet has no address left",
+                s.branch_pods_without_ip,
+                g.branch_pods.unwrap_or(0)
+            ));
+        }
+        let branch = g.branch_pods.unwrap_or(0);
+        pods_hosted += u64::from(g.spec.count) * u64::from(g.spec.pods_per_node + branch) - without;
         out.push(GroupResult {
             instance_type: g.limits.instance_type.clone(),
             count: g.spec.count,
             pods_per_node: g.spec.pods_per_node,
+            branch_pods_per_node: branch,
+            trunk_ips_per_node: s.trunk_ips,
             max_pods: g.kubelet_max_pods,
             enis_per_node: s.enis,
             pod_ips_per_node: s.pod_ips,
@@ -435,6 +470,43 @@ node_groups:
     }
 
     /// spec/calculator.md 3.3: above kubelet max pods the W_ip closed form no longer holds.
+    #[test]
+    fn security_groups_for_pods_add_the_trunk_and_branch_addresses() {
+        // m5.large (3 ENIs, 9 pod IPs each), 10 pods, WARM_ENI_TARGET 1: without SGP
+        // N = min(ceil(10/9) + 1, 3) = 3 ENIs, 27 pod IPs + 3 primaries = 30 addresses. With
+        // SGP the trunk takes one of the 3 slots: N = min(3, 3 - 1) = 2 ENIs, 18 + 2 = 20 pool
+        // addresses, + 1 trunk primary + 4 branch ENIs = 25.
+        let plain = run("subnet: {cidr: 10.0.0.0/23}
+node_groups: [{instance_type: m5.large, count: 2, pods_per_node: 10}]");
+        let g = &plain.node_groups[0];
+        assert_eq!(
+            (g.enis_per_node, g.subnet_ips_per_node, g.trunk_ips_per_node),
+            (3, 30, 0)
+        );
+        let sgp = run("subnet: {cidr: 10.0.0.0/23}
+node_groups: [{instance_type: m5.large, count: 2, pods_per_node: 10, security_groups_for_pods: true, branch_pods_per_node: 4}]");
+        let g = &sgp.node_groups[0];
+        assert_eq!(
+            (g.enis_per_node, g.trunk_ips_per_node, g.subnet_ips_per_node),
+            (2, 5, 25)
+        );
+        assert_eq!(g.subnet_ips_total, 50);
+        assert_eq!(sgp.pods_hosted, 28);
+        // 18 pods on m5.large with SGP and 2 branch pods: N = min(ceil(18/9) + 1, 2) = 2 ENIs,
+        // 18 + 2 pool addresses + trunk + 2 branches = 23; every slot used, one by the trunk.
+        let full = run("subnet: {cidr: 10.0.0.0/23}
+node_groups: [{instance_type: m5.large, count: 1, pods_per_node: 18, security_groups_for_pods: true, branch_pods_per_node: 2}]");
+        let g = &full.node_groups[0];
+        assert_eq!((g.enis_per_node, g.subnet_ips_per_node), (2, 23));
+        assert!(
+            g.warnings
+                .iter()
+                .any(|w| w.contains("one by the trunk ENI")),
+            "{:?}",
+            g.warnings
+        );
+    }
+
     #[test]
     fn growth_stops_at_max_pods() {
         let r = run("subnet: {prefix_length: 20}

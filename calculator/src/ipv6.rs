@@ -70,6 +70,7 @@ pub fn max_pods(limits: &InstanceLimits, opts: &MaxPodsOptions) -> Result<MaxPod
         prefix_delegation_applied: true,
         vcpus: limits.vcpus,
         ipv6: true,
+        security_groups_for_pods: None,
         notes,
     })
 }

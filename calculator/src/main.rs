@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use subnet_calc::limits::{Catalog, Hypervisor, LimitOverrides};
+use subnet_calc::limits::{trunk_limits_with, Catalog, Hypervisor, LimitOverrides};
 use subnet_calc::maxpods::{self, CniVersion, Formula, MaxPodsOptions};
 use subnet_calc::plan::{InputError, PlanInput};
 use subnet_calc::policy::Flavour;
@@ -76,6 +76,14 @@ struct MaxPodsArgs {
     /// IPv6 cluster (ENABLE_IPv6): no per-ENI address limit, the 110/250 ceiling.
     #[arg(long)]
     ipv6: bool,
+    /// Security groups for pods (ENABLE_POD_ENI=true): the trunk ENI takes one ENI slot,
+    /// branch-ENI pods are added up to the type's branch limit.
+    #[arg(long, alias = "pod-eni")]
+    security_groups_for_pods: bool,
+    /// With --security-groups-for-pods: how many of the node's pods are branch-ENI pods
+    /// (default: the type's branch limit).
+    #[arg(long, value_name = "N", requires = "security_groups_for_pods")]
+    branch_pods: Option<u32>,
 }
 
 #[derive(clap::Args)]
@@ -204,6 +212,14 @@ fn overrides(set: &[String]) -> Result<LimitOverrides> {
             "ipv6_per_eni" => o.ipv6_per_eni = Some(num()?),
             "vcpus" => o.vcpus = Some(num()?),
             "network_cards" => o.network_cards = Some(num()?),
+            "branch_interfaces" => o.branch_interfaces = Some(num()?),
+            "trunking_compatible" => {
+                o.trunking_compatible = Some(v.parse().map_err(|_| {
+                    BadInput(format!(
+                        "--set trunking_compatible: `{v}` is not true or false"
+                    ))
+                })?)
+            }
             "bare_metal" => {
                 o.bare_metal = Some(v.parse().map_err(|_| {
                     BadInput(format!("--set bare_metal: `{v}` is not true or false"))
@@ -220,7 +236,7 @@ fn overrides(set: &[String]) -> Result<LimitOverrides> {
                 })
             }
             _ => bail!(BadInput(format!(
-                "--set {k}: unknown key (max_enis, ipv4_per_eni, ipv6_per_eni, vcpus, network_cards, hypervisor, bare_metal)"
+                "--set {k}: unknown key (max_enis, ipv4_per_eni, ipv6_per_eni, vcpus, network_cards, hypervisor, bare_metal, branch_interfaces, trunking_compatible)"
             ))),
         }
     }
@@ -228,9 +244,20 @@ fn overrides(set: &[String]) -> Result<LimitOverrides> {
 }
 
 fn run_max_pods(a: MaxPodsArgs) -> Result<String> {
+    let o = overrides(&a.set)?;
     let limits = Catalog::embedded()
-        .lookup(&a.instance_type, &overrides(&a.set)?)
+        .lookup(&a.instance_type, &o)
         .map_err(|e| BadInput(format!("--instance-type: {e}")))?;
+    let trunk = trunk_limits_with(&a.instance_type, &o);
+    if let Some(n) = a.branch_pods {
+        if n > trunk.usable_branches() {
+            bail!(BadInput(format!(
+                "--branch-pods {n}: {} carries at most {} branch ENIs",
+                a.instance_type,
+                trunk.usable_branches()
+            )));
+        }
+    }
     if a.max_eni == Some(0) {
         bail!(BadInput("--max-eni: must be at least 1".into()));
     }
@@ -241,11 +268,18 @@ fn run_max_pods(a: MaxPodsArgs) -> Result<String> {
         max_eni: a.max_eni,
         cni_version: a.cni_version,
         show_max_allowed: a.show_max_allowed,
+        security_groups_for_pods: a.security_groups_for_pods,
+        branch_pods: a.branch_pods,
     };
     let m = if a.ipv6 {
+        if a.security_groups_for_pods {
+            bail!(BadInput(
+                "--security-groups-for-pods: only IPv4 max pods are modelled".into()
+            ));
+        }
         subnet_calc::ipv6::max_pods(&limits, &opts).map_err(BadInput)?
     } else {
-        maxpods::max_pods(&limits, &opts)
+        maxpods::max_pods_with_trunk(&limits, &trunk, &opts)
     };
     let f = if a.json { Format::Json } else { Format::Table };
     Ok(report::max_pods(&m, f, a.explain))

@@ -6,13 +6,19 @@
 //!   110 pods (30 vCPUs or fewer) or 250 pods (more than 30 vCPUs) unless `show_max_allowed`;
 //! - `eni-max-pods.txt` and AL2023's nodeadm ([`Formula::EniMaxPods`]):
 //!   `ENIs * (IPv4 per ENI - 1) + 2` on the default network card, no ceiling, no prefix term.
+//!
+//! Security groups for pods (`ENABLE_POD_ENI`, [`MaxPodsOptions::security_groups_for_pods`]):
+//! on a trunking-compatible type the trunk ENI takes one of the node's ENI slots (ipamd keeps
+//! it free), so one ENI fewer carries pod addresses; each branch-ENI pod needs no ENI slot
+//! and no pool address, only one of the type's branch ENIs ([`crate::limits::TrunkLimits`]):
+//! `max pods = (ENIs - 1) * (IPv4 per ENI - 1) + 2 + branch pods`, then the ceiling.
 
 use std::fmt;
 use std::str::FromStr;
 
 use serde::Serialize;
 
-use crate::limits::{Hypervisor, InstanceLimits};
+use crate::limits::{trunk_limits_with, Hypervisor, InstanceLimits, LimitOverrides, TrunkLimits};
 
 /// Kubelet's recommended ceiling for instances with 30 vCPUs or fewer.
 pub const SMALL_INSTANCE_CEILING: u32 = 110;
@@ -100,6 +106,11 @@ pub struct MaxPodsOptions {
     pub cni_version: CniVersion,
     /// `--show-max-allowed`: no 110/250 ceiling.
     pub show_max_allowed: bool,
+    /// Security groups for pods (`ENABLE_POD_ENI=true`): a trunk ENI takes one ENI slot and
+    /// branch-ENI pods are added up to the type's branch limit.
+    pub security_groups_for_pods: bool,
+    /// Branch-ENI pods to count (at most the type's branch limit); `None` = the limit.
+    pub branch_pods: Option<u32>,
 }
 
 impl Default for MaxPodsOptions {
@@ -111,8 +122,21 @@ impl Default for MaxPodsOptions {
             max_eni: None,
             cni_version: DEFAULT_CNI_VERSION,
             show_max_allowed: false,
+            security_groups_for_pods: false,
+            branch_pods: None,
         }
     }
+}
+
+/// What security groups for pods adds to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BranchPods {
+    /// The type takes a trunk ENI (and the node had a free ENI slot for it).
+    pub trunk_attached: bool,
+    /// The type's branch ENI limit (0 when not trunking compatible).
+    pub branch_limit: u32,
+    /// Branch-ENI pods counted in `max_allowed`.
+    pub branch_pods: u32,
 }
 
 /// The answer with the terms that produced it.
@@ -136,17 +160,59 @@ pub struct MaxPods {
     pub vcpus: u32,
     /// IPv6 mode: no address term, the value is the 110/250 ceiling.
     pub ipv6: bool,
+    /// Security groups for pods, when asked for.
+    pub security_groups_for_pods: Option<BranchPods>,
     /// Why an option had no effect, or what to watch for.
     pub notes: Vec<String>,
 }
 
-/// Computes max pods for `limits` under `opts`.
+/// Computes max pods for `limits` under `opts`, with the embedded trunk table's branch limits.
 pub fn max_pods(limits: &InstanceLimits, opts: &MaxPodsOptions) -> MaxPods {
+    let trunk = trunk_limits_with(&limits.instance_type, &LimitOverrides::default());
+    max_pods_with_trunk(limits, &trunk, opts)
+}
+
+/// Computes max pods for `limits` and the trunk limits `trunk` under `opts`.
+pub fn max_pods_with_trunk(
+    limits: &InstanceLimits,
+    trunk: &TrunkLimits,
+    opts: &MaxPodsOptions,
+) -> MaxPods {
     let mut notes = Vec::new();
     let mut enis = match opts.max_eni {
         Some(m) => m.min(limits.max_enis),
         None => limits.max_enis,
     };
+    let sgp = opts.security_groups_for_pods.then(|| {
+        let trunk_attached = trunk.trunking_compatible && enis >= 2;
+        if !trunk.trunking_compatible {
+            notes.push(format!(
+                "security groups for pods: {} is not trunking compatible (no trunk ENI, no branch pods)",
+                limits.instance_type
+            ));
+        } else if !trunk_attached {
+            notes.push(
+                "security groups for pods: no free ENI slot for the trunk ENI (MAX_ENI leaves only the primary)"
+                    .into(),
+            );
+        }
+        let limit = trunk.usable_branches();
+        let wanted = opts.branch_pods.unwrap_or(limit);
+        if wanted > limit {
+            notes.push(format!(
+                "--branch-pods {wanted}: {} carries at most {limit} branch ENIs",
+                limits.instance_type
+            ));
+        }
+        BranchPods {
+            trunk_attached,
+            branch_limit: limit,
+            branch_pods: if trunk_attached { wanted.min(limit) } else { 0 },
+        }
+    });
+    if sgp.as_ref().is_some_and(|b| b.trunk_attached) {
+        enis -= 1;
+    }
     if opts.custom_networking {
         enis = enis.saturating_sub(1);
     }
@@ -176,7 +242,14 @@ pub fn max_pods(limits: &InstanceLimits, opts: &MaxPodsOptions) -> MaxPods {
         notes.push("eni-max-pods.txt and nodeadm have no prefix-delegation term".into());
     }
     let per_eni = if pd { slots * 16 } else { slots };
-    let max_allowed = enis * per_eni + HOST_NETWORK_PODS;
+    let branch = sgp.as_ref().map_or(0, |b| b.branch_pods);
+    let max_allowed = enis * per_eni + HOST_NETWORK_PODS + branch;
+    if opts.security_groups_for_pods && opts.formula == Formula::EniMaxPods {
+        notes.push(
+            "eni-max-pods.txt has no security-groups-for-pods term; the value counts the trunk slot and branch pods"
+                .into(),
+        );
+    }
     let ceiling = match (opts.formula, opts.show_max_allowed) {
         (Formula::Calculator, false) if limits.vcpus > 30 => Some(LARGE_INSTANCE_CEILING),
         (Formula::Calculator, false) => Some(SMALL_INSTANCE_CEILING),
@@ -199,6 +272,7 @@ pub fn max_pods(limits: &InstanceLimits, opts: &MaxPodsOptions) -> MaxPods {
         prefix_delegation_applied: pd,
         vcpus: limits.vcpus,
         ipv6: false,
+        security_groups_for_pods: sgp,
         notes,
     }
 }
@@ -212,6 +286,104 @@ pub fn eni_max_pods(limits: &InstanceLimits) -> u32 {
 mod tests {
     use super::*;
     use crate::limits::{Catalog, LimitOverrides};
+
+    fn sgp(t: &str, o: MaxPodsOptions) -> MaxPods {
+        let l = Catalog::embedded()
+            .lookup(t, &LimitOverrides::default())
+            .expect(t);
+        max_pods(
+            &l,
+            &MaxPodsOptions {
+                security_groups_for_pods: true,
+                ..o
+            },
+        )
+    }
+
+    #[test]
+    fn security_groups_for_pods_trade_an_eni_slot_for_branch_pods() {
+        // m5.large: 3 ENIs, 10 IPv4 per ENI, 9 branches: (3-1)*9 + 2 + 9 = 29.
+        let m = sgp("m5.large", MaxPodsOptions::default());
+        assert_eq!((m.enis, m.max_allowed, m.max_pods), (2, 29, 29));
+        assert_eq!(
+            m.security_groups_for_pods,
+            Some(BranchPods {
+                trunk_attached: true,
+                branch_limit: 9,
+                branch_pods: 9
+            })
+        );
+        // m5.xlarge: 4 ENIs, 15 IPv4, 18 branches: (4-1)*14 + 2 + 18 = 62 (58 without).
+        assert_eq!(sgp("m5.xlarge", MaxPodsOptions::default()).max_pods, 62);
+        // Only 4 of the node's pods are branch pods: 44 + 4 = 48.
+        let four = MaxPodsOptions {
+            branch_pods: Some(4),
+            ..Default::default()
+        };
+        assert_eq!(sgp("m5.xlarge", four).max_pods, 48);
+        // More branch pods than the type carries: clamped to 18, with a note.
+        let many = sgp(
+            "m5.xlarge",
+            MaxPodsOptions {
+                branch_pods: Some(40),
+                ..Default::default()
+            },
+        );
+        assert_eq!(many.max_pods, 62);
+        assert!(
+            many.notes.iter().any(|n| n.contains("at most 18")),
+            "{:?}",
+            many.notes
+        );
+        // Custom networking too: 3 - 1 (trunk) - 1 (primary) = 1 pod ENI: 9 + 2 + 9 = 20.
+        let cn = MaxPodsOptions {
+            custom_networking: true,
+            ..Default::default()
+        };
+        assert_eq!(sgp("m5.large", cn).max_pods, 20);
+        // Prefix delegation: (3-1)*9*16 + 2 + 9 = 299, capped at 110 (2 vCPUs).
+        let pd = sgp(
+            "m5.large",
+            MaxPodsOptions {
+                prefix_delegation: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!((pd.max_allowed, pd.max_pods), (299, 110));
+        // m5.24xlarge: 15 ENIs, 50 IPv4, 107 branches, 96 vCPUs: 14*49 + 2 + 107 = 795 -> 250.
+        let big = sgp("m5.24xlarge", MaxPodsOptions::default());
+        assert_eq!((big.max_allowed, big.max_pods), (795, 250));
+    }
+
+    #[test]
+    fn security_groups_for_pods_change_nothing_without_a_trunk() {
+        // t3.medium is Nitro but not trunking compatible: 3*5 + 2 = 17 as without.
+        let m = sgp("t3.medium", MaxPodsOptions::default());
+        assert_eq!((m.enis, m.max_pods), (3, 17));
+        assert_eq!(m.security_groups_for_pods.map(|b| b.branch_pods), Some(0));
+        assert!(m
+            .notes
+            .iter()
+            .any(|n| n.contains("not trunking compatible")));
+        // MAX_ENI=1 leaves no slot for the trunk: 1*9 + 2 = 11, no branch pods.
+        let one = sgp(
+            "m5.large",
+            MaxPodsOptions {
+                max_eni: Some(1),
+                ..Default::default()
+            },
+        );
+        assert_eq!((one.enis, one.max_pods), (1, 11));
+        assert!(!one
+            .security_groups_for_pods
+            .is_some_and(|b| b.trunk_attached));
+        // Off: no trunk slot, no branch term (m5.large 29 either way, m5.xlarge 58).
+        let l = Catalog::embedded()
+            .lookup("m5.xlarge", &LimitOverrides::default())
+            .expect("m5.xlarge");
+        let off = max_pods(&l, &MaxPodsOptions::default());
+        assert_eq!((off.max_pods, off.security_groups_for_pods), (58, None));
+    }
 
     fn limits(t: &str) -> InstanceLimits {
         Catalog::embedded()

@@ -215,6 +215,9 @@ pub struct ModelNode {
     demand: Option<(DemandSettings, DemandState)>,
     latency: Ec2Latency,
     waited_ms: u64,
+    /// Security groups for pods: the trunk ENI's primary and the branch ENIs' addresses in the
+    /// subnet (the trunk takes one ENI slot, kept free from the pool).
+    trunk: Option<Vec<u32>>,
 }
 
 /// How long EC2 takes to grow the pool, charged to the pods that wait for it.
@@ -273,6 +276,7 @@ impl ModelNode {
             demand: None,
             latency: Ec2Latency::default(),
             waited_ms: 0,
+            trunk: None,
         };
         let ip = if primary_in_subnet {
             Some(subnet.allocate_ip(n.placement())?)
@@ -357,6 +361,36 @@ impl ModelNode {
     /// ENIs attached.
     pub fn enis(&self) -> u32 {
         self.enis.len() as u32
+    }
+
+    /// Security groups for pods: attaches a trunk ENI (one ENI slot, one subnet address) and
+    /// `branches` branch ENIs (one subnet address each, no ENI slot). Returns how many branch
+    /// ENIs found no address (all of them when the trunk found none). A second call does
+    /// nothing and returns 0.
+    pub fn attach_trunk(&mut self, subnet: &mut SubnetAllocator, branches: u32) -> u32 {
+        if self.trunk.is_some() {
+            return 0;
+        }
+        let p = self.placement();
+        let Ok(trunk_ip) = subnet.allocate_ip(p) else {
+            return branches;
+        };
+        let mut held = vec![trunk_ip];
+        let mut short = 0;
+        for _ in 0..branches {
+            let p = self.placement();
+            match subnet.allocate_ip(p) {
+                Ok(ip) => held.push(ip),
+                Err(_) => short += 1,
+            }
+        }
+        self.trunk = Some(held);
+        short
+    }
+
+    /// Subnet addresses the trunk and branch ENIs hold (0 without a trunk).
+    pub fn trunk_addresses(&self) -> u32 {
+        self.trunk.as_ref().map_or(0, |t| t.len() as u32)
     }
 
     /// Pool totals as the configured flavour counts them.
@@ -729,7 +763,8 @@ impl ModelNode {
         PoolInput {
             enis: &self.views,
             unmanaged_enis: 0,
-            reserve_trunk_slot: false,
+            // The trunk is not a pool ENI: keeping its slot free is how its slot is counted.
+            reserve_trunk_slot: self.trunk.is_some(),
             last_decrease: self.last_decrease,
             last_insufficient_addresses: self.last_no_addresses,
             last_insufficient_cidr: self.last_no_blocks,
@@ -825,6 +860,9 @@ impl ModelNode {
             if let Some(ip) = e.primary_ip {
                 subnet.release_ip(ip);
             }
+        }
+        for ip in self.trunk.take().unwrap_or_default() {
+            subnet.release_ip(ip);
         }
         let _ = self.primary_in_subnet;
     }

@@ -220,6 +220,14 @@ pub struct NodeGroupSpec {
     /// EKS max-pods calculator's recommendation).
     #[serde(default)]
     pub kubelet_max_pods: Option<u32>,
+    /// Security groups for pods on these nodes (`ENABLE_POD_ENI`): each node gets a trunk ENI
+    /// (one ENI slot, one subnet address) when its type is trunking compatible.
+    #[serde(default)]
+    pub security_groups_for_pods: bool,
+    /// Pods per node on branch ENIs (their own security groups), besides `pods_per_node`:
+    /// one subnet address each, no ENI slot, at most the type's branch limit.
+    #[serde(default)]
+    pub branch_pods_per_node: u32,
 }
 
 impl NodeGroupSpec {
@@ -270,6 +278,8 @@ pub struct ResolvedGroup {
     pub node: NodeLimits,
     /// Kubelet max pods.
     pub kubelet_max_pods: u32,
+    /// Branch-ENI pods per node when the nodes carry a trunk ENI (security groups for pods).
+    pub branch_pods: Option<u32>,
     /// Notes about the group (prefix mode unsupported, ...).
     pub notes: Vec<String>,
 }
@@ -328,6 +338,48 @@ fn resolve_group(
         ));
     }
     let pool = cfg.pool_config(&limits);
+    let trunk = crate::limits::trunk_limits_with(&g.instance_type, &LimitOverrides::default());
+    if g.branch_pods_per_node > 0 && !g.security_groups_for_pods {
+        return Err(InputError::new(
+            format!("{at}.branch_pods_per_node"),
+            "needs security_groups_for_pods: true",
+        ));
+    }
+    let pod_enis = NodeLimits::new(&limits, cfg.max_eni, None).max_enis;
+    let branch_pods = if !g.security_groups_for_pods {
+        None
+    } else if !trunk.trunking_compatible {
+        if g.branch_pods_per_node > 0 {
+            return Err(InputError::new(
+                format!("{at}.branch_pods_per_node"),
+                format!(
+                    "{} is not trunking compatible: it takes no trunk ENI and no branch pods",
+                    limits.instance_type
+                ),
+            ));
+        }
+        notes.push(format!(
+            "{} is not trunking compatible: security groups for pods has no effect",
+            limits.instance_type
+        ));
+        None
+    } else if pod_enis < 2 {
+        return Err(InputError::new(
+            "config.max_eni",
+            "security groups for pods needs an ENI slot for the trunk besides the primary ENI",
+        ));
+    } else if g.branch_pods_per_node > trunk.usable_branches() {
+        return Err(InputError::new(
+            format!("{at}.branch_pods_per_node"),
+            format!(
+                "{} carries at most {} branch ENIs",
+                limits.instance_type,
+                trunk.usable_branches()
+            ),
+        ));
+    } else {
+        Some(g.branch_pods_per_node)
+    };
     let mp_opts = MaxPodsOptions {
         formula: if pool.prefix_delegation {
             Formula::Calculator
@@ -337,6 +389,8 @@ fn resolve_group(
         prefix_delegation: pool.prefix_delegation,
         custom_networking: false,
         max_eni: cfg.max_eni,
+        security_groups_for_pods: branch_pods.is_some(),
+        branch_pods,
         ..Default::default()
     };
     let kubelet_max_pods = g
@@ -349,12 +403,15 @@ fn resolve_group(
         ));
     }
     let host_pods = maxpods::HOST_NETWORK_PODS;
-    if g.pods_per_node + host_pods > kubelet_max_pods {
+    let branch = branch_pods.unwrap_or(0);
+    if g.pods_per_node + branch + host_pods > kubelet_max_pods {
         return Err(InputError::new(
             format!("{at}.pods_per_node"),
             format!(
-                "{} pods plus {host_pods} host-network pods exceed the node's max pods ({kubelet_max_pods}) on {}",
-                g.pods_per_node, limits.instance_type
+                "{} pods{} plus {host_pods} host-network pods exceed the node's max pods ({kubelet_max_pods}) on {}",
+                g.pods_per_node,
+                if branch > 0 { format!(" and {branch} branch pods") } else { String::new() },
+                limits.instance_type
             ),
         ));
     }
@@ -365,6 +422,7 @@ fn resolve_group(
         pool,
         node,
         kubelet_max_pods,
+        branch_pods,
         notes,
     })
 }
@@ -411,5 +469,32 @@ mod tests {
             assert_eq!(e.field, field, "{text}: {e}");
         }
         assert!(err(cases[5].0).message.contains("m5.large"));
+    }
+
+    #[test]
+    fn security_groups_for_pods_inputs() {
+        // m5.large with security groups for pods: kubelet max pods (3-1)*9 + 2 + 4 = 24.
+        let p = PlanInput::parse("subnet: {cidr: 10.0.0.0/23}\nnode_groups: [{instance_type: m5.large, count: 1, pods_per_node: 10, security_groups_for_pods: true, branch_pods_per_node: 4}]").expect("parses");
+        let g = p.resolve(Catalog::embedded()).expect("valid");
+        assert_eq!((g[0].branch_pods, g[0].kubelet_max_pods), (Some(4), 24));
+        let cases = [
+            ("subnet: {cidr: 10.0.0.0/23}\nnode_groups: [{instance_type: m5.large, count: 1, pods_per_node: 4, branch_pods_per_node: 2}]", "node_groups[0].branch_pods_per_node"),
+            ("subnet: {cidr: 10.0.0.0/23}\nnode_groups: [{instance_type: m5.large, count: 1, pods_per_node: 4, security_groups_for_pods: true, branch_pods_per_node: 10}]", "node_groups[0].branch_pods_per_node"),
+            ("subnet: {cidr: 10.0.0.0/23}\nnode_groups: [{instance_type: t3.medium, count: 1, pods_per_node: 4, security_groups_for_pods: true, branch_pods_per_node: 1}]", "node_groups[0].branch_pods_per_node"),
+            ("subnet: {cidr: 10.0.0.0/23}\nconfig: {max_eni: 1}\nnode_groups: [{instance_type: m5.large, count: 1, pods_per_node: 4, security_groups_for_pods: true}]", "config.max_eni"),
+            ("subnet: {cidr: 10.0.0.0/23}\nnode_groups: [{instance_type: m5.large, count: 1, pods_per_node: 20, security_groups_for_pods: true, branch_pods_per_node: 9}]", "node_groups[0].pods_per_node"),
+        ];
+        for (text, field) in cases {
+            let e = err(text);
+            assert_eq!(e.field, field, "{text}: {e}");
+        }
+        // A type without trunking: a note, no branch pods, the usual max pods.
+        let p = PlanInput::parse("subnet: {cidr: 10.0.0.0/23}\nnode_groups: [{instance_type: t3.medium, count: 1, pods_per_node: 4, security_groups_for_pods: true}]").expect("parses");
+        let g = p.resolve(Catalog::embedded()).expect("valid");
+        assert_eq!((g[0].branch_pods, g[0].kubelet_max_pods), (None, 17));
+        assert!(g[0]
+            .notes
+            .iter()
+            .any(|n| n.contains("not trunking compatible")));
     }
 }

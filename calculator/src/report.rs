@@ -388,6 +388,7 @@ pub fn max_pods(m: &MaxPods, f: Format, explain: bool) -> String {
                 "ipv4_per_eni",
                 "prefix_delegation",
                 "vcpus",
+                "branch_pods",
             ]);
             t.row(vec![
                 m.instance_type.clone(),
@@ -397,6 +398,10 @@ pub fn max_pods(m: &MaxPods, f: Format, explain: bool) -> String {
                 m.ipv4_per_eni.to_string(),
                 m.prefix_delegation_applied.to_string(),
                 m.vcpus.to_string(),
+                m.security_groups_for_pods
+                    .as_ref()
+                    .map_or(0, |b| b.branch_pods)
+                    .to_string(),
             ]);
             t.csv()
         }
@@ -420,8 +425,15 @@ pub fn max_pods(m: &MaxPods, f: Format, explain: bool) -> String {
             } else {
                 format!("({} - 1)", m.ipv4_per_eni)
             };
+            let branch = match &m.security_groups_for_pods {
+                Some(b) if b.trunk_attached => format!(
+                    " + {} branch pods (trunk ENI in one slot, {} branches at most)",
+                    b.branch_pods, b.branch_limit
+                ),
+                _ => String::new(),
+            };
             let mut out = format!(
-                "{}\n{}: {} ENIs x {per} + 2 = {}",
+                "{}\n{}: {} ENIs x {per} + 2{branch} = {}",
                 m.max_pods, m.instance_type, m.enis, m.max_allowed
             );
             if let Some(c) = m.ceiling {

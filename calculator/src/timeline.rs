@@ -572,6 +572,8 @@ impl Timeline {
                 ipv4_per_eni: g.ipv4_per_eni,
                 vcpus: g.vcpus,
                 kubelet_max_pods: g.kubelet_max_pods,
+                security_groups_for_pods: false,
+                branch_pods_per_node: 0,
             };
             let plan = crate::plan::PlanInput {
                 subnet: SubnetSpec {

@@ -75,6 +75,58 @@ fn max_pods_prints_the_number_like_the_eks_script() {
 }
 
 #[test]
+fn max_pods_with_security_groups_for_pods() {
+    // m5.xlarge: 4 ENIs, 15 IPv4 per ENI, 18 branch ENIs: (4-1)*14 + 2 + 18 = 62.
+    let sgp = [
+        "max-pods",
+        "--instance-type",
+        "m5.xlarge",
+        "--security-groups-for-pods",
+    ];
+    assert_eq!(stdout(&run(&sgp)), "62\n");
+    let o = run(&[&sgp[..], &["--explain"]].concat());
+    let out = stdout(&o);
+    assert!(
+        out.contains("3 ENIs x (15 - 1) + 2 + 18 branch pods") && out.contains("= 62"),
+        "{out}"
+    );
+    let v = json(&run(&[&sgp[..], &["--branch-pods", "4", "--json"]].concat()));
+    assert_eq!(v["max_pods"], 48);
+    assert_eq!(v["security_groups_for_pods"]["branch_limit"], 18);
+    // A branch limit set by hand, and more branch pods than the type carries.
+    let v = json(&run(&[
+        &sgp[..],
+        &["--set", "branch_interfaces=5", "--json"],
+    ]
+    .concat()));
+    assert_eq!(v["max_pods"], 49);
+    let o = run(&[&sgp[..], &["--branch-pods", "19"]].concat());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--branch-pods 19"), "{}", stderr(&o));
+    // Not trunking compatible: t3.medium stays at 3*5 + 2 = 17.
+    let o = run(&[
+        "max-pods",
+        "--instance-type",
+        "t3.medium",
+        "--security-groups-for-pods",
+        "--explain",
+    ]);
+    assert!(stdout(&o).starts_with("17\n"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("not trunking compatible"));
+    // --branch-pods needs the flag; a bad --set value is named.
+    let o = run(&[
+        "max-pods",
+        "--instance-type",
+        "m5.large",
+        "--branch-pods",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&[&sgp[..], &["--set", "trunking_compatible=maybe"]].concat());
+    assert!(stderr(&o).contains("trunking_compatible"), "{}", stderr(&o));
+}
+
+#[test]
 fn unknown_instance_type_fails_with_suggestions_and_no_stdout() {
     let o = run(&["max-pods", "--instance-type", "m5.lage"]);
     assert_eq!(o.status.code(), Some(2));

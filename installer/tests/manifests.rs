@@ -305,6 +305,14 @@ const OBJECT_MANIFESTS: &[&str] = &[
     "clusterrolebinding.yaml",
     "configmap.yaml",
     "daemonset.yaml",
+    // The cluster side of security groups for pods (controller/tests/manifests.rs checks
+    // these against the controller's code).
+    "securitygrouppolicy-crd.yaml",
+    "cninode-crd.yaml",
+    "controller-serviceaccount.yaml",
+    "controller-clusterrole.yaml",
+    "controller-clusterrolebinding.yaml",
+    "controller-deployment.yaml",
 ];
 
 #[test]
@@ -369,6 +377,7 @@ fn kustomize_renders_every_object_with_an_overridable_image() {
         "ClusterRoleBinding",
         "ConfigMap",
         "DaemonSet",
+        "Deployment",
     ]
     .map(str::to_owned)
     .into();
@@ -403,9 +412,10 @@ fn kustomize_renders_every_object_with_an_overridable_image() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).expect("utf-8");
+    // aws-node's two containers and the resource controller's one.
     assert_eq!(
         text.matches("image: mirror/vpc-cni-rs:9.9.9").count(),
-        2,
+        3,
         "{text}"
     );
     assert!(!text.contains("image: vpc-cni-rs:"));

@@ -8,7 +8,7 @@ use subnet_calc::limits::InstanceLimits;
 use subnet_calc::subnet::Ipv4Cidr;
 
 use crate::ipv6::Ipv6Block;
-use crate::model::{Eni, Instance, SecurityGroup, SubnetView, Tags, Vpc};
+use crate::model::{Eni, Instance, SecurityGroup, SubnetView, Tags, TrunkAssociation, Vpc};
 
 /// A describe filter: `Filter.N.Name` with its `Filter.N.Value.M` values.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -220,6 +220,25 @@ pub enum Request {
         addresses: Vec<Ipv6Addr>,
         prefixes: Vec<Ipv6Block>,
     },
+    /// `AssociateTrunkInterface`: a branch ENI onto a trunk ENI with a VLAN id (or GRE key).
+    AssociateTrunkInterface {
+        branch_id: String,
+        trunk_id: String,
+        vlan_id: Option<i64>,
+        gre_key: Option<i64>,
+        client_token: Option<String>,
+    },
+    /// `DisassociateTrunkInterface`.
+    DisassociateTrunkInterface {
+        association_id: String,
+        client_token: Option<String>,
+    },
+    /// `DescribeTrunkInterfaceAssociations`.
+    DescribeTrunkInterfaceAssociations {
+        ids: Vec<String>,
+        filters: Vec<Filter>,
+        page: Page,
+    },
     /// `CreateTags`.
     CreateTags { ids: Vec<String>, tags: Tags },
     /// `DeleteTags` (a `None` value deletes the key whatever its value).
@@ -254,6 +273,9 @@ impl Request {
             Self::UnassignPrivateIpAddresses { .. } => "UnassignPrivateIpAddresses",
             Self::AssignIpv6Addresses { .. } => "AssignIpv6Addresses",
             Self::UnassignIpv6Addresses { .. } => "UnassignIpv6Addresses",
+            Self::AssociateTrunkInterface { .. } => "AssociateTrunkInterface",
+            Self::DisassociateTrunkInterface { .. } => "DisassociateTrunkInterface",
+            Self::DescribeTrunkInterfaceAssociations { .. } => "DescribeTrunkInterfaceAssociations",
             Self::CreateTags { .. } => "CreateTags",
             Self::DeleteTags { .. } => "DeleteTags",
         }
@@ -283,6 +305,9 @@ pub const ACTIONS: &[&str] = &[
     "UnassignPrivateIpAddresses",
     "AssignIpv6Addresses",
     "UnassignIpv6Addresses",
+    "AssociateTrunkInterface",
+    "DisassociateTrunkInterface",
+    "DescribeTrunkInterfaceAssociations",
     "CreateTags",
     "DeleteTags",
 ];
@@ -389,5 +414,17 @@ pub enum Reply {
         eni_id: String,
         addresses: Vec<Ipv6Addr>,
         prefixes: Vec<Ipv6Block>,
+    },
+    /// `AssociateTrunkInterface`.
+    TrunkAssociated {
+        association: TrunkAssociation,
+        client_token: Option<String>,
+    },
+    /// `DisassociateTrunkInterface`: `<return>true</return>` and the client token.
+    TrunkDisassociated { client_token: Option<String> },
+    /// `DescribeTrunkInterfaceAssociations`.
+    TrunkAssociations {
+        associations: Vec<TrunkAssociation>,
+        next_token: Option<String>,
     },
 }

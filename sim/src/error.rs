@@ -76,6 +76,7 @@ impl ApiError {
             Some(IdKind::Instance) => ("InvalidInstanceID.NotFound", "instance ID"),
             Some(IdKind::Eni) => ("InvalidNetworkInterfaceID.NotFound", "networkInterface ID"),
             Some(IdKind::Attachment) => ("InvalidAttachmentID.NotFound", "attachment ID"),
+            Some(IdKind::TrunkAssociation) => ("InvalidAssociationID.NotFound", "association ID"),
             None => ("InvalidID", "ID"),
         };
         Self::new(code, format!("The {what} '{id}' does not exist"))
@@ -90,6 +91,7 @@ impl ApiError {
             IdKind::Instance => "InvalidInstanceID.Malformed",
             IdKind::Eni => "InvalidNetworkInterfaceID.Malformed",
             IdKind::Attachment => "InvalidAttachmentID.Malformed",
+            IdKind::TrunkAssociation => "InvalidAssociationID.Malformed",
         };
         Self::new(
             code,
@@ -113,6 +115,8 @@ pub enum IdKind {
     Eni,
     /// `eni-attach-…`
     Attachment,
+    /// `trunk-assoc-…` (a branch ENI's association with a trunk ENI)
+    TrunkAssociation,
 }
 
 impl IdKind {
@@ -125,6 +129,7 @@ impl IdKind {
             Self::Instance => "i",
             Self::Eni => "eni",
             Self::Attachment => "eni-attach",
+            Self::TrunkAssociation => "trunk-assoc",
         }
     }
 }
@@ -133,6 +138,8 @@ impl IdKind {
 pub fn id_kind(id: &str) -> Option<IdKind> {
     let (kind, rest) = if let Some(r) = id.strip_prefix("eni-attach-") {
         (IdKind::Attachment, r)
+    } else if let Some(r) = id.strip_prefix("trunk-assoc-") {
+        (IdKind::TrunkAssociation, r)
     } else {
         let (p, r) = id.split_once('-')?;
         let k = match p {
@@ -173,6 +180,10 @@ mod tests {
             Some(IdKind::Attachment)
         );
         assert_eq!(id_kind("i-12345678"), Some(IdKind::Instance));
+        assert_eq!(
+            id_kind("trunk-assoc-0123456789abcdef0"),
+            Some(IdKind::TrunkAssociation)
+        );
         assert_eq!(id_kind("eni-xyz"), None);
         assert_eq!(id_kind("eni-0123456789ABCDEF0"), None);
         assert_eq!(id_kind("foo-12345678"), None);

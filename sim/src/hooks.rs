@@ -75,6 +75,34 @@ pub struct AddressesChanged {
     pub addresses: AddressSet,
 }
 
+/// A branch ENI was associated with a trunk ENI (security groups for pods): the harness can
+/// plug the branch into the trunk's node as its own link (or a VLAN on the trunk's link).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BranchAssociated {
+    /// The instance the trunk is attached to.
+    pub instance_id: String,
+    /// `trunk-assoc-…`.
+    pub association_id: String,
+    /// Trunk ENI.
+    pub trunk_eni_id: String,
+    /// The trunk's MAC.
+    pub trunk_mac: String,
+    /// Branch ENI.
+    pub branch_eni_id: String,
+    /// The branch's MAC.
+    pub branch_mac: String,
+    /// VLAN id (0 for a GRE association).
+    pub vlan_id: u32,
+    /// The branch's subnet.
+    pub subnet_id: String,
+    /// Every address the branch holds.
+    pub addresses: AddressSet,
+}
+
+/// A branch ENI's association ended (disassociated, or its trunk detached or terminated).
+/// Same fields as [`BranchAssociated`].
+pub type BranchDisassociated = BranchAssociated;
+
 /// One hook event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -87,6 +115,10 @@ pub enum HookEvent {
     Assigned(AddressesChanged),
     /// See [`AddressesChanged`].
     Unassigned(AddressesChanged),
+    /// See [`BranchAssociated`].
+    BranchAssociated(BranchAssociated),
+    /// See [`BranchDisassociated`].
+    BranchDisassociated(BranchDisassociated),
 }
 
 impl HookEvent {
@@ -97,6 +129,8 @@ impl HookEvent {
             Self::Detached(e) => hooks.on_detach(e),
             Self::Assigned(e) => hooks.on_assign(e),
             Self::Unassigned(e) => hooks.on_unassign(e),
+            Self::BranchAssociated(e) => hooks.on_branch_associated(e),
+            Self::BranchDisassociated(e) => hooks.on_branch_disassociated(e),
         }
     }
 }
@@ -112,6 +146,10 @@ pub trait Hooks: Send {
     fn on_assign(&mut self, ev: &AddressesChanged);
     /// Addresses or prefixes were unassigned.
     fn on_unassign(&mut self, ev: &AddressesChanged);
+    /// A branch ENI was associated with a trunk (default: ignored).
+    fn on_branch_associated(&mut self, _ev: &BranchAssociated) {}
+    /// A branch ENI's association ended (default: ignored).
+    fn on_branch_disassociated(&mut self, _ev: &BranchDisassociated) {}
 }
 
 /// Hooks that do nothing.
@@ -161,5 +199,11 @@ impl Hooks for Recorder {
     }
     fn on_unassign(&mut self, ev: &AddressesChanged) {
         self.push(HookEvent::Unassigned(ev.clone()));
+    }
+    fn on_branch_associated(&mut self, ev: &BranchAssociated) {
+        self.push(HookEvent::BranchAssociated(ev.clone()));
+    }
+    fn on_branch_disassociated(&mut self, ev: &BranchDisassociated) {
+        self.push(HookEvent::BranchDisassociated(ev.clone()));
     }
 }

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::Serialize;
-use subnet_calc::limits::{Catalog, InstanceLimits, LimitOverrides};
+use subnet_calc::limits::{
+    trunk_limits_with, Catalog, InstanceLimits, LimitOverrides, TrunkLimits,
+};
 use subnet_calc::subnet::{AllocError, Ipv4Cidr, Placement, SubnetAllocator, PREFIX_SIZE};
 
 use crate::api::{
@@ -16,7 +18,7 @@ use crate::api::{
     StateChange,
 };
 use crate::error::{check_id, id_kind, ApiError, IdKind};
-use crate::hooks::{AddressSet, HookEvent};
+use crate::hooks::{AddressSet, BranchAssociated, HookEvent};
 use crate::ipv6::Ipv6Block;
 use crate::rng::SimRng;
 
@@ -29,6 +31,8 @@ pub const UNATTACHED_IPV4_LIMIT: u32 = 50;
 pub const UNATTACHED_IPV6_LIMIT: u32 = 50;
 /// Tags per resource.
 pub const MAX_TAGS: usize = 50;
+/// VLAN ids a trunk association may use (802.1Q: 1 to 4094).
+pub const VLAN_IDS: std::ops::RangeInclusive<i64> = 1..=4094;
 
 /// Static settings of a model.
 #[derive(Debug, Clone, Serialize)]
@@ -195,6 +199,8 @@ pub struct Instance {
     pub instance_type: String,
     /// Limits of the type (from the calculator's table plus overrides).
     pub limits: InstanceLimits,
+    /// Trunk and branch limits of the type (the calculator's trunk table plus overrides).
+    pub trunk: TrunkLimits,
     /// AMI id as given.
     pub image_id: String,
     /// Subnet of the primary ENI.
@@ -309,8 +315,12 @@ pub struct Eni {
     pub ipv6_addresses: Vec<Ipv6Addr>,
     /// /80 prefixes.
     pub ipv6_prefixes: Vec<Ipv6Block>,
-    /// `interface`, `efa`, `efa-only`, `trunk`.
+    /// `interface`, `efa`, `efa-only`, `trunk`, `branch` (an associated branch reports
+    /// `branch`).
     pub interface_type: String,
+    /// The trunk association of a branch ENI (`trunk-assoc-…`); while set the ENI is `in-use`
+    /// without an attachment.
+    pub trunk_association: Option<String>,
     /// Source/destination check.
     pub source_dest_check: bool,
     /// Owner account.
@@ -347,6 +357,48 @@ impl Eni {
     }
 }
 
+/// The protocol of a trunk association.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum InterfaceProtocol {
+    /// 802.1Q VLAN (what security groups for pods uses).
+    #[serde(rename = "VLAN")]
+    Vlan,
+    /// GRE.
+    #[serde(rename = "GRE")]
+    Gre,
+}
+
+impl InterfaceProtocol {
+    /// EC2's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vlan => "VLAN",
+            Self::Gre => "GRE",
+        }
+    }
+}
+
+/// A branch ENI associated with a trunk ENI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TrunkAssociation {
+    /// `trunk-assoc-…`.
+    pub id: String,
+    /// The branch ENI.
+    pub branch_id: String,
+    /// The trunk ENI.
+    pub trunk_id: String,
+    /// VLAN or GRE.
+    pub protocol: InterfaceProtocol,
+    /// VLAN id (VLAN protocol), unique on its trunk.
+    pub vlan_id: Option<u32>,
+    /// GRE key (GRE protocol), unique on its trunk.
+    pub gre_key: Option<u32>,
+    /// Tags.
+    pub tags: Tags,
+    /// The branch's `InterfaceType` before the association (restored after it).
+    pub branch_type_before: String,
+}
+
 /// Per-card ENI limit: the table's default-card limit on the default card; the remaining total
 /// spread evenly over the other cards.
 pub fn card_max_enis(l: &InstanceLimits, card: u32) -> u32 {
@@ -374,6 +426,8 @@ pub struct Model {
     pub instances: BTreeMap<String, Instance>,
     /// ENIs by id.
     pub enis: BTreeMap<String, Eni>,
+    /// Trunk associations (branch ENIs on trunk ENIs) by id.
+    pub trunk_associations: BTreeMap<String, TrunkAssociation>,
     #[serde(skip)]
     attachments: HashMap<String, String>,
     #[serde(skip)]
@@ -402,6 +456,7 @@ impl Model {
             security_groups: BTreeMap::new(),
             instances: BTreeMap::new(),
             enis: BTreeMap::new(),
+            trunk_associations: BTreeMap::new(),
             attachments: HashMap::new(),
             macs: BTreeSet::new(),
             client_tokens: HashMap::new(),
@@ -504,6 +559,20 @@ impl Model {
                 addresses,
                 prefixes,
             } => self.unassign_ipv6(&eni_id, &addresses, &prefixes),
+            Request::AssociateTrunkInterface {
+                branch_id,
+                trunk_id,
+                vlan_id,
+                gre_key,
+                client_token,
+            } => self.associate_trunk(&branch_id, &trunk_id, vlan_id, gre_key, client_token),
+            Request::DisassociateTrunkInterface {
+                association_id,
+                client_token,
+            } => self.disassociate_trunk(&association_id, client_token),
+            Request::DescribeTrunkInterfaceAssociations { ids, filters, page } => {
+                self.describe_trunk_associations(&ids, &filters, &page)
+            }
             Request::CreateTags { ids, tags } => self.create_tags(&ids, tags),
             Request::DeleteTags { ids, tags } => self.delete_tags(&ids, &tags),
         }
@@ -561,6 +630,17 @@ impl Model {
         }
     }
 
+    /// Trunk and branch limits of an instance type, with the configured overrides.
+    pub fn trunk_limits_for(&self, instance_type: &str) -> TrunkLimits {
+        let o = self
+            .config
+            .limit_overrides
+            .get(instance_type)
+            .cloned()
+            .unwrap_or_default();
+        trunk_limits_with(instance_type, &o)
+    }
+
     /// Limits of an instance type, with the configured overrides.
     pub fn limits_for(&self, instance_type: &str) -> Result<InstanceLimits, ApiError> {
         let o = self
@@ -586,6 +666,7 @@ impl Model {
                 "i" => self.instances.contains_key(&id),
                 "eni" => self.enis.contains_key(&id),
                 "eni-attach" => self.attachments.contains_key(&id),
+                "trunk-assoc" => self.trunk_associations.contains_key(&id),
                 _ => false,
             };
             if !taken {
@@ -1187,6 +1268,7 @@ impl Model {
             ));
         }
         let limits = self.limits_for(&r.instance_type)?;
+        let trunk = self.trunk_limits_for(&r.instance_type);
         let Some(subnet_id) = r.subnet_id.clone() else {
             return Err(ApiError::new(
                 "VPCIdNotSpecified",
@@ -1280,6 +1362,7 @@ impl Model {
                 ipv6_addresses: v6,
                 ipv6_prefixes: Vec::new(),
                 interface_type: "interface".into(),
+                trunk_association: None,
                 source_dest_check: true,
                 owner_id: self.config.account_id.clone(),
                 created_ms: now_ms,
@@ -1292,6 +1375,7 @@ impl Model {
                     reservation_id: rid.clone(),
                     instance_type: r.instance_type.clone(),
                     limits: limits.clone(),
+                    trunk: trunk.clone(),
                     image_id: r.image_id.clone(),
                     subnet_id: subnet_id.clone(),
                     vpc_id: subnet.vpc_id.clone(),
@@ -1329,6 +1413,11 @@ impl Model {
                 .get(id)
                 .map_or(InstanceState::Terminated, |i| i.state);
             if prev == InstanceState::Running {
+                for eni in self.instance_enis(id) {
+                    if eni.interface_type == "trunk" {
+                        self.drop_trunk_associations(&eni.id);
+                    }
+                }
                 for eni in self.instance_enis(id) {
                     let Some(a) = eni.attachment.clone() else {
                         continue;
@@ -1580,7 +1669,7 @@ impl Model {
             return Err(ApiError::bad_value(
                 "InterfaceType",
                 &interface_type,
-                "Valid values: interface, efa, efa-only, trunk.",
+                "Valid values: interface, efa, efa-only, branch, trunk.",
             ));
         }
         let count = |v: Option<i64>, name: &str| -> Result<u32, ApiError> {
@@ -1696,6 +1785,7 @@ impl Model {
             ipv6_addresses: v6,
             ipv6_prefixes: v6p,
             interface_type,
+            trunk_association: None,
             source_dest_check: true,
             owner_id: self.config.account_id.clone(),
             created_ms: now_ms,
@@ -1804,6 +1894,28 @@ impl Model {
                 inst.instance_type
             )));
         }
+        if eni.interface_type == "branch" {
+            return Err(ApiError::invalid(format!(
+                "Network interface {eni_id} is a branch interface; associate it with a trunk interface (AssociateTrunkInterface) instead of attaching it."
+            )));
+        }
+        if eni.interface_type == "trunk" {
+            if !inst.trunk.trunking_compatible {
+                return Err(ApiError::new(
+                    "UnsupportedOperation",
+                    format!(
+                        "Instance type {} does not support trunk network interfaces.",
+                        inst.instance_type
+                    ),
+                ));
+            }
+            if let Some(other) = attached.iter().find(|e| e.interface_type == "trunk") {
+                return Err(ApiError::invalid(format!(
+                    "Instance '{instance_id}' already has trunk interface {} attached; an instance takes one trunk interface.",
+                    other.id
+                )));
+            }
+        }
         let aid = self.new_id("eni-attach");
         let a = Attachment {
             id: aid.clone(),
@@ -1854,6 +1966,9 @@ impl Model {
         }
         if a.status == AttachStatus::Detaching {
             return Ok(Reply::Done);
+        }
+        if eni.interface_type == "trunk" {
+            self.drop_trunk_associations(&eni_id);
         }
         self.events.push(HookEvent::Detached(detached_event(&eni)));
         self.dirty.insert(a.instance_id.clone());
@@ -2196,6 +2311,277 @@ impl Model {
         })
     }
 
+    // ----- trunk and branch ENIs (security groups for pods) ------------------------------------
+
+    fn branch_event(&self, a: &TrunkAssociation) -> Option<BranchAssociated> {
+        let trunk = self.enis.get(&a.trunk_id)?;
+        let branch = self.enis.get(&a.branch_id)?;
+        Some(BranchAssociated {
+            instance_id: trunk.instance_id().unwrap_or_default().to_owned(),
+            association_id: a.id.clone(),
+            trunk_eni_id: trunk.id.clone(),
+            trunk_mac: trunk.mac.clone(),
+            branch_eni_id: branch.id.clone(),
+            branch_mac: branch.mac.clone(),
+            vlan_id: a.vlan_id.unwrap_or(0),
+            subnet_id: branch.subnet_id.clone(),
+            addresses: branch.addresses(),
+        })
+    }
+
+    /// Ends association `id`: the branch becomes `available` again with its former type.
+    fn end_association(&mut self, id: &str) {
+        let Some(a) = self.trunk_associations.get(id).cloned() else {
+            return;
+        };
+        if let Some(ev) = self.branch_event(&a) {
+            self.events.push(HookEvent::BranchDisassociated(ev));
+        }
+        self.trunk_associations.remove(id);
+        if let Some(b) = self.enis.get_mut(&a.branch_id) {
+            b.trunk_association = None;
+            b.status = EniStatus::Available;
+            b.interface_type = a.branch_type_before.clone();
+        }
+        self.mark_dirty(&a.trunk_id);
+    }
+
+    /// Ends every association of trunk `trunk_id` (its detach or its instance's termination).
+    fn drop_trunk_associations(&mut self, trunk_id: &str) {
+        let ids: Vec<String> = self
+            .trunk_associations
+            .values()
+            .filter(|a| a.trunk_id == trunk_id)
+            .map(|a| a.id.clone())
+            .collect();
+        for id in ids {
+            self.end_association(&id);
+        }
+    }
+
+    /// Associations of trunk `trunk_id`.
+    pub fn trunk_branches(&self, trunk_id: &str) -> Vec<&TrunkAssociation> {
+        self.trunk_associations
+            .values()
+            .filter(|a| a.trunk_id == trunk_id)
+            .collect()
+    }
+
+    fn associate_trunk(
+        &mut self,
+        branch_id: &str,
+        trunk_id: &str,
+        vlan_id: Option<i64>,
+        gre_key: Option<i64>,
+        client_token: Option<String>,
+    ) -> Result<Reply, ApiError> {
+        if let Some(t) = &client_token {
+            if let Some(ids) = self
+                .client_tokens
+                .get(&("AssociateTrunkInterface".into(), t.clone()))
+            {
+                if let Some(a) = self.trunk_associations.get(&ids[0]) {
+                    return Ok(Reply::TrunkAssociated {
+                        association: a.clone(),
+                        client_token,
+                    });
+                }
+            }
+        }
+        let (protocol, vlan, gre) = match (vlan_id, gre_key) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::combination(
+                    "Specify either VlanId (VLAN protocol) or GreKey (GRE protocol), not both.",
+                ))
+            }
+            (None, None) => return Err(ApiError::missing("VlanId")),
+            (Some(v), None) if VLAN_IDS.contains(&v) => {
+                (InterfaceProtocol::Vlan, Some(v as u32), None)
+            }
+            (Some(v), None) => {
+                return Err(ApiError::bad_value(
+                    "VlanId",
+                    &v.to_string(),
+                    "VLAN ids range from 1 to 4094.",
+                ))
+            }
+            (None, Some(k)) if (0..=i64::from(u32::MAX)).contains(&k) => {
+                (InterfaceProtocol::Gre, None, Some(k as u32))
+            }
+            (None, Some(k)) => {
+                return Err(ApiError::bad_value(
+                    "GreKey",
+                    &k.to_string(),
+                    "Must be a non-negative 32-bit integer.",
+                ))
+            }
+        };
+        let trunk = self.eni(trunk_id)?.clone();
+        let branch = self.eni(branch_id)?.clone();
+        if trunk.interface_type != "trunk" {
+            return Err(ApiError::bad_value(
+                "TrunkInterfaceId",
+                trunk_id,
+                &format!(
+                    "Network interface {trunk_id} is of type '{}', not a trunk interface.",
+                    trunk.interface_type
+                ),
+            ));
+        }
+        if branch_id == trunk_id
+            || !["interface", "branch"].contains(&branch.interface_type.as_str())
+        {
+            return Err(ApiError::bad_value(
+                "BranchInterfaceId",
+                branch_id,
+                &format!(
+                    "Network interface {branch_id} of type '{}' cannot be a branch interface.",
+                    branch.interface_type
+                ),
+            ));
+        }
+        let Some(att) = trunk
+            .attachment
+            .as_ref()
+            .filter(|a| a.status == AttachStatus::Attached)
+        else {
+            return Err(ApiError::new(
+                "IncorrectState",
+                format!("Trunk interface {trunk_id} is not attached to an instance."),
+            ));
+        };
+        let inst = self.instance(&att.instance_id)?.clone();
+        if branch.status != EniStatus::Available || branch.trunk_association.is_some() {
+            return Err(ApiError::new(
+                "InvalidNetworkInterface.InUse",
+                format!("Interface: [{branch_id}] in use."),
+            ));
+        }
+        if branch.vpc_id != trunk.vpc_id || branch.availability_zone != trunk.availability_zone {
+            return Err(ApiError::combination(format!(
+                "Branch interface {branch_id} and trunk interface {trunk_id} must be in the same VPC and availability zone ({} vs {}).",
+                branch.availability_zone, trunk.availability_zone
+            )));
+        }
+        let on_trunk = self.trunk_branches(trunk_id);
+        if let Some(v) = vlan {
+            if let Some(other) = on_trunk.iter().find(|a| a.vlan_id == Some(v)) {
+                return Err(ApiError::bad_value(
+                    "VlanId",
+                    &v.to_string(),
+                    &format!(
+                        "VLAN id {v} is already in use on trunk interface {trunk_id} by {}.",
+                        other.branch_id
+                    ),
+                ));
+            }
+        }
+        if let Some(k) = gre {
+            if on_trunk.iter().any(|a| a.gre_key == Some(k)) {
+                return Err(ApiError::bad_value(
+                    "GreKey",
+                    &k.to_string(),
+                    &format!("GRE key {k} is already in use on trunk interface {trunk_id}."),
+                ));
+            }
+        }
+        let limit = inst.trunk.usable_branches();
+        if on_trunk.len() as u32 >= limit {
+            return Err(ApiError::new(
+                "InvalidParameterValue",
+                format!(
+                    "Branch interface limit reached: trunk interface {trunk_id} on instance type {} carries at most {limit} branch interfaces.",
+                    inst.instance_type
+                ),
+            ));
+        }
+        let id = self.new_id("trunk-assoc");
+        let a = TrunkAssociation {
+            id: id.clone(),
+            branch_id: branch_id.to_owned(),
+            trunk_id: trunk_id.to_owned(),
+            protocol,
+            vlan_id: vlan,
+            gre_key: gre,
+            tags: Tags::new(),
+            branch_type_before: branch.interface_type.clone(),
+        };
+        if let Some(b) = self.enis.get_mut(branch_id) {
+            b.trunk_association = Some(id.clone());
+            b.status = EniStatus::InUse;
+            b.interface_type = "branch".into();
+        }
+        self.trunk_associations.insert(id.clone(), a.clone());
+        if let Some(ev) = self.branch_event(&a) {
+            self.events.push(HookEvent::BranchAssociated(ev));
+        }
+        self.dirty.insert(inst.id.clone());
+        if let Some(t) = &client_token {
+            self.client_tokens
+                .insert(("AssociateTrunkInterface".into(), t.clone()), vec![id]);
+        }
+        Ok(Reply::TrunkAssociated {
+            association: a,
+            client_token,
+        })
+    }
+
+    fn disassociate_trunk(
+        &mut self,
+        association_id: &str,
+        client_token: Option<String>,
+    ) -> Result<Reply, ApiError> {
+        if let Some(t) = &client_token {
+            if self
+                .client_tokens
+                .contains_key(&("DisassociateTrunkInterface".into(), t.clone()))
+            {
+                return Ok(Reply::TrunkDisassociated { client_token });
+            }
+        }
+        check_id(IdKind::TrunkAssociation, association_id)?;
+        if !self.trunk_associations.contains_key(association_id) {
+            return Err(ApiError::not_found(association_id));
+        }
+        self.end_association(association_id);
+        if let Some(t) = &client_token {
+            self.client_tokens.insert(
+                ("DisassociateTrunkInterface".into(), t.clone()),
+                vec![association_id.to_owned()],
+            );
+        }
+        Ok(Reply::TrunkDisassociated { client_token })
+    }
+
+    fn describe_trunk_associations(
+        &self,
+        ids: &[String],
+        filters: &[Filter],
+        page: &Page,
+    ) -> Result<Reply, ApiError> {
+        check_filters(filters, TRUNK_ASSOCIATION_FILTERS)?;
+        for id in ids {
+            check_id(IdKind::TrunkAssociation, id)?;
+            if !self.trunk_associations.contains_key(id) {
+                return Err(ApiError::not_found(id));
+            }
+        }
+        let mut out = Vec::new();
+        for a in self.trunk_associations.values() {
+            if !ids.is_empty() && !ids.contains(&a.id) {
+                continue;
+            }
+            if matches_all(filters, |f| trunk_association_filter(a, f))? {
+                out.push(a.clone());
+            }
+        }
+        let (associations, next_token) = paginate(out, |a| a.id.clone(), page, 5, 255, None)?;
+        Ok(Reply::TrunkAssociations {
+            associations,
+            next_token,
+        })
+    }
+
     // ----- tags --------------------------------------------------------------------------------
 
     fn tags_of(&self, id: &str) -> Option<&Tags> {
@@ -2205,6 +2591,7 @@ impl Model {
             IdKind::SecurityGroup => self.security_groups.get(id).map(|r| &r.tags),
             IdKind::Instance => self.instances.get(id).map(|r| &r.tags),
             IdKind::Eni => self.enis.get(id).map(|r| &r.tags),
+            IdKind::TrunkAssociation => self.trunk_associations.get(id).map(|r| &r.tags),
             IdKind::Attachment => None,
         }
     }
@@ -2216,6 +2603,7 @@ impl Model {
             IdKind::SecurityGroup => self.security_groups.get_mut(id).map(|r| &mut r.tags),
             IdKind::Instance => self.instances.get_mut(id).map(|r| &mut r.tags),
             IdKind::Eni => self.enis.get_mut(id).map(|r| &mut r.tags),
+            IdKind::TrunkAssociation => self.trunk_associations.get_mut(id).map(|r| &mut r.tags),
             IdKind::Attachment => None,
         }
     }
@@ -2393,6 +2781,23 @@ pub const ENI_FILTERS: &[&str] = &[
     "owner-id",
     "ipv6-addresses.ipv6-address",
 ];
+/// Filters `DescribeTrunkInterfaceAssociations` accepts (plus `tag:KEY`).
+pub const TRUNK_ASSOCIATION_FILTERS: &[&str] = &[
+    "trunk-interface-association.association-id",
+    "trunk-interface-association.branch-interface-id",
+    "trunk-interface-association.trunk-interface-id",
+    "trunk-interface-association.vlan-id",
+    "trunk-interface-association.gre-key",
+    "trunk-interface-association.interface-protocol",
+    "association-id",
+    "branch-interface-id",
+    "trunk-interface-id",
+    "vlan-id",
+    "gre-key",
+    "interface-protocol",
+    "tag-key",
+    "tag-value",
+];
 /// Filters `DescribeVpcs` accepts (plus `tag:KEY`).
 pub const VPC_FILTERS: &[&str] = &[
     "vpc-id",
@@ -2503,6 +2908,21 @@ fn eni_filter(e: &Eni, name: &str) -> Vec<String> {
         "interface-type" => one(e.interface_type.clone()),
         "owner-id" => one(e.owner_id.clone()),
         "ipv6-addresses.ipv6-address" => e.ipv6_addresses.iter().map(|a| a.to_string()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn trunk_association_filter(a: &TrunkAssociation, name: &str) -> Vec<String> {
+    if let Some(v) = tag_filter(&a.tags, name) {
+        return v;
+    }
+    match name.trim_start_matches("trunk-interface-association.") {
+        "association-id" => vec![a.id.clone()],
+        "branch-interface-id" => vec![a.branch_id.clone()],
+        "trunk-interface-id" => vec![a.trunk_id.clone()],
+        "vlan-id" => a.vlan_id.iter().map(|v| v.to_string()).collect(),
+        "gre-key" => a.gre_key.iter().map(|v| v.to_string()).collect(),
+        "interface-protocol" => vec![a.protocol.as_str().to_owned()],
         _ => Vec::new(),
     }
 }
@@ -2761,6 +3181,7 @@ pub fn check_invariants(m: &Model) -> Result<(), String> {
         }
     }
     check_ipv6_invariants(m)?;
+    check_trunk_invariants(m)?;
     for s in m.subnets.values() {
         let used = per_subnet.get(s.id.as_str()).copied().unwrap_or(0);
         let expect = s.cidr.size() as u32 - 5 - used;
@@ -2771,6 +3192,70 @@ pub fn check_invariants(m: &Model) -> Result<(), String> {
                 s.alloc.free_addresses(),
                 expect
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Trunk invariants: every association joins an existing branch (in use, unattached, pointing
+/// back at it) to an attached trunk ENI of a running trunking-compatible instance; VLAN ids and
+/// GRE keys are unique per trunk; no trunk carries more branches than its instance type allows;
+/// an instance has at most one trunk; no ENI points at an association that does not exist.
+fn check_trunk_invariants(m: &Model) -> Result<(), String> {
+    let mut per_trunk: BTreeMap<&str, (u32, BTreeSet<u32>, BTreeSet<u32>)> = BTreeMap::new();
+    for a in m.trunk_associations.values() {
+        let b = m
+            .enis
+            .get(&a.branch_id)
+            .ok_or(format!("{}: branch {} gone", a.id, a.branch_id))?;
+        if b.trunk_association.as_deref() != Some(a.id.as_str())
+            || b.attachment.is_some()
+            || b.status != EniStatus::InUse
+        {
+            return Err(format!("{}: branch {} not held by it", a.id, b.id));
+        }
+        let t = m
+            .enis
+            .get(&a.trunk_id)
+            .ok_or(format!("{}: trunk {} gone", a.id, a.trunk_id))?;
+        let i = t
+            .instance_id()
+            .and_then(|i| m.instances.get(i))
+            .ok_or(format!("{}: trunk {} not attached", a.id, t.id))?;
+        if t.interface_type != "trunk" || !i.trunk.trunking_compatible {
+            return Err(format!("{}: {} is no trunk of a trunking type", a.id, t.id));
+        }
+        let e = per_trunk.entry(a.trunk_id.as_str()).or_default();
+        e.0 += 1;
+        if a.vlan_id.is_some_and(|v| !e.1.insert(v)) || a.gre_key.is_some_and(|k| !e.2.insert(k)) {
+            return Err(format!(
+                "{}: VLAN id or GRE key used twice on {}",
+                a.id, t.id
+            ));
+        }
+        if e.0 > i.trunk.usable_branches() {
+            return Err(format!(
+                "{}: more than {} branches",
+                t.id,
+                i.trunk.usable_branches()
+            ));
+        }
+    }
+    for e in m.enis.values() {
+        if let Some(id) = &e.trunk_association {
+            if !m.trunk_associations.contains_key(id) {
+                return Err(format!("{}: dangling association {id}", e.id));
+            }
+        }
+    }
+    for i in m.instances.values() {
+        let trunks = m
+            .instance_enis(&i.id)
+            .iter()
+            .filter(|e| e.interface_type == "trunk")
+            .count();
+        if trunks > 1 {
+            return Err(format!("{}: {trunks} trunk interfaces", i.id));
         }
     }
     Ok(())

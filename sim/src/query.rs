@@ -285,6 +285,17 @@ fn accepted(action: &str) -> &'static [&'static str] {
             "Ipv6Prefix",
         ],
         "UnassignIpv6Addresses" => &["NetworkInterfaceId", "Ipv6Addresses", "Ipv6Prefix"],
+        "AssociateTrunkInterface" => &[
+            "BranchInterfaceId",
+            "TrunkInterfaceId",
+            "VlanId",
+            "GreKey",
+            "ClientToken",
+        ],
+        "DisassociateTrunkInterface" => &["AssociationId", "ClientToken"],
+        "DescribeTrunkInterfaceAssociations" => {
+            &["AssociationId", "Filter", "MaxResults", "NextToken"]
+        }
         "CreateTags" | "DeleteTags" => &["ResourceId", "Tag"],
         _ => &[],
     }
@@ -525,6 +536,22 @@ pub fn parse(p: &Params) -> Result<Parsed, ApiError> {
             addresses: parse_all(&p.list("Ipv6Addresses")?, "IPv6 address")?,
             prefixes: parse_all(&p.list("Ipv6Prefix")?, "IPv6 prefix")?,
         },
+        "AssociateTrunkInterface" => Request::AssociateTrunkInterface {
+            branch_id: p.req("BranchInterfaceId")?,
+            trunk_id: p.req("TrunkInterfaceId")?,
+            vlan_id: p.int("VlanId")?,
+            gre_key: p.int("GreKey")?,
+            client_token: p.get("ClientToken").map(str::to_owned),
+        },
+        "DisassociateTrunkInterface" => Request::DisassociateTrunkInterface {
+            association_id: p.req("AssociationId")?,
+            client_token: p.get("ClientToken").map(str::to_owned),
+        },
+        "DescribeTrunkInterfaceAssociations" => Request::DescribeTrunkInterfaceAssociations {
+            ids: p.list("AssociationId")?,
+            filters: p.filters()?,
+            page: p.page()?,
+        },
         "CreateTags" => Request::CreateTags {
             ids: p.list("ResourceId")?,
             tags: p
@@ -609,6 +636,45 @@ mod tests {
         assert_eq!(e.code, "InvalidParameterValue");
         let e = parse(&p("Action=CreateVpc&CidrBlock=10.0.0.1/16")).unwrap_err();
         assert_eq!(e.code, "InvalidParameterValue");
+    }
+
+    #[test]
+    fn trunk_calls_parse_and_name_their_bad_fields() {
+        let r = parse(&p(
+            "Action=AssociateTrunkInterface&BranchInterfaceId=eni-1&TrunkInterfaceId=eni-2&VlanId=7&ClientToken=t",
+        ))
+        .expect("parses");
+        assert_eq!(
+            r.request,
+            Request::AssociateTrunkInterface {
+                branch_id: "eni-1".into(),
+                trunk_id: "eni-2".into(),
+                vlan_id: Some(7),
+                gre_key: None,
+                client_token: Some("t".into()),
+            }
+        );
+        let e = parse(&p(
+            "Action=AssociateTrunkInterface&BranchInterfaceId=eni-1&TrunkInterfaceId=eni-2&VlanId=x",
+        ))
+        .unwrap_err();
+        assert_eq!(e.code, "InvalidParameterValue");
+        assert!(e.message.contains("VlanId"), "{}", e.message);
+        let e = parse(&p("Action=AssociateTrunkInterface&TrunkInterfaceId=eni-2")).unwrap_err();
+        assert_eq!(e.code, "MissingParameter");
+        assert!(e.message.contains("BranchInterfaceId"), "{}", e.message);
+        let e = parse(&p("Action=DisassociateTrunkInterface")).unwrap_err();
+        assert!(e.message.contains("AssociationId"), "{}", e.message);
+        let r = parse(&p(
+            "Action=DescribeTrunkInterfaceAssociations&AssociationId.1=trunk-assoc-1&Filter.1.Name=vlan-id&Filter.1.Value.1=3&MaxResults=5",
+        ))
+        .expect("parses");
+        let Request::DescribeTrunkInterfaceAssociations { ids, filters, page } = r.request else {
+            panic!("wrong request")
+        };
+        assert_eq!(ids, vec!["trunk-assoc-1".to_owned()]);
+        assert_eq!(filters[0].name, "vlan-id");
+        assert_eq!(page.max_results, Some(5));
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct SimConfig {
     /// Unix time (ms) of simulator time 0, used for timestamps in answers.
     #[serde(default)]
     pub epoch_ms: u64,
+    /// Per-instance-type limit overrides (e.g. `{"m5.large": {"branch_interfaces": 2}}`).
+    #[serde(default)]
+    pub limit_overrides: BTreeMap<String, subnet_calc::limits::LimitOverrides>,
 }
 
 /// One entry of the call log.
@@ -128,6 +131,7 @@ impl Simulator {
         let mut mc = ModelConfig {
             seed: cfg.seed,
             detach_delay_ms: cfg.detach_delay_ms,
+            limit_overrides: cfg.limit_overrides,
             ..ModelConfig::default()
         };
         if let Some(r) = cfg.region {
@@ -420,6 +424,8 @@ impl Simulator {
                 "enis_available": available,
                 "secondary_ips": m.enis.values().map(|e| e.secondary_ips.len()).sum::<usize>(),
                 "ipv4_prefixes": m.enis.values().map(|e| e.ipv4_prefixes.len()).sum::<usize>(),
+                "trunks": m.enis.values().filter(|e| e.interface_type == "trunk").map(|e| &e.id).collect::<Vec<_>>(),
+                "branches_associated": m.trunk_associations.len(),
                 "calls": self.seq,
                 "invariants": match check_invariants(m) { Ok(()) => "ok".to_owned(), Err(e) => e },
             },
@@ -428,6 +434,7 @@ impl Simulator {
             "security_groups": m.security_groups,
             "instances": m.instances,
             "network_interfaces": m.enis,
+            "trunk_associations": m.trunk_associations,
             "imds_delay_ms": self.imds_delay_ms,
             "throttle": self.throttle,
             "faults": self.faults,

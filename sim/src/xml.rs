@@ -9,7 +9,7 @@ use crate::error::ApiError;
 use crate::ipv6::Ipv6Block;
 use crate::model::{
     card_max_enis, subnet_ipv6_association_id, vpc_ipv6_association_id, Eni, Instance, SubnetView,
-    Tags, Vpc,
+    Tags, TrunkAssociation, Vpc,
 };
 
 /// EC2's XML namespace.
@@ -259,9 +259,49 @@ pub fn render(action: &str, reply: &Reply, request_id: &str, epoch_ms: u64) -> S
             text_set(&mut w, "unassignedIpv6Addresses", addresses);
             text_set(&mut w, "unassignedIpv6PrefixSet", prefixes);
         }
+        Reply::TrunkAssociated {
+            association,
+            client_token,
+        } => {
+            w.open("interfaceAssociation");
+            trunk_association(&mut w, association);
+            w.close("interfaceAssociation");
+            if let Some(t) = client_token {
+                w.leaf("clientToken", t);
+            }
+        }
+        Reply::TrunkDisassociated { client_token } => {
+            w.leaf("return", true);
+            if let Some(t) = client_token {
+                w.leaf("clientToken", t);
+            }
+        }
+        Reply::TrunkAssociations {
+            associations,
+            next_token,
+        } => {
+            w.set("interfaceAssociationSet", associations, trunk_association);
+            if let Some(t) = next_token {
+                w.leaf("nextToken", t);
+            }
+        }
     }
     w.s.push_str(&format!("</{action}Response>"));
     w.s
+}
+
+fn trunk_association(w: &mut W, a: &TrunkAssociation) {
+    w.leaf("associationId", &a.id);
+    w.leaf("branchInterfaceId", &a.branch_id);
+    w.leaf("trunkInterfaceId", &a.trunk_id);
+    w.leaf("interfaceProtocol", a.protocol.as_str());
+    if let Some(v) = a.vlan_id {
+        w.leaf("vlanId", v);
+    }
+    if let Some(k) = a.gre_key {
+        w.leaf("greKey", k);
+    }
+    w.tags(&a.tags);
 }
 
 fn ipv6_association(w: &mut W, id: &str, block: &Ipv6Block, state: &str) {

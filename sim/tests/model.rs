@@ -810,3 +810,162 @@ proptest! {
         }
     }
 }
+
+#[derive(Debug, Clone)]
+enum TrunkOp {
+    Create {
+        trunk: bool,
+    },
+    Attach {
+        eni: usize,
+        inst: usize,
+        dev: u8,
+    },
+    Detach {
+        eni: usize,
+    },
+    Delete {
+        eni: usize,
+    },
+    Associate {
+        branch: usize,
+        trunk: usize,
+        vlan: i64,
+    },
+    Disassociate {
+        k: usize,
+    },
+    Groups {
+        eni: usize,
+    },
+    Terminate {
+        inst: usize,
+    },
+    Launch {
+        trunking: bool,
+    },
+}
+
+fn trunk_op() -> impl Strategy<Value = TrunkOp> {
+    prop_oneof![
+        3 => any::<bool>().prop_map(|trunk| TrunkOp::Create { trunk }),
+        1 => (0usize..64, 0usize..4, 1u8..4)
+            .prop_map(|(eni, inst, dev)| TrunkOp::Attach { eni, inst, dev }),
+        1 => (0usize..64).prop_map(|eni| TrunkOp::Detach { eni }),
+        1 => (0usize..64).prop_map(|eni| TrunkOp::Delete { eni }),
+        5 => (0usize..64, 0usize..64, 0i64..14)
+            .prop_map(|(branch, trunk, vlan)| TrunkOp::Associate { branch, trunk, vlan }),
+        1 => (0usize..16).prop_map(|k| TrunkOp::Disassociate { k }),
+        1 => (0usize..64).prop_map(|eni| TrunkOp::Groups { eni }),
+        1 => (0usize..4).prop_map(|inst| TrunkOp::Terminate { inst }),
+        1 => any::<bool>().prop_map(|trunking| TrunkOp::Launch { trunking }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn random_trunk_sequences_keep_every_invariant(ops in proptest::collection::vec(trunk_op(), 1..150)) {
+        // m5.large: 3 ENIs, trunking compatible with 9 branches; t3.medium: no trunking.
+        let mut w = world("10.8.0.0/16", "10.8.0.0/24", "m5.large");
+        let mut instances = vec![w.instance.clone()];
+        for (t, op) in ops.into_iter().enumerate() {
+            let now = t as u64;
+            let ids: Vec<String> = w.sim.model().enis.keys().cloned().collect();
+            let pick = |i: usize| ids.get(i % ids.len().max(1)).cloned().unwrap_or_default();
+            let mut before = serde_json::to_string(w.sim.model()).unwrap();
+            let r = match op {
+                TrunkOp::Create { trunk } => {
+                    let r = w.sim.call(now, Request::CreateNetworkInterface(CreateEni {
+                        subnet_id: w.subnet.clone(),
+                        interface_type: trunk.then(|| "trunk".to_owned()),
+                        ..Default::default()
+                    }));
+                    match r {
+                        // A trunk goes straight onto the newest instance, at device 1.
+                        Ok(Reply::NetworkInterface { eni, .. }) if trunk => {
+                            before = serde_json::to_string(w.sim.model()).unwrap();
+                            w.sim.call(now, Request::AttachNetworkInterface {
+                                eni_id: eni.id,
+                                instance_id: instances[instances.len() - 1].clone(),
+                                device_index: 1,
+                                network_card_index: None,
+                            })
+                        }
+                        other => other,
+                    }
+                }
+                TrunkOp::Attach { eni, inst, dev } => w.sim.call(now, Request::AttachNetworkInterface {
+                    eni_id: pick(eni),
+                    instance_id: instances[inst % instances.len()].clone(),
+                    device_index: i64::from(dev),
+                    network_card_index: None,
+                }),
+                TrunkOp::Detach { eni } => {
+                    let att = w.sim.model().enis.get(&pick(eni)).and_then(|e| e.attachment.clone());
+                    match att {
+                        Some(a) => w.sim.call(now, Request::DetachNetworkInterface { attachment_id: a.id, force: false }),
+                        None => continue,
+                    }
+                }
+                TrunkOp::Delete { eni } => w.sim.call(now, Request::DeleteNetworkInterface { eni_id: pick(eni) }),
+                TrunkOp::Associate { branch, trunk, vlan } => {
+                    // Mostly a trunk and a non-trunk, sometimes any two ENIs (error paths).
+                    let of = |want_trunk: bool, i: usize| {
+                        let v: Vec<&String> = w.sim.model().enis.values()
+                            .filter(|e| (e.interface_type == "trunk") == want_trunk)
+                            .map(|e| &e.id)
+                            .collect();
+                        v.get(i % v.len().max(1)).map(|s| (*s).clone()).unwrap_or_else(|| pick(i))
+                    };
+                    let (b, tr) = if vlan % 5 == 4 { (pick(branch), pick(trunk)) } else { (of(false, branch), of(true, trunk)) };
+                    w.sim.call(now, Request::AssociateTrunkInterface {
+                        branch_id: b,
+                        trunk_id: tr,
+                        vlan_id: Some(vlan),
+                        gre_key: None,
+                        client_token: None,
+                    })
+                }
+                TrunkOp::Disassociate { k } => {
+                    let ids: Vec<String> = w.sim.model().trunk_associations.keys().cloned().collect();
+                    let Some(id) = ids.get(k % ids.len().max(1)).cloned() else { continue };
+                    w.sim.call(now, Request::DisassociateTrunkInterface { association_id: id, client_token: None })
+                }
+                TrunkOp::Groups { eni } => {
+                    let Some(e) = w.sim.model().enis.get(&pick(eni)).cloned() else { continue };
+                    w.sim.call(now, Request::ModifyNetworkInterfaceAttribute {
+                        eni_id: e.id,
+                        change: EniAttribute::Groups(e.groups.clone()),
+                    })
+                }
+                TrunkOp::Terminate { inst } => w.sim.call(now, Request::TerminateInstances { ids: vec![instances[inst % instances.len()].clone()] }),
+                TrunkOp::Launch { trunking } => {
+                    let itype = if trunking { "m5.large" } else { "t3.medium" };
+                    match w.sim.call(now, Request::RunInstances(RunInstances {
+                        image_id: "ami-1".into(), instance_type: itype.into(), min_count: 1, max_count: 1,
+                        subnet_id: Some(w.subnet.clone()), ..Default::default()
+                    })) {
+                        Ok(Reply::Reservation(r)) => { instances.push(r.instances[0].0.id.clone()); Ok(Reply::Done) }
+                        other => other,
+                    }
+                }
+            };
+            if r.is_err() {
+                // A failed call changes nothing.
+                prop_assert_eq!(&before, &serde_json::to_string(w.sim.model()).unwrap());
+            }
+            if let Err(e) = check_invariants(w.sim.model()) {
+                prop_assert!(false, "after {:?}: {}", r, e);
+            }
+            // Every associated branch is in use and typed branch; every other ENI is not.
+            for e in w.sim.model().enis.values() {
+                let associated = w.sim.model().trunk_associations.values().any(|a| a.branch_id == e.id);
+                prop_assert_eq!(associated, e.interface_type == "branch", "{}", e.id);
+                if associated {
+                    prop_assert_eq!(e.status, EniStatus::InUse);
+                }
+            }
+        }
+    }
+}

@@ -405,6 +405,37 @@ async fn deliberate_differences_from_moto() {
                 "moto checks device indexes now: update this test"
             );
         }
+        // 6. Trunk ENIs: the type is kept and AssociateTrunkInterface is served (moto: every
+        //    ENI is `interface`, and the trunk calls are not implemented).
+        let trunk = c
+            .create_network_interface()
+            .subnet_id(&f.subnet)
+            .interface_type(aws_sdk_ec2::types::NetworkInterfaceCreationType::Trunk)
+            .send()
+            .await
+            .unwrap();
+        let trunk = trunk.network_interface().unwrap();
+        assert_eq!(
+            trunk.interface_type().map(|t| t.as_str()),
+            Some(if ours { "trunk" } else { "interface" }),
+            "{name}: trunk type"
+        );
+        let r = c
+            .associate_trunk_interface()
+            .branch_interface_id(&eni4)
+            .trunk_interface_id(trunk.network_interface_id().unwrap())
+            .vlan_id(1)
+            .send()
+            .await;
+        if ours {
+            // Served; refused here because the trunk is not attached.
+            assert_eq!(code(&r.unwrap_err()), "IncorrectState");
+        } else {
+            assert!(
+                r.is_err(),
+                "moto serves AssociateTrunkInterface now: update this test"
+            );
+        }
     }
     srv.shutdown();
 }
