@@ -14,7 +14,8 @@
 #
 # Environment: CARGO (default cargo), CARGO_TARGET_DIR (default target),
 # VPC_CNI_IMAGE_MIRROR (apt sources for mmdebstrap; default the machine's own sources files),
-# VPC_CNI_IMAGE_SKIP_BUILD=1 (use the binaries already in $CARGO_TARGET_DIR/release).
+# VPC_CNI_IMAGE_PROFILE (cargo profile of the binaries, default release; `dev` reuses a debug
+# build for a quick local image), VPC_CNI_IMAGE_SKIP_BUILD=1 (use the binaries already built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +35,7 @@ ENV=(PATH=/usr/sbin:/usr/bin:/sbin:/bin)
 WORKDIR=/app
 # No USER: the containers run as root, as the reference's do (the daemon needs NET_ADMIN and
 # NET_RAW in its own user namespace, the init step writes /proc/sys).
-USER=
+IMAGE_USER=
 ENTRYPOINT=(/app/vpc-cni-install run --plugin /app/aws-cni --plugin /app/egress-cni --)
 CMD=(/app/ipamd)
 # ---------------------------------------------------------------------------------------
@@ -49,19 +50,25 @@ cargo=${CARGO:-cargo}
 target=${CARGO_TARGET_DIR:-target}
 out=${VPC_CNI_IMAGE_DIR:-$target/image}
 start=$(date +%s)
+profile=${VPC_CNI_IMAGE_PROFILE:-release}
+case "$profile" in
+  release) pflag=(--release); pdir=release ;;
+  dev) pflag=(--profile dev); pdir=debug ;;
+  *) pflag=(--profile "$profile"); pdir=$profile ;;
+esac
 
 # 1. The binaries.
 if [ "${VPC_CNI_IMAGE_SKIP_BUILD:-0}" != 1 ]; then
   args=()
   for b in "${BINARIES[@]}"; do args+=(-p "${b%%:*}" --bin "${b#*:}"); done
-  echo "build-image: cargo build --release --locked ${args[*]}" >&2
-  "$cargo" build --release --locked "${args[@]}"
+  echo "build-image: cargo build ${pflag[*]} --locked ${args[*]}" >&2
+  "$cargo" build "${pflag[@]}" --locked "${args[@]}"
 fi
 build_done=$(date +%s)
 elf_args=()
 for b in "${BINARIES[@]}"; do
-  f=$target/release/${b#*:}
-  [ -x "$f" ] || die "$f is missing (cargo build --release)"
+  f=$target/$pdir/${b#*:}
+  [ -x "$f" ] || die "$f is missing (cargo build ${pflag[*]})"
   elf_args+=(--elf "$f")
 done
 
@@ -92,7 +99,7 @@ plugin_args=()
 for p in "${INIT_PLUGINS[@]}"; do plugin_args+=(--plugin "$p"); done
 manifests/image/rootfs.sh "$work/debian" "$work/rootfs" "${plugin_args[@]}" "${elf_args[@]}"
 for b in "${BINARIES[@]}"; do
-  install -m 0755 "$target/release/${b#*:}" "$work/rootfs/app/${b#*:}"
+  install -m 0755 "$target/$pdir/${b#*:}" "$work/rootfs/app/${b#*:}"
 done
 for f in "${APP_FILES[@]}"; do
   install -m 0644 "${f%%:*}" "$work/rootfs${f#*:}"
@@ -111,7 +118,7 @@ config=(--clear=config.env --clear=config.entrypoint --clear=config.cmd)
 for e in "${ENV[@]}"; do config+=(--config.env "$e"); done
 for a in "${ENTRYPOINT[@]}"; do config+=(--config.entrypoint "$a"); done
 for a in "${CMD[@]}"; do config+=(--config.cmd "$a"); done
-[ -n "$USER" ] && config+=(--config.user "$USER")
+[ -n "$IMAGE_USER" ] && config+=(--config.user "$IMAGE_USER")
 umoci config --image "$out/oci:$IMAGE_TAG" "${config[@]}" --config.workingdir "$WORKDIR" \
   --config.label "org.opencontainers.image.title=$IMAGE_NAME" \
   --config.label "org.opencontainers.image.version=$IMAGE_TAG"
@@ -120,6 +127,6 @@ tar -C "$out/oci" -cf "$out/$IMAGE_NAME-$IMAGE_TAG.oci.tar" .
 
 layers=$(find "$out/oci/blobs" -type f -size +100k -printf '%s\n' | awk '{s+=$1} END {print s}')
 unpacked=$(du -sb "$work/bundle/rootfs" | cut -f1)
-echo "build-image: $IMAGE_NAME:$IMAGE_TAG in $out/oci: compressed $((layers / 1024 / 1024)) MiB," \
+echo "build-image: $IMAGE_NAME:$IMAGE_TAG ($profile binaries) in $out/oci: compressed $((layers / 1024 / 1024)) MiB," \
   "unpacked $((unpacked / 1024 / 1024)) MiB; cargo $((build_done - start)) s, image" \
   "$(( $(date +%s) - build_done )) s" >&2
