@@ -95,10 +95,6 @@ fn stages_of(text: &str) -> Vec<Stage> {
     stages
 }
 
-fn dockerfile() -> Vec<Stage> {
-    stages_of(&read("manifests/image/Dockerfile"))
-}
-
 fn runtime(stages: &[Stage]) -> &Stage {
     stages.last().expect("a FROM")
 }
@@ -137,10 +133,7 @@ fn cargo_pairs(words: &[String]) -> Vec<(String, String)> {
     for w in words.windows(2) {
         match w[0].as_str() {
             "-p" | "--package" => package = Some(w[1].clone()),
-            "--bin" => out.push((
-                package.clone().expect("--bin before any -p"),
-                w[1].clone(),
-            )),
+            "--bin" => out.push((package.clone().expect("--bin before any -p"), w[1].clone())),
             _ => {}
         }
     }
@@ -197,7 +190,11 @@ fn docker_recipe() -> Recipe {
         .into_iter()
         .filter(|c| c.starts_with(&["cargo".to_owned(), "build".to_owned()]))
         .collect();
-    assert_eq!(cargo.len(), 1, "one cargo build in the build stage: {cargo:?}");
+    assert_eq!(
+        cargo.len(),
+        1,
+        "one cargo build in the build stage: {cargo:?}"
+    );
     let cargo_flags = cargo[0]
         .iter()
         .filter(|w| w.starts_with("--") && *w != "--bin" && *w != "--package")
@@ -208,7 +205,12 @@ fn docker_recipe() -> Recipe {
         .from
         .strip_prefix("debian:")
         .and_then(|t| t.strip_suffix("-slim"))
-        .unwrap_or_else(|| panic!("the rootfs stage is not debian:<suite>-slim: {}", rootfs.from))
+        .unwrap_or_else(|| {
+            panic!(
+                "the rootfs stage is not debian:<suite>-slim: {}",
+                rootfs.from
+            )
+        })
         .to_owned();
     let mut packages = BTreeSet::new();
     for c in run_commands(rootfs) {
@@ -263,7 +265,10 @@ fn docker_recipe() -> Recipe {
             _ => panic!("the runtime stage copies something else: {i}"),
         }
     }
-    assert!(copied_rootfs, "the runtime stage does not copy /rootfs/ to /");
+    assert!(
+        copied_rootfs,
+        "the runtime stage does not copy /rootfs/ to /"
+    );
     let env = rt
         .instructions
         .iter()
@@ -666,7 +671,10 @@ fn the_image_has_the_rule_tools_and_the_build_context_skips_target() {
     }
     let rootfs = read("manifests/image/rootfs.sh");
     for program in ["xtables-nft-multi", "nft", "ca-certificates.crt"] {
-        assert!(rootfs.contains(program), "rootfs.sh does not keep {program}");
+        assert!(
+            rootfs.contains(program),
+            "rootfs.sh does not keep {program}"
+        );
     }
     let ds = daemonset();
     for c in [

@@ -75,7 +75,10 @@ fn image_dir() -> anyhow::Result<PathBuf> {
     if dir.ends_with("deps") {
         dir = dir.parent().context("deps has no parent")?;
     }
-    Ok(dir.parent().context("profile dir has no parent")?.join("image"))
+    Ok(dir
+        .parent()
+        .context("profile dir has no parent")?
+        .join("image"))
 }
 
 fn yaml(name: &str) -> anyhow::Result<Value> {
@@ -218,8 +221,10 @@ impl Container {
         }
         for e in spec["env"].as_array().into_iter().flatten() {
             let key = e["name"].as_str().context("env name")?.to_owned();
-            let value = match (e["value"].as_str(), e["valueFrom"]["fieldRef"]["fieldPath"].as_str())
-            {
+            let value = match (
+                e["value"].as_str(),
+                e["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+            ) {
                 (Some(v), _) => v.to_owned(),
                 (None, Some("spec.nodeName")) => "ip-node.ec2.internal".to_owned(),
                 (None, Some("metadata.name")) => "aws-node-boot".to_owned(),
@@ -264,7 +269,9 @@ impl Container {
         script.push_str("mount --bind /dev \"$root/dev\"\n");
         script.push_str("while [ \"$1\" != -- ]; do mount --bind \"$1\" \"$2\"; shift 2; done\n");
         script.push_str("shift\n");
-        script.push_str("exec /usr/bin/unshare --root=\"$root\" --wd=\"$WORKDIR_IN_IMAGE\" -- \"$@\"\n");
+        script.push_str(
+            "exec /usr/bin/unshare --root=\"$root\" --wd=\"$WORKDIR_IN_IMAGE\" -- \"$@\"\n",
+        );
         let mut cmd = Command::new("/usr/bin/unshare");
         cmd.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
             .arg(script)
@@ -320,7 +327,9 @@ fn unpack(dir: &Path) -> anyhow::Result<ImageConfig> {
     let process = &config["process"];
     let mut env = BTreeMap::new();
     for e in strings(&process["env"], "process.env")? {
-        let (k, v) = e.split_once('=').with_context(|| format!("env entry {e}"))?;
+        let (k, v) = e
+            .split_once('=')
+            .with_context(|| format!("env entry {e}"))?;
         env.insert(k.to_owned(), v.to_owned());
     }
     let root = bundle.join("rootfs");
@@ -413,7 +422,9 @@ impl Chain {
     }
 
     fn plugins(&self) -> anyhow::Result<&Vec<Value>> {
-        self.conflist["plugins"].as_array().context("conflist plugins")
+        self.conflist["plugins"]
+            .as_array()
+            .context("conflist plugins")
     }
 
     fn add(&self, pod: &str, netns: &Path, host: &HostFs) -> anyhow::Result<Value> {
@@ -424,7 +435,12 @@ impl Chain {
                 conf["prevResult"] = prev.clone();
             }
             let out = self.run("ADD", pod, netns, &conf)?;
-            ensure!(out.status.success(), "ADD {pod} via {}: {}", conf["type"], text(&out));
+            ensure!(
+                out.status.success(),
+                "ADD {pod} via {}: {}",
+                conf["type"],
+                text(&out)
+            );
             prev = Some(serde_json::from_slice(&out.stdout).with_context(|| {
                 format!("ADD {pod} via {}: result: {}", conf["type"], text(&out))
             })?);
@@ -437,7 +453,12 @@ impl Chain {
             let mut conf = self.entry(p, host)?;
             conf["prevResult"] = prev.clone();
             let out = self.run("DEL", pod, netns, &conf)?;
-            ensure!(out.status.success(), "DEL {pod} via {}: {}", conf["type"], text(&out));
+            ensure!(
+                out.status.success(),
+                "DEL {pod} via {}: {}",
+                conf["type"],
+                text(&out)
+            );
         }
         Ok(())
     }
@@ -462,7 +483,9 @@ fn a_node_boots_from_the_built_image() -> anyhow::Result<()> {
     if skip_netns_test("image boot (init + aws-node from the built image)") {
         return Ok(());
     }
-    let tmp = tempfile::Builder::new().prefix("vcn-image-boot-").tempdir()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("vcn-image-boot-")
+        .tempdir()?;
     let image = unpack(tmp.path())?;
     let ds = yaml("daemonset.yaml")?;
     let pod = &ds["spec"]["template"]["spec"];
@@ -492,7 +515,10 @@ fn a_node_boots_from_the_built_image() -> anyhow::Result<()> {
     let server: SimServer = serve(&c.fabric, c.sim.clone())?;
     let host = HostFs::new(&tmp.path().join("host"), pod)?;
     let sim_env = [
-        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", server.imds_url(&node.instance_id)),
+        (
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+            server.imds_url(&node.instance_id),
+        ),
         ("AWS_EC2_ENDPOINT", server.ec2_url()),
         ("AWS_ENDPOINT_URL_EC2", server.ec2_url()),
         ("AWS_REGION", "us-east-1".to_owned()),
@@ -521,13 +547,22 @@ fn a_node_boots_from_the_built_image() -> anyhow::Result<()> {
         let name = e.file_name();
         let on_host = std::fs::read(bin_dir.join(&name))
             .with_context(|| format!("init did not install {name:?}:\n{log}"))?;
-        ensure!(on_host == std::fs::read(e.path())?, "{name:?} differs from the image's");
+        ensure!(
+            on_host == std::fs::read(e.path())?,
+            "{name:?} differs from the image's"
+        );
         installed += 1;
     }
     for p in ["loopback", "portmap", "host-local"] {
-        ensure!(bin_dir.join(p).is_file(), "{p} is not in the host's CNI bin dir");
+        ensure!(
+            bin_dir.join(p).is_file(),
+            "{p} is not in the host's CNI bin dir"
+        );
     }
-    ensure!(installed >= 5, "only {installed} plugins in the image's /init");
+    ensure!(
+        installed >= 5,
+        "only {installed} plugins in the image's /init"
+    );
     let mut set = 0;
     for line in log.lines() {
         let Some((key, value)) = line
@@ -538,7 +573,10 @@ fn a_node_boots_from_the_built_image() -> anyhow::Result<()> {
         };
         let key = key.trim_start_matches("/proc/sys/");
         let got = sysctl_in(&ns, key)?;
-        ensure!(got == value.trim(), "{key} is {got} in the node, init said {value}");
+        ensure!(
+            got == value.trim(),
+            "{key} is {got} in the node, init said {value}"
+        );
         set += 1;
     }
     ensure!(set >= 2, "init reported {set} sysctls:\n{log}");
@@ -593,7 +631,10 @@ fn a_node_boots_from_the_built_image() -> anyhow::Result<()> {
         polls_without_conflist > 0,
         "the conflist was there before the first poll"
     );
-    eprintln!("image boot: conflist written {:?} after start", started.elapsed());
+    eprintln!(
+        "image boot: conflist written {:?} after start",
+        started.elapsed()
+    );
     for p in ["aws-cni", "egress-cni"] {
         let ours = std::fs::read(in_root(&image.root, &format!("/app/{p}"))?)?;
         ensure!(
@@ -612,7 +653,11 @@ fn a_node_boots_from_the_built_image() -> anyhow::Result<()> {
     for probe in ["readinessProbe", "livenessProbe"] {
         let argv = strings(&main_spec[probe]["exec"]["command"], probe)?;
         let out = output_in(&ns, main.command(&argv), None)?;
-        ensure!(out.status.success(), "{probe} fails while serving: {}", text(&out));
+        ensure!(
+            out.status.success(),
+            "{probe} fails while serving: {}",
+            text(&out)
+        );
     }
 
     // 4. A pod through the installed plugin chain.
@@ -629,7 +674,11 @@ fn a_node_boots_from_the_built_image() -> anyhow::Result<()> {
         .as_str()
         .with_context(|| format!("no address in {result}"))?;
     let ip: Ipv4Addr = addr.split('/').next().unwrap_or_default().parse()?;
-    ensure!(node.subnet.contains(u32::from(ip)), "{ip} not in {}", node.subnet);
+    ensure!(
+        node.subnet.contains(u32::from(ip)),
+        "{ip} not in {}",
+        node.subnet
+    );
     let listener = UdpListener::start(&pod_ns, SocketAddrV4::new(ip, PORT))?;
     udp_probe(&ns, None, SocketAddrV4::new(ip, PORT), WAIT)?.seen_as("node → pod")?;
     drop(listener);
@@ -638,7 +687,9 @@ fn a_node_boots_from_the_built_image() -> anyhow::Result<()> {
         .context("the checkpoint is not on a host volume")?;
     let held = Checkpoint::read(&checkpoint)?;
     ensure!(
-        held.allocations.iter().any(|a| a.container_id == "c-boot-0"),
+        held.allocations
+            .iter()
+            .any(|a| a.container_id == "c-boot-0"),
         "the checkpoint does not hold the pod: {held:?}"
     );
     let mut save = Command::new("iptables-save");
@@ -654,7 +705,10 @@ fn a_node_boots_from_the_built_image() -> anyhow::Result<()> {
     chain.del("boot-0", pod_ns.path(), &result, &host)?;
     let held = Checkpoint::read(&checkpoint)?;
     ensure!(
-        !held.allocations.iter().any(|a| a.container_id == "c-boot-0"),
+        !held
+            .allocations
+            .iter()
+            .any(|a| a.container_id == "c-boot-0"),
         "the pod is still in the checkpoint after DEL: {held:?}"
     );
 
@@ -669,7 +723,10 @@ fn a_node_boots_from_the_built_image() -> anyhow::Result<()> {
         evidence(&main_out, &host)
     );
     ensure!(
-        matches!(health(&socket, Duration::from_secs(2)), Ok(ServingStatus::Serving)),
+        matches!(
+            health(&socket, Duration::from_secs(2)),
+            Ok(ServingStatus::Serving)
+        ),
         "ipamd stopped serving at once on SIGTERM"
     );
     let status = aws_node
