@@ -16,6 +16,10 @@ need ping iputils-ping         # net/ tests ping through pod wiring inside test 
 need iptables iptables          # net/ SNAT/connmark rules (iptables, iptables-save, iptables-restore)
 need nft nftables               # net/ nftables connmark backend
 need kubectl kubernetes-client  # installer/tests/manifests.rs: kubectl kustomize manifests/
+# scripts/build-image.sh: a Debian tree without a base image, the OCI image without a daemon;
+# tests/tests/image_boot.rs unpacks it with umoci.
+need mmdebstrap mmdebstrap
+need umoci umoci
 # ipamd/tests/grpc_clients.rs: a grpc-go client built offline in GOPATH mode from Debian's
 # sources, dialling ipamd like the reference plugin (protobuf 1.5 of github.com/golang/protobuf,
 # not 1.3: grpc-go needs the APIv2-backed one).

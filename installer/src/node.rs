@@ -138,19 +138,22 @@ pub fn set_node_sysctls(
 /// Reads the primary ENI's MAC address from the instance metadata service at `endpoint`
 /// (`http://host[:port]`): IMDSv2 token first, then `latest/meta-data/mac`.
 pub fn imds_mac(endpoint: &str, timeout: Duration) -> Result<MacAddr, InstallerError> {
-    let host = endpoint
-        .strip_prefix("http://")
-        .ok_or_else(|| InstallerError::Imds(format!("endpoint {endpoint:?} is not http://")))?
-        .trim_end_matches('/');
+    let (host, base) = split_endpoint(endpoint)?;
     let token = http(
         host,
         "PUT",
-        "/latest/api/token",
+        &format!("{base}/latest/api/token"),
         "X-aws-ec2-metadata-token-ttl-seconds: 60",
         timeout,
     )?;
     let header = format!("X-aws-ec2-metadata-token: {}", token.trim());
-    let mac = http(host, "GET", "/latest/meta-data/mac", &header, timeout)?;
+    let mac = http(
+        host,
+        "GET",
+        &format!("{base}/latest/meta-data/mac"),
+        &header,
+        timeout,
+    )?;
     mac.trim()
         .parse()
         .map_err(|_| InstallerError::Imds(format!("not a MAC address: {:?}", mac.trim())))
@@ -163,19 +166,16 @@ pub fn imds_meta(
     key: &str,
     timeout: Duration,
 ) -> Result<Option<String>, InstallerError> {
-    let host = endpoint
-        .strip_prefix("http://")
-        .ok_or_else(|| InstallerError::Imds(format!("endpoint {endpoint:?} is not http://")))?
-        .trim_end_matches('/');
+    let (host, base) = split_endpoint(endpoint)?;
     let token = http(
         host,
         "PUT",
-        "/latest/api/token",
+        &format!("{base}/latest/api/token"),
         "X-aws-ec2-metadata-token-ttl-seconds: 60",
         timeout,
     )?;
     let header = format!("X-aws-ec2-metadata-token: {}", token.trim());
-    let path = format!("/latest/meta-data/{key}");
+    let path = format!("{base}/latest/meta-data/{key}");
     match http_status(host, "GET", &path, &header, timeout)? {
         (200, body) => Ok(Some(body.trim().to_owned())),
         (404, _) => Ok(None),
@@ -183,6 +183,24 @@ pub fn imds_meta(
             "GET {path}: HTTP status {status}"
         ))),
     }
+}
+
+/// `http://host[:port][/base]` as `(host[:port], base)`, `base` without its trailing `/`
+/// (empty for the plain endpoint; a path such as the simulator's `/<instance-id>` otherwise).
+fn split_endpoint(endpoint: &str) -> Result<(&str, &str), InstallerError> {
+    let rest = endpoint
+        .strip_prefix("http://")
+        .ok_or_else(|| InstallerError::Imds(format!("endpoint {endpoint:?} is not http://")))?;
+    let (host, base) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if host.is_empty() {
+        return Err(InstallerError::Imds(format!(
+            "endpoint {endpoint:?} has no host"
+        )));
+    }
+    Ok((host, base.trim_end_matches('/')))
 }
 
 /// One HTTP/1.1 request with `Connection: close`; the body of a 200 answer.
@@ -382,6 +400,30 @@ mod tests {
         let seen = server.join().unwrap();
         assert!(seen[1].starts_with("GET /latest/meta-data/local-ipv4 "));
         assert!(seen[3].starts_with("GET /latest/meta-data/ipv6 "));
+    }
+
+    #[test]
+    fn an_endpoint_with_a_path_prefixes_every_request() {
+        let (endpoint, server) = fake_imds(vec![
+            "HTTP/1.1 200 OK\r\n\r\nt",
+            "HTTP/1.1 200 OK\r\n\r\n0a:1b:2c:3d:4e:5f",
+        ]);
+        let mac = imds_mac(&format!("{endpoint}/i-0abc/"), Duration::from_secs(5)).unwrap();
+        assert_eq!(mac.to_string(), "0a:1b:2c:3d:4e:5f");
+        let seen = server.join().unwrap();
+        assert!(
+            seen[0].starts_with("PUT /i-0abc/latest/api/token "),
+            "{}",
+            seen[0]
+        );
+        assert!(
+            seen[1].starts_with("GET /i-0abc/latest/meta-data/mac "),
+            "{}",
+            seen[1]
+        );
+        assert!(split_endpoint("http:///x").is_err());
+        assert!(split_endpoint("https://h").is_err());
+        assert_eq!(split_endpoint("http://h:1").unwrap(), ("h:1", ""));
     }
 
     #[test]

@@ -420,3 +420,49 @@ fn kustomize_renders_every_object_with_an_overridable_image() {
     );
     assert!(!text.contains("image: vpc-cni-rs:"));
 }
+
+/// Kubernetes versions EKS runs clusters on (standard and extended support) whose schemas
+/// `kubernetes-validate` bundles (1.37.0 of the tool has 1.25 to 1.37). Update with EKS's
+/// release calendar.
+const EKS_VERSIONS: &[&str] = &[
+    "1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0", "1.35.0",
+];
+
+#[test]
+fn the_kustomized_manifests_validate_for_every_eks_version() {
+    // What `kubectl apply -k manifests/` sends, whatever the kustomization lists.
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir())
+        .output()
+        .expect("kubectl (scripts/setup-machine.sh installs kubernetes-client)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let documents = serde_yaml::Deserializer::from_str(&text).count();
+    assert!(documents >= OBJECT_MANIFESTS.len(), "{text}");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let rendered = tmp.path().join("aws-node.yaml");
+    std::fs::write(&rendered, &text).expect("write");
+    for version in EKS_VERSIONS {
+        let out = Command::new("kubernetes-validate")
+            .args(["--kubernetes-version", version, "--strict"])
+            .arg(&rendered)
+            .output()
+            .expect("kubernetes-validate (scripts/setup-machine.sh installs it)");
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "Kubernetes {version}: {report}");
+        assert_eq!(
+            report.matches(" passed ").count(),
+            documents,
+            "Kubernetes {version}: every document validated: {report}"
+        );
+    }
+}
