@@ -26,7 +26,7 @@ DEBIAN_SUITE=bookworm
 # Debian packages the runtime files come from (rootfs.sh keeps only what the daemon runs).
 PACKAGES=(ca-certificates iptables nftables containernetworking-plugins)
 # Workspace binaries (package:binary), built with `cargo build --release --locked`, put in /app.
-BINARIES=(ipamd:ipamd vpc-cni-plugin:aws-cni vpc-cni-egress:egress-cni vpc-cni-installer:vpc-cni-install)
+BINARIES=(ipamd:ipamd vpc-cni-plugin:aws-cni vpc-cni-egress:egress-cni vpc-cni-installer:vpc-cni-install vpc-cni-controller:vpc-resource-controller)
 # Reference plugins the init step copies to the host (rootfs.sh puts them in /init).
 INIT_PLUGINS=(loopback portmap bandwidth tuning host-local)
 # Other files of /app: repository path -> image path.

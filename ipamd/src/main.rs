@@ -16,8 +16,10 @@ use ipamd::io::ec2::aws::{AwsEc2, AwsSettings};
 use ipamd::io::imds::{AwsImds, Imds, ImdsSettings};
 use tokio::signal::unix::{signal, SignalKind};
 
-/// How long the daemon keeps serving after the first SIGTERM.
-const GRACE: Duration = Duration::from_secs(30);
+/// How long the daemon keeps serving after the first SIGTERM: under the DaemonSet's
+/// `terminationGracePeriodSeconds` (10, as the reference's), so the process ends itself,
+/// cleanly, before the kubelet's SIGKILL.
+const GRACE: Duration = Duration::from_secs(8);
 
 fn init_logging(cfg: &Config) {
     use tracing_subscriber::filter::{LevelFilter, Targets};

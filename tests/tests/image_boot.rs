@@ -56,7 +56,7 @@ use vpc_sim::sim::SimConfig;
 /// The tag `scripts/build-image.sh` writes (the DaemonSet's image tag).
 const TAG: &str = "0.1.0";
 /// How long the entrypoint may take to exit after SIGTERM: ipamd keeps serving for its
-/// 30 s grace, then stops.
+/// 8 s grace, then stops.
 const STOP_WAIT: Duration = Duration::from_secs(60);
 const PORT: u16 = 7300;
 
