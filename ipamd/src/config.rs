@@ -207,8 +207,16 @@ pub struct Config {
     pub min_eni_age: Duration,
     /// Growth pause after subnet exhaustion (`VPC_CNI_INSUFFICIENT_CAPACITY_BACKOFF`, 120 s).
     pub insufficient_backoff: Duration,
-    /// Reconcile period (`VPC_CNI_RECONCILE_INTERVAL`, default 60 s).
+    /// Reconcile period (`VPC_CNI_RECONCILE_INTERVAL`, default 60 s); the orphan sweep runs
+    /// at the same period.
     pub reconcile_interval: Duration,
+    /// The orphan sweep: releases an assignment older than [`orphan_grace`](Self::orphan_grace)
+    /// whose pod's host veth is absent on two consecutive sweeps (`VPC_CNI_ORPHAN_SWEEP`,
+    /// default on).
+    pub orphan_sweep: bool,
+    /// How old an assignment must be before the orphan sweep may release it
+    /// (`VPC_CNI_ORPHAN_GRACE`, default 5 min: well above the runtime's ADD timeout).
+    pub orphan_grace: Duration,
     /// EC2 pacing.
     pub ec2: Ec2Pacing,
     /// Host networking: ENI routes and rules, SNAT, MTU (`VPC_CNI_HOST_NETWORKING`; default
@@ -818,6 +826,14 @@ impl Config {
             )?,
             reconcile_interval: env
                 .duration("VPC_CNI_RECONCILE_INTERVAL", Duration::from_secs(60))?,
+            orphan_sweep: env.bool("VPC_CNI_ORPHAN_SWEEP", true)?,
+            orphan_grace: {
+                let d = env.duration("VPC_CNI_ORPHAN_GRACE", Duration::from_secs(300))?;
+                if d.is_zero() {
+                    return Err(invalid("VPC_CNI_ORPHAN_GRACE", "0", "must be above 0"));
+                }
+                d
+            },
             ec2,
             host_networking: env.bool("VPC_CNI_HOST_NETWORKING", backend == Backend::Aws)?,
             eni_link_wait: env.duration("VPC_CNI_ENI_LINK_WAIT", Duration::from_secs(30))?,

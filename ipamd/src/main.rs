@@ -163,9 +163,10 @@ async fn run(mut cfg: Config, process_start: std::time::Instant) -> anyhow::Resu
         static_credentials,
     })
     .await;
-    let veth_exists = daemon::host_veth_check()
-        .await
-        .context("listing host links for checkpoint normalisation")?;
+    let veths: Arc<dyn daemon::VethProbe> = Arc::new(
+        daemon::HostVeths::current()
+            .context("netlink in the host namespace (checkpoint normalisation, orphan sweep)")?,
+    );
     let host: Option<Arc<dyn ipamd::io::host::NodeHost>> = if cfg.host_networking {
         let ns = vpc_cni_net::Netns::current().context("opening the host's network namespace")?;
         let h = vpc_cni_net::NetlinkHostNetwork::new(ns).context("host netlink")?;
@@ -181,7 +182,7 @@ async fn run(mut cfg: Config, process_start: std::time::Instant) -> anyhow::Resu
     let deps = Deps {
         ec2: Arc::new(ec2),
         imds,
-        veth_exists,
+        veths,
     };
     let parts = daemon::NodeParts {
         host,

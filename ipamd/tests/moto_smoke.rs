@@ -139,7 +139,7 @@ async fn the_daemon_boots_grows_and_serves_on_moto_in_secondary_ip_mode() {
         Deps {
             ec2: Arc::new(AwsEc2::from_client(c.clone())),
             imds: Arc::new(imds),
-            veth_exists: Arc::new(|_: &str, _: &str| true),
+            veths: Arc::new(ipamd::daemon::AllVethsPresent),
         },
     )
     .await

@@ -77,7 +77,7 @@ async fn deps(cfg: &Config, veth: VethCheck) -> Deps {
     Deps {
         ec2: Arc::new(ec2),
         imds: Arc::new(imds),
-        veth_exists: veth,
+        veths: Arc::new(daemon::FixedVeths(veth)),
     }
 }
 

@@ -155,6 +155,7 @@ impl InstanceMeta {
             "" => {
                 let mut keys = vec![
                     "ami-id",
+                    "iam/",
                     "instance-id",
                     "instance-type",
                     "local-ipv4",
@@ -281,5 +282,323 @@ impl MetaHistory {
             .find(|(t, _)| *t <= horizon)
             .or_else(|| self.entries.front())?;
         entry.1.as_ref()
+    }
+}
+
+/// The instance role's credentials as IMDS serves them
+/// (`meta-data/iam/security-credentials/` and `.../<role>`), and the opt-in check that EC2
+/// requests are signed with them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct CredentialSettings {
+    /// The role's name (the listing under `iam/security-credentials/`).
+    pub role: String,
+    /// How long each issued set is valid, in ms.
+    pub lifetime_ms: u64,
+    /// A new set is issued when the current one has less than this left, in ms (real IMDS
+    /// rotates well before the expiration; the SDK refreshes 10-15 s before it).
+    pub rotate_before_ms: u64,
+    /// EC2 answers `AuthFailure` unless a request is signed (SigV4 `Credential=`) with an
+    /// access key id issued here, not expired, and carries its `X-Amz-Security-Token`.
+    pub check_signatures: bool,
+    /// Serve a malformed credentials document (tests of the client's error handling).
+    pub malformed: bool,
+}
+
+impl Default for CredentialSettings {
+    fn default() -> Self {
+        Self {
+            role: "vpc-sim-node-role".into(),
+            lifetime_ms: 6 * 3_600_000,
+            rotate_before_ms: 3_600_000,
+            check_signatures: false,
+            malformed: false,
+        }
+    }
+}
+
+/// One issued credential set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCredentials {
+    /// `AccessKeyId` (`ASIA...`).
+    pub access_key_id: String,
+    /// `SecretAccessKey`.
+    pub secret_access_key: String,
+    /// `Token` (the session token).
+    pub token: String,
+    /// Issued at (Unix ms).
+    pub issued_ms: u64,
+    /// `Expiration` (Unix ms).
+    pub expires_ms: u64,
+}
+
+/// The role's credentials: what was issued, and which key signed each EC2 request.
+#[derive(Debug, Clone, Default)]
+pub struct RoleCredentials {
+    settings: CredentialSettings,
+    issued: Vec<IssuedCredentials>,
+    signed_by: BTreeMap<String, u64>,
+    refused: u64,
+}
+
+const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn random_text(rng: &mut crate::rng::SimRng, alphabet: &[u8], len: usize) -> String {
+    (0..len)
+        .map(|_| alphabet[rng.below(alphabet.len() as u64) as usize] as char)
+        .collect()
+}
+
+impl RoleCredentials {
+    /// A store with `settings` and nothing issued yet.
+    pub fn new(settings: CredentialSettings) -> Self {
+        Self {
+            settings,
+            ..Self::default()
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &CredentialSettings {
+        &self.settings
+    }
+
+    /// Every set issued so far, oldest first.
+    pub fn issued(&self) -> &[IssuedCredentials] {
+        &self.issued
+    }
+
+    /// EC2 requests accepted per access key id (only counted while signatures are checked).
+    pub fn signed_by(&self) -> &BTreeMap<String, u64> {
+        &self.signed_by
+    }
+
+    /// EC2 requests refused with `AuthFailure`.
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+
+    /// The set valid at `now_ms` (Unix), a new one when the current has less than
+    /// `rotate_before_ms` left.
+    fn current(&mut self, now_ms: u64, rng: &mut crate::rng::SimRng) -> IssuedCredentials {
+        let fresh = self
+            .issued
+            .last()
+            .filter(|c| c.expires_ms.saturating_sub(now_ms) > self.settings.rotate_before_ms)
+            .cloned();
+        if let Some(c) = fresh {
+            return c;
+        }
+        let c = IssuedCredentials {
+            access_key_id: format!("ASIA{}", random_text(rng, ALNUM, 16)),
+            secret_access_key: random_text(rng, B64, 40),
+            token: format!("IQoJb3JpZ2luX2Vj{}", random_text(rng, B64, 120)),
+            issued_ms: now_ms,
+            expires_ms: now_ms + self.settings.lifetime_ms,
+        };
+        self.issued.push(c.clone());
+        // Expired sets are forgotten (bounded however long the run).
+        self.issued
+            .retain(|i| i.expires_ms > now_ms || i.access_key_id == c.access_key_id);
+        c
+    }
+
+    /// The answer for `meta_path` (relative to `meta-data/`) at Unix time `now_ms`, or `None`
+    /// when it is not a credentials path (`Some(None)`: a credentials path that is a 404).
+    pub fn get(
+        &mut self,
+        now_ms: u64,
+        rng: &mut crate::rng::SimRng,
+        meta_path: &str,
+    ) -> Option<Option<String>> {
+        let p = meta_path.trim_start_matches('/');
+        let rest = p.strip_prefix("iam")?;
+        let rest = rest.trim_start_matches('/');
+        if rest.trim_end_matches('/').is_empty() {
+            return Some(Some("security-credentials/".into()));
+        }
+        let rest = rest.strip_prefix("security-credentials")?;
+        let role = rest.trim_start_matches('/').trim_end_matches('/');
+        if role.is_empty() {
+            return Some(Some(self.settings.role.clone()));
+        }
+        if role != self.settings.role {
+            return Some(None);
+        }
+        let c = self.current(now_ms, rng);
+        if self.settings.malformed {
+            // Truncated mid-document, the expiration not a date.
+            return Some(Some(format!(
+                "{{\n  \"Code\" : \"Success\",\n  \"Type\" : \"AWS-HMAC\",\n  \"AccessKeyId\" : \"{}\",\n  \"Expiration\" : \"tomorrow\",\n  \"SecretAccessKey\" : ",
+                c.access_key_id
+            )));
+        }
+        let doc = serde_json::json!({
+            "Code": "Success",
+            "LastUpdated": crate::xml::iso8601(c.issued_ms),
+            "Type": "AWS-HMAC",
+            "AccessKeyId": c.access_key_id,
+            "SecretAccessKey": c.secret_access_key,
+            "Token": c.token,
+            "Expiration": crate::xml::iso8601(c.expires_ms),
+        });
+        Some(serde_json::to_string_pretty(&doc).ok())
+    }
+
+    /// With `check_signatures`: whether an EC2 request with these `Authorization` and
+    /// `X-Amz-Security-Token` headers, at Unix time `now_ms`, is signed with an issued,
+    /// unexpired set (`Err`: the `AuthFailure` message). Always `Ok` otherwise.
+    pub fn check(
+        &mut self,
+        now_ms: u64,
+        authorization: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<(), String> {
+        if !self.settings.check_signatures {
+            return Ok(());
+        }
+        let r = self.verdict(now_ms, authorization, token);
+        match &r {
+            Ok(akid) => *self.signed_by.entry(akid.clone()).or_default() += 1,
+            Err(_) => self.refused += 1,
+        }
+        r.map(|_| ())
+    }
+
+    fn verdict(
+        &self,
+        now_ms: u64,
+        authorization: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<String, String> {
+        let auth = authorization.ok_or("AWS was not able to validate the provided access credentials (no Authorization header)")?;
+        let akid = auth
+            .strip_prefix("AWS4-HMAC-SHA256 ")
+            .and_then(|rest| {
+                rest.split(',')
+                    .map(str::trim)
+                    .find_map(|f| f.strip_prefix("Credential="))
+            })
+            .and_then(|c| c.split('/').next())
+            .filter(|k| !k.is_empty())
+            .ok_or("AWS was not able to validate the provided access credentials (not a SigV4 Authorization header)")?;
+        let c = self
+            .issued
+            .iter()
+            .find(|c| c.access_key_id == akid)
+            .ok_or_else(|| format!("AWS was not able to validate the provided access credentials (unknown access key id {akid})"))?;
+        if c.expires_ms <= now_ms {
+            return Err(format!(
+                "AWS was not able to validate the provided access credentials (the credentials of {akid} expired)"
+            ));
+        }
+        if token != Some(c.token.as_str()) {
+            return Err(format!(
+                "AWS was not able to validate the provided access credentials (missing or wrong X-Amz-Security-Token for {akid})"
+            ));
+        }
+        Ok(akid.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::*;
+    use crate::rng::SimRng;
+
+    fn sign(c: &IssuedCredentials) -> String {
+        format!(
+            "AWS4-HMAC-SHA256 Credential={}/20260101/us-east-1/ec2/aws4_request, SignedHeaders=host;x-amz-date, Signature=00",
+            c.access_key_id
+        )
+    }
+
+    fn doc(r: &mut RoleCredentials, rng: &mut SimRng, now: u64) -> serde_json::Value {
+        let body = r
+            .get(now, rng, "iam/security-credentials/vpc-sim-node-role")
+            .flatten()
+            .expect("a document");
+        serde_json::from_str(&body).expect("JSON")
+    }
+
+    #[test]
+    fn the_role_is_listed_and_its_document_rotates_before_expiry() {
+        let mut rng = SimRng::new(1);
+        let mut r = RoleCredentials::new(CredentialSettings {
+            lifetime_ms: 30_000,
+            rotate_before_ms: 15_000,
+            ..CredentialSettings::default()
+        });
+        assert_eq!(
+            r.get(0, &mut rng, "iam/security-credentials/"),
+            Some(Some("vpc-sim-node-role".into()))
+        );
+        assert_eq!(
+            r.get(0, &mut rng, "iam/security-credentials/other"),
+            Some(None)
+        );
+        assert_eq!(r.get(0, &mut rng, "instance-id"), None);
+        let t0 = 1_700_000_000_000;
+        let a = doc(&mut r, &mut rng, t0);
+        for f in ["AccessKeyId", "SecretAccessKey", "Token", "Expiration"] {
+            assert!(a[f].as_str().is_some_and(|v| !v.is_empty()), "{f}: {a}");
+        }
+        assert_eq!(a["Expiration"], crate::xml::iso8601(t0 + 30_000));
+        // Same set until less than 15 s are left, then a new one.
+        assert_eq!(
+            doc(&mut r, &mut rng, t0 + 15_000)["AccessKeyId"],
+            a["AccessKeyId"]
+        );
+        let b = doc(&mut r, &mut rng, t0 + 15_001);
+        assert_ne!(b["AccessKeyId"], a["AccessKeyId"]);
+        assert_eq!(r.issued().len(), 2);
+    }
+
+    #[test]
+    fn only_issued_unexpired_keys_with_their_token_pass_the_check() {
+        let mut rng = SimRng::new(2);
+        let mut r = RoleCredentials::new(CredentialSettings {
+            lifetime_ms: 30_000,
+            rotate_before_ms: 15_000,
+            check_signatures: true,
+            ..CredentialSettings::default()
+        });
+        let t0 = 1_700_000_000_000;
+        doc(&mut r, &mut rng, t0);
+        let c = r.issued()[0].clone();
+        assert_eq!(r.check(t0, Some(&sign(&c)), Some(&c.token)), Ok(()));
+        assert!(r.check(t0, Some(&sign(&c)), None).is_err());
+        assert!(r.check(t0, Some(&sign(&c)), Some("other")).is_err());
+        assert!(r.check(t0, None, Some(&c.token)).is_err());
+        let mut forged = c.clone();
+        forged.access_key_id = "AKIDEXAMPLE".into();
+        let e = r
+            .check(t0, Some(&sign(&forged)), Some(&c.token))
+            .unwrap_err();
+        assert!(e.contains("AKIDEXAMPLE"), "{e}");
+        assert!(!e.contains(&c.secret_access_key) && !e.contains(&c.token));
+        let e = r
+            .check(t0 + 30_000, Some(&sign(&c)), Some(&c.token))
+            .unwrap_err();
+        assert!(e.contains("expired"), "{e}");
+        assert_eq!(r.signed_by().get(&c.access_key_id), Some(&1));
+        assert_eq!(r.refused(), 5);
+        // Off: nothing checked.
+        let mut off = RoleCredentials::new(CredentialSettings::default());
+        assert_eq!(off.check(t0, None, None), Ok(()));
+    }
+
+    #[test]
+    fn a_malformed_document_is_not_json() {
+        let mut rng = SimRng::new(3);
+        let mut r = RoleCredentials::new(CredentialSettings {
+            malformed: true,
+            ..CredentialSettings::default()
+        });
+        let body = r
+            .get(0, &mut rng, "iam/security-credentials/vpc-sim-node-role")
+            .flatten()
+            .unwrap();
+        assert!(serde_json::from_str::<serde_json::Value>(&body).is_err());
     }
 }

@@ -125,6 +125,20 @@ async fn read_body(req: Request<Incoming>) -> Option<Bytes> {
 struct Dropped;
 
 async fn ec2(shared: Shared, req: Request<Incoming>) -> Result<Response<Body>, Dropped> {
+    let header = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (authorization, token) = (header("authorization"), header("x-amz-security-token"));
+    if let Err(message) =
+        shared.with(|s| s.check_ec2_credentials(authorization.as_deref(), token.as_deref()))
+    {
+        let e = crate::error::ApiError::new("AuthFailure", message);
+        let body = crate::xml::error(&e, "00000000-0000-4000-8000-000000000000");
+        return Ok(reply(401, "text/xml;charset=UTF-8", body));
+    }
     let query = req.uri().query().map(|q| q.as_bytes().to_vec());
     let is_post = req.method() == Method::POST;
     let body = if is_post {

@@ -13,7 +13,7 @@ use crate::control::{
 };
 use crate::error::ApiError;
 use crate::hooks::{Hooks, NoHooks};
-use crate::imds::{InstanceMeta, MetaHistory};
+use crate::imds::{CredentialSettings, InstanceMeta, MetaHistory, RoleCredentials};
 use crate::model::{check_invariants, EniStatus, InstanceState, Model, ModelConfig};
 use crate::query::{self, Params};
 use crate::rng::SimRng;
@@ -114,6 +114,9 @@ pub struct Simulator {
     imds_delay_ms: u64,
     tokens: HashMap<String, u64>,
     epoch_ms: u64,
+    credentials: RoleCredentials,
+    /// Draws for credentials only, so that fetching them does not change the other draws.
+    credentials_rng: SimRng,
 }
 
 impl std::fmt::Debug for Simulator {
@@ -155,7 +158,30 @@ impl Simulator {
             imds_delay_ms: cfg.imds_delay_ms,
             tokens: HashMap::new(),
             epoch_ms: cfg.epoch_ms,
+            credentials: RoleCredentials::new(CredentialSettings::default()),
+            credentials_rng: SimRng::new(cfg.seed ^ 0xC4ED_0000_0000_0002),
         }
+    }
+
+    /// Replaces the instance role's credential settings (what was issued is forgotten).
+    pub fn set_credentials(&mut self, settings: CredentialSettings) {
+        self.credentials = RoleCredentials::new(settings);
+    }
+
+    /// The instance role's credentials: issued sets, and which key signed EC2 requests.
+    pub fn credentials(&self) -> &RoleCredentials {
+        &self.credentials
+    }
+
+    /// With [`CredentialSettings::check_signatures`]: whether an EC2 request with these
+    /// `Authorization` and `X-Amz-Security-Token` headers is signed with issued, unexpired
+    /// credentials (`Err`: the `AuthFailure` message).
+    pub fn check_ec2_credentials(
+        &mut self,
+        authorization: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<(), String> {
+        self.credentials.check(unix_ms(), authorization, token)
     }
 
     /// Installs the hooks called after each state change.
@@ -379,6 +405,26 @@ impl Simulator {
                 ttl: None,
             };
         }
+        if let Some(md) = path.trim_start_matches('/').strip_prefix("meta-data/") {
+            // Credentials expire in real time: clients compare them with their own clock.
+            if let Some(ans) = self
+                .credentials
+                .get(unix_ms(), &mut self.credentials_rng, md)
+            {
+                return match ans {
+                    Some(body) => ImdsAnswer {
+                        status: 200,
+                        body,
+                        ttl: None,
+                    },
+                    None => ImdsAnswer {
+                        status: 404,
+                        body: "Not Found".into(),
+                        ttl: None,
+                    },
+                };
+            }
+        }
         let id = match instance {
             Some(i) => Some(i.to_owned()),
             None => self.default_instance(),
@@ -441,4 +487,11 @@ impl Simulator {
             "latency": self.latency,
         })
     }
+}
+
+/// Wall-clock Unix time in ms.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -193,6 +193,13 @@ impl Ipamd {
         self
     }
 
+    /// Unsets an environment variable of the next starts (e.g. the static EC2 credentials
+    /// [`Ipamd::new`] sets, so that the daemon takes the instance role's from IMDS).
+    pub fn unset_env(&mut self, key: impl Into<OsString>) -> &mut Self {
+        self.env.remove(&key.into());
+        self
+    }
+
     /// The gRPC socket the plugin talks to.
     pub fn socket(&self) -> PathBuf {
         self.dir.join("ipamd.sock")

@@ -11,11 +11,12 @@
 //!   `aws-cni` binary into a real pod namespace instead. The runtime's semantics: an ADD that
 //!   failed or was abandoned (the client gave up before the answer) is followed by a DEL; some
 //!   DELs are repeated; a DEL that failed because ipamd was down is retried after the restart.
-//!   The DEL after an abandoned ADD comes [`ABANDONED_DEL_AFTER`] operations later, as a
-//!   runtime's does after its timeout. Sent at once, it was seen to be served before the
-//!   abandoned ADD (ipamd answered "unknown pod", then assigned the ADD's address, with no log
-//!   line for either): the address then stays assigned to a pod that is gone until the next
-//!   restart drops the entry (its veth is gone).
+//!   The DEL after an abandoned ADD is sent at once, and the pod's host veth goes with it: it
+//!   may be served before the abandoned ADD (ipamd answers "unknown pod", then assigns the
+//!   late ADD's address to a pod that is gone). ipamd's orphan sweep releases such an address
+//!   once it is older than [`ORPHAN_GRACE`] and its veth was absent on two consecutive sweeps;
+//!   every release it logs must be of a pod whose ADD was abandoned or failed (a live pod's
+//!   would be a bug), and the end checks find no address left to one.
 //!   At most [`MAX_LIVE`] pods hold addresses at once (the m5.large's 27 secondary addresses);
 //!   the number alive follows a seeded random target, so the pool grows and shrinks by whole
 //!   ENIs.
@@ -71,8 +72,11 @@ const DEFAULT_OPS: usize = 1000;
 /// Most pods holding an address at once (live plus those whose DEL is still owed): an
 /// m5.large has 3 ENIs of 10 addresses, 27 of them secondary.
 const MAX_LIVE: usize = 27;
-/// Operations between an ADD the client abandoned and the runtime's DEL for it.
-const ABANDONED_DEL_AFTER: usize = 5;
+/// ipamd's orphan grace (`VPC_CNI_ORPHAN_GRACE`): short, so that the orphans of abandoned
+/// ADDs are released during the run.
+const ORPHAN_GRACE: Duration = Duration::from_secs(2);
+/// What ipamd logs when its orphan sweep releases an address.
+const ORPHAN_RELEASED: &str = "released an orphaned address";
 /// One new pod in this many goes through the real plugin binary and a real namespace.
 const PLUGIN_EVERY: u64 = 12;
 /// How long an ADD keeps asking while ipamd has no free address (the plugin's
@@ -215,8 +219,7 @@ struct Owed {
     name: String,
     /// For a plugin pod: its namespace and, when known, the ADD result.
     plugin: Option<(TestNetns, Option<serde_json::Value>)>,
-    /// Not sent before this operation (with ipamd running): the runtime's DEL after an ADD
-    /// it gave up on comes later, once the plugin is gone, not microseconds after.
+    /// Not sent before this operation (with ipamd running).
     due: usize,
 }
 
@@ -391,6 +394,9 @@ struct Soak<'a> {
     stats: Stats,
     op: usize,
     next_pod: usize,
+    /// Pods whose ADD was abandoned or failed: the only ones whose address the orphan sweep
+    /// may release.
+    may_be_orphaned: BTreeSet<String>,
 }
 
 #[test]
@@ -444,6 +450,10 @@ fn run(seed: u64, scale: Scale, tmp: &Path) -> anyhow::Result<()> {
         )
         .env("VPC_CNI_LEAKED_ENI_DELAY", "0s")
         .env("VPC_CNI_LEAKED_ENI_INTERVAL", "2s")
+        .env(
+            "VPC_CNI_ORPHAN_GRACE",
+            format!("{}ms", ORPHAN_GRACE.as_millis()),
+        )
         .env("VPC_CNI_EC2_RETRY_BASE", "50ms");
     let plugin = Plugin::new(cni_bin, &ns, ipamd.socket())?.with_pool_wait(POOL_WAIT.as_secs_f64());
     let rpc = Rpc::new(ipamd.socket(), &ns)?;
@@ -464,6 +474,7 @@ fn run(seed: u64, scale: Scale, tmp: &Path) -> anyhow::Result<()> {
         stats: Stats::default(),
         op: 0,
         next_pod: 0,
+        may_be_orphaned: BTreeSet::new(),
     };
     let started = Instant::now();
     let r = soak.churn(&bursts);
@@ -473,6 +484,7 @@ fn run(seed: u64, scale: Scale, tmp: &Path) -> anyhow::Result<()> {
     });
     soak.print_report(first_seq);
     let mem = soak.memory_checks();
+    let r = r.and_then(|()| soak.orphan_checks());
     if let Err(e) = r {
         bail!(
             "{e:#}\n--- ipamd log (tail) ---\n{}",
@@ -659,6 +671,7 @@ impl Soak<'_> {
                     Ok(true)
                 }
                 Err(e) => {
+                    self.may_be_orphaned.insert(name.clone());
                     if self.stats.plugin_add_failures.len() < 5 {
                         self.stats
                             .plugin_add_failures
@@ -691,10 +704,12 @@ impl Soak<'_> {
             }
             AddOutcome::Abandoned => {
                 self.stats.adds_abandoned += 1;
+                self.may_be_orphaned.insert(name.clone());
+                // The runtime's DEL follows at once (in after_op).
                 self.owed.push(Owed {
                     name,
                     plugin: None,
-                    due: self.op + ABANDONED_DEL_AFTER,
+                    due: self.op,
                 });
                 Ok(true)
             }
@@ -709,6 +724,7 @@ impl Soak<'_> {
                 Ok(true)
             }
             AddOutcome::Failed(e) => {
+                self.may_be_orphaned.insert(name.clone());
                 self.owed.push(Owed {
                     name,
                     plugin: None,
@@ -1121,6 +1137,31 @@ impl Soak<'_> {
                 series.join(" ")
             );
         }
+    }
+
+    /// Every address ipamd's orphan sweep released (its log, over every process) was held
+    /// by a pod whose ADD was abandoned or failed: never by a live pod. Prints how many.
+    fn orphan_checks(&self) -> anyhow::Result<()> {
+        let log = self.ipamd.log();
+        let mut released = Vec::new();
+        for line in log.lines().filter(|l| l.contains(ORPHAN_RELEASED)) {
+            let pod = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("pod=default/"))
+                .with_context(|| format!("orphan release without a pod name: {line}"))?;
+            ensure!(
+                self.may_be_orphaned.contains(pod),
+                "the orphan sweep released the address of {pod}, whose ADD was acknowledged: \
+                 {line}"
+            );
+            released.push(pod.to_owned());
+        }
+        eprintln!(
+            "soak: orphan sweep: {} addresses released ({} ADDs abandoned or failed): {released:?}",
+            released.len(),
+            self.may_be_orphaned.len()
+        );
+        Ok(())
     }
 
     /// Descriptors flat in every segment with at least 5 samples; RSS flat over the longest

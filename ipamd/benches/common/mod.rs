@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipamd::config::{Config, SimSettings};
-use ipamd::daemon::{self, Daemon, Deps, VethCheck};
+use ipamd::daemon::{self, Daemon, Deps};
 use ipamd::io::ec2::aws::{AwsEc2, AwsSettings};
 use ipamd::io::imds::{AwsImds, ImdsSettings};
 use ipamd::io::sim_backend::{self, SimNode, SIM_CREDENTIALS, SIM_REGION};
@@ -112,13 +112,13 @@ pub async fn start(cfg: &Config) -> Daemon {
         static_credentials: Some((SIM_CREDENTIALS.0.into(), SIM_CREDENTIALS.1.into())),
     })
     .await;
-    let veth: VethCheck = Arc::new(|_: &str, _: &str| true);
     daemon::start(
         cfg,
         Deps {
             ec2: Arc::new(ec2),
             imds: Arc::new(imds),
-            veth_exists: veth,
+            // No veths here: every pod counts as present (restore and orphan sweep).
+            veths: Arc::new(daemon::AllVethsPresent),
         },
     )
     .await

@@ -40,8 +40,9 @@ use crate::store::family::{Family, V4};
 use crate::types::Ipv4Net;
 pub use v6::{start_v6, DaemonV6};
 
-/// Whether the host veth of pod (namespace, name) exists.
-pub type VethCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+pub use crate::run::orphans::{
+    veth_check_from_names, AllVethsPresent, FixedVeths, HostVeths, VethCheck, VethProbe,
+};
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +89,9 @@ pub enum DaemonError {
     /// Custom networking cannot be set up (no API server, no ENIConfig, unknown subnet).
     #[error("custom networking: {0}")]
     CustomNetworking(String),
+    /// The host veths could not be read for checkpoint normalisation.
+    #[error("host veths: {0}")]
+    Veths(String),
 }
 
 /// The optional parts of a node daemon.
@@ -226,30 +230,15 @@ pub struct Deps {
     pub ec2: Arc<dyn Ec2Api>,
     /// Instance metadata.
     pub imds: Arc<dyn Imds>,
-    /// Host veth existence, for checkpoint normalisation.
-    pub veth_exists: VethCheck,
+    /// The host veths: read once for checkpoint normalisation, then on each orphan sweep
+    /// ([`AllVethsPresent`] for harnesses that create none).
+    pub veths: Arc<dyn VethProbe>,
 }
 
 impl std::fmt::Debug for Deps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Deps").finish_non_exhaustive()
     }
-}
-
-/// A veth check over the links of the daemon's own network namespace: a pod's veth exists when
-/// a link name ends with its 11-hex hash (whatever the veth prefix). Read-only.
-pub async fn host_veth_check() -> Result<VethCheck, vpc_cni_net::NetError> {
-    let nl = vpc_cni_net::Netlink::current()?;
-    let names: Vec<String> = nl.links().await?.into_iter().map(|l| l.name).collect();
-    Ok(veth_check_from_names(names))
-}
-
-/// A veth check over a fixed list of link names.
-pub fn veth_check_from_names(names: Vec<String>) -> VethCheck {
-    Arc::new(move |ns: &str, name: &str| {
-        let hash = vpc_cni_net::names::pod_hash(ns, name, 0);
-        names.iter().any(|n| n.ends_with(&hash))
-    })
 }
 
 /// Records every EC2 call's latency and outcome in the metrics.
@@ -817,7 +806,8 @@ async fn start_inner(
     }
 
     // 3. Checkpoint restore with normalisation.
-    let store = restore_checkpoint(cfg, &mut ds, &deps.veth_exists)?;
+    let veths_now = deps.veths.snapshot().await.map_err(DaemonError::Veths)?;
+    let store = restore_checkpoint(cfg, &mut ds, &veths_now)?;
     let restored_ips: Vec<std::net::Ipv4Addr> = ds
         .enis()
         .values()
@@ -1068,6 +1058,9 @@ async fn start_inner(
         let (period, rx) = (cfg.reconcile_interval, rx.clone());
         tasks.push(tokio::spawn(async move { r.run(period, rx).await }));
     }
+    if let Some(t) = orphan_sweep(cfg, &state, &deps, &metrics, &rx) {
+        tasks.push(t);
+    }
     if !cfg.disable_leaked_eni_cleanup && !cfg.disable_provisioning {
         let (ec2, pacer, rx) = (ec2.clone(), pacer.clone(), rx.clone());
         let (vpc, cluster) = (primary.vpc_id.clone(), cfg.cluster_name.clone());
@@ -1098,6 +1091,26 @@ async fn start_inner(
         tasks,
         with_api_server: k8s.is_some(),
     })
+}
+
+/// The orphan sweep's task (`None` when `VPC_CNI_ORPHAN_SWEEP` is off), at the reconcile
+/// period.
+fn orphan_sweep<F: Family>(
+    cfg: &Config,
+    state: &Arc<PoolState<F>>,
+    deps: &Deps,
+    metrics: &Metrics,
+    rx: &watch::Receiver<bool>,
+) -> Option<JoinHandle<()>> {
+    if !cfg.orphan_sweep {
+        tracing::info!("orphan sweep off (VPC_CNI_ORPHAN_SWEEP=false)");
+        return None;
+    }
+    let sweep =
+        crate::run::orphans::OrphanSweep::new(state.clone(), deps.veths.clone(), cfg.orphan_grace)
+            .with_counter(metrics.orphaned_ips_released.clone());
+    let (period, rx) = (cfg.reconcile_interval, rx.clone());
+    Some(tokio::spawn(sweep.run(period, rx)))
 }
 
 /// Where the demand flavour keeps its request history: beside the checkpoint.
@@ -1322,12 +1335,14 @@ impl Reconciler {
             })
             .collect();
         let released = self.pool.recently_released();
+        let freeing = self.pool.freeing_enis();
         let report = crate::run::reconcile::reconcile_once(
             &self.state,
             self.ec2.as_ref(),
             &self.pacer,
             &imds,
             &released,
+            &freeing,
             &self.settings,
         )
         .await

@@ -202,7 +202,8 @@ async fn start_inner(
         })?;
 
     // 3. Checkpoint restore with normalisation.
-    let store = restore_checkpoint(cfg, &mut ds, &deps.veth_exists)?;
+    let veths_now = deps.veths.snapshot().await.map_err(DaemonError::Veths)?;
+    let store = restore_checkpoint(cfg, &mut ds, &veths_now)?;
     let state = Arc::new(PoolState::new(ds, Box::new(store), clock));
     state.mutate_and_save(|_| ()).await?;
 
@@ -248,7 +249,10 @@ async fn start_inner(
         },
     )
     .with_events(reporter);
-    let serving = serve(cfg, &state, backend, &metrics).await?;
+    let mut serving = serve(cfg, &state, backend, &metrics).await?;
+    if let Some(t) = super::orphan_sweep(cfg, &state, &deps, &metrics, &serving.rx) {
+        serving.tasks.push(t);
+    }
     tracing::info!(prefix = %prefix, "IPv6 mode: pods get addresses of the /80; no warm pool");
     let with_api = parts.k8s.is_some();
     Ok((

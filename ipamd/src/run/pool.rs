@@ -3,7 +3,7 @@
 //! host and unwires those it frees, then frees an ENI when the planner says so. Growth pauses
 //! after EC2 says the subnet is full (the planner remembers when).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -143,6 +143,9 @@ pub struct PoolManager {
     pacer: Arc<Pacer>,
     planner: Mutex<PoolPlanner>,
     released: Mutex<BTreeMap<Ipv4Net, Duration>>,
+    /// ENIs [`free_eni`](Self::free_eni) took out of the datastore: `None` while it runs,
+    /// then when its detach was sent (kept for [`RECONCILE_COOLDOWN`]).
+    freeing: Mutex<BTreeMap<String, Option<Duration>>>,
     tick_period: Duration,
     host: Option<PoolHost>,
     demand_file: Option<std::path::PathBuf>,
@@ -180,6 +183,7 @@ impl PoolManager {
             pacer,
             planner: Mutex::new(PoolPlanner::new(cfg, limits, unmanaged_enis)),
             released: Mutex::new(BTreeMap::new()),
+            freeing: Mutex::new(BTreeMap::new()),
             tick_period,
             host: None,
             demand_file: None,
@@ -557,6 +561,17 @@ impl PoolManager {
         Ok(())
     }
 
+    /// ENIs being freed, or whose detach was sent less than [`RECONCILE_COOLDOWN`] ago:
+    /// reconcile must not adopt them (IMDS and EC2 list them as attached here until the
+    /// detach completes; adopted, their addresses would be given to pods on an ENI about to
+    /// go).
+    pub fn freeing_enis(&self) -> BTreeSet<String> {
+        let now = self.state.now();
+        let mut f = lock(&self.freeing);
+        f.retain(|_, t| t.is_none_or(|t| now.saturating_sub(t) < RECONCILE_COOLDOWN));
+        f.keys().cloned().collect()
+    }
+
     /// CIDRs released to EC2 in the last [`RECONCILE_COOLDOWN`], with when
     /// (reconcile must not re-add them while EC2 or IMDS may still list them).
     pub fn recently_released(&self) -> BTreeMap<Ipv4Net, Duration> {
@@ -850,6 +865,24 @@ impl PoolManager {
     }
 
     async fn free_eni(&self, id: &str) -> Result<(), PoolError> {
+        // Reconcile leaves the ENI alone from before it leaves the datastore.
+        lock(&self.freeing).insert(id.to_owned(), None);
+        let mut detach_sent = false;
+        let res = self.free_eni_inner(id, &mut detach_sent).await;
+        let mut f = lock(&self.freeing);
+        if detach_sent {
+            // Still listed as attached until the detach completes (or the answer was lost and
+            // it did): not adopted for the cooldown.
+            f.insert(id.to_owned(), Some(self.state.now()));
+        } else {
+            // Never detached (still in the datastore, or EC2 failed before the detach): a
+            // reconcile may adopt it again, which is how its addresses come back.
+            f.remove(id);
+        }
+        res
+    }
+
+    async fn free_eni_inner(&self, id: &str, detach_sent: &mut bool) -> Result<(), PoolError> {
         // Out of the datastore first, so that nothing is assigned from it meanwhile.
         let primary_ip = self.state.lock().eni(id).map(|e| e.primary_ip);
         if self.state.lock().remove_eni(id, false).is_err() {
@@ -879,6 +912,7 @@ impl PoolManager {
             }
         };
         if let Some(a) = attachment {
+            *detach_sent = true;
             self.pacer
                 .call("DetachNetworkInterface", || {
                     let (ec2, att) = (ec2.clone(), a.id.clone());
@@ -1263,6 +1297,99 @@ mod tests {
         }
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(n.pool.recently_released().is_empty());
+    }
+
+    // free_eni takes the ENI out of the datastore before its describe, detach and delete
+    // finish; IMDS and EC2 list it as attached here meanwhile (in real EC2 until the detach
+    // completes, seconds after the call). A reconcile in that window must not adopt it back:
+    // pods would get addresses on an ENI about to be deleted, and the datastore would keep
+    // an ENI EC2 no longer has.
+    #[tokio::test(start_paused = true)]
+    async fn an_eni_being_freed_is_not_adopted_back_by_a_reconcile_meanwhile() {
+        use crate::plan::reconcile::{ImdsEni, ReconcileSettings};
+        let n = node(&[], "10.0.0.0/20");
+        n.pool.settle().await.unwrap();
+        pods(&n.state, 0, 1).await;
+        n.pool.settle().await.unwrap();
+        assert_eq!(n.state.lock().enis().len(), 2);
+        unpods(&n.state, 0, 1).await;
+        // Past the cooldown and the minimum ENI age: the next tick frees the second ENI.
+        tokio::time::advance(Duration::from_secs(661)).await;
+        let imds: Vec<ImdsEni> = {
+            let st = n.ec2.state();
+            st.enis
+                .values()
+                .filter_map(|e| {
+                    let a = e.attachment.as_ref()?;
+                    Some(ImdsEni {
+                        id: e.id.clone(),
+                        mac: e.mac.clone(),
+                        device_number: a.device_index,
+                        network_card: a.network_card,
+                        subnet_id: e.subnet_id.clone(),
+                        subnet_cidr: Some(st.subnet.cidr),
+                        primary_ip: e.primary_ip,
+                        secondary_ips: e.secondary_ips.clone(),
+                        prefixes: e.prefixes.clone(),
+                    })
+                })
+                .collect()
+        };
+        let instance_id = n.ec2.state().instance_id.clone();
+        let settings =
+            ReconcileSettings::from_config(&Config::for_test(&[]).unwrap(), &instance_id);
+        // The free's DescribeNetworkInterfaces is throttled once: its retry waits at least
+        // 200 ms, the ENI out of the datastore and still attached.
+        n.ec2
+            .fail("DescribeNetworkInterfaces", "RequestLimitExceeded", 1);
+        let during = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let freeing = n.pool.freeing_enis();
+            let r = crate::run::reconcile::reconcile_once(
+                &n.state,
+                &n.ec2,
+                n.pool.pacer(),
+                &imds,
+                &n.pool.recently_released(),
+                &freeing,
+                &settings,
+            )
+            .await;
+            (freeing, r)
+        };
+        let (ticked, (freeing, reconciled)) = tokio::join!(n.pool.tick(), during);
+        let freed = ticked.unwrap().freed_eni.expect("an ENI freed");
+        reconciled.unwrap();
+        assert_eq!(n.ec2.count("DescribeNetworkInterfaces"), 2, "retried once");
+        assert!(freeing.contains(&freed), "{freeing:?}");
+        assert!(
+            n.state.lock().eni(&freed).is_none(),
+            "the ENI being freed was adopted back"
+        );
+        assert!(!n.ec2.state().enis.contains_key(&freed), "deleted in EC2");
+        // Skipped for the cooldown after its detach, then forgotten.
+        assert!(n.pool.freeing_enis().contains(&freed));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(n.pool.freeing_enis().is_empty());
+    }
+
+    // An ENI whose free failed before its detach is still attached and usable: a reconcile
+    // may adopt it again (that is how its addresses come back), so it is not skipped.
+    #[tokio::test(start_paused = true)]
+    async fn an_eni_whose_free_failed_before_the_detach_is_not_skipped() {
+        let n = node(&[], "10.0.0.0/20");
+        n.pool.settle().await.unwrap();
+        pods(&n.state, 0, 1).await;
+        n.pool.settle().await.unwrap();
+        unpods(&n.state, 0, 1).await;
+        // Past the cooldown and the minimum ENI age: the next tick frees the second ENI.
+        tokio::time::advance(Duration::from_secs(661)).await;
+        n.ec2
+            .fail("DescribeNetworkInterfaces", "UnauthorizedOperation", 1);
+        assert!(n.pool.tick().await.is_err());
+        assert_eq!(n.state.lock().enis().len(), 1, "out of the datastore");
+        assert_eq!(n.ec2.state().enis.len(), 2, "still in EC2");
+        assert!(n.pool.freeing_enis().is_empty());
     }
 
     // Found by the e2e soak: while an UnassignPrivateIpAddresses is in flight (here waiting

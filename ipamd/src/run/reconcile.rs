@@ -3,7 +3,7 @@
 //! written) and EC2 (tags); and the leaked-ENI cleanups (hourly, and this instance's own
 //! leftovers at start).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -177,15 +177,29 @@ fn add(ds: &mut DataStore, eni: &str, ips: &[Ipv4Addr], prefixes: &[Ipv4Net]) ->
 
 /// One reconcile run: compares the datastore with IMDS, asks EC2 about the ENIs that differ
 /// (one `DescribeNetworkInterfaces`, none when IMDS agrees), plans and applies. An EC2 failure
-/// changes nothing (the next run tries again).
+/// changes nothing (the next run tries again). The ENIs in `freeing` (the pool manager's
+/// [`freeing_enis`](crate::run::pool::PoolManager::freeing_enis)) are left out of IMDS's
+/// list: never adopted while their detach is under way.
 pub async fn reconcile_once(
     state: &PoolState,
     ec2: &dyn Ec2Api,
     pacer: &Pacer,
     imds: &[ImdsEni],
     released: &BTreeMap<Ipv4Net, Duration>,
+    freeing: &BTreeSet<String>,
     s: &ReconcileSettings,
 ) -> Result<ApplyReport, ReconcileError> {
+    let kept: Vec<ImdsEni>;
+    let imds = if imds.iter().any(|e| freeing.contains(&e.id)) {
+        kept = imds
+            .iter()
+            .filter(|e| !freeing.contains(&e.id))
+            .cloned()
+            .collect();
+        &kept[..]
+    } else {
+        imds
+    };
     let known = known_enis(&state.lock());
     let ask = needs_ec2(&known, imds);
     if ask.is_empty() {

@@ -768,9 +768,17 @@ async fn reconcile_adopts_an_external_ip_and_evicts_a_removed_one_with_the_check
     let extra = n.ec2.assign(&primary, Addresses::Ips(1)).await.unwrap().ips[0];
     n.ec2.unassign_ips(&primary, &[a.ip]).await.unwrap();
     let imds = imds_of(&n.ec2);
-    let r = reconcile_once(&n.state, &n.ec2, &n.pacer, &imds, &BTreeMap::new(), &n.s)
-        .await
-        .unwrap();
+    let r = reconcile_once(
+        &n.state,
+        &n.ec2,
+        &n.pacer,
+        &imds,
+        &BTreeMap::new(),
+        &BTreeSet::new(),
+        &n.s,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.lost_pods, vec![pod.clone()], "{r:?}");
     assert_eq!((r.added_cidrs, r.evicted_cidrs), (1, 1));
     {
@@ -792,6 +800,7 @@ async fn reconcile_adopts_an_external_ip_and_evicts_a_removed_one_with_the_check
         &n.pacer,
         &imds_of(&n.ec2),
         &BTreeMap::new(),
+        &BTreeSet::new(),
         &n.s,
     )
     .await
@@ -816,9 +825,17 @@ async fn stale_imds_after_an_assign_keeps_every_in_use_ip() {
         .unwrap();
     let pod = IpamKey::new("aws-cni", "c1", "eth0");
     let a = assign_durably(&n.state, &pod).await;
-    let r = reconcile_once(&n.state, &n.ec2, &n.pacer, &stale, &BTreeMap::new(), &n.s)
-        .await
-        .unwrap();
+    let r = reconcile_once(
+        &n.state,
+        &n.ec2,
+        &n.pacer,
+        &stale,
+        &BTreeMap::new(),
+        &BTreeSet::new(),
+        &n.s,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.evicted_cidrs, 0, "{r:?}");
     assert_eq!(n.state.lock().lookup(&pod), Some(a.ip));
     assert_eq!(n.state.lock().eni(&primary).unwrap().cidrs.len(), 3);
@@ -848,15 +865,29 @@ async fn an_eni_attached_behind_our_back_is_adopted_and_tagged_and_ec2_failure_c
     let imds = imds_of(&n.ec2);
     n.ec2
         .fail("DescribeNetworkInterfaces", "UnauthorizedOperation", 1);
-    assert!(
-        reconcile_once(&n.state, &n.ec2, &n.pacer, &imds, &BTreeMap::new(), &n.s)
-            .await
-            .is_err()
-    );
+    assert!(reconcile_once(
+        &n.state,
+        &n.ec2,
+        &n.pacer,
+        &imds,
+        &BTreeMap::new(),
+        &BTreeSet::new(),
+        &n.s
+    )
+    .await
+    .is_err());
     assert!(n.state.lock().eni(&id).is_none());
-    let r = reconcile_once(&n.state, &n.ec2, &n.pacer, &imds, &BTreeMap::new(), &n.s)
-        .await
-        .unwrap();
+    let r = reconcile_once(
+        &n.state,
+        &n.ec2,
+        &n.pacer,
+        &imds,
+        &BTreeMap::new(),
+        &BTreeSet::new(),
+        &n.s,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.adopted.len(), 1);
     assert_eq!(r.tagged, vec![id.clone()]);
     assert_eq!(

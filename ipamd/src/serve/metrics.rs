@@ -78,6 +78,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "awscni_pool_topup_duration_seconds",
     "awscni_cooldown_ip_addresses",
     "awscni_warm_ip_addresses",
+    "awscni_orphaned_ips_released_total",
 ];
 
 /// The `fn` label values of `awscni_ipamd_action_inprogress` used by the reference.
@@ -291,6 +292,9 @@ pub struct Metrics {
     /// `awscni_build_info{version,goversion}`: constant 1.
     pub build_info: IntGaugeVec,
 
+    /// `awscni_orphaned_ips_released_total`: addresses the orphan sweep released (their
+    /// pod's host veth gone past the grace).
+    pub orphaned_ips_released: IntCounter,
     /// `awscni_ec2_calls_total{action}`: EC2 calls by action, whatever their outcome.
     pub ec2_calls_total: IntCounterVec,
     /// `awscni_ec2_throttled_total{action}`: EC2 calls refused by throttling.
@@ -465,6 +469,10 @@ impl Metrics {
             force_removed_ips: r.counter(
                 "awscni_force_removed_ips",
                 "The number of IPs force removed while they had assigned pods",
+            )?,
+            orphaned_ips_released: r.counter(
+                "awscni_orphaned_ips_released_total",
+                "The number of assigned IPs released because their pod's host veth was gone past the grace",
             )?,
             total_ipv4_prefixes: r.gauge(
                 "awscni_total_ipv4_prefixes",
@@ -863,6 +871,7 @@ mod tests {
         );
         m.force_removed_enis.inc();
         m.force_removed_ips.inc();
+        m.orphaned_ips_released.inc();
         m.set_assigned_ip_per_cidr("10.0.0.16/28", 2);
         m.no_available_ip_addresses.inc();
         m.set_assigned_ip_per_eni("eni-1", 2);

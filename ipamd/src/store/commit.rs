@@ -496,6 +496,27 @@ impl<F: Family> PoolState<F> {
         Ok(Commit::pending(u, ack))
     }
 
+    /// [`unassign`](Self::unassign), only while `key` still holds the address it got at
+    /// `assigned_at` (`Ok(None)` otherwise: a DEL released it, or a new ADD for the same key
+    /// was served since the caller looked). Same durability as a DEL's release.
+    pub fn unassign_if_assigned_at(
+        &self,
+        key: &IpamKey,
+        assigned_at: Duration,
+    ) -> Result<Option<Commit<Unassignment<F>>>, StateError> {
+        if self.committer.is_none() {
+            return Err(StateError::CommitterStopped);
+        }
+        let mut g = self.shared.lock();
+        if g.ds.assigned_at(key) != Some(assigned_at) {
+            return Ok(None);
+        }
+        let u = g.ds.unassign(key, self.clock.now())?;
+        let id = g.open_id;
+        let ack = self.enqueue(g, Some(Change::Released(u.clone())), id);
+        Ok(Some(Commit::pending(u, ack)))
+    }
+
     /// Runs `f` on the datastore (forced removals, restore), then waits for a checkpoint
     /// written after it. Such changes are not undone when the write fails.
     pub async fn mutate_and_save<R>(

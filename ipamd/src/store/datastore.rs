@@ -238,6 +238,19 @@ pub struct Unassignment<F: Family = V4> {
     pub previous_unassigned_at: Option<Duration>,
 }
 
+/// An assignment as the orphan sweep sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held<F: Family = V4> {
+    /// The address.
+    pub ip: F::Addr,
+    /// The key holding it.
+    pub key: IpamKey,
+    /// Pod metadata (namespace and name; empty when the request had none).
+    pub metadata: IpamMetadata,
+    /// When it was assigned (the datastore's clock).
+    pub assigned_at: Duration,
+}
+
 /// What a restore did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestoreReport<F: Family = V4> {
@@ -858,6 +871,32 @@ impl<F: Family> DataStore<F> {
             .collect();
         v.sort();
         v
+    }
+
+    /// Every assignment with its pod metadata and time (for the orphan sweep), by key.
+    pub fn held(&self) -> Vec<Held<F>> {
+        let mut v: Vec<Held<F>> = self
+            .by_key
+            .iter()
+            .filter_map(|(k, (eni, cidr, ip))| {
+                let a = self.enis.get(eni)?.cidrs.get(cidr)?.addresses.get(ip)?;
+                Some(Held {
+                    ip: *ip,
+                    key: k.clone(),
+                    metadata: a.metadata.clone(),
+                    assigned_at: a.assigned_at,
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    /// When `key` got the address it holds (`None`: it holds none).
+    pub fn assigned_at(&self, key: &IpamKey) -> Option<Duration> {
+        let (eni, cidr, ip) = self.by_key.get(key)?;
+        let a = self.enis.get(eni)?.cidrs.get(cidr)?.addresses.get(ip)?;
+        Some(a.assigned_at)
     }
 
     /// Addresses in the pool of usable kinds, for sizing reports.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ipamd::config::{Config, SimSettings};
-use ipamd::daemon::{self, Daemon, Deps, VethCheck};
+use ipamd::daemon::{self, Daemon, Deps};
 use ipamd::io::ec2::aws::{AwsEc2, AwsSettings};
 use ipamd::io::imds::{AwsImds, ImdsSettings};
 use ipamd::io::sim_backend::{self, SimNode, SIM_CREDENTIALS, SIM_REGION};
@@ -81,13 +81,13 @@ pub async fn start(
         static_credentials: Some((SIM_CREDENTIALS.0.into(), SIM_CREDENTIALS.1.into())),
     })
     .await;
-    let veth: VethCheck = Arc::new(|_: &str, _: &str| true);
     let daemon = daemon::start(
         &cfg,
         Deps {
             ec2: Arc::new(ec2),
             imds: Arc::new(imds),
-            veth_exists: veth,
+            // No veths here: every pod counts as present (restore and orphan sweep).
+            veths: Arc::new(daemon::AllVethsPresent),
         },
     )
     .await?;
