@@ -384,7 +384,7 @@ impl RoleCredentials {
         let fresh = self
             .issued
             .last()
-            .filter(|c| c.expires_ms.saturating_sub(now_ms) > self.settings.rotate_before_ms)
+            .filter(|c| c.expires_ms.saturating_sub(now_ms) >= self.settings.rotate_before_ms)
             .cloned();
         if let Some(c) = fresh {
             return c;
