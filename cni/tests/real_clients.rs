@@ -190,7 +190,8 @@ impl PrivateContainerd {
             ),
         )
         .expect("config");
-        let log = std::fs::File::create(d.join("containerd.log")).expect("log");
+        let log_path = d.join("containerd.log");
+        let log = std::fs::File::create(&log_path).expect("log");
         let child = host
             .run(|| {
                 Command::new("containerd")
@@ -202,13 +203,30 @@ impl PrivateContainerd {
             })
             .expect("enter netns")
             .expect("spawn containerd");
-        let c = PrivateContainerd {
+        let mut c = PrivateContainerd {
             child,
             dir,
             cleanup: Vec::new(),
         };
-        eventually("containerd's socket", || c.socket().exists());
-        c
+        // containerd loads its plugins before it listens: on a loaded 2-core machine that
+        // took over 5 s once, so wait longer than `eventually`, and stop at once with its log
+        // if it exits instead.
+        for _ in 0..1500 {
+            if c.socket().exists() {
+                return c;
+            }
+            if let Ok(Some(status)) = c.child.try_wait() {
+                panic!(
+                    "containerd exited with {status} before listening:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!(
+            "containerd's socket did not appear within 30 s:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
     }
 }
 
