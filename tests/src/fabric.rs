@@ -6,6 +6,12 @@
 //! - **ENI hot-plug**: an attached ENI is a veth pair; the node end (`eth<device>`) carries the
 //!   ENI's MAC in the node namespace, the other end (`n<node>e<device>`) stays in the VPC
 //!   namespace. Detaching deletes the pair.
+//! - **Branch ENIs** (security groups for pods): a branch associated with a node's trunk is
+//!   plugged the same way, as its own link `br<vlan>` carrying the branch's MAC, with its
+//!   addresses routed and its own source check; the kernels we test on have no 802.1Q links,
+//!   so the VLAN on the trunk is played by a link per branch (the plugin's `hotplug` branch
+//!   link mode adopts it by MAC). Disassociating deletes the pair, if the plugin has not
+//!   already deleted it with the pod.
 //! - **Mapping service**: every address and /28 prefix assigned to an ENI (its primary too) is a
 //!   `scope link` route towards that ENI's veth in the VPC namespace, with a permanent neighbour
 //!   entry per address pointing at the ENI's MAC, so packets reach the ENI that owns the address
@@ -54,7 +60,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use subnet_calc::subnet::Ipv4Cidr;
 use vpc_cni_net::testing::TestNetns;
 use vpc_cni_net::{sysctl, Netns};
-use vpc_sim::hooks::{AddressSet, AddressesChanged, EniAttached, EniDetached, Hooks};
+use vpc_sim::hooks::{
+    AddressSet, AddressesChanged, BranchAssociated, BranchDisassociated, EniAttached, EniDetached,
+    Hooks,
+};
 use vpc_sim::ipv6::Ipv6Block;
 
 use crate::cmd::{ip_batch, nft, run_in};
@@ -185,6 +194,17 @@ impl Node {
     }
 }
 
+/// What [`State::plug`] needs to know of an ENI.
+struct Plug<'a> {
+    eni_id: &'a str,
+    instance_id: &'a str,
+    mac: &'a str,
+    subnet_id: &'a str,
+    subnet: Ipv4Cidr,
+    device_index: u32,
+    network_card_index: u32,
+}
+
 struct NodeState {
     index: u32,
     ns: TestNetns,
@@ -202,6 +222,8 @@ struct State {
     subnets6: BTreeMap<String, Ipv6Block>,
     nodes: BTreeMap<String, NodeState>,
     enis: BTreeMap<String, EniPort>,
+    /// Branch ENIs plugged into nodes, by branch ENI id.
+    branches: BTreeMap<String, EniPort>,
     next_node: u32,
     errors: Vec<String>,
 }
@@ -279,53 +301,21 @@ impl State {
             )
         };
         let node_ns_name = node.ns.name().to_owned();
-        let link_local = eui64_link_local(&ev.mac).ok_or_else(|| FabricError::Unknown {
-            what: "MAC (not six hex octets) of ENI",
-            id: format!("{} {}", ev.eni_id, ev.mac),
-        })?;
         let subnet6 = self.subnets6.get(&ev.subnet_id).copied();
-        self.vpc_ip(&[
-            format!(
-                "link add {vpc_ifname} mtu {FABRIC_MTU} type veth peer name {node_ifname} netns {node_ns_name} address {} mtu {FABRIC_MTU}",
-                ev.mac
-            ),
-            format!("link set {vpc_ifname} up"),
-            format!("addr add {ENI_GATEWAY6}/64 dev {vpc_ifname} nodad"),
-            format!(
-                "neigh replace {link_local} lladdr {} dev {vpc_ifname} nud permanent",
-                ev.mac
-            ),
-        ])?;
-        let mut port = EniPort {
-            eni_id: ev.eni_id.clone(),
-            instance_id: ev.instance_id.clone(),
-            device_index: ev.device_index,
-            network_card_index: ev.network_card_index,
-            mac: ev.mac.clone(),
-            subnet_id: ev.subnet_id.clone(),
-            subnet,
-            node_ifname: node_ifname.clone(),
-            vpc_ifname: vpc_ifname.clone(),
-            ipv4: BTreeSet::new(),
-            prefixes: BTreeSet::new(),
-            subnet6,
-            link_local,
-            ipv6: BTreeSet::new(),
-            ipv6_prefixes: BTreeSet::new(),
-        };
-        // The source check exists before any address is routed to the ENI.
-        let t = SRCCHK_TABLE;
-        self.vpc_nft(&[
-            format!("add set ip {t} s_{vpc_ifname} {{ type ipv4_addr; flags interval; }}"),
-            format!("add chain ip {t} c_{vpc_ifname}"),
-            format!("add rule ip {t} c_{vpc_ifname} ip saddr != @s_{vpc_ifname} counter drop"),
-            format!("add element ip {t} srcchk {{ \"{vpc_ifname}\" : jump c_{vpc_ifname} }}"),
-            format!("add set ip6 {t} s_{vpc_ifname} {{ type ipv6_addr; flags interval; }}"),
-            format!("add element ip6 {t} s_{vpc_ifname} {{ fe80::/10 }}"),
-            format!("add chain ip6 {t} c_{vpc_ifname}"),
-            format!("add rule ip6 {t} c_{vpc_ifname} ip6 saddr != @s_{vpc_ifname} counter drop"),
-            format!("add element ip6 {t} srcchk {{ \"{vpc_ifname}\" : jump c_{vpc_ifname} }}"),
-        ])?;
+        let mut port = self.plug(
+            Plug {
+                eni_id: &ev.eni_id,
+                instance_id: &ev.instance_id,
+                mac: &ev.mac,
+                subnet_id: &ev.subnet_id,
+                subnet,
+                device_index: ev.device_index,
+                network_card_index: ev.network_card_index,
+            },
+            &node_ns_name,
+            node_ifname.clone(),
+            vpc_ifname,
+        )?;
         self.route_addresses(&mut port, &ev.addresses)?;
         if ev.device_index == 0 && ev.network_card_index == 0 {
             let primary =
@@ -355,6 +345,13 @@ impl State {
                     "route add ::/0 via {ENI_GATEWAY6} dev {node_ifname}"
                 ));
             }
+            let node = self
+                .nodes
+                .get(&ev.instance_id)
+                .ok_or_else(|| FabricError::Unknown {
+                    what: "instance",
+                    id: ev.instance_id.clone(),
+                })?;
             ip_batch(&node.ns, &node_ns_name, &lines)?;
             sysctl::write(
                 &node.ns,
@@ -507,9 +504,79 @@ impl State {
                 what: "ENI",
                 id: ev.eni_id.clone(),
             })?;
+        self.unplug(&port, false)
+    }
+
+    /// Plugs an ENI (or a branch ENI) into a node: a veth pair whose node end carries the
+    /// ENI's MAC, its VPC end with the IPv6 gateway and a permanent neighbour for the ENI's
+    /// link-local address, and the ENI's (empty) source check. Addresses are routed by the
+    /// caller.
+    fn plug(
+        &self,
+        p: Plug<'_>,
+        node_ns_name: &str,
+        node_ifname: String,
+        vpc_ifname: String,
+    ) -> Result<EniPort> {
+        let link_local = eui64_link_local(p.mac).ok_or_else(|| FabricError::Unknown {
+            what: "MAC (not six hex octets) of ENI",
+            id: format!("{} {}", p.eni_id, p.mac),
+        })?;
+        let subnet6 = self.subnets6.get(p.subnet_id).copied();
+        self.vpc_ip(&[
+            format!(
+                "link add {vpc_ifname} mtu {FABRIC_MTU} type veth peer name {node_ifname} netns {node_ns_name} address {} mtu {FABRIC_MTU}",
+                p.mac
+            ),
+            format!("link set {vpc_ifname} up"),
+            format!("addr add {ENI_GATEWAY6}/64 dev {vpc_ifname} nodad"),
+            format!(
+                "neigh replace {link_local} lladdr {} dev {vpc_ifname} nud permanent",
+                p.mac
+            ),
+        ])?;
+        let port = EniPort {
+            eni_id: p.eni_id.to_owned(),
+            instance_id: p.instance_id.to_owned(),
+            device_index: p.device_index,
+            network_card_index: p.network_card_index,
+            mac: p.mac.to_owned(),
+            subnet_id: p.subnet_id.to_owned(),
+            subnet: p.subnet,
+            node_ifname,
+            vpc_ifname: vpc_ifname.clone(),
+            ipv4: BTreeSet::new(),
+            prefixes: BTreeSet::new(),
+            subnet6,
+            link_local,
+            ipv6: BTreeSet::new(),
+            ipv6_prefixes: BTreeSet::new(),
+        };
+        // The source check exists before any address is routed to the ENI.
+        let t = SRCCHK_TABLE;
+        self.vpc_nft(&[
+            format!("add set ip {t} s_{vpc_ifname} {{ type ipv4_addr; flags interval; }}"),
+            format!("add chain ip {t} c_{vpc_ifname}"),
+            format!("add rule ip {t} c_{vpc_ifname} ip saddr != @s_{vpc_ifname} counter drop"),
+            format!("add element ip {t} srcchk {{ \"{vpc_ifname}\" : jump c_{vpc_ifname} }}"),
+            format!("add set ip6 {t} s_{vpc_ifname} {{ type ipv6_addr; flags interval; }}"),
+            format!("add element ip6 {t} s_{vpc_ifname} {{ fe80::/10 }}"),
+            format!("add chain ip6 {t} c_{vpc_ifname}"),
+            format!("add rule ip6 {t} c_{vpc_ifname} ip6 saddr != @s_{vpc_ifname} counter drop"),
+            format!("add element ip6 {t} srcchk {{ \"{vpc_ifname}\" : jump c_{vpc_ifname} }}"),
+        ])?;
+        Ok(port)
+    }
+
+    /// Unplugs a port: deletes its veth pair (if the node end was already deleted, as the
+    /// plugin deletes a branch pod's link, the pair is gone already) and its source check.
+    fn unplug(&self, port: &EniPort, tolerate_gone: bool) -> Result<()> {
         let dev = &port.vpc_ifname;
         // Deleting one end deletes the pair, its routes and neighbours.
-        self.vpc_ip(&[format!("link del {dev}")])?;
+        let r = self.vpc_ip(&[format!("link del {dev}")]);
+        if r.is_err() && !tolerate_gone {
+            return r;
+        }
         let t = SRCCHK_TABLE;
         let mut lines = Vec::new();
         for fam in ["ip", "ip6"] {
@@ -521,6 +588,64 @@ impl State {
             ]);
         }
         self.vpc_nft(&lines)
+    }
+
+    /// A branch ENI associated with a trunk on a node: plugged into the node as its own link
+    /// `br<vlan>` (this kernel has no 802.1Q links; the plugin's `hotplug` branch link mode
+    /// adopts it by MAC and renames it `vlan.eth.<vlan>`), with its addresses routed and its
+    /// source check, as an ENI.
+    fn branch_associate(&mut self, ev: &BranchAssociated) -> Result<()> {
+        if self.closed {
+            return Err(FabricError::Closed);
+        }
+        let subnet = *self
+            .subnets
+            .get(&ev.subnet_id)
+            .ok_or_else(|| FabricError::Unknown {
+                what: "subnet (register it with Fabric::add_subnet)",
+                id: ev.subnet_id.clone(),
+            })?;
+        let node = self
+            .nodes
+            .get(&ev.instance_id)
+            .ok_or_else(|| FabricError::Unknown {
+                what: "instance of the trunk",
+                id: ev.instance_id.clone(),
+            })?;
+        let node_ns_name = node.ns.name().to_owned();
+        let node_ifname = format!("br{}", ev.vlan_id);
+        let vpc_ifname = format!("n{}b{}", node.index, ev.vlan_id);
+        let mut port = self.plug(
+            Plug {
+                eni_id: &ev.branch_eni_id,
+                instance_id: &ev.instance_id,
+                mac: &ev.branch_mac,
+                subnet_id: &ev.subnet_id,
+                subnet,
+                device_index: ev.vlan_id,
+                network_card_index: 0,
+            },
+            &node_ns_name,
+            node_ifname,
+            vpc_ifname,
+        )?;
+        self.route_addresses(&mut port, &ev.addresses)?;
+        self.branches.insert(ev.branch_eni_id.clone(), port);
+        Ok(())
+    }
+
+    fn branch_disassociate(&mut self, ev: &BranchDisassociated) -> Result<()> {
+        if self.closed {
+            return Err(FabricError::Closed);
+        }
+        let port = self
+            .branches
+            .remove(&ev.branch_eni_id)
+            .ok_or_else(|| FabricError::Unknown {
+                what: "branch ENI",
+                id: ev.branch_eni_id.clone(),
+            })?;
+        self.unplug(&port, true)
     }
 
     fn assign(&mut self, ev: &AddressesChanged, add: bool) -> Result<()> {
@@ -597,6 +722,24 @@ impl Hooks for FabricHooks {
         let mut s = lock(&self.state);
         let r = s.assign(ev, false);
         s.record(&format!("unassign from {}", ev.eni_id), r);
+    }
+
+    fn on_branch_associated(&mut self, ev: &BranchAssociated) {
+        let mut s = lock(&self.state);
+        let r = s.branch_associate(ev);
+        s.record(
+            &format!(
+                "associate branch {} with {}",
+                ev.branch_eni_id, ev.trunk_eni_id
+            ),
+            r,
+        );
+    }
+
+    fn on_branch_disassociated(&mut self, ev: &BranchDisassociated) {
+        let mut s = lock(&self.state);
+        let r = s.branch_disassociate(ev);
+        s.record(&format!("disassociate branch {}", ev.branch_eni_id), r);
     }
 }
 
@@ -821,6 +964,12 @@ impl Fabric {
     /// Every attached ENI.
     pub fn enis(&self) -> Vec<EniPort> {
         lock(&self.state).enis.values().cloned().collect()
+    }
+
+    /// Every branch ENI plugged into a node (security groups for pods); `device_index` is
+    /// its VLAN id, `node_ifname` the name it was plugged with (`br<vlan>`).
+    pub fn branches(&self) -> Vec<EniPort> {
+        lock(&self.state).branches.values().cloned().collect()
     }
 
     /// Hook failures so far (empty when the fabric mirrored every event).

@@ -6,6 +6,8 @@
 //! - [`cluster`]: [`cluster::SimCluster`], a simulator with the fabric's hooks installed, and the
 //!   EC2 calls a scenario makes in-process.
 //! - [`serve`]: the simulator's EC2/IMDS server inside the VPC namespace, reachable from nodes.
+//! - [`kube_api`]: a small stateful Kubernetes API stand-in served in the fabric, for ipamd and
+//!   the resource controller as real binaries.
 //! - [`process`]: ipamd or the plugin run inside a node namespace, killed on drop.
 //! - [`node`]: the real `ipamd` (restartable, killable) and `aws-cni` binaries on a node,
 //!   ipamd's introspection and checkpoint read back, and the simulator's view of the node's
@@ -23,6 +25,7 @@ pub(crate) mod cmd;
 pub mod demo;
 pub mod error;
 pub mod fabric;
+pub mod kube_api;
 pub mod node;
 pub mod probe;
 pub mod process;
