@@ -126,7 +126,9 @@ impl Store {
         if !ns.is_empty() {
             meta.insert("namespace".into(), json!(ns));
         }
-        meta.insert("uid".into(), json!(uid));
+        // A uid the scenario chose (the pod's, which the runtime passes as K8S_POD_UID) is
+        // kept; the clients under test never create objects that need one.
+        meta.entry("uid").or_insert_with(|| json!(uid));
         meta.insert("resourceVersion".into(), json!(rv));
         meta.entry("creationTimestamp")
             .or_insert_with(|| json!("2026-01-01T00:00:00Z"));

@@ -549,6 +549,7 @@ pub struct Plugin {
     node_ns: Netns,
     socket: PathBuf,
     pool_wait_seconds: f64,
+    extra_conf: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A pod the plugin wired: its ADD result and IPv4 address.
@@ -683,6 +684,7 @@ impl Plugin {
             node_ns: node_ns.try_clone()?,
             socket,
             pool_wait_seconds: 30.0,
+            extra_conf: serde_json::Map::new(),
         })
     }
 
@@ -690,6 +692,12 @@ impl Plugin {
     /// or cannot be reached (default 30).
     pub fn with_pool_wait(mut self, seconds: f64) -> Plugin {
         self.pool_wait_seconds = seconds;
+        self
+    }
+
+    /// Adds (or replaces) a field of the network configuration, e.g. `podSGEnforcingMode`.
+    pub fn with_conf(mut self, key: &str, value: serde_json::Value) -> Plugin {
+        self.extra_conf.insert(key.to_owned(), value);
         self
     }
 
@@ -713,6 +721,9 @@ impl Plugin {
             "ipamdSocket": self.socket,
             "poolWaitSeconds": self.pool_wait_seconds,
         });
+        for (k, v) in &self.extra_conf {
+            conf[k.as_str()] = v.clone();
+        }
         if let Some(prev) = prev {
             conf["prevResult"] = prev.clone();
         }
