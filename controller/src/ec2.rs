@@ -8,15 +8,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_config::BehaviorVersion;
-use aws_sdk_ec2::config::retry::RetryConfig;
-use aws_sdk_ec2::config::timeout::TimeoutConfig;
-use aws_sdk_ec2::config::Region;
-use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     Filter, NetworkInterface, NetworkInterfaceCreationType, ResourceType, Tag, TagSpecification,
 };
-use ipamd::io::ec2::aws::AwsEc2;
+use ipamd::io::ec2::aws::{sdk_client, sdk_error, AwsEc2, AwsSettings};
 use ipamd::io::ec2::pacer::Pacer;
 use ipamd::io::ec2::{Ec2Api, Ec2Error, Ec2Result, ErrorKind};
 
@@ -126,31 +121,18 @@ pub fn default_pacing() -> Ec2Pacing {
 }
 
 impl SdkEc2 {
-    /// Builds the client (SDK retries off: the pacer retries).
+    /// Builds the client as ipamd does ([`sdk_client`]: SDK retries off, the pacer
+    /// retries), with the user agent `vpc-resource-controller/<version>`.
     pub async fn new(s: &SdkSettings, pacing: Ec2Pacing) -> SdkEc2 {
-        let timeouts = TimeoutConfig::builder()
-            .connect_timeout(s.http_timeout)
-            .operation_attempt_timeout(s.http_timeout)
-            .build();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(s.region.clone()))
-            .timeout_config(timeouts)
-            .retry_config(RetryConfig::disabled());
-        if let Some((key, secret)) = &s.static_credentials {
-            loader = loader.credentials_provider(aws_credential_types::Credentials::new(
-                key.clone(),
-                secret.clone(),
-                None,
-                None,
-                "vpc-resource-controller-static",
-            ));
-        }
-        let shared = loader.load().await;
-        let mut conf = aws_sdk_ec2::config::Builder::from(&shared);
-        if let Some(url) = &s.endpoint {
-            conf = conf.endpoint_url(url);
-        }
-        let client = aws_sdk_ec2::Client::from_conf(conf.build());
+        let settings = AwsSettings {
+            region: s.region.clone(),
+            endpoint: s.endpoint.clone(),
+            http_timeout: s.http_timeout,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            static_credentials: s.static_credentials.clone(),
+        };
+        let agent = format!("vpc-resource-controller/{}", settings.version);
+        let client = sdk_client(&settings, &agent).await;
         SdkEc2::from_client(client, Arc::new(Pacer::new(pacing)), &s.cluster)
     }
 
@@ -168,50 +150,6 @@ impl SdkEc2 {
     pub fn pacer(&self) -> &Pacer {
         &self.pacer
     }
-}
-
-/// An SDK failure as an [`Ec2Error`]: the EC2 code decides the kind, an answer without one
-/// its HTTP status, no answer is a transport failure.
-fn map_err<E>(
-    action: &'static str,
-    e: SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
-) -> Ec2Error
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    let status = e.raw_response().map(|r| r.status().as_u16());
-    let (code, message) = match &e {
-        SdkError::ServiceError(se) => (
-            se.err().code().unwrap_or("").to_owned(),
-            se.err().message().unwrap_or("").to_owned(),
-        ),
-        _ => (String::new(), format!("{e:?}").chars().take(512).collect()),
-    };
-    let mut err = if code.is_empty() {
-        Ec2Error {
-            action,
-            code: status.map_or_else(|| "Transport".to_owned(), |s| format!("HTTP{s}")),
-            message,
-            kind: match status {
-                None => ErrorKind::Transport,
-                Some(s) if s >= 500 => ErrorKind::Server,
-                Some(_) => ErrorKind::Client,
-            },
-        }
-    } else {
-        Ec2Error::coded(action, &code, message)
-    };
-    if matches!(e, SdkError::TimeoutError(_)) {
-        err.kind = ErrorKind::Transport;
-    }
-    if err.kind == ErrorKind::Client && status.is_some_and(|s| s >= 500) {
-        err.kind = if status == Some(503) {
-            ErrorKind::Throttled
-        } else {
-            ErrorKind::Server
-        };
-    }
-    err
 }
 
 fn bad_answer(action: &'static str, what: &str) -> Ec2Error {
@@ -278,7 +216,7 @@ impl ControllerEc2 for SdkEc2 {
                     .instance_ids(instance_id)
                     .send()
                     .await
-                    .map_err(|e| map_err(A, e))
+                    .map_err(|e| sdk_error(A, e))
             })
             .await?;
         let inst = out
@@ -368,7 +306,7 @@ impl ControllerEc2 for SdkEc2 {
                 if req.trunk {
                     call = call.interface_type(NetworkInterfaceCreationType::Trunk);
                 }
-                call.send().await.map_err(|e| map_err(A, e))
+                call.send().await.map_err(|e| sdk_error(A, e))
             })
             .await?;
         let n = out
@@ -411,7 +349,7 @@ impl ControllerEc2 for SdkEc2 {
                     .vlan_id(i32::from(vlan))
                     .send()
                     .await
-                    .map_err(|e| map_err(A, e))
+                    .map_err(|e| sdk_error(A, e))
             })
             .await?;
         out.interface_association()
@@ -429,7 +367,7 @@ impl ControllerEc2 for SdkEc2 {
                     .association_id(association)
                     .send()
                     .await
-                    .map_err(|e| map_err(A, e))
+                    .map_err(|e| sdk_error(A, e))
             })
             .await?;
         Ok(())
@@ -455,7 +393,7 @@ impl ControllerEc2 for SdkEc2 {
                         .set_next_token(token.clone())
                         .send()
                         .await
-                        .map_err(|e| map_err(A, e))
+                        .map_err(|e| sdk_error(A, e))
                 })
                 .await?;
             for n in page.network_interfaces() {
@@ -493,7 +431,7 @@ impl ControllerEc2 for SdkEc2 {
                         .set_next_token(token.clone())
                         .send()
                         .await
-                        .map_err(|e| map_err(A, e))
+                        .map_err(|e| sdk_error(A, e))
                 })
                 .await?;
             for a in page.interface_associations() {
@@ -533,7 +471,7 @@ impl ControllerEc2 for SdkEc2 {
                     .set_subnet_ids(Some(ids.to_vec()))
                     .send()
                     .await
-                    .map_err(|e| map_err(A, e))
+                    .map_err(|e| sdk_error(A, e))
             })
             .await?;
         let mut map = BTreeMap::new();

@@ -68,6 +68,37 @@ impl Intercept for UserAgent {
     }
 }
 
+/// An `aws-sdk-ec2` client as every binary of ours builds it: region, endpoint override,
+/// per-attempt timeouts, the SDK's retries off (the caller's [`super::pacer::Pacer`]
+/// retries), `user_agent` appended to the User-Agent header, credentials from the default
+/// chain or the static pair.
+pub async fn sdk_client(s: &AwsSettings, user_agent: &str) -> aws_sdk_ec2::Client {
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(s.http_timeout)
+        .operation_attempt_timeout(s.http_timeout)
+        .build();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(s.region.clone()))
+        .timeout_config(timeouts)
+        .retry_config(RetryConfig::disabled());
+    if let Some((key, secret)) = &s.static_credentials {
+        loader = loader.credentials_provider(aws_credential_types::Credentials::new(
+            key.clone(),
+            secret.clone(),
+            None,
+            None,
+            "vpc-cni-static",
+        ));
+    }
+    let shared = loader.load().await;
+    let mut conf =
+        aws_sdk_ec2::config::Builder::from(&shared).interceptor(UserAgent(user_agent.to_owned()));
+    if let Some(url) = &s.endpoint {
+        conf = conf.endpoint_url(url);
+    }
+    aws_sdk_ec2::Client::from_conf(conf.build())
+}
+
 /// The EC2 client.
 #[derive(Debug, Clone)]
 pub struct AwsEc2 {
@@ -75,34 +106,11 @@ pub struct AwsEc2 {
 }
 
 impl AwsEc2 {
-    /// Builds the client: region, endpoint override, timeouts, user agent, credentials from
-    /// the default chain (or the static pair).
+    /// Builds the client ([`sdk_client`] with the reference's user agent,
+    /// `amazon-vpc-cni-k8s/<version>`).
     pub async fn new(s: &AwsSettings) -> AwsEc2 {
-        let timeouts = TimeoutConfig::builder()
-            .connect_timeout(s.http_timeout)
-            .operation_attempt_timeout(s.http_timeout)
-            .build();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(s.region.clone()))
-            .timeout_config(timeouts)
-            .retry_config(RetryConfig::disabled());
-        if let Some((key, secret)) = &s.static_credentials {
-            loader = loader.credentials_provider(aws_credential_types::Credentials::new(
-                key.clone(),
-                secret.clone(),
-                None,
-                None,
-                "vpc-cni-static",
-            ));
-        }
-        let shared = loader.load().await;
-        let mut conf = aws_sdk_ec2::config::Builder::from(&shared)
-            .interceptor(UserAgent(format!("{USER_AGENT_KEY}/{}", s.version)));
-        if let Some(url) = &s.endpoint {
-            conf = conf.endpoint_url(url);
-        }
         AwsEc2 {
-            client: aws_sdk_ec2::Client::from_conf(conf.build()),
+            client: sdk_client(s, &format!("{USER_AGENT_KEY}/{}", s.version)).await,
         }
     }
 
@@ -113,8 +121,10 @@ impl AwsEc2 {
 }
 
 /// Maps an SDK failure to our error: the EC2 code decides the kind; an answer without a code
-/// is judged by its HTTP status; no answer at all is a transport failure.
-fn map_err<E>(
+/// is judged by its HTTP status (a coded answer the code calls a client error is a server
+/// error with a 5xx status, and throttling with a 503); no answer at all is a transport
+/// failure.
+pub fn sdk_error<E>(
     action: &'static str,
     e: SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
 ) -> Ec2Error
@@ -132,10 +142,11 @@ where
                 Ec2Error::coded(action, code, message)
             };
             if err.kind == ErrorKind::Client && status >= 500 {
-                err.kind = ErrorKind::Server;
-            }
-            if err.kind == ErrorKind::Client && status == 503 {
-                err.kind = ErrorKind::Throttled;
+                err.kind = if status == 503 {
+                    ErrorKind::Throttled
+                } else {
+                    ErrorKind::Server
+                };
             }
             err
         }
@@ -306,7 +317,7 @@ impl Ec2Api for AwsEc2 {
             .set_network_interface_ids(Some(ids.to_vec()))
             .send()
             .await
-            .map_err(|e| map_err(A, e))?;
+            .map_err(|e| sdk_error(A, e))?;
         out.network_interfaces()
             .iter()
             .map(|n| eni_of(A, n))
@@ -341,7 +352,7 @@ impl Ec2Api for AwsEc2 {
             if let Some(c) = cluster {
                 req = req.filters(filter(&format!("tag:{TAG_CLUSTER_NAME}"), c));
             }
-            let page = req.send().await.map_err(|e| map_err(A, e))?;
+            let page = req.send().await.map_err(|e| sdk_error(A, e))?;
             for n in page.network_interfaces() {
                 out.push(eni_of(A, n)?);
             }
@@ -369,7 +380,7 @@ impl Ec2Api for AwsEc2 {
             .instance_ids(instance_id)
             .send()
             .await
-            .map_err(|e| map_err(A, e))?;
+            .map_err(|e| sdk_error(A, e))?;
         Ok(out
             .reservations()
             .iter()
@@ -393,7 +404,7 @@ impl Ec2Api for AwsEc2 {
             .instance_types(InstanceType::from(instance_type))
             .send()
             .await
-            .map_err(|e| map_err(A, e))?;
+            .map_err(|e| sdk_error(A, e))?;
         let unknown = || {
             Ec2Error::coded(
                 A,
@@ -442,7 +453,7 @@ impl Ec2Api for AwsEc2 {
             .filters(filter("availability-zone", az))
             .send()
             .await
-            .map_err(|e| map_err(A, e))?;
+            .map_err(|e| sdk_error(A, e))?;
         let mut subnets = out
             .subnets()
             .iter()
@@ -484,7 +495,7 @@ impl Ec2Api for AwsEc2 {
             Addresses::Prefixes(n) if n > 0 => call.ipv4_prefix_count(count(n)),
             _ => call,
         };
-        let out = call.send().await.map_err(|e| map_err(A, e))?;
+        let out = call.send().await.map_err(|e| sdk_error(A, e))?;
         let n = out
             .network_interface()
             .ok_or_else(|| Ec2Error::coded(A, "BadAnswer", "no NetworkInterface in the answer"))?;
@@ -508,7 +519,7 @@ impl Ec2Api for AwsEc2 {
             .network_card_index(count(network_card))
             .send()
             .await
-            .map_err(|e| map_err(A, e))?;
+            .map_err(|e| sdk_error(A, e))?;
         out.attachment_id()
             .map(str::to_owned)
             .ok_or_else(|| Ec2Error::coded(A, "BadAnswer", "no AttachmentId in the answer"))
@@ -527,7 +538,7 @@ impl Ec2Api for AwsEc2 {
             )
             .send()
             .await
-            .map_err(|e| map_err(A, e))?;
+            .map_err(|e| sdk_error(A, e))?;
         Ok(())
     }
 
@@ -538,7 +549,7 @@ impl Ec2Api for AwsEc2 {
             .attachment_id(attachment_id)
             .send()
             .await
-            .map_err(|e| map_err(A, e))?;
+            .map_err(|e| sdk_error(A, e))?;
         Ok(())
     }
 
@@ -549,7 +560,7 @@ impl Ec2Api for AwsEc2 {
             .network_interface_id(eni_id)
             .send()
             .await
-            .map_err(|e| map_err(A, e))?;
+            .map_err(|e| sdk_error(A, e))?;
         Ok(())
     }
 
@@ -563,7 +574,7 @@ impl Ec2Api for AwsEc2 {
             Addresses::Ips(n) => call.secondary_private_ip_address_count(count(n)),
             Addresses::Prefixes(n) => call.ipv4_prefix_count(count(n)),
         };
-        let out = call.send().await.map_err(|e| map_err(A, e))?;
+        let out = call.send().await.map_err(|e| sdk_error(A, e))?;
         Ok(Assigned {
             ips: out
                 .assigned_private_ip_addresses()
@@ -588,7 +599,7 @@ impl Ec2Api for AwsEc2 {
             .set_private_ip_addresses(Some(ips.iter().map(ToString::to_string).collect()))
             .send()
             .await
-            .map_err(|e| map_err(A, e))?;
+            .map_err(|e| sdk_error(A, e))?;
         Ok(())
     }
 
@@ -600,7 +611,7 @@ impl Ec2Api for AwsEc2 {
             .set_ipv4_prefixes(Some(prefixes.iter().map(ToString::to_string).collect()))
             .send()
             .await
-            .map_err(|e| map_err(A, e))?;
+            .map_err(|e| sdk_error(A, e))?;
         Ok(())
     }
 
@@ -613,7 +624,7 @@ impl Ec2Api for AwsEc2 {
             .ipv6_prefix_count(count(n))
             .send()
             .await
-            .map_err(|e| map_err(A, e))?;
+            .map_err(|e| sdk_error(A, e))?;
         out.assigned_ipv6_prefixes()
             .iter()
             .map(|s| parse_net6(A, s))
@@ -628,7 +639,7 @@ impl Ec2Api for AwsEc2 {
             .set_ipv6_prefixes(Some(prefixes.iter().map(ToString::to_string).collect()))
             .send()
             .await
-            .map_err(|e| map_err(A, e))?;
+            .map_err(|e| sdk_error(A, e))?;
         Ok(())
     }
 
@@ -644,7 +655,82 @@ impl Ec2Api for AwsEc2 {
             ))
             .send()
             .await
-            .map_err(|e| map_err(A, e))?;
+            .map_err(|e| sdk_error(A, e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serves one canned EC2 error answer per connection, forever.
+    async fn error_server(status: u16, code: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    // One request: headers and a small form body arrive together.
+                    let _ = sock.read(&mut buf).await;
+                    let body = format!(
+                        "<?xml version=\"1.0\"?><Response><Errors><Error><Code>{code}</Code>\
+                         <Message>canned</Message></Error></Errors>\
+                         <RequestID>r-1</RequestID></Response>"
+                    );
+                    let head = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: text/xml\r\ncontent-length: {}\r\n\
+                         connection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = sock.write_all(head.as_bytes()).await;
+                    let _ = sock.write_all(body.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    async fn kind_of(status: u16, code: &'static str) -> (String, ErrorKind) {
+        let url = error_server(status, code).await;
+        let settings = AwsSettings {
+            region: "us-east-1".into(),
+            endpoint: Some(url),
+            http_timeout: Duration::from_secs(5),
+            version: "test".into(),
+            static_credentials: Some(("AKIDEXAMPLE".into(), "secret".into())),
+        };
+        let ec2 = AwsEc2::new(&settings).await;
+        let e = ec2
+            .describe_instance_type("m5.large")
+            .await
+            .expect_err("the server only fails");
+        (e.code, e.kind)
+    }
+
+    #[tokio::test]
+    async fn the_code_decides_and_the_status_corrects_a_client_kind() {
+        assert_eq!(
+            kind_of(400, "InvalidParameterValue").await,
+            ("InvalidParameterValue".into(), ErrorKind::Client)
+        );
+        assert_eq!(
+            kind_of(400, "RequestLimitExceeded").await,
+            ("RequestLimitExceeded".into(), ErrorKind::Throttled)
+        );
+        // A code we do not know, with a 5xx status: a server error, and throttling on 503
+        // (an earlier version never reached the 503 case).
+        assert_eq!(
+            kind_of(500, "SomethingNew").await,
+            ("SomethingNew".into(), ErrorKind::Server)
+        );
+        assert_eq!(
+            kind_of(503, "SlowDown").await,
+            ("SlowDown".into(), ErrorKind::Throttled)
+        );
     }
 }
