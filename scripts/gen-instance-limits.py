@@ -24,6 +24,9 @@ Columns (all per instance type):
     ipv4_per_eni          NetworkInfo.Ipv4AddressesPerInterface (includes the ENI's primary IP)
     ipv6_per_eni          NetworkInfo.Ipv6AddressesPerInterface
     current_generation    CurrentGeneration
+    enis_per_card         MaximumNetworkInterfaces of each card of NetworkInfo.NetworkCards, in
+                          NetworkCardIndex order, joined with `;` (e.g. `8;7` for i7ie.48xlarge);
+                          a type without NetworkCards gets one card with max_enis
 """
 
 import argparse
@@ -53,6 +56,7 @@ COLUMNS = [
     "ipv4_per_eni",
     "ipv6_per_eni",
     "current_generation",
+    "enis_per_card",
 ]
 
 
@@ -91,6 +95,10 @@ def row(name, it):
     default = [c for c in cards if c.get("NetworkCardIndex", 0) == default_card]
     max_enis = default[0]["MaximumNetworkInterfaces"] if default else net["MaximumNetworkInterfaces"]
     hv = it.get("Hypervisor") or "none"
+    per_card = sorted(cards, key=lambda c: c.get("NetworkCardIndex", 0))
+    if [c.get("NetworkCardIndex", 0) for c in per_card] != list(range(len(per_card))):
+        sys.exit("%s: network card indexes are not 0..n-1" % name)
+    enis_per_card = [c["MaximumNetworkInterfaces"] for c in per_card] or [max_enis]
     return {
         "instance_type": name,
         "vcpus": it["VCpuInfo"]["DefaultVCpus"],
@@ -103,6 +111,7 @@ def row(name, it):
         "ipv4_per_eni": net["Ipv4AddressesPerInterface"],
         "ipv6_per_eni": net.get("Ipv6AddressesPerInterface", 0),
         "current_generation": str(bool(it.get("CurrentGeneration", False))).lower(),
+        "enis_per_card": ";".join(str(n) for n in enis_per_card),
     }
 
 

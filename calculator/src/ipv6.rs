@@ -71,6 +71,8 @@ pub fn max_pods(limits: &InstanceLimits, opts: &MaxPodsOptions) -> Result<MaxPod
         vcpus: limits.vcpus,
         ipv6: true,
         security_groups_for_pods: None,
+        default_card_only: false,
+        all_cards: None,
         notes,
     })
 }

@@ -86,6 +86,39 @@ impl InstanceLimits {
         self.hypervisor == Hypervisor::Nitro || self.bare_metal
     }
 
+    /// ENI limit of every network card, in card-index order (`NetworkCards[].MaximumNetworkInterfaces`).
+    ///
+    /// The embedded table's per-card values when it knows the type with this many cards; the
+    /// default card's entry is always [`Self::max_enis`], so a `max_enis` override applies to it.
+    /// For a type the table lacks (or whose card count was overridden) the default card has
+    /// `max_enis` and the rest of `max_enis_total` is spread evenly over the other cards (at
+    /// least one ENI each). Always at least one card.
+    pub fn enis_per_card(&self) -> Vec<u32> {
+        let n = self.network_cards.max(1);
+        let default = self.default_card.min(n - 1);
+        let mut cards = match Catalog::embedded().cards_of(&self.instance_type) {
+            Some(c) if c.len() == n as usize => c.to_vec(),
+            _ => {
+                let others = if n > 1 {
+                    (self.max_enis_total.saturating_sub(self.max_enis) / (n - 1)).max(1)
+                } else {
+                    0
+                };
+                vec![others; n as usize]
+            }
+        };
+        cards[default as usize] = self.max_enis;
+        cards
+    }
+
+    /// ENI limit of network card `card` (0 for a card the type does not have).
+    pub fn card_max_enis(&self, card: u32) -> u32 {
+        self.enis_per_card()
+            .get(card as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Applies user overrides, returning the adjusted limits.
     pub fn with_overrides(mut self, o: &LimitOverrides) -> Self {
         if let Some(v) = o.max_enis {
@@ -192,6 +225,8 @@ fn suggestion_text(s: &[String]) -> String {
 #[derive(Debug)]
 pub struct Catalog {
     types: Vec<InstanceLimits>,
+    /// ENI limit of each network card, parallel to `types`.
+    cards: Vec<Vec<u32>>,
     index: HashMap<String, usize>,
 }
 
@@ -206,7 +241,9 @@ impl Catalog {
         })
     }
 
-    /// Parses a table in the generated CSV format (comment lines start with `#`).
+    /// Parses a table in the generated CSV format (comment lines start with `#`). The column
+    /// `enis_per_card` (per-card ENI limits joined with `;`) is optional: without it a type's
+    /// cards are derived as in [`InstanceLimits::enis_per_card`].
     pub fn parse(text: &str) -> Result<Catalog, String> {
         let mut lines = text
             .lines()
@@ -230,7 +267,9 @@ impl Catalog {
             col("ipv4_per_eni")?,
             col("ipv6_per_eni")?,
         ];
+        let per_card_col = header.iter().position(|h| *h == "enis_per_card");
         let mut types = Vec::new();
+        let mut cards = Vec::new();
         for (n, line) in lines.enumerate() {
             let f: Vec<&str> = line.split(',').collect();
             let get = |i: usize| {
@@ -256,13 +295,55 @@ impl Catalog {
                 ipv4_per_eni: num(8)?,
                 ipv6_per_eni: num(9)?,
             });
+            let t = &types[types.len() - 1];
+            let per_card = match per_card_col {
+                Some(i) => {
+                    let field = f
+                        .get(i)
+                        .copied()
+                        .ok_or(format!("row {}: short row", n + 1))?;
+                    let per_card: Vec<u32> = field
+                        .split(';')
+                        .map(|v| v.parse::<u32>())
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| {
+                            format!("row {}: bad number in column enis_per_card", n + 1)
+                        })?;
+                    let sum: u32 = per_card.iter().sum();
+                    if per_card.len() != t.network_cards.max(1) as usize
+                        || per_card.get(t.default_card as usize) != Some(&t.max_enis)
+                        || sum != t.max_enis_total
+                    {
+                        return Err(format!(
+                            "row {}: enis_per_card `{field}` disagrees with network_cards, default_card, max_enis or max_enis_total",
+                            n + 1
+                        ));
+                    }
+                    per_card
+                }
+                None => Vec::new(),
+            };
+            cards.push(per_card);
         }
         let index = types
             .iter()
             .enumerate()
             .map(|(i, t)| (t.instance_type.clone(), i))
             .collect();
-        Ok(Catalog { types, index })
+        Ok(Catalog {
+            types,
+            cards,
+            index,
+        })
+    }
+
+    /// ENI limit of each network card of `name` as in the table (`None` when the type or the
+    /// column is missing).
+    pub fn cards_of(&self, name: &str) -> Option<&[u32]> {
+        self.index
+            .get(name)
+            .map(|&i| self.cards[i].as_slice())
+            .filter(|c| !c.is_empty())
     }
 
     /// Number of types in the table.
@@ -550,6 +631,83 @@ mod tests {
         assert!(Catalog::embedded()
             .get("m5.metal")
             .is_some_and(|l| l.bare_metal));
+    }
+
+    #[test]
+    fn network_cards_carry_their_own_eni_limits_from_the_table() {
+        let cards = |t: &str| Catalog::embedded().get(t).expect(t).enis_per_card();
+        // DescribeInstanceTypes NetworkCards[].MaximumNetworkInterfaces, card by card.
+        assert_eq!(cards("m5.large"), vec![3]);
+        assert_eq!(cards("c6in.32xlarge"), vec![8, 8]);
+        assert_eq!(cards("trn1.32xlarge"), vec![5; 8]);
+        assert_eq!(cards("p5.48xlarge"), vec![2; 32]);
+        // The one type whose cards differ: 8 on the default card, 7 on the second.
+        assert_eq!(cards("i7ie.48xlarge"), vec![8, 7]);
+        let p5 = Catalog::embedded().get("p5.48xlarge").expect("p5");
+        assert_eq!((p5.card_max_enis(31), p5.card_max_enis(32)), (2, 0));
+        // Every row's cards add up to the instance total and start with the default card's.
+        for t in Catalog::embedded().iter() {
+            let c = t.enis_per_card();
+            assert_eq!(c.len() as u32, t.network_cards.max(1), "{t:?}");
+            assert_eq!(c.iter().sum::<u32>(), t.max_enis_total, "{t:?}");
+            assert_eq!(c[t.default_card as usize], t.max_enis, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn card_limits_follow_overrides_and_types_the_table_lacks() {
+        // max_enis is the default card's limit: the other cards keep theirs.
+        let o = LimitOverrides {
+            max_enis: Some(4),
+            ..Default::default()
+        };
+        let l = Catalog::embedded()
+            .lookup("c6in.32xlarge", &o)
+            .expect("known");
+        assert_eq!(l.enis_per_card(), vec![4, 8]);
+        // A type the table lacks: its cards are the default card's limit and an even split.
+        let future = LimitOverrides {
+            max_enis: Some(3),
+            ipv4_per_eni: Some(10),
+            vcpus: Some(8),
+            network_cards: Some(3),
+            ..Default::default()
+        };
+        let mut l = Catalog::embedded()
+            .lookup("zz9.future", &future)
+            .expect("complete overrides");
+        l.max_enis_total = 11;
+        assert_eq!(l.enis_per_card(), vec![3, 4, 4]);
+        // A card count that disagrees with the table falls back to the split as well.
+        let two = LimitOverrides {
+            network_cards: Some(2),
+            ..Default::default()
+        };
+        let l = Catalog::embedded()
+            .lookup("trn1.32xlarge", &two)
+            .expect("known");
+        assert_eq!(l.enis_per_card(), vec![5, 35]);
+    }
+
+    #[test]
+    fn a_table_whose_cards_disagree_with_its_totals_is_rejected() {
+        let head = "instance_type,vcpus,hypervisor,bare_metal,network_cards,default_card,max_enis,max_enis_total,ipv4_per_eni,ipv6_per_eni,enis_per_card\n";
+        let ok = Catalog::parse(&format!("{head}x.large,2,nitro,false,2,0,3,5,10,10,3;2\n"))
+            .expect("consistent");
+        assert_eq!(ok.cards_of("x.large"), Some(&[3, 2][..]));
+        for bad in ["3;3", "3", "2;3", "3;x"] {
+            let err = Catalog::parse(&format!(
+                "{head}x.large,2,nitro,false,2,0,3,5,10,10,{bad}\n"
+            ))
+            .expect_err(bad);
+            assert!(err.contains("enis_per_card"), "{bad}: {err}");
+        }
+        // Without the column the cards are derived.
+        let old = "instance_type,vcpus,hypervisor,bare_metal,network_cards,default_card,max_enis,max_enis_total,ipv4_per_eni,ipv6_per_eni\nx.large,2,nitro,false,1,0,3,3,10,10\n";
+        assert_eq!(
+            Catalog::parse(old).expect("old format").cards_of("x.large"),
+            None
+        );
     }
 
     #[test]

@@ -84,6 +84,11 @@ struct MaxPodsArgs {
     /// (default: the type's branch limit).
     #[arg(long, value_name = "N", requires = "security_groups_for_pods")]
     branch_pods: Option<u32>,
+    /// Count every network card (ipamd with ENABLE_MULTI_NIC=true) instead of the default card
+    /// only, as the EKS script does. On a multi-card type without it, a note on standard error
+    /// says the number counts the default card only.
+    #[arg(long)]
+    all_cards: bool,
 }
 
 #[derive(clap::Args)]
@@ -282,6 +287,23 @@ fn run_max_pods(a: MaxPodsArgs) -> Result<String> {
         maxpods::max_pods_with_trunk(&limits, &trunk, &opts)
     };
     let f = if a.json { Format::Json } else { Format::Table };
+    if a.all_cards {
+        if a.ipv6 {
+            bail!(BadInput(
+                "--all-cards: IPv6 max pods do not depend on network cards".into()
+            ));
+        }
+        if let Some(all) = &m.all_cards {
+            if f == Format::Table && !a.explain {
+                return Ok(format!("{}\n", all.max_pods));
+            }
+        }
+    } else if f == Format::Table {
+        if let Some(flag) = report::default_card_flag(&m).filter(|_| !a.explain) {
+            // Standard output stays the script's bare number; the flag goes beside it.
+            eprintln!("note: {flag}");
+        }
+    }
     Ok(report::max_pods(&m, f, a.explain))
 }
 

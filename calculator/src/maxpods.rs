@@ -139,6 +139,54 @@ pub struct BranchPods {
     pub branch_pods: u32,
 }
 
+/// One network card's share of a multi-card node (`ENABLE_MULTI_NIC=true`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CardPods {
+    /// `NetworkCardIndex`.
+    pub network_card: u32,
+    /// The card's EC2 ENI limit (`NetworkCards[].MaximumNetworkInterfaces`).
+    pub max_enis: u32,
+    /// ENIs on this card whose addresses go to pods: the limit lowered by `MAX_ENI` (applied
+    /// per card, as ipamd does), less the primary ENI under custom networking and the trunk
+    /// ENI's slot on the default card.
+    pub enis: u32,
+    /// Pod addresses the card can hold: `enis x (IPv4 per ENI - 1)`, times 16 with prefix
+    /// delegation.
+    pub pod_addresses: u32,
+    /// Subnet addresses the card takes when every slot is filled: each attached ENI's primary
+    /// (the primary ENI and the trunk included) plus its pod addresses (a /28 takes 16).
+    pub subnet_addresses_full: u32,
+    /// Subnet addresses a card other than the default takes with no pod on it: ipamd forces
+    /// `WARM_IP_TARGET=1`, `MINIMUM_IP_TARGET=1` there, so one ENI with its primary and one
+    /// address (one /28 with prefix delegation). `None` on the default card, whose idle use
+    /// follows the warm targets (see the planner).
+    pub subnet_addresses_idle: Option<u32>,
+}
+
+/// Max pods, ENIs and subnet use over every network card (ipamd with `ENABLE_MULTI_NIC=true`).
+///
+/// Ordinary pods take an address on the default card first and fall through to the next card
+/// when one is full, so the node holds as many of them as all cards have pod addresses.
+/// A multi-NIC pod (`k8s.amazonaws.com/nicConfig: multi-nic-attachment`) takes one address on
+/// every card, so the fullest card bounds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AllCards {
+    /// Every card, in card-index order.
+    pub cards: Vec<CardPods>,
+    /// ENIs counted for pods over every card.
+    pub enis: u32,
+    /// The formula over every card before any ceiling: pod addresses of all cards + 2 (+
+    /// branch pods).
+    pub max_allowed: u32,
+    /// `max_allowed` with the same ceiling as the default-card answer.
+    pub max_pods: u32,
+    /// Max pods when every pod is a multi-NIC pod: the smallest card's pod addresses + 2 (+
+    /// branch pods), with the ceiling.
+    pub multi_nic_max_pods: u32,
+    /// Subnet addresses every card takes when every slot is filled.
+    pub subnet_addresses_full: u32,
+}
+
 /// The answer with the terms that produced it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MaxPods {
@@ -162,6 +210,12 @@ pub struct MaxPods {
     pub ipv6: bool,
     /// Security groups for pods, when asked for.
     pub security_groups_for_pods: Option<BranchPods>,
+    /// True when the type has more than one network card and `max_pods` / `enis` count the
+    /// default card only, as `max-pods-calculator.sh`, `eni-max-pods.txt` and ipamd without
+    /// `ENABLE_MULTI_NIC` do: the script-compatible answer. `all_cards` has the rest.
+    pub default_card_only: bool,
+    /// Every card's share (`ENABLE_MULTI_NIC=true`), for a type with more than one card.
+    pub all_cards: Option<AllCards>,
     /// Why an option had no effect, or what to watch for.
     pub notes: Vec<String>,
 }
@@ -262,6 +316,21 @@ pub fn max_pods_with_trunk(
                 .into(),
         );
     }
+    let trunk_slot = sgp.as_ref().is_some_and(|b| b.trunk_attached);
+    let all_cards = (limits.network_cards > 1).then(|| {
+        all_cards(
+            limits,
+            &CardTerms {
+                max_eni: opts.max_eni,
+                custom_networking: opts.custom_networking,
+                trunk_slot,
+                per_eni,
+                prefix_delegation: pd,
+                branch,
+                ceiling,
+            },
+        )
+    });
     MaxPods {
         instance_type: limits.instance_type.clone(),
         max_pods,
@@ -273,7 +342,71 @@ pub fn max_pods_with_trunk(
         vcpus: limits.vcpus,
         ipv6: false,
         security_groups_for_pods: sgp,
+        default_card_only: all_cards.is_some(),
+        all_cards,
         notes,
+    }
+}
+
+/// What the default-card answer settled that every card shares.
+struct CardTerms {
+    max_eni: Option<u32>,
+    custom_networking: bool,
+    trunk_slot: bool,
+    per_eni: u32,
+    prefix_delegation: bool,
+    branch: u32,
+    ceiling: Option<u32>,
+}
+
+fn all_cards(limits: &InstanceLimits, t: &CardTerms) -> AllCards {
+    let default = limits.default_card.min(limits.network_cards.max(1) - 1);
+    let address_cost = if t.prefix_delegation { 16 } else { 1 };
+    let cards: Vec<CardPods> = limits
+        .enis_per_card()
+        .into_iter()
+        .enumerate()
+        .map(|(i, max)| {
+            let card = i as u32;
+            let on_default = card == default;
+            let attachable = t.max_eni.map_or(max, |m| m.min(max));
+            let mut enis = attachable;
+            if on_default && t.trunk_slot {
+                enis = enis.saturating_sub(1);
+            }
+            if on_default && t.custom_networking {
+                enis = enis.saturating_sub(1);
+            }
+            let pod_addresses = enis * t.per_eni;
+            // Attached ENIs: the pod ENIs, plus on the default card the primary (custom
+            // networking) and the trunk, which are attached but carry no pod address.
+            let attached = if on_default {
+                enis + u32::from(t.custom_networking && attachable > 0) + u32::from(t.trunk_slot)
+            } else {
+                enis
+            };
+            CardPods {
+                network_card: card,
+                max_enis: max,
+                enis,
+                pod_addresses,
+                subnet_addresses_full: attached + pod_addresses,
+                subnet_addresses_idle: (!on_default && enis > 0).then_some(1 + address_cost),
+            }
+        })
+        .collect();
+    let enis = cards.iter().map(|c| c.enis).sum();
+    let addresses: u32 = cards.iter().map(|c| c.pod_addresses).sum();
+    let smallest = cards.iter().map(|c| c.pod_addresses).min().unwrap_or(0);
+    let max_allowed = addresses + HOST_NETWORK_PODS + t.branch;
+    let cap = |v: u32| t.ceiling.map_or(v, |c| c.min(v));
+    AllCards {
+        enis,
+        max_allowed,
+        max_pods: cap(max_allowed),
+        multi_nic_max_pods: cap(smallest + HOST_NETWORK_PODS + t.branch),
+        subnet_addresses_full: cards.iter().map(|c| c.subnet_addresses_full).sum(),
+        cards,
     }
 }
 
@@ -512,6 +645,131 @@ mod tests {
         assert_eq!(eni_max_pods(&limits("t3.nano")), 4);
         assert_eq!(eni_max_pods(&limits("c5.18xlarge")), 737);
         assert_eq!(eni_max_pods(&limits("p4d.24xlarge")), 737);
+    }
+
+    fn cards(t: &str, o: MaxPodsOptions) -> (MaxPods, AllCards) {
+        let m = max_pods(&limits(t), &o);
+        let all = m.all_cards.clone().expect("a multi-card type");
+        (m, all)
+    }
+
+    #[test]
+    fn every_card_counts_when_multi_nic_is_on_and_the_script_answer_is_flagged() {
+        let show = MaxPodsOptions {
+            show_max_allowed: true,
+            ..Default::default()
+        };
+        // p5.48xlarge: 32 cards x 2 ENIs, 50 IPv4 per ENI (49 pod slots), 192 vCPUs.
+        let (m, all) = cards("p5.48xlarge", show);
+        assert!(m.default_card_only);
+        assert_eq!((m.enis, m.max_pods), (2, 100)); // the script: 2 * 49 + 2
+        assert_eq!(all.cards.len(), 32);
+        assert!(all
+            .cards
+            .iter()
+            .all(|c| (c.max_enis, c.enis, c.pod_addresses) == (2, 2, 98)));
+        assert_eq!(all.enis, 64);
+        assert_eq!((all.max_allowed, all.max_pods), (3138, 3138)); // 64 * 49 + 2
+        assert_eq!(all.multi_nic_max_pods, 100); // one address on each card: 98 + 2
+        assert_eq!(all.subnet_addresses_full, 32 * (2 + 98));
+        assert_eq!(all.cards[0].subnet_addresses_idle, None);
+        assert_eq!(all.cards[1].subnet_addresses_idle, Some(2)); // primary + 1 (W=1, M=1)
+                                                                 // With the ceiling: 250 for 192 vCPUs, over every card too.
+        let (m, all) = cards("p5.48xlarge", MaxPodsOptions::default());
+        assert_eq!(
+            (m.max_pods, all.max_allowed, all.max_pods),
+            (100, 3138, 250)
+        );
+
+        // trn1.32xlarge: 8 cards x 5 ENIs, 49 slots: 5 * 49 + 2 = 247 on the default card,
+        // 40 * 49 + 2 = 1962 on all, 8 * (5 + 245) = 2000 subnet addresses when full.
+        let (m, all) = cards("trn1.32xlarge", show);
+        assert_eq!((m.max_pods, all.enis, all.max_pods), (247, 40, 1962));
+        assert_eq!(
+            (all.multi_nic_max_pods, all.subnet_addresses_full),
+            (247, 2000)
+        );
+
+        // c6in.32xlarge: 2 cards x 8 ENIs: 394 (script), 16 * 49 + 2 = 786 on all.
+        let (m, all) = cards("c6in.32xlarge", show);
+        assert_eq!(
+            (m.max_pods, all.max_pods, all.multi_nic_max_pods),
+            (394, 786, 394)
+        );
+        assert_eq!(all.subnet_addresses_full, 2 * (8 + 392));
+
+        // i7ie.48xlarge: 8 + 7 ENIs: 15 * 49 + 2 = 737; the 7-ENI card bounds multi-NIC pods.
+        let (m, all) = cards("i7ie.48xlarge", show);
+        assert_eq!(
+            (m.max_pods, all.max_pods, all.multi_nic_max_pods),
+            (394, 737, 345)
+        );
+
+        // One card: nothing to add, nothing flagged.
+        let one = max_pods(&limits("m5.24xlarge"), &show);
+        assert!(!one.default_card_only && one.all_cards.is_none());
+    }
+
+    #[test]
+    fn card_terms_follow_max_eni_custom_networking_trunk_and_prefixes() {
+        let show = MaxPodsOptions {
+            show_max_allowed: true,
+            ..Default::default()
+        };
+        // MAX_ENI applies per card: c6in.32xlarge with 4 -> 8 ENIs, 8 * 49 + 2 = 394.
+        let (m, all) = cards(
+            "c6in.32xlarge",
+            MaxPodsOptions {
+                max_eni: Some(4),
+                ..show
+            },
+        );
+        assert_eq!((m.max_pods, all.enis, all.max_pods), (198, 8, 394));
+        // Custom networking loses the primary ENI on the default card only: 7 + 8 ENIs,
+        // 15 * 49 + 2 = 737; the primary still takes its one address when full.
+        let (m, all) = cards(
+            "c6in.32xlarge",
+            MaxPodsOptions {
+                custom_networking: true,
+                ..show
+            },
+        );
+        assert_eq!((m.max_pods, all.enis, all.max_pods), (345, 15, 737));
+        assert_eq!(all.cards[0].subnet_addresses_full, 8 + 7 * 49);
+        assert_eq!(all.subnet_addresses_full, 8 + 343 + 8 + 392);
+        assert_eq!(all.multi_nic_max_pods, 345);
+        // Security groups for pods: the trunk takes a slot on the default card, 106 branch
+        // pods: (7 + 8) * 49 + 2 + 106 = 843; the trunk's primary is in the subnet use.
+        let (m, all) = cards(
+            "c6in.32xlarge",
+            MaxPodsOptions {
+                security_groups_for_pods: true,
+                ..show
+            },
+        );
+        assert_eq!((m.max_pods, all.max_pods), (345 + 106, 843));
+        assert_eq!(all.cards[0].subnet_addresses_full, 8 + 7 * 49);
+        // Prefix delegation: 49 /28s per ENI = 784 addresses: 64 * 784 + 2 on p5.48xlarge;
+        // an idle card holds its ENI's primary and one /28.
+        let (m, all) = cards(
+            "p5.48xlarge",
+            MaxPodsOptions {
+                prefix_delegation: true,
+                ..show
+            },
+        );
+        assert_eq!((m.max_pods, all.max_pods), (1570, 50178));
+        assert_eq!(all.cards[5].subnet_addresses_idle, Some(17));
+        assert_eq!(all.subnet_addresses_full, 32 * (2 + 2 * 784));
+        // eni-max-pods has no ceiling over every card either.
+        let (_, all) = cards(
+            "trn1.32xlarge",
+            MaxPodsOptions {
+                formula: Formula::EniMaxPods,
+                ..Default::default()
+            },
+        );
+        assert_eq!(all.max_pods, 1962);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::exact::ExactReport;
-use crate::maxpods::MaxPods;
+use crate::maxpods::{AllCards, MaxPods};
 use crate::node::Ec2Action;
 use crate::timeline::TimelineReport;
 use crate::workbook::{Rows, WorkbookReport};
@@ -389,7 +389,11 @@ pub fn max_pods(m: &MaxPods, f: Format, explain: bool) -> String {
                 "prefix_delegation",
                 "vcpus",
                 "branch_pods",
+                "default_card_only",
+                "max_pods_all_cards",
+                "enis_all_cards",
             ]);
+            let all = m.all_cards.as_ref();
             t.row(vec![
                 m.instance_type.clone(),
                 m.max_pods.to_string(),
@@ -402,6 +406,9 @@ pub fn max_pods(m: &MaxPods, f: Format, explain: bool) -> String {
                     .as_ref()
                     .map_or(0, |b| b.branch_pods)
                     .to_string(),
+                m.default_card_only.to_string(),
+                all.map_or(m.max_pods, |a| a.max_pods).to_string(),
+                all.map_or(m.enis, |a| a.enis).to_string(),
             ]);
             t.csv()
         }
@@ -445,12 +452,74 @@ pub fn max_pods(m: &MaxPods, f: Format, explain: bool) -> String {
                 );
             }
             out.push('\n');
+            if let Some(all) = &m.all_cards {
+                out.push_str(&all_cards_text(m, all));
+            }
             for n in &m.notes {
                 let _ = writeln!(out, "note: {n}");
             }
             out
         }
     }
+}
+
+/// The line that flags a default-card-only answer on a multi-card type.
+pub fn default_card_flag(m: &MaxPods) -> Option<String> {
+    let all = m.all_cards.as_ref().filter(|_| m.default_card_only)?;
+    Some(format!(
+        "{} counts the default network card only (script-compatible); {} has {} cards: {} over every card with ENABLE_MULTI_NIC (--all-cards), {} when every pod is multi-NIC",
+        m.max_pods,
+        m.instance_type,
+        all.cards.len(),
+        all.max_pods,
+        all.multi_nic_max_pods
+    ))
+}
+
+fn all_cards_text(m: &MaxPods, all: &AllCards) -> String {
+    let mut out = String::new();
+    if let Some(flag) = default_card_flag(m) {
+        let _ = writeln!(out, "{flag}");
+    }
+    let _ = writeln!(
+        out,
+        "every card (ENABLE_MULTI_NIC): {} ENIs, {} = {} pod addresses + 2{}{}; multi-NIC pods: {}; subnet addresses when full: {}",
+        all.enis,
+        all.max_allowed,
+        all.cards.iter().map(|c| c.pod_addresses).sum::<u32>(),
+        m.security_groups_for_pods
+            .as_ref()
+            .filter(|b| b.trunk_attached)
+            .map_or(String::new(), |b| format!(" + {} branch pods", b.branch_pods)),
+        if all.max_pods < all.max_allowed {
+            format!(", capped at {}", all.max_pods)
+        } else {
+            String::new()
+        },
+        all.multi_nic_max_pods,
+        all.subnet_addresses_full
+    );
+    let mut t = Table::new(&[
+        "card",
+        "max_enis",
+        "pod_enis",
+        "pod_addresses",
+        "subnet_full",
+        "subnet_idle",
+    ]);
+    for c in &all.cards {
+        t.row(vec![
+            c.network_card.to_string(),
+            c.max_enis.to_string(),
+            c.enis.to_string(),
+            c.pod_addresses.to_string(),
+            c.subnet_addresses_full.to_string(),
+            c.subnet_addresses_idle
+                .map_or_else(|| "warm targets".to_owned(), |v| v.to_string()),
+        ]);
+    }
+    out.push_str(&t.render());
+    out
 }
 
 fn hms(t: u64) -> String {

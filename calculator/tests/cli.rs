@@ -335,3 +335,87 @@ fn ipv6_max_pods_and_plan() {
     let t = stdout(&run(&["plan", plan, "--ipv6"]));
     assert!(t.contains("/80s needed"), "{t}");
 }
+
+#[test]
+fn max_pods_on_a_multi_card_type_flags_the_default_card_answer() {
+    // p5.48xlarge: 32 cards x 2 ENIs, 50 IPv4 per ENI. The script's answer stays the bare
+    // number on standard output; standard error says it counts the default card only.
+    let o = run(&[
+        "max-pods",
+        "--instance-type",
+        "p5.48xlarge",
+        "--show-max-allowed",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "100\n");
+    let err = stderr(&o);
+    assert!(err.contains("default network card only"), "{err}");
+    assert!(err.contains("3138 over every card"), "{err}");
+    // --all-cards prints the number over every card: 64 * 49 + 2.
+    let o = run(&[
+        "max-pods",
+        "--instance-type",
+        "p5.48xlarge",
+        "--show-max-allowed",
+        "--all-cards",
+    ]);
+    assert_eq!(stdout(&o), "3138\n");
+    assert!(stderr(&o).is_empty(), "{}", stderr(&o));
+    // A one-card type has nothing to flag.
+    let o = run(&["max-pods", "--instance-type", "m5.large"]);
+    assert!(stderr(&o).is_empty(), "{}", stderr(&o));
+    // JSON carries the flag and every card.
+    let v = json(&run(&[
+        "max-pods",
+        "--instance-type",
+        "trn1.32xlarge",
+        "--show-max-allowed",
+        "--json",
+    ]));
+    assert_eq!(v["max_pods"], 247);
+    assert_eq!(v["default_card_only"], true);
+    assert_eq!(v["all_cards"]["max_pods"], 1962);
+    assert_eq!(v["all_cards"]["enis"], 40);
+    assert_eq!(v["all_cards"]["cards"].as_array().map(Vec::len), Some(8));
+    let v = json(&run(&["max-pods", "--instance-type", "m5.large", "--json"]));
+    assert_eq!(v["default_card_only"], false);
+    assert!(v["all_cards"].is_null());
+    // --explain shows the flag and a row per card.
+    let o = run(&[
+        "max-pods",
+        "--instance-type",
+        "c6in.32xlarge",
+        "--show-max-allowed",
+        "--explain",
+    ]);
+    let out = stdout(&o);
+    assert!(out.starts_with("394\n"), "{out}");
+    assert!(out.contains("default network card only"), "{out}");
+    assert!(
+        out.contains("every card (ENABLE_MULTI_NIC): 16 ENIs, 786"),
+        "{out}"
+    );
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("0 ") || l.starts_with("1 "))
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    // Multi-NIC pods: one address on each card, the fuller card bounds them.
+    let o = run(&[
+        "max-pods",
+        "--instance-type",
+        "c6in.32xlarge",
+        "--show-max-allowed",
+        "--json",
+    ]);
+    assert_eq!(json(&o)["all_cards"]["multi_nic_max_pods"], 394);
+    let o = run(&[
+        "max-pods",
+        "--instance-type",
+        "c6in.32xlarge",
+        "--ipv6",
+        "--all-cards",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--all-cards"), "{}", stderr(&o));
+}

@@ -399,14 +399,10 @@ pub struct TrunkAssociation {
     pub branch_type_before: String,
 }
 
-/// Per-card ENI limit: the table's default-card limit on the default card; the remaining total
-/// spread evenly over the other cards.
+/// Per-card ENI limit (`NetworkCards[].MaximumNetworkInterfaces`): the table's value for the
+/// card ([`InstanceLimits::card_max_enis`]); 0 for a card the type does not have.
 pub fn card_max_enis(l: &InstanceLimits, card: u32) -> u32 {
-    if card == l.default_card || l.network_cards <= 1 {
-        l.max_enis
-    } else {
-        (l.max_enis_total.saturating_sub(l.max_enis) / (l.network_cards - 1)).max(1)
-    }
+    l.card_max_enis(card)
 }
 
 /// The whole simulated account in one region.
