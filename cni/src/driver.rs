@@ -538,6 +538,37 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// The best-effort DelNetwork after a branch DEL from prevResult: a datastore allocation
+    /// (no `PodVlanId` in the reply) is released and its host wiring removed; anything else
+    /// (unknown pod, ipamd down, a branch reply) is only logged.
+    async fn release_after_branch_del(&self, inv: &Invocation, conf: &NetConf) {
+        let req = self.del_request(inv, conf, REASON_POD_DELETED);
+        match self.ipam.del_network(req).await {
+            Ok(r) if r.success && r.pod_vlan_id == 0 && !r.ip_allocation_metadata.is_empty() => {
+                tracing::warn!(
+                    "ipamd held a datastore address for a branch-ENI prevResult; released"
+                );
+                let items: Vec<PodTeardown> = r
+                    .ip_allocation_metadata
+                    .iter()
+                    .filter_map(|m| {
+                        Some(PodTeardown {
+                            ip: allocation_ip(m).ok().flatten()?,
+                            route_table: route_table(m),
+                        })
+                    })
+                    .collect();
+                if let Err(e) = self.teardown_all(&items).await {
+                    tracing::warn!(error = %e, "teardown of ipamd's allocation incomplete");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %CniError::details(&ipam_error("DelNetwork", e)), "ipamd has nothing to release for the branch-ENI pod")
+            }
+        }
+    }
+
     async fn teardown_branches(&self, items: &[BranchTeardown]) -> Result<(), NetError> {
         let mut first_err = None;
         for t in items {
@@ -576,23 +607,27 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
                     .collect()
             })
             .unwrap_or_default();
-        match branch_del_plan(prev.as_ref(), &inv.netns, conf.branch_link) {
-            Some(BranchDel::EmptyNetns { vlan_id }) => {
-                tracing::info!(
-                    vlan_id,
-                    "branch-ENI pod DEL with empty netns: nothing torn down"
-                );
-                return Ok(());
-            }
-            Some(BranchDel::Teardown(items)) => {
-                // The reference's shortcut: a branch pod is torn down from prevResult alone,
-                // without ipamd (which holds no datastore address for it).
-                return self
+        if let Some(plan) = branch_del_plan(prev.as_ref(), &inv.netns, conf.branch_link) {
+            // The reference's shortcut: a branch pod is torn down from prevResult alone, and
+            // ipamd is not needed for it.
+            let torn = match plan {
+                BranchDel::EmptyNetns { vlan_id } => {
+                    tracing::info!(
+                        vlan_id,
+                        "branch-ENI pod DEL with empty netns: nothing torn down"
+                    );
+                    Ok(())
+                }
+                BranchDel::Teardown(items) => self
                     .teardown_branches(&items)
                     .await
-                    .map_err(|source| CniError::Teardown { source });
-            }
-            None => {}
+                    .map_err(|source| CniError::Teardown { source }),
+            };
+            // Unlike the reference, ipamd is still asked to release (best effort, after the
+            // teardown): a prevResult that wrongly claims a branch pod must not keep an
+            // address ipamd assigned to this container from its datastore.
+            self.release_after_branch_del(inv, conf).await;
+            return torn;
         }
         let req = self.del_request(inv, conf, REASON_POD_DELETED);
         let reply = match self.ipam.del_network(req).await {
@@ -1459,7 +1494,10 @@ mod tests {
             } else {
                 assert_eq!(
                     rules,
-                    ["512: from all to 10.0.1.10/32 lookup 254", "1536: from 10.0.1.10/32 lookup 105"]
+                    [
+                        "512: from all to 10.0.1.10/32 lookup 254",
+                        "1536: from 10.0.1.10/32 lookup 105"
+                    ]
                 );
             }
             assert!(host.link("vlan.eth.5").is_some() && host.link("eni-br5").is_none());
@@ -1483,14 +1521,22 @@ mod tests {
             .expect("empty netns");
         assert_eq!(d.net().state().host, wired, "nothing torn down");
         d.ipam().set_unreachable(true);
-        d.del(&inv(Command::Del, "c1", NETNS), &with_prev(branch_conf("standard"), &r))
-            .await
-            .expect("del");
+        d.del(
+            &inv(Command::Del, "c1", NETNS),
+            &with_prev(branch_conf("standard"), &r),
+        )
+        .await
+        .expect("del");
         let host = d.net().state().host;
         assert!(host.rules.is_empty(), "{:?}", host.rules);
         assert!(host.routes.is_empty(), "{:?}", host.routes);
         assert!(host.link("vlan.eth.5").is_none());
-        assert!(dels(&d).is_empty(), "ipamd never asked");
+        assert_eq!(
+            dels(&d).len(),
+            1,
+            "only the empty-netns DEL reached ipamd (best-effort release); then it was down"
+        );
+        assert_eq!(d.ipam().assigned(), 0);
     }
 
     #[tokio::test]
@@ -1567,7 +1613,11 @@ mod tests {
             ips: vec![],
             ..branch.clone()
         };
-        assert_eq!(branch_del_plan(Some(&no_ips), NETNS, hp), None, "ipamd decides");
+        assert_eq!(
+            branch_del_plan(Some(&no_ips), NETNS, hp),
+            None,
+            "ipamd decides"
+        );
     }
 
     #[tokio::test]

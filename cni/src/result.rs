@@ -369,7 +369,11 @@ mod tests {
         for v in [CniVersion::V0_4_0, CniVersion::V1_0_0, CniVersion::V1_1_0] {
             let j = r.render(v);
             assert_eq!(j["interfaces"][1]["mac"], "0", "{v}");
-            assert_eq!(j["interfaces"][2], json!({"name": "dummyx", "mac": "4094"}), "{v}");
+            assert_eq!(
+                j["interfaces"][2],
+                json!({"name": "dummyx", "mac": "4094"}),
+                "{v}"
+            );
             assert_eq!(j["ips"][0]["gateway"], "10.0.1.1", "{v}");
             let p = PrevResult::parse(&j).expect("parse");
             assert_eq!(p.dummy(), Some(DummyInfo::Branch { vlan_id: 4094 }), "{v}");

@@ -467,13 +467,21 @@ mod tests {
 
     #[test]
     fn the_vlan_request_names_the_link_parent_id_mac_and_kind() {
-        use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVlan, LinkAttribute, LinkInfo};
+        use rtnetlink::packet_route::link::{
+            InfoData, InfoKind, InfoVlan, LinkAttribute, LinkInfo,
+        };
         let mac: MacAddr = "0a:00:00:00:00:07".parse().expect("mac");
         let m = crate::netlink::vlan_link_message("vlan.eth.7", 4, 7, mac);
         let attrs = &m.attributes;
-        assert!(attrs.contains(&LinkAttribute::IfName("vlan.eth.7".into())), "{attrs:?}");
+        assert!(
+            attrs.contains(&LinkAttribute::IfName("vlan.eth.7".into())),
+            "{attrs:?}"
+        );
         assert!(attrs.contains(&LinkAttribute::Link(4)), "{attrs:?}");
-        assert!(attrs.contains(&LinkAttribute::Address(mac.octets().to_vec())), "{attrs:?}");
+        assert!(
+            attrs.contains(&LinkAttribute::Address(mac.octets().to_vec())),
+            "{attrs:?}"
+        );
         let info = attrs
             .iter()
             .find_map(|a| match a {
