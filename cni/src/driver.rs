@@ -1576,6 +1576,48 @@ mod tests {
         assert!(d.net().state().host.link("eni-br5").is_some(), "untouched");
     }
 
+    #[tokio::test]
+    async fn an_ipv6_branch_pod_gets_inet6_iif_rules_and_the_ec2_gateway() {
+        let d = driver_v6(1);
+        d.ipam().set_branch(Some(crate::memory::BranchReply {
+            vlan_id: 7,
+            eni_mac: BRANCH_MAC.into(),
+            subnet_gw: "fe80:ec2::1".into(),
+            parent_if_index: 3,
+        }));
+        d.net()
+            .add_host_link("eni-br7", BRANCH_MAC.parse().expect("mac"));
+        let c = branch_conf("strict");
+        let r = d
+            .add(&inv(Command::Add, "c1", NETNS), &c)
+            .await
+            .expect("add");
+        let j = r.render(CniVersion::V1_0_0);
+        assert_eq!(j["ips"][0]["address"], "2001:db8:7:8:9::10/128");
+        assert_eq!(j["ips"][0]["gateway"], "fe80:ec2::1");
+        assert_eq!(j["interfaces"][2]["mac"], "7");
+        let host = d.net().state().host;
+        assert_eq!(host.rules.len(), 2);
+        assert!(host
+            .rules
+            .iter()
+            .all(|r| r.family == vpc_cni_net::Family::V6 && r.priority == 10 && r.table == 107));
+        let gw: IpAddr = "fe80:ec2::1".parse().expect("gw");
+        assert!(host
+            .routes
+            .iter()
+            .any(|r| r.table == 107 && r.gateway == Some(gw)));
+        let c2 = with_prev(c, &r);
+        d.check(&inv(Command::Check, "c1", NETNS), &c2)
+            .await
+            .expect("check");
+        d.del(&inv(Command::Del, "c1", NETNS), &c2)
+            .await
+            .expect("del");
+        let host = d.net().state().host;
+        assert!(host.rules.is_empty() && host.routes.is_empty(), "{host:?}");
+    }
+
     #[test]
     fn the_branch_del_decision_follows_the_dummy_and_the_netns() {
         let att = PodAttachment {
