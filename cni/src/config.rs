@@ -5,13 +5,20 @@
 //! `podSGEnforcingMode`, `pluginLogFile`, `pluginLogLevel`, `runtimeConfig`, `prevResult`.
 //! Our own fields (all optional, defaults keep the reference behaviour except the pool wait):
 //! `ipamdSocket`, `npAgentSocket`, `ipamdConnectTimeoutMs`, `poolWaitSeconds`,
-//! `poolRetryMs`.
+//! `poolRetryMs`, `branchLink`.
+//!
+//! `branchLink` (`"vlan"`, the default, or `"hotplug"`) is a test/simulator setting: how a
+//! branch-ENI (security groups for pods) pod's `vlan.eth.<id>` link is made. `vlan` creates a
+//! real 802.1Q link on the trunk ENI's interface, as the reference does (the kernel needs
+//! 8021q); `hotplug` takes the link the simulated fabric has already plugged into the node
+//! with the branch ENI's MAC and renames it. Any other value is refused.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
+use vpc_cni_net::BranchLinkKind;
 
 use crate::env::valid_id;
 use crate::error::CniError;
@@ -132,6 +139,8 @@ pub struct NetConf {
     pub pool_wait: Duration,
     /// `poolRetryMs` (ours): pause between attempts while waiting.
     pub pool_retry: Duration,
+    /// `branchLink` (ours; test/simulator setting): how branch-ENI pods' VLAN link is made.
+    pub branch_link: BranchLinkKind,
 }
 
 #[derive(Deserialize)]
@@ -169,6 +178,8 @@ struct RawConf {
     pool_wait_seconds: Option<f64>,
     #[serde(default)]
     pool_retry_ms: Option<u64>,
+    #[serde(default)]
+    branch_link: Option<String>,
 }
 
 /// The reference's `GetPodMTU`: a value that does not parse, or lies outside 576..=9001,
@@ -331,6 +342,14 @@ impl NetConf {
             raw.np_agent_socket,
             vpc_cni_rpc::NP_AGENT_SOCKET,
         )?;
+        let branch_link = match raw.branch_link.as_deref() {
+            None => BranchLinkKind::default(),
+            Some(v) => BranchLinkKind::parse(v).ok_or_else(|| {
+                CniError::config(format!(
+                    "branchLink {v:?} is neither \"vlan\" nor \"hotplug\""
+                ))
+            })?,
+        };
         Ok(NetConf {
             cni_version,
             name: raw.name,
@@ -348,6 +367,7 @@ impl NetConf {
             connect_timeout,
             pool_wait,
             pool_retry,
+            branch_link,
         })
     }
 }
@@ -521,6 +541,31 @@ mod tests {
         r["poolWaitSeconds"] = json!(0);
         r["poolRetryMs"] = json!(0);
         assert_eq!(parse(r).expect_err("zero retry").code(), 7);
+    }
+
+    #[test]
+    fn branch_link_is_vlan_by_default_hotplug_on_request_and_nothing_else() {
+        let mut r = reference();
+        assert_eq!(
+            parse(r.clone()).expect("default").branch_link,
+            BranchLinkKind::Vlan
+        );
+        r["branchLink"] = json!("hotplug");
+        assert_eq!(
+            parse(r.clone()).expect("hotplug").branch_link,
+            BranchLinkKind::Hotplug
+        );
+        r["branchLink"] = json!("vlan");
+        assert_eq!(
+            parse(r.clone()).expect("vlan").branch_link,
+            BranchLinkKind::Vlan
+        );
+        r["branchLink"] = json!("macvlan");
+        let e = parse(r.clone()).expect_err("unknown");
+        assert_eq!(e.code(), 7);
+        assert!(e.to_string().contains("branchLink"), "{e}");
+        r["branchLink"] = json!(1);
+        assert!(parse(r).is_err());
     }
 
     #[test]

@@ -15,19 +15,77 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use tokio::time::{sleep, Instant};
-use vpc_cni_net::names::{container_ifname, dummy_interface_name, host_veth_name};
+use vpc_cni_net::names::{
+    container_ifname, dummy_interface_name, host_veth_name, vlan_route_table_id,
+    STRICT_BRANCH_VETH_PREFIX,
+};
 use vpc_cni_net::pod::{PodDrift, Side};
-use vpc_cni_net::{NetError, PodIfSpec, PodNetwork, PodTeardown};
+use vpc_cni_net::{
+    BranchLinkKind, BranchSpec, BranchTeardown, MacAddr, NetError, PodIfSpec, PodNetwork,
+    PodTeardown, SgMode,
+};
 use vpc_cni_rpc::{
     is_unknown_pod, AddNetworkReply, AddNetworkRequest, DelNetworkRequest, DeleteNpRequest,
     EnforceNpRequest, IpAllocationMetadata, REASON_POD_DELETED, REASON_SETUP_NS_FAILED,
 };
 
 use crate::backend::{BackendError, Ipam, PolicyAgent};
-use crate::config::NetConf;
+use crate::config::{NetConf, SgEnforcingMode};
 use crate::env::Invocation;
 use crate::error::CniError;
-use crate::result::{AddResult, DummyInfo, PodAttachment, PrevResult};
+use crate::result::{AddResult, DummyInfo, PodAttachment, PrevResult, MAX_VLAN_ID};
+
+/// What DEL does for a branch-ENI pod known from its prevResult (spec 2.3 step 2), decided
+/// before anything is touched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BranchDel {
+    /// `CNI_NETNS` is empty: success without teardown (the kubelet double-DEL race would
+    /// otherwise delete a newer pod's VLAN).
+    EmptyNetns {
+        /// The VLAN id.
+        vlan_id: u16,
+    },
+    /// Tear these down locally, without ipamd.
+    Teardown(Vec<BranchTeardown>),
+}
+
+/// The DEL decision of spec 2.3 step 2: `Some` when prevResult's dummy entry carries a VLAN
+/// id (a branch-ENI pod), `None` when DEL goes on to ipamd (no prevResult, a normal pod, or a
+/// branch prevResult without a readable address).
+pub fn branch_del_plan(
+    prev: Option<&PrevResult>,
+    netns: &str,
+    link: BranchLinkKind,
+) -> Option<BranchDel> {
+    let prev = prev?;
+    let Some(DummyInfo::Branch { vlan_id }) = prev.dummy() else {
+        return None;
+    };
+    let vlan_id = u16::try_from(vlan_id).ok()?;
+    if netns.is_empty() {
+        return Some(BranchDel::EmptyNetns { vlan_id });
+    }
+    let items: Vec<BranchTeardown> = prev
+        .attachments()
+        .iter()
+        .map(|a| BranchTeardown {
+            ip: a.ip,
+            vlan_id,
+            link,
+        })
+        .collect();
+    if items.is_empty() {
+        return None;
+    }
+    Some(BranchDel::Teardown(items))
+}
+
+fn sg_mode(m: SgEnforcingMode) -> SgMode {
+    match m {
+        SgEnforcingMode::Strict => SgMode::Strict,
+        SgEnforcingMode::Standard => SgMode::Standard,
+    }
+}
 
 /// The plugin's logic, generic over its side effects.
 #[derive(Debug)]
@@ -193,14 +251,6 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         conf: &NetConf,
         reply: &AddNetworkReply,
     ) -> Result<Vec<PodIfSpec>, CniError> {
-        if reply.pod_vlan_id != 0 {
-            return Err(CniError::Unsupported {
-                what: format!(
-                    "branch-ENI (security groups for pods) pod with VLAN {}",
-                    reply.pod_vlan_id
-                ),
-            });
-        }
         if reply.ip_allocation_metadata.is_empty() {
             return Err(CniError::AssignFailed { op: "add cmd" });
         }
@@ -222,6 +272,156 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
             specs.push(spec);
         }
         Ok(specs)
+    }
+
+    /// Validates a branch-ENI reply (`PodVlanId` ≠ 0) and turns it into the pod's spec: the
+    /// host veth prefixed `vlan` in strict mode, `vethPrefix` in standard mode; table
+    /// `vlanId+100`.
+    fn branch_spec(
+        &self,
+        inv: &Invocation,
+        conf: &NetConf,
+        reply: &AddNetworkReply,
+    ) -> Result<BranchSpec, CniError> {
+        let bad = |what: String| CniError::Ipamd {
+            op: "AddNetwork",
+            source: tonic::Status::internal(format!("ipamd returned {what}")),
+        };
+        let vlan_id = u16::try_from(reply.pod_vlan_id)
+            .ok()
+            .filter(|v| (1..=MAX_VLAN_ID).contains(&u32::from(*v)))
+            .ok_or_else(|| bad(format!("the invalid PodVlanId {}", reply.pod_vlan_id)))?;
+        let meta = reply
+            .ip_allocation_metadata
+            .first()
+            .ok_or(CniError::AssignFailed { op: "add cmd" })?;
+        if reply.ip_allocation_metadata.len() > 1 {
+            tracing::warn!(
+                count = reply.ip_allocation_metadata.len(),
+                "a branch-ENI pod has one interface; using the first address only"
+            );
+        }
+        let ip = allocation_ip(meta)
+            .map_err(bad)?
+            .ok_or_else(|| bad("a branch allocation without IPv4Addr or IPv6Addr".into()))?;
+        let eni_mac: MacAddr = reply
+            .pod_enimac
+            .parse()
+            .map_err(|_| bad(format!("the invalid PodENIMAC {:?}", reply.pod_enimac)))?;
+        let subnet_gw: IpAddr = reply.pod_eni_subnet_gw.parse().map_err(|_| {
+            bad(format!(
+                "the invalid PodENISubnetGW {:?}",
+                reply.pod_eni_subnet_gw
+            ))
+        })?;
+        let parent_ifindex = u32::try_from(reply.parent_if_index).map_err(|_| {
+            bad(format!(
+                "the invalid ParentIfIndex {}",
+                reply.parent_if_index
+            ))
+        })?;
+        let mode = sg_mode(conf.sg_mode);
+        let mut pod = self.spec(inv, conf, 0, ip, vlan_route_table_id(vlan_id));
+        if mode == SgMode::Strict {
+            pod.host_veth = host_veth_name(
+                STRICT_BRANCH_VETH_PREFIX,
+                inv.args.pod_namespace(),
+                inv.args.pod_name(),
+                0,
+            );
+        }
+        let spec = BranchSpec {
+            pod,
+            vlan_id,
+            eni_mac,
+            subnet_gw,
+            parent_ifindex,
+            mode,
+            link: conf.branch_link,
+        };
+        spec.validate().map_err(|source| CniError::Setup {
+            interface: spec.pod.container_ifname.clone(),
+            source,
+        })?;
+        Ok(spec)
+    }
+
+    /// The network policy agent's part of ADD (when ipamd names a mode).
+    async fn enforce_policy(
+        &self,
+        inv: &Invocation,
+        reply: &AddNetworkReply,
+        interfaces: usize,
+    ) -> Result<(), CniError> {
+        if reply.network_policy_mode.is_empty() {
+            return Ok(());
+        }
+        let req = EnforceNpRequest {
+            k8s_pod_name: inv.args.pod_name().to_string(),
+            k8s_pod_namespace: inv.args.pod_namespace().to_string(),
+            network_policy_mode: reply.network_policy_mode.clone(),
+            interface_count: i32::try_from(interfaces).unwrap_or(i32::MAX),
+        };
+        // As the reference: no cleanup here; the runtime follows a failed ADD with DEL.
+        self.policy
+            .enforce(req)
+            .await
+            .map_err(|e| CniError::NetworkPolicy {
+                op: "setup",
+                source: Box::new(e),
+            })
+    }
+
+    /// ADD of a branch-ENI pod once ipamd has answered with a VLAN (spec 2.6).
+    async fn add_branch(
+        &self,
+        inv: &Invocation,
+        conf: &NetConf,
+        reply: &AddNetworkReply,
+    ) -> Result<AddResult, CniError> {
+        let spec = match self.branch_spec(inv, conf, reply) {
+            Ok(s) => s,
+            Err(e) => {
+                self.release(inv, conf, REASON_SETUP_NS_FAILED).await;
+                return Err(e);
+            }
+        };
+        crate::timing::mark("setup_branch");
+        if let Err(source) = self.net.setup_branch(&spec).await {
+            self.release(inv, conf, REASON_SETUP_NS_FAILED).await;
+            return Err(CniError::Setup {
+                interface: spec.pod.container_ifname.clone(),
+                source,
+            });
+        }
+        crate::failpoint::hit(crate::failpoint::RULES);
+        self.enforce_policy(inv, reply, 1).await?;
+        let attachment = PodAttachment {
+            host_veth: Some(spec.pod.host_veth.clone()),
+            container_ifname: spec.pod.container_ifname.clone(),
+            sandbox: inv.netns.clone(),
+            ip: spec.pod.ip,
+            // As the reference: the container entry's `mac` is ipamd's RouteTableId (0 for a
+            // branch address); the dummy's `mac` is the VLAN id.
+            route_table: reply
+                .ip_allocation_metadata
+                .first()
+                .map(route_table)
+                .unwrap_or(0),
+        };
+        let dummy = dummy_interface_name(inv.args.pod_namespace(), inv.args.pod_name());
+        let mut result = AddResult::build(
+            &[attachment],
+            &dummy,
+            DummyInfo::Branch {
+                vlan_id: u32::from(spec.vlan_id),
+            },
+        );
+        for ip in &mut result.ips {
+            ip.gateway = Some(spec.subnet_gw.to_string());
+        }
+        tracing::info!(ip = %spec.pod.ip, veth = %spec.pod.host_veth, vlan = spec.vlan_id, mode = ?spec.mode, "branch-ENI pod added");
+        Ok(result)
     }
 
     /// ADD.
@@ -269,6 +469,9 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         conf: &NetConf,
         reply: &AddNetworkReply,
     ) -> Result<AddResult, CniError> {
+        if reply.pod_vlan_id != 0 {
+            return self.add_branch(inv, conf, reply).await;
+        }
         crate::timing::mark("specs");
         let specs = match self.specs(inv, conf, reply) {
             Ok(s) => s,
@@ -296,22 +499,7 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
             done.push(spec);
             crate::failpoint::hit(crate::failpoint::RULES);
         }
-        if !reply.network_policy_mode.is_empty() {
-            let req = EnforceNpRequest {
-                k8s_pod_name: inv.args.pod_name().to_string(),
-                k8s_pod_namespace: inv.args.pod_namespace().to_string(),
-                network_policy_mode: reply.network_policy_mode.clone(),
-                interface_count: i32::try_from(specs.len()).unwrap_or(i32::MAX),
-            };
-            // As the reference: no cleanup here; the runtime follows a failed ADD with DEL.
-            self.policy
-                .enforce(req)
-                .await
-                .map_err(|e| CniError::NetworkPolicy {
-                    op: "setup",
-                    source: Box::new(e),
-                })?;
-        }
+        self.enforce_policy(inv, reply, specs.len()).await?;
         let attachments: Vec<PodAttachment> = specs
             .iter()
             .map(|s| PodAttachment {
@@ -350,6 +538,53 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// The best-effort DelNetwork after a branch DEL from prevResult: a datastore allocation
+    /// (no `PodVlanId` in the reply) is released and its host wiring removed; anything else
+    /// (unknown pod, ipamd down, a branch reply) is only logged.
+    async fn release_after_branch_del(&self, inv: &Invocation, conf: &NetConf) {
+        let req = self.del_request(inv, conf, REASON_POD_DELETED);
+        match self.ipam.del_network(req).await {
+            Ok(r) if r.success && r.pod_vlan_id == 0 && !r.ip_allocation_metadata.is_empty() => {
+                tracing::warn!(
+                    "ipamd held a datastore address for a branch-ENI prevResult; released"
+                );
+                let items: Vec<PodTeardown> = r
+                    .ip_allocation_metadata
+                    .iter()
+                    .filter_map(|m| {
+                        Some(PodTeardown {
+                            ip: allocation_ip(m).ok().flatten()?,
+                            route_table: route_table(m),
+                        })
+                    })
+                    .collect();
+                if let Err(e) = self.teardown_all(&items).await {
+                    tracing::warn!(error = %e, "teardown of ipamd's allocation incomplete");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %CniError::details(&ipam_error("DelNetwork", e)), "ipamd has nothing to release for the branch-ENI pod")
+            }
+        }
+    }
+
+    async fn teardown_branches(&self, items: &[BranchTeardown]) -> Result<(), NetError> {
+        let mut first_err = None;
+        for t in items {
+            match self.net.teardown_branch(t).await {
+                Ok(r) => {
+                    tracing::info!(ip = %t.ip, vlan = t.vlan_id, rules = r.rules_deleted, "branch-ENI pod deleted")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, ip = %t.ip, vlan = t.vlan_id, "branch teardown failed");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     /// DEL.
     pub async fn del(&self, inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
         let prev = match conf.prev_result.as_ref().map(PrevResult::parse) {
@@ -372,52 +607,26 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
                     .collect()
             })
             .unwrap_or_default();
-        if let Some(DummyInfo::Branch { vlan_id }) = prev.as_ref().and_then(PrevResult::dummy) {
-            // Branch-ENI pods are torn down locally, from prevResult, as the reference does.
-            // Unlike the reference, ipamd is asked to release too (best effort): this plugin
-            // never builds branch-ENI pods, so a prevResult claiming one must not keep an
-            // address ipamd did assign to this container (ipamd not knowing it is the usual
-            // answer).
-            let torn = if inv.netns.is_empty() {
-                tracing::info!(
-                    vlan_id,
-                    "branch-ENI pod DEL with empty netns: no host wiring to remove"
-                );
-                Ok(())
-            } else {
-                self.teardown_all(&prev_teardown)
-                    .await
-                    .map_err(|source| CniError::Teardown { source })
-            };
-            match self
-                .ipam
-                .del_network(self.del_request(inv, conf, REASON_POD_DELETED))
-                .await
-            {
-                Ok(r) if r.success && !r.ip_allocation_metadata.is_empty() => {
-                    tracing::warn!(
+        if let Some(plan) = branch_del_plan(prev.as_ref(), &inv.netns, conf.branch_link) {
+            // The reference's shortcut: a branch pod is torn down from prevResult alone, and
+            // ipamd is not needed for it.
+            let torn = match plan {
+                BranchDel::EmptyNetns { vlan_id } => {
+                    tracing::info!(
                         vlan_id,
-                        "ipamd held an address for a branch-ENI prevResult; released"
+                        "branch-ENI pod DEL with empty netns: nothing torn down"
                     );
-                    let items: Vec<PodTeardown> = r
-                        .ip_allocation_metadata
-                        .iter()
-                        .filter_map(|m| {
-                            Some(PodTeardown {
-                                ip: allocation_ip(m).ok().flatten()?,
-                                route_table: route_table(m),
-                            })
-                        })
-                        .collect();
-                    if let Err(e) = self.teardown_all(&items).await {
-                        tracing::warn!(error = %e, "teardown of ipamd's allocation incomplete");
-                    }
+                    Ok(())
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(error = %crate::error::CniError::details(&ipam_error("DelNetwork", e)), "ipamd has nothing for the branch-ENI pod")
-                }
-            }
+                BranchDel::Teardown(items) => self
+                    .teardown_branches(&items)
+                    .await
+                    .map_err(|source| CniError::Teardown { source }),
+            };
+            // Unlike the reference, ipamd is still asked to release (best effort, after the
+            // teardown): a prevResult that wrongly claims a branch pod must not keep an
+            // address ipamd assigned to this container from its datastore.
+            self.release_after_branch_del(inv, conf).await;
             return torn;
         }
         let req = self.del_request(inv, conf, REASON_POD_DELETED);
@@ -439,26 +648,54 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         if !reply.success {
             return Err(CniError::ReleaseFailed);
         }
-        let table_of = |m: &IpAllocationMetadata| {
-            if reply.pod_vlan_id != 0 {
-                u32::try_from(reply.pod_vlan_id).unwrap_or(0) + 100
-            } else {
-                route_table(m)
+        if reply.pod_vlan_id != 0 {
+            // A branch pod ipamd rebuilt from the pod's annotation (spec 2.3 step 4).
+            if inv.netns.is_empty() {
+                tracing::info!(
+                    vlan_id = reply.pod_vlan_id,
+                    "branch-ENI pod DEL with empty netns: nothing torn down"
+                );
+                return Ok(());
             }
-        };
-        if reply.pod_vlan_id != 0 && inv.netns.is_empty() {
-            return Ok(());
-        }
-        let items: Vec<PodTeardown> = reply
-            .ip_allocation_metadata
-            .iter()
-            .filter_map(|m| {
-                Some(PodTeardown {
-                    ip: allocation_ip(m).ok().flatten()?,
-                    route_table: table_of(m),
+            let vlan_id = u16::try_from(reply.pod_vlan_id)
+                .ok()
+                .filter(|v| (1..=MAX_VLAN_ID).contains(&u32::from(*v)))
+                .ok_or_else(|| CniError::Ipamd {
+                    op: "DelNetwork",
+                    source: tonic::Status::internal(format!(
+                        "ipamd returned the invalid PodVlanId {}",
+                        reply.pod_vlan_id
+                    )),
+                })?;
+            let items: Vec<BranchTeardown> = reply
+                .ip_allocation_metadata
+                .iter()
+                .filter_map(|m| {
+                    Some(BranchTeardown {
+                        ip: allocation_ip(m).ok().flatten()?,
+                        vlan_id,
+                        link: conf.branch_link,
+                    })
                 })
-            })
-            .collect();
+                .collect();
+            self.teardown_branches(&items)
+                .await
+                .map_err(|source| CniError::Teardown { source })?;
+        }
+        let items: Vec<PodTeardown> = if reply.pod_vlan_id != 0 {
+            Vec::new()
+        } else {
+            reply
+                .ip_allocation_metadata
+                .iter()
+                .filter_map(|m| {
+                    Some(PodTeardown {
+                        ip: allocation_ip(m).ok().flatten()?,
+                        route_table: route_table(m),
+                    })
+                })
+                .collect()
+        };
         crate::timing::mark("teardown");
         self.teardown_all(&items)
             .await
@@ -511,36 +748,57 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         }
         let mut drift_lines = Vec::new();
         let mut missing = Vec::new();
-        for (i, a) in ours.iter().enumerate() {
-            let index = u32::try_from(i).unwrap_or(u32::MAX);
-            let mut spec = self.spec(inv, conf, index, a.ip, a.route_table);
-            spec.container_ifname = a.container_ifname.clone();
+        if let Some(DummyInfo::Branch { vlan_id }) = prev.dummy() {
+            let a = &ours[0];
+            let vlan_id = u16::try_from(vlan_id).unwrap_or(0);
+            let mut pod = self.spec(inv, conf, 0, a.ip, vlan_route_table_id(vlan_id));
+            pod.container_ifname = a.container_ifname.clone();
             if let Some(h) = &a.host_veth {
-                spec.host_veth = h.clone();
+                pod.host_veth = h.clone();
             }
-            let drift = match self.net.check_interface(&spec).await {
-                Ok(d) => d,
-                Err(e @ NetError::Netns { .. }) => {
-                    return Err(CniError::UnknownContainer {
-                        what: format!("network namespace {}", inv.netns),
-                        source: Some(e),
-                    })
-                }
-                Err(e) => {
-                    return Err(CniError::Net {
-                        what: "reading the pod's network state".into(),
-                        source: e,
-                    })
-                }
+            let gw = prev
+                .ips
+                .iter()
+                .find_map(|c| c.gateway.as_deref()?.parse::<IpAddr>().ok())
+                .ok_or_else(|| {
+                    CniError::config("prevResult of a branch-ENI pod has no gateway in ips")
+                })?;
+            // What ADD built follows the veth's name: `vlan…` is strict (vethPrefix can never
+            // be `vlan`), anything else standard.
+            let mode = if pod.host_veth.starts_with(STRICT_BRANCH_VETH_PREFIX) {
+                SgMode::Strict
+            } else {
+                SgMode::Standard
             };
-            for d in drift {
-                match &d {
-                    PodDrift::MissingLink {
-                        side: Side::Pod,
-                        name,
-                    } => missing.push(format!("interface {name}")),
-                    _ => drift_lines.push(describe(&d)),
+            let spec = BranchSpec {
+                pod,
+                vlan_id,
+                eni_mac: MacAddr::default(),
+                subnet_gw: gw,
+                parent_ifindex: 0,
+                mode,
+                link: conf.branch_link,
+            };
+            let drift = self
+                .net
+                .check_branch(&spec)
+                .await
+                .map_err(|e| check_error(inv, e))?;
+            sort_drift(drift, &mut drift_lines, &mut missing);
+        } else {
+            for (i, a) in ours.iter().enumerate() {
+                let index = u32::try_from(i).unwrap_or(u32::MAX);
+                let mut spec = self.spec(inv, conf, index, a.ip, a.route_table);
+                spec.container_ifname = a.container_ifname.clone();
+                if let Some(h) = &a.host_veth {
+                    spec.host_veth = h.clone();
                 }
+                let drift = self
+                    .net
+                    .check_interface(&spec)
+                    .await
+                    .map_err(|e| check_error(inv, e))?;
+                sort_drift(drift, &mut drift_lines, &mut missing);
             }
         }
         if !missing.is_empty() {
@@ -560,6 +818,32 @@ impl<I: Ipam, N: PodNetwork, P: PolicyAgent> Driver<I, N, P> {
         self.ipam.ready().await.map_err(|e| CniError::NotAvailable {
             reason: crate::error::CniError::details(&ipam_error("health", e)),
         })
+    }
+}
+
+fn check_error(inv: &Invocation, e: NetError) -> CniError {
+    match e {
+        e @ NetError::Netns { .. } => CniError::UnknownContainer {
+            what: format!("network namespace {}", inv.netns),
+            source: Some(e),
+        },
+        e => CniError::Net {
+            what: "reading the pod's network state".into(),
+            source: e,
+        },
+    }
+}
+
+/// A missing pod interface means an unknown container; the rest is drift.
+fn sort_drift(drift: Vec<PodDrift>, lines: &mut Vec<String>, missing: &mut Vec<String>) {
+    for d in drift {
+        match &d {
+            PodDrift::MissingLink {
+                side: Side::Pod,
+                name,
+            } => missing.push(format!("interface {name}")),
+            _ => lines.push(describe(&d)),
+        }
     }
 }
 
@@ -584,6 +868,15 @@ pub fn describe(d: &PodDrift) -> String {
         PodDrift::MissingAddress(a) => format!("pod address {a} missing"),
         PodDrift::MissingRoute { side: s, route } => format!("{} route {route} missing", side(s)),
         PodDrift::MissingRule { side: s, rule } => format!("{} rule {rule} missing", side(s)),
+        PodDrift::WrongMac {
+            side: s,
+            name,
+            expected,
+            actual,
+        } => match actual {
+            Some(a) => format!("{} link {name} has MAC {a}, expected {expected}", side(s)),
+            None => format!("{} link {name} has no MAC, expected {expected}", side(s)),
+        },
         PodDrift::WrongNeighbour { expected, actual } => match actual {
             Some(a) => format!("gateway neighbour is {a}, expected {expected}"),
             None => format!("permanent gateway neighbour {expected} missing"),
@@ -1142,6 +1435,231 @@ mod tests {
         assert_eq!(e.code(), code::IPAMD_ERROR);
         assert!(e.details().contains("IPv6Addr"), "{}", e.details());
         assert!(d.net().state().host.links.is_empty());
+    }
+
+    const BRANCH_MAC: &str = "0a:00:00:00:00:05";
+
+    fn branch_driver() -> TestDriver {
+        let d = driver(2, 0);
+        d.ipam().set_branch(Some(crate::memory::BranchReply {
+            vlan_id: 5,
+            eni_mac: BRANCH_MAC.into(),
+            subnet_gw: "10.0.1.1".into(),
+            parent_if_index: 3,
+        }));
+        d.net()
+            .add_host_link("eni-br5", BRANCH_MAC.parse().expect("mac"));
+        d
+    }
+
+    fn branch_conf(mode: &str) -> NetConf {
+        let mut c = conf();
+        c.sg_mode = if mode == "strict" {
+            SgEnforcingMode::Strict
+        } else {
+            SgEnforcingMode::Standard
+        };
+        c.branch_link = BranchLinkKind::Hotplug;
+        c
+    }
+
+    #[tokio::test]
+    async fn a_branch_pod_answers_the_vlan_in_the_dummy_and_the_gateway_in_ips() {
+        for mode in ["strict", "standard"] {
+            let d = branch_driver();
+            let c = branch_conf(mode);
+            let r = d
+                .add(&inv(Command::Add, "c1", NETNS), &c)
+                .await
+                .expect("add");
+            let j = r.render(CniVersion::V1_0_0);
+            let prefix = if mode == "strict" { "vlan" } else { "eni" };
+            assert_eq!(
+                j["interfaces"],
+                serde_json::json!([
+                    {"name": host_veth_name(prefix, "default", "web-c1", 0)},
+                    {"name": "eth0", "mac": "0", "sandbox": NETNS},
+                    {"name": dummy_interface_name("default", "web-c1"), "mac": "5"}
+                ]),
+                "{mode}"
+            );
+            assert_eq!(
+                j["ips"],
+                serde_json::json!([{"interface": 1, "address": "10.0.1.10/32", "gateway": "10.0.1.1"}])
+            );
+            let host = d.net().state().host;
+            let rules: Vec<String> = host.rules.iter().map(ToString::to_string).collect();
+            if mode == "strict" {
+                assert!(rules.iter().all(|r| r.starts_with("10: ")), "{rules:?}");
+            } else {
+                assert_eq!(
+                    rules,
+                    [
+                        "512: from all to 10.0.1.10/32 lookup 254",
+                        "1536: from 10.0.1.10/32 lookup 105"
+                    ]
+                );
+            }
+            assert!(host.link("vlan.eth.5").is_some() && host.link("eni-br5").is_none());
+            d.check(&inv(Command::Check, "c1", NETNS), &with_prev(c.clone(), &r))
+                .await
+                .expect("check");
+        }
+    }
+
+    #[tokio::test]
+    async fn branch_del_uses_prev_result_without_ipamd_and_skips_an_empty_netns() {
+        let d = branch_driver();
+        let c = branch_conf("strict");
+        let r = d
+            .add(&inv(Command::Add, "c1", NETNS), &c)
+            .await
+            .expect("add");
+        let wired = d.net().state().host;
+        d.del(&inv(Command::Del, "c1", ""), &with_prev(c.clone(), &r))
+            .await
+            .expect("empty netns");
+        assert_eq!(d.net().state().host, wired, "nothing torn down");
+        d.ipam().set_unreachable(true);
+        d.del(
+            &inv(Command::Del, "c1", NETNS),
+            &with_prev(branch_conf("standard"), &r),
+        )
+        .await
+        .expect("del");
+        let host = d.net().state().host;
+        assert!(host.rules.is_empty(), "{:?}", host.rules);
+        assert!(host.routes.is_empty(), "{:?}", host.routes);
+        assert!(host.link("vlan.eth.5").is_none());
+        assert_eq!(
+            dels(&d).len(),
+            1,
+            "only the empty-netns DEL reached ipamd (best-effort release); then it was down"
+        );
+        assert_eq!(d.ipam().assigned(), 0);
+    }
+
+    #[tokio::test]
+    async fn branch_del_without_prev_result_follows_ipamds_vlan() {
+        let d = branch_driver();
+        let r = d
+            .add(&inv(Command::Add, "c1", NETNS), &branch_conf("standard"))
+            .await
+            .expect("add");
+        assert_eq!(d.net().state().host.rules.len(), 2);
+        d.del(&inv(Command::Del, "c1", NETNS), &branch_conf("strict"))
+            .await
+            .expect("del");
+        let host = d.net().state().host;
+        assert!(host.rules.is_empty() && host.routes.is_empty(), "{host:?}");
+        assert!(host.link("vlan.eth.5").is_none());
+        assert_eq!(dels(&d).len(), 1);
+        drop(r);
+    }
+
+    #[tokio::test]
+    async fn a_bad_branch_reply_is_refused_naming_the_field_and_released() {
+        let d = branch_driver();
+        d.ipam().set_branch(Some(crate::memory::BranchReply {
+            vlan_id: 5,
+            eni_mac: "not-a-mac".into(),
+            subnet_gw: "10.0.1.1".into(),
+            parent_if_index: 3,
+        }));
+        let e = d
+            .add(&inv(Command::Add, "c1", NETNS), &branch_conf("strict"))
+            .await
+            .expect_err("bad mac");
+        assert!(e.details().contains("PodENIMAC"), "{}", e.details());
+        assert_eq!(d.ipam().assigned(), 0);
+        assert_eq!(dels(&d)[0].reason, "SetupNSFailed");
+        assert!(d.net().state().host.link("eni-br5").is_some(), "untouched");
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_branch_pod_gets_inet6_iif_rules_and_the_ec2_gateway() {
+        let d = driver_v6(1);
+        d.ipam().set_branch(Some(crate::memory::BranchReply {
+            vlan_id: 7,
+            eni_mac: BRANCH_MAC.into(),
+            subnet_gw: "fe80:ec2::1".into(),
+            parent_if_index: 3,
+        }));
+        d.net()
+            .add_host_link("eni-br7", BRANCH_MAC.parse().expect("mac"));
+        let c = branch_conf("strict");
+        let r = d
+            .add(&inv(Command::Add, "c1", NETNS), &c)
+            .await
+            .expect("add");
+        let j = r.render(CniVersion::V1_0_0);
+        assert_eq!(j["ips"][0]["address"], "2001:db8:7:8:9::10/128");
+        assert_eq!(j["ips"][0]["gateway"], "fe80:ec2::1");
+        assert_eq!(j["interfaces"][2]["mac"], "7");
+        let host = d.net().state().host;
+        assert_eq!(host.rules.len(), 2);
+        assert!(host
+            .rules
+            .iter()
+            .all(|r| r.family == vpc_cni_net::Family::V6 && r.priority == 10 && r.table == 107));
+        let gw: IpAddr = "fe80:ec2::1".parse().expect("gw");
+        assert!(host
+            .routes
+            .iter()
+            .any(|r| r.table == 107 && r.gateway == Some(gw)));
+        let c2 = with_prev(c, &r);
+        d.check(&inv(Command::Check, "c1", NETNS), &c2)
+            .await
+            .expect("check");
+        d.del(&inv(Command::Del, "c1", NETNS), &c2)
+            .await
+            .expect("del");
+        let host = d.net().state().host;
+        assert!(host.rules.is_empty() && host.routes.is_empty(), "{host:?}");
+    }
+
+    #[test]
+    fn the_branch_del_decision_follows_the_dummy_and_the_netns() {
+        let att = PodAttachment {
+            host_veth: Some("vlanx".into()),
+            container_ifname: "eth0".into(),
+            sandbox: NETNS.into(),
+            ip: IpAddr::V4(Ipv4Addr::new(10, 0, 1, 10)),
+            route_table: 0,
+        };
+        let prev = |dummy| {
+            PrevResult::parse(
+                &AddResult::build(std::slice::from_ref(&att), "dummyx", dummy)
+                    .render(CniVersion::V1_0_0),
+            )
+            .expect("parse")
+        };
+        let branch = prev(DummyInfo::Branch { vlan_id: 7 });
+        let normal = prev(DummyInfo::Normal { device_number: 2 });
+        let hp = BranchLinkKind::Hotplug;
+        assert_eq!(branch_del_plan(None, NETNS, hp), None);
+        assert_eq!(branch_del_plan(Some(&normal), NETNS, hp), None);
+        assert_eq!(
+            branch_del_plan(Some(&branch), "", hp),
+            Some(BranchDel::EmptyNetns { vlan_id: 7 })
+        );
+        assert_eq!(
+            branch_del_plan(Some(&branch), NETNS, hp),
+            Some(BranchDel::Teardown(vec![BranchTeardown {
+                ip: att.ip,
+                vlan_id: 7,
+                link: hp,
+            }]))
+        );
+        let no_ips = PrevResult {
+            ips: vec![],
+            ..branch.clone()
+        };
+        assert_eq!(
+            branch_del_plan(Some(&no_ips), NETNS, hp),
+            None,
+            "ipamd decides"
+        );
     }
 
     #[tokio::test]

@@ -41,6 +41,22 @@ pub enum IpamCall {
     Del(DelNetworkRequest),
 }
 
+/// What a branch-ENI (security groups for pods) reply carries: set with
+/// [`MemoryIpam::set_branch`], every AddNetwork answers as for a pod with the
+/// `vpc.amazonaws.com/pod-eni` annotation (its address with `DeviceNumber` -1 and
+/// `RouteTableId` 0), and DelNetwork answers with `PodVlanId`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BranchReply {
+    /// `PodVlanId`.
+    pub vlan_id: i32,
+    /// `PodENIMAC`.
+    pub eni_mac: String,
+    /// `PodENISubnetGW`.
+    pub subnet_gw: String,
+    /// `ParentIfIndex` (the trunk's host interface).
+    pub parent_if_index: i32,
+}
+
 type Key = (String, String, String);
 
 #[derive(Debug, Default)]
@@ -53,6 +69,7 @@ struct State {
     policy_mode: String,
     cards: u32,
     calls: Vec<IpamCall>,
+    branch: Option<BranchReply>,
 }
 
 /// An in-memory ipamd.
@@ -128,6 +145,12 @@ impl MemoryIpam {
         self.lock().cards = cards.max(1);
     }
 
+    /// Answers later AddNetwork and DelNetwork calls as for a branch-ENI pod (`None`: as for
+    /// an ordinary pod).
+    pub fn set_branch(&self, branch: Option<BranchReply>) {
+        self.lock().branch = branch;
+    }
+
     /// Adds addresses to the pool.
     pub fn refill(&self, more: Vec<PoolAddress>) {
         self.lock().free.extend(more);
@@ -171,11 +194,30 @@ impl MemoryIpam {
             req.container_id.clone(),
             req.if_name.clone(),
         );
-        let reply = |s: &State, addrs: &[PoolAddress]| AddNetworkReply {
-            success: true,
-            ip_allocation_metadata: addrs.iter().map(Self::meta).collect(),
-            network_policy_mode: s.policy_mode.clone(),
-            ..AddNetworkReply::default()
+        let reply = |s: &State, addrs: &[PoolAddress]| match &s.branch {
+            None => AddNetworkReply {
+                success: true,
+                ip_allocation_metadata: addrs.iter().map(Self::meta).collect(),
+                network_policy_mode: s.policy_mode.clone(),
+                ..AddNetworkReply::default()
+            },
+            Some(b) => AddNetworkReply {
+                success: true,
+                ip_allocation_metadata: addrs
+                    .iter()
+                    .map(|a| IpAllocationMetadata {
+                        device_number: -1,
+                        route_table_id: 0,
+                        ..Self::meta(a)
+                    })
+                    .collect(),
+                network_policy_mode: s.policy_mode.clone(),
+                pod_vlan_id: b.vlan_id,
+                pod_enimac: b.eni_mac.clone(),
+                pod_eni_subnet_gw: b.subnet_gw.clone(),
+                parent_if_index: b.parent_if_index,
+                ..AddNetworkReply::default()
+            },
         };
         if let Some(existing) = s.assigned.get(&key) {
             return Ok(reply(&s, existing));
@@ -216,7 +258,7 @@ impl MemoryIpam {
         Ok(DelNetworkReply {
             success: true,
             ip_allocation_metadata: addrs.iter().map(Self::meta).collect(),
-            pod_vlan_id: 0,
+            pod_vlan_id: s.branch.as_ref().map_or(0, |b| b.vlan_id),
             network_policy_mode: s.policy_mode.clone(),
         })
     }

@@ -363,6 +363,32 @@ mod tests {
     }
 
     #[test]
+    fn a_branch_result_carries_the_gateway_and_round_trips_as_a_branch() {
+        let mut r = AddResult::build(&[att(0, 0)], "dummyx", DummyInfo::Branch { vlan_id: 4094 });
+        r.ips[0].gateway = Some("10.0.1.1".into());
+        for v in [CniVersion::V0_4_0, CniVersion::V1_0_0, CniVersion::V1_1_0] {
+            let j = r.render(v);
+            assert_eq!(j["interfaces"][1]["mac"], "0", "{v}");
+            assert_eq!(
+                j["interfaces"][2],
+                json!({"name": "dummyx", "mac": "4094"}),
+                "{v}"
+            );
+            assert_eq!(j["ips"][0]["gateway"], "10.0.1.1", "{v}");
+            let p = PrevResult::parse(&j).expect("parse");
+            assert_eq!(p.dummy(), Some(DummyInfo::Branch { vlan_id: 4094 }), "{v}");
+            assert_eq!(p.attachments()[0].ip, att(0, 0).ip);
+        }
+        // A VLAN id past 802.1Q's range is no branch.
+        let j = AddResult::build(&[att(0, 0)], "dummyx", DummyInfo::Branch { vlan_id: 4095 })
+            .render(CniVersion::V1_0_0);
+        assert!(matches!(
+            PrevResult::parse(&j).expect("parse").dummy(),
+            Some(DummyInfo::Normal { .. })
+        ));
+    }
+
+    #[test]
     fn prev_result_round_trips_for_every_version_with_check() {
         let atts = vec![att(0, 3), att(1, 10101)];
         let r = AddResult::build(&atts, "dummyx", DummyInfo::Normal { device_number: 2 });

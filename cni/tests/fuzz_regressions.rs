@@ -194,8 +194,9 @@ fn an_unknown_pod_sg_enforcing_mode_does_not_fail_the_pod() {
 }
 
 /// A prevResult whose dummy claims a branch-ENI pod (`mac` "4094") made DEL skip ipamd, so
-/// the address ipamd had assigned to the container was never released. This plugin builds no
-/// branch-ENI pods: DEL still tears down from prevResult and now also asks ipamd to release.
+/// the address ipamd had assigned to the container was never released. DEL still tears down
+/// from prevResult as the reference's branch shortcut does, then also asks ipamd to release,
+/// and removes the host wiring of a datastore address ipamd answers with.
 #[test]
 fn a_prev_result_claiming_a_branch_pod_does_not_keep_ipamds_address() {
     use vpc_cni_plugin::driver::Driver;

@@ -81,6 +81,16 @@ pub enum NetError {
         /// Which addresses, and what state they are in.
         what: String,
     },
+    /// The kernel refused to create an 802.1Q VLAN link: it has no VLAN support (the
+    /// `8021q` module is neither built in nor loadable).
+    #[error("creating VLAN link {name}: the kernel has no 802.1Q VLAN support (module 8021q missing); branch-ENI pods need it, or branchLink \"hotplug\" on a simulated fabric")]
+    NoVlanSupport {
+        /// The VLAN link's name.
+        name: String,
+        /// The kernel's answer (EOPNOTSUPP).
+        #[source]
+        source: Box<NetError>,
+    },
     /// A failure injected by the in-memory implementation at a chosen step (tests only).
     #[error("injected failure at step {step}")]
     Injected {

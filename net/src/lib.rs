@@ -5,6 +5,8 @@
 //!   rules, neighbours), one socket per namespace.
 //! - [`sysctl`]: /proc/sys reads and writes inside a namespace.
 //! - [`names`]: the reference's veth names, table ids and gateways.
+//! - [`branch`]: the branch-ENI (security groups for pods) wiring's nouns and its branch
+//!   link verb ([`branch::BranchLink`]: a real VLAN, or a hot-plugged link).
 //! - [`pod`]: the per-pod wiring ([`PodNetwork`]) with its netlink implementation; [`memory`]
 //!   has the in-memory one.
 //! - [`host`]: ipamd's host verbs ([`HostNetwork`]: ENI setup, SNAT) with netlink and in-memory
@@ -13,6 +15,7 @@
 //!
 //! No netlink or SDK type crosses this crate's API.
 
+pub mod branch;
 pub mod error;
 pub mod failpoint;
 pub mod host;
@@ -26,6 +29,7 @@ pub mod sysctl;
 pub mod testing;
 pub mod types;
 
+pub use branch::{BranchLinkKind, BranchSpec, BranchTeardown, SgMode};
 pub use error::{NetError, Result};
 pub use host::{EniSpec, HostNetwork, MemoryHostNetwork, NetlinkHostNetwork};
 pub use memory::MemoryPodNetwork;

@@ -7,12 +7,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
+use crate::branch::{
+    expected_branch_objects, hotplug_pick, vlan_link_name, BranchLinkKind, BranchSpec,
+    BranchTeardown, VLAN_RULE_PRIORITY,
+};
 use crate::error::{NetError, Result};
 use crate::netlink::{Address, Link, Neighbour, Route, Rule, RuleFilter};
 use crate::pod::{
-    diff_pod, expected_host_objects, NsSnapshot, PodDrift, PodIfSpec, PodNetwork, PodTeardown,
-    PodWiring, SetupStep, TeardownReport, FROM_INTERFACE_RULE_PRIORITY, FROM_POD_RULE_PRIORITY,
-    TO_CONTAINER_RULE_PRIORITY,
+    diff_branch, diff_pod, expected_host_objects, NsSnapshot, PodDrift, PodIfSpec, PodNetwork,
+    PodTeardown, PodWiring, SetupStep, TeardownReport, FROM_INTERFACE_RULE_PRIORITY,
+    FROM_POD_RULE_PRIORITY, TO_CONTAINER_RULE_PRIORITY,
 };
 use crate::types::{Family, IpCidr, MacAddr, Scope, MAIN_TABLE};
 
@@ -98,6 +102,23 @@ impl MemoryPodNetwork {
         remove_links(&mut g.state.host, &dead);
     }
 
+    /// Models the fabric plugging a link into the host namespace (a hot-plugged branch ENI
+    /// carrying `mac`); returns its index.
+    pub fn add_host_link(&self, name: &str, mac: MacAddr) -> u32 {
+        let mut g = self.lock();
+        g.state.next_index += 1;
+        let index = 1000 + g.state.next_index;
+        g.state.host.links.push(Link {
+            index,
+            name: name.into(),
+            mac: Some(mac),
+            mtu: 9001,
+            up: true,
+            kind: Some("hotplug".into()),
+        });
+        index
+    }
+
     /// Makes later ADDs fail at `step` (`None` to stop failing).
     pub fn fail_at(&self, step: Option<SetupStep>) {
         self.lock().fault = step;
@@ -135,6 +156,35 @@ fn replace_route(ns: &mut NsSnapshot, r: Route) {
     ns.routes.push(r);
 }
 
+/// The IP-based host teardown of one address (512, every 1536 copy, the host route).
+fn teardown_ip(host: &mut NsSnapshot, t: &PodTeardown) -> TeardownReport {
+    let ip = IpCidr::host(t.ip);
+    let family = ip.family();
+    let table = crate::names::effective_host_table(t.route_table);
+
+    let mut report = TeardownReport::default();
+    let to = RuleFilter {
+        priority: Some(TO_CONTAINER_RULE_PRIORITY),
+        to: Some(ip),
+        ..RuleFilter::any(family)
+    };
+    let from = RuleFilter {
+        priority: Some(FROM_POD_RULE_PRIORITY),
+        from: Some(ip),
+        table: Some(table),
+        ..RuleFilter::any(family)
+    };
+    let before = host.rules.len();
+    host.rules
+        .retain(|r| !(to.matches(r) || (table != MAIN_TABLE && from.matches(r))));
+    report.rules_deleted = before - host.rules.len();
+    let before = host.routes.len();
+    host.routes
+        .retain(|r| !(r.table == MAIN_TABLE && r.dst == ip && r.gateway.is_none()));
+    report.host_route_deleted = before != host.routes.len();
+    report
+}
+
 impl Inner {
     fn step(&mut self, step: SetupStep) -> Result<()> {
         self.steps.push(step);
@@ -144,6 +194,66 @@ impl Inner {
             });
         }
         Ok(())
+    }
+
+    fn setup_branch(&mut self, spec: &BranchSpec) -> Result<PodWiring> {
+        let w = self.setup(&spec.pod)?;
+        let family = spec.pod.family();
+        let host = &mut self.state.host;
+        let (route, rules) = expected_host_objects(&spec.pod, w.host_ifindex);
+        host.routes.retain(|r| r != &route);
+        host.rules.retain(|r| !rules.contains(r));
+        let old = RuleFilter {
+            priority: Some(VLAN_RULE_PRIORITY),
+            iif: Some(spec.pod.host_veth.clone()),
+            ..RuleFilter::any(family)
+        };
+        host.rules.retain(|r| !old.matches(r));
+        let name = spec.vlan_name();
+        let index = match spec.link {
+            BranchLinkKind::Vlan => {
+                let stale: Vec<u32> = host
+                    .links
+                    .iter()
+                    .filter(|l| l.name == name)
+                    .map(|l| l.index)
+                    .collect();
+                remove_links(host, &stale);
+                self.state.next_index += 1;
+                let index = 1000 + self.state.next_index;
+                let host = &mut self.state.host;
+                host.links.push(Link {
+                    index,
+                    name: name.clone(),
+                    mac: Some(spec.eni_mac),
+                    mtu: 9001,
+                    up: true,
+                    kind: Some("vlan".into()),
+                });
+                index
+            }
+            BranchLinkKind::Hotplug => {
+                let (found, stale) = hotplug_pick(&host.links, spec.eni_mac, &name)?;
+                let (index, stale) = (found.index, stale.map(|l| l.index));
+                if let Some(s) = stale {
+                    remove_links(host, &[s]);
+                }
+                if let Some(l) = host.links.iter_mut().find(|l| l.index == index) {
+                    l.name = name.clone();
+                    l.up = true;
+                }
+                index
+            }
+        };
+        let host = &mut self.state.host;
+        let (routes, rules) = expected_branch_objects(spec, w.host_ifindex, index);
+        for r in routes {
+            replace_route(host, r);
+        }
+        for r in rules {
+            add_rule(host, r);
+        }
+        Ok(w)
     }
 
     fn setup(&mut self, spec: &PodIfSpec) -> Result<PodWiring> {
@@ -335,32 +445,66 @@ impl PodNetwork for MemoryPodNetwork {
     }
 
     async fn teardown_pod(&self, t: &PodTeardown) -> Result<TeardownReport> {
-        let ip = IpCidr::host(t.ip);
-        let family = ip.family();
-        let table = crate::names::effective_host_table(t.route_table);
+        Ok(teardown_ip(&mut self.lock().state.host, t))
+    }
+
+    async fn setup_branch(&self, spec: &BranchSpec) -> Result<PodWiring> {
+        spec.validate()?;
+        let mut g = self.lock();
+        let before = g.state.clone();
+        let r = g.setup_branch(spec);
+        if r.is_err() {
+            g.state = MemoryState {
+                next_index: g.state.next_index,
+                next_mac: g.state.next_mac,
+                ..before
+            };
+        }
+        r
+    }
+
+    async fn teardown_branch(&self, t: &BranchTeardown) -> Result<TeardownReport> {
         let mut g = self.lock();
         let host = &mut g.state.host;
-        let mut report = TeardownReport::default();
-        let to = RuleFilter {
-            priority: Some(TO_CONTAINER_RULE_PRIORITY),
-            to: Some(ip),
-            ..RuleFilter::any(family)
-        };
-        let from = RuleFilter {
-            priority: Some(FROM_POD_RULE_PRIORITY),
-            from: Some(ip),
+        let name = vlan_link_name(t.vlan_id);
+        let table = crate::names::vlan_route_table_id(t.vlan_id);
+        let ip = IpCidr::host(t.ip);
+        let gone: Vec<u32> = host
+            .links
+            .iter()
+            .filter(|l| l.name == name)
+            .map(|l| l.index)
+            .collect();
+        remove_links(host, &gone);
+        let f = RuleFilter {
+            priority: Some(VLAN_RULE_PRIORITY),
             table: Some(table),
-            ..RuleFilter::any(family)
+            ..RuleFilter::any(ip.family())
         };
         let before = host.rules.len();
-        host.rules
-            .retain(|r| !(to.matches(r) || (table != MAIN_TABLE && from.matches(r))));
-        report.rules_deleted = before - host.rules.len();
-        let before = host.routes.len();
-        host.routes
-            .retain(|r| !(r.table == MAIN_TABLE && r.dst == ip && r.gateway.is_none()));
-        report.host_route_deleted = before != host.routes.len();
+        host.rules.retain(|r| !f.matches(r));
+        let iif_rules = before - host.rules.len();
+        host.routes.retain(|r| !(r.table == table && r.dst == ip));
+        let mut report = teardown_ip(
+            host,
+            &PodTeardown {
+                ip: t.ip,
+                route_table: table,
+            },
+        );
+        report.rules_deleted += iif_rules;
         Ok(report)
+    }
+
+    async fn check_branch(&self, spec: &BranchSpec) -> Result<Vec<PodDrift>> {
+        spec.validate_for_check()?;
+        let g = self.lock();
+        let pod = g
+            .state
+            .pods
+            .get(&spec.pod.netns)
+            .ok_or_else(|| ns_not_found(&spec.pod.netns))?;
+        Ok(diff_branch(spec, &g.state.host, pod))
     }
 
     async fn check_interface(&self, spec: &PodIfSpec) -> Result<Vec<PodDrift>> {

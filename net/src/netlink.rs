@@ -23,7 +23,7 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::{IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth};
+use rtnetlink::{IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVlan};
 
 use crate::error::{NetError, Result};
 use crate::netns::Netns;
@@ -452,6 +452,20 @@ fn link_from_message(m: &LinkMessage) -> Link {
     link
 }
 
+/// The `RTM_NEWLINK` message creating VLAN `name` (kind `vlan`, `IFLA_VLAN_ID` = `vlan_id`)
+/// on parent `parent_index` (`IFLA_LINK`) with address `mac`, as the reference's
+/// `buildVlanLink` asks netlink for.
+pub(crate) fn vlan_link_message(
+    name: &str,
+    parent_index: u32,
+    vlan_id: u16,
+    mac: MacAddr,
+) -> LinkMessage {
+    LinkVlan::new(name, parent_index, vlan_id)
+        .address(mac.octets().to_vec())
+        .build()
+}
+
 fn rule_message(r: &Rule) -> RuleMessage {
     let mut m = RuleMessage::default();
     m.header.family = family_of(r.family);
@@ -839,6 +853,48 @@ impl Netlink {
             nl.set_up(l.index).await?;
         }
         self.require_link(&local.name).await
+    }
+
+    /// Creates an 802.1Q VLAN link `name` with id `vlan_id` on the parent link
+    /// `parent_index`, with hardware address `mac` (one `RTM_NEWLINK`, see
+    /// [`vlan_link_message`]). A kernel without 802.1Q support answers EOPNOTSUPP; see
+    /// [`NetError::NoVlanSupport`].
+    pub async fn add_vlan(
+        &self,
+        name: &str,
+        parent_index: u32,
+        vlan_id: u16,
+        mac: MacAddr,
+    ) -> Result<()> {
+        let msg = vlan_link_message(name, parent_index, vlan_id, mac);
+        match self.handle.link().add(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = NetError::netlink(
+                    format!("create vlan {name} id {vlan_id} on link {parent_index}"),
+                    e,
+                );
+                if e.errno() == Some(nix::libc::EOPNOTSUPP) {
+                    Err(NetError::NoVlanSupport {
+                        name: name.to_string(),
+                        source: Box::new(e),
+                    })
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Renames link `index` to `name` (the link must be down).
+    pub async fn rename(&self, index: u32, name: &str) -> Result<()> {
+        self.set_link(
+            format!("rename link {index} to {name}"),
+            LinkUnspec::new_with_index(index)
+                .name(name.to_string())
+                .build(),
+        )
+        .await
     }
 
     async fn set_link(&self, what: String, msg: LinkMessage) -> Result<()> {

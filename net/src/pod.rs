@@ -15,9 +15,14 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::branch::{
+    expected_branch_objects, vlan_link_name, BranchLink, BranchLinkKind, BranchSpec,
+    BranchTeardown, HotplugBranchLink, VlanBranchLink, VLAN_RULE_PRIORITY,
+};
 use crate::error::{NetError, Result};
 use crate::names::{
-    effective_host_table, pod_gateway_v4, pod_gateway_v6, pod_table, MAX_IFNAME_LEN,
+    effective_host_table, pod_gateway_v4, pod_gateway_v6, pod_table, vlan_route_table_id,
+    MAX_IFNAME_LEN,
 };
 use crate::netlink::{Address, Link, Neighbour, Netlink, Route, Rule, RuleFilter, VethEnd};
 use crate::netns::Netns;
@@ -434,6 +439,17 @@ pub enum PodDrift {
         /// The rule, as text.
         rule: String,
     },
+    /// An interface has another hardware address (a branch link without the branch ENI's MAC).
+    WrongMac {
+        /// Where.
+        side: Side,
+        /// Its name.
+        name: String,
+        /// Expected MAC.
+        expected: MacAddr,
+        /// Actual MAC (`None` when it has none).
+        actual: Option<MacAddr>,
+    },
     /// The gateway's permanent neighbour entry is missing or points elsewhere.
     WrongNeighbour {
         /// The host veth's MAC.
@@ -497,6 +513,7 @@ fn has_rule(s: &NsSnapshot, want: &Rule) -> bool {
             && r.table == want.table
             && r.from == want.from
             && r.to == want.to
+            && r.iif == want.iif
     })
 }
 
@@ -533,7 +550,7 @@ fn check_link(
 
 /// `dst dev <oif>` in `table`: `scope link` for IPv4; IPv6 routes have no scope (the kernel
 /// reports every one as universe), so the IPv6 form says so.
-fn link_route(dst: IpCidr, oif: u32, table: u32) -> Route {
+pub(crate) fn link_route(dst: IpCidr, oif: u32, table: u32) -> Route {
     let mut r = Route::link_scope(dst, oif, table);
     if dst.family() == Family::V6 {
         r.scope = Scope::Universe;
@@ -562,35 +579,60 @@ pub fn diff_pod(spec: &PodIfSpec, host: &NsSnapshot, pod: &NsSnapshot) -> Vec<Po
     let host_link = check_link(Side::Host, host, &spec.host_veth, spec.mtu, &mut drift);
     let cont_link = check_link(Side::Pod, pod, &spec.container_ifname, spec.mtu, &mut drift);
     let ip = spec.host_cidr();
-    let family = spec.family();
-    let gw = spec.gateway();
-    if let Some(h) = &host_link {
-        let (route, rules) = expected_host_objects(spec, h.index);
-        if !has_route(host, &route) {
+    let (route, rules) = expected_host_objects(spec, host_link.as_ref().map_or(0, |h| h.index));
+    let routes: Vec<(Route, String)> = if host_link.is_some() {
+        vec![(route, format!("{} dev {} scope link", ip, spec.host_veth))]
+    } else {
+        Vec::new()
+    };
+    diff_host_objects(host, &routes, &rules, &mut drift);
+    diff_pod_side(
+        spec,
+        pod,
+        cont_link.as_ref(),
+        host_link.as_ref(),
+        &mut drift,
+    );
+    drift
+}
+
+/// Adds a drift for each of `routes` (with its text) and `rules` missing from `host`.
+pub(crate) fn diff_host_objects(
+    host: &NsSnapshot,
+    routes: &[(Route, String)],
+    rules: &[Rule],
+    drift: &mut Vec<PodDrift>,
+) {
+    for (route, text) in routes {
+        if !has_route(host, route) {
             drift.push(PodDrift::MissingRoute {
                 side: Side::Host,
-                route: format!("{} dev {} scope link", ip, spec.host_veth),
+                route: text.clone(),
             });
         }
-        for r in rules {
-            if !has_rule(host, &r) {
-                drift.push(PodDrift::MissingRule {
-                    side: Side::Host,
-                    rule: r.to_string(),
-                });
-            }
-        }
-    } else {
-        for r in expected_host_objects(spec, 0).1 {
-            if !has_rule(host, &r) {
-                drift.push(PodDrift::MissingRule {
-                    side: Side::Host,
-                    rule: r.to_string(),
-                });
-            }
+    }
+    for r in rules {
+        if !has_rule(host, r) {
+            drift.push(PodDrift::MissingRule {
+                side: Side::Host,
+                rule: r.to_string(),
+            });
         }
     }
-    if let Some(c) = &cont_link {
+}
+
+/// The pod-side part of CHECK: address, routes, rule, gateway neighbour.
+pub(crate) fn diff_pod_side(
+    spec: &PodIfSpec,
+    pod: &NsSnapshot,
+    cont_link: Option<&Link>,
+    host_link: Option<&Link>,
+    drift: &mut Vec<PodDrift>,
+) {
+    let ip = spec.host_cidr();
+    let family = spec.family();
+    let gw = spec.gateway();
+    if let Some(c) = cont_link {
         if !pod
             .addresses
             .iter()
@@ -627,7 +669,7 @@ pub fn diff_pod(spec: &PodIfSpec, host: &NsSnapshot, pod: &NsSnapshot) -> Vec<Po
                 });
             }
         }
-        if let Some(h) = &host_link {
+        if let Some(h) = host_link {
             if let Some(expected) = h.mac {
                 let actual = pod
                     .neighbours
@@ -640,6 +682,71 @@ pub fn diff_pod(spec: &PodIfSpec, host: &NsSnapshot, pod: &NsSnapshot) -> Vec<Po
             }
         }
     }
+}
+
+/// CHECK of a branch-ENI pod (spec 2.6): the veth and pod side as [`diff_pod`], the branch
+/// link (present, up, with the branch ENI's MAC), its two routes in the VLAN table, and the
+/// mode's pod route and rules. Pure: both implementations of [`PodNetwork::check_branch`] call
+/// it.
+pub fn diff_branch(spec: &BranchSpec, host: &NsSnapshot, pod: &NsSnapshot) -> Vec<PodDrift> {
+    let p = &spec.pod;
+    let mut drift = Vec::new();
+    let host_link = check_link(Side::Host, host, &p.host_veth, p.mtu, &mut drift);
+    let cont_link = check_link(Side::Pod, pod, &p.container_ifname, p.mtu, &mut drift);
+    let vlan_name = spec.vlan_name();
+    let vlan = match host.link(&vlan_name) {
+        None => {
+            drift.push(PodDrift::MissingLink {
+                side: Side::Host,
+                name: vlan_name.clone(),
+            });
+            None
+        }
+        Some(l) => {
+            if !l.up {
+                drift.push(PodDrift::LinkDown {
+                    side: Side::Host,
+                    name: vlan_name.clone(),
+                });
+            }
+            if spec.eni_mac != MacAddr::default() && l.mac != Some(spec.eni_mac) {
+                drift.push(PodDrift::WrongMac {
+                    side: Side::Host,
+                    name: vlan_name.clone(),
+                    expected: spec.eni_mac,
+                    actual: l.mac,
+                });
+            }
+            Some(l.clone())
+        }
+    };
+    let (routes, rules) = expected_branch_objects(
+        spec,
+        host_link.as_ref().map_or(0, |h| h.index),
+        vlan.as_ref().map_or(0, |v| v.index),
+    );
+    let table = spec.table();
+    let mut described = Vec::new();
+    for (i, r) in routes.into_iter().enumerate() {
+        let text = match i {
+            0 => format!("{} dev {vlan_name} scope link table {table}", r.dst),
+            1 => format!(
+                "default via {} dev {vlan_name} table {table}",
+                spec.subnet_gw
+            ),
+            _ => format!("{} dev {} scope link table {}", r.dst, p.host_veth, r.table),
+        };
+        let known = if i < 2 {
+            vlan.is_some()
+        } else {
+            host_link.is_some()
+        };
+        if known {
+            described.push((r, text));
+        }
+    }
+    diff_host_objects(host, &described, &rules, &mut drift);
+    diff_pod_side(p, pod, cont_link.as_ref(), host_link.as_ref(), &mut drift);
     drift
 }
 
@@ -686,6 +793,25 @@ pub trait PodNetwork: Send + Sync {
         spec: &PodIfSpec,
     ) -> impl Future<Output = Result<Vec<PodDrift>>> + Send;
 
+    /// ADD of a branch-ENI pod (spec 2.6): the interface's veth and pod side as
+    /// [`PodNetwork::setup_interface`], then the branch link, its routes and the mode's host
+    /// route and rules instead of the ordinary host wiring. Transactional like
+    /// `setup_interface`. A link prepared by [`PodNetwork::prepare_link`] is taken over when it
+    /// matches, and discarded otherwise.
+    fn setup_branch(&self, spec: &BranchSpec) -> impl Future<Output = Result<PodWiring>> + Send;
+
+    /// DEL of a branch-ENI pod, whatever mode it was added under: the branch link, every
+    /// priority-10 rule for table `vlanId+100` of the family, the pod route in that table,
+    /// then [`PodNetwork::teardown_pod`] against it. Already-gone things count as done.
+    fn teardown_branch(
+        &self,
+        t: &BranchTeardown,
+    ) -> impl Future<Output = Result<TeardownReport>> + Send;
+
+    /// CHECK of a branch-ENI pod ([`diff_branch`]).
+    fn check_branch(&self, spec: &BranchSpec)
+        -> impl Future<Output = Result<Vec<PodDrift>>> + Send;
+
     /// CHECK of an IPv4 interface ([`PodNetwork::check_interface`] of its [`PodIfSpec`]).
     fn check_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<Vec<PodDrift>>> + Send {
         let spec = PodIfSpec::from(spec);
@@ -696,6 +822,7 @@ pub trait PodNetwork: Send + Sync {
 /// What a successful ADD step created and a rollback deletes.
 enum Undo {
     HostVeth(String),
+    BranchLink(BranchLinkKind, String),
     PodRule(Rule),
     HostRoute(Route),
     HostRule(Rule),
@@ -903,6 +1030,7 @@ impl NetlinkPodNetwork {
         pod: &Netlink,
         built: BuiltLink,
         undo: &mut Vec<Undo>,
+        host_side: bool,
     ) -> Result<PodWiring> {
         let BuiltLink {
             host_link,
@@ -973,6 +1101,20 @@ impl NetlinkPodNetwork {
         }
 
         let (host_route, host_rules) = expected_host_objects(spec, host_link.index);
+        if !host_side {
+            return Ok(PodWiring {
+                host_veth: spec.host_veth.clone(),
+                host_ifindex: host_link.index,
+                host_mac,
+                container_ifname: spec.container_ifname.clone(),
+                container_ifindex: cont.index,
+                container_mac: cont.mac.unwrap_or_default(),
+                ip: spec.ip,
+                gateway: gw,
+                host_table: spec.host_table(),
+                mtu: spec.mtu,
+            });
+        }
         self.step(SetupStep::HostRoute)?;
         self.host.route_replace(&host_route).await?;
         undo.push(Undo::HostRoute(host_route));
@@ -1005,6 +1147,126 @@ impl NetlinkPodNetwork {
         })
     }
 
+    /// The veth and pod side of `spec` (taking over a prepared link when it matches), and
+    /// with `host_side` the ordinary host route and rules. Returns the pod namespace's socket
+    /// (for a rollback) and the outcome; `undo` lists what was made.
+    async fn build_interface(
+        &self,
+        spec: &PodIfSpec,
+        host_side: bool,
+        undo: &mut Vec<Undo>,
+    ) -> Result<(Netlink, Result<PodWiring>)> {
+        let link = spec.link();
+        Ok(match self.take_prepared(&link) {
+            Some(p) => {
+                undo.push(Undo::HostVeth(link.host_veth.clone()));
+                let r = self
+                    .address_steps(spec, &p.pod_ns, &p.pod, p.built, undo, host_side)
+                    .await;
+                (p.pod, r)
+            }
+            None => {
+                let pod_ns = Netns::open(&spec.netns)?;
+                let pod = Netlink::open_sharing_counter(&pod_ns, &self.host)?;
+                let r = match self.link_steps(&link, &pod_ns, &pod, undo).await {
+                    Ok(built) => {
+                        self.address_steps(spec, &pod_ns, &pod, built, undo, host_side)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                (pod, r)
+            }
+        })
+    }
+
+    /// True when a prepared link waits that is not `link`.
+    fn prepared_other_than(&self, link: &PodLinkSpec) -> bool {
+        self.prepared
+            .lock()
+            .ok()
+            .is_some_and(|slot| slot.as_ref().is_some_and(|p| &p.link != link))
+    }
+
+    /// Undoes whatever link is prepared.
+    async fn discard_any_prepared(&self) {
+        let older = self.prepared.lock().ok().and_then(|mut slot| slot.take());
+        if let Some(p) = older {
+            tracing::debug!(veth = %p.link.host_veth, "discarding the prepared pod link");
+            self.rollback(&p.pod, vec![Undo::HostVeth(p.link.host_veth.clone())])
+                .await;
+        }
+    }
+
+    async fn create_branch_link(&self, spec: &BranchSpec) -> Result<u32> {
+        let name = spec.vlan_name();
+        match spec.link {
+            BranchLinkKind::Vlan => {
+                VlanBranchLink::new(&self.host)
+                    .create(spec.parent_ifindex, spec.vlan_id, spec.eni_mac, &name)
+                    .await
+            }
+            BranchLinkKind::Hotplug => {
+                HotplugBranchLink::new(&self.host)
+                    .create(spec.parent_ifindex, spec.vlan_id, spec.eni_mac, &name)
+                    .await
+            }
+        }
+    }
+
+    async fn delete_branch_link(&self, kind: BranchLinkKind, name: &str) -> Result<bool> {
+        match kind {
+            BranchLinkKind::Vlan => VlanBranchLink::new(&self.host).delete(name).await,
+            BranchLinkKind::Hotplug => HotplugBranchLink::new(&self.host).delete(name).await,
+        }
+    }
+
+    /// The host side of a branch pod, after its veth and pod side (spec 2.6 steps 2 to 5).
+    async fn branch_host_steps(
+        &self,
+        spec: &BranchSpec,
+        w: &PodWiring,
+        undo: &mut Vec<Undo>,
+    ) -> Result<()> {
+        let family = spec.pod.family();
+        let gone = self
+            .host
+            .delete_rules(&RuleFilter {
+                priority: Some(VLAN_RULE_PRIORITY),
+                iif: Some(spec.pod.host_veth.clone()),
+                ..RuleFilter::any(family)
+            })
+            .await?;
+        if gone > 0 {
+            tracing::info!(veth = %spec.pod.host_veth, rules = gone, "deleted old iif rules of the host veth");
+        }
+        let name = spec.vlan_name();
+        let index = self.create_branch_link(spec).await?;
+        undo.push(Undo::BranchLink(spec.link, name.clone()));
+        let v6 = |k: &str| format!("net/ipv6/conf/{name}/{k}");
+        sysctl::write_all(
+            &self.host_ns,
+            &[
+                (v6("accept_ra"), "0".into()),
+                (v6("accept_redirects"), "1".into()),
+                (v6("forwarding"), "0".into()),
+            ],
+            true,
+        )?;
+        self.host.set_up(index).await?;
+        let (routes, rules) = expected_branch_objects(spec, w.host_ifindex, index);
+        for r in routes {
+            self.host.route_replace(&r).await?;
+            undo.push(Undo::HostRoute(r));
+        }
+        for r in rules {
+            if self.host.rule_add(&r).await? {
+                undo.push(Undo::HostRule(r));
+            }
+        }
+        Ok(())
+    }
+
     async fn rollback(&self, pod: &Netlink, undo: Vec<Undo>) {
         for u in undo.into_iter().rev() {
             let r = match &u {
@@ -1012,6 +1274,18 @@ impl NetlinkPodNetwork {
                 Undo::HostRoute(route) => self.host.route_delete(route).await.map(drop),
                 Undo::PodRule(rule) => pod.rule_delete(rule).await.map(drop),
                 Undo::HostVeth(name) => self.host.delete_link_by_name(name).await.map(drop),
+                // A hot-plugged branch ENI is the fabric's, not ours: a failed ADD leaves it
+                // (down) for the retry to take again; a VLAN link is ours and goes.
+                Undo::BranchLink(BranchLinkKind::Hotplug, name) => {
+                    match self.host.link_by_name(name).await {
+                        Ok(Some(l)) => self.host.set_down(l.index).await,
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+                Undo::BranchLink(kind, name) => {
+                    self.delete_branch_link(*kind, name).await.map(drop)
+                }
             };
             if let Err(e) = r {
                 tracing::warn!(error = %e, "rollback step failed");
@@ -1023,29 +1297,8 @@ impl NetlinkPodNetwork {
 impl PodNetwork for NetlinkPodNetwork {
     async fn setup_interface(&self, spec: &PodIfSpec) -> Result<PodWiring> {
         spec.validate()?;
-        let link = spec.link();
         let mut undo = Vec::new();
-        let (pod, result) = match self.take_prepared(&link) {
-            Some(p) => {
-                undo.push(Undo::HostVeth(link.host_veth.clone()));
-                let r = self
-                    .address_steps(spec, &p.pod_ns, &p.pod, p.built, &mut undo)
-                    .await;
-                (p.pod, r)
-            }
-            None => {
-                let pod_ns = Netns::open(&spec.netns)?;
-                let pod = Netlink::open_sharing_counter(&pod_ns, &self.host)?;
-                let r = match self.link_steps(&link, &pod_ns, &pod, &mut undo).await {
-                    Ok(built) => {
-                        self.address_steps(spec, &pod_ns, &pod, built, &mut undo)
-                            .await
-                    }
-                    Err(e) => Err(e),
-                };
-                (pod, r)
-            }
-        };
+        let (pod, result) = self.build_interface(spec, true, &mut undo).await?;
         match result {
             Ok(w) => {
                 tracing::info!(veth = %w.host_veth, ip = %w.ip, table = w.host_table, "pod wired");
@@ -1057,6 +1310,85 @@ impl PodNetwork for NetlinkPodNetwork {
                 Err(e)
             }
         }
+    }
+
+    async fn setup_branch(&self, spec: &BranchSpec) -> Result<PodWiring> {
+        spec.validate()?;
+        let p = &spec.pod;
+        if self.prepared_other_than(&p.link()) {
+            // Built under the ordinary veth name (strict mode names it `vlan…`): not ours.
+            self.discard_any_prepared().await;
+        }
+        let mut undo = Vec::new();
+        let (pod, result) = self.build_interface(p, false, &mut undo).await?;
+        let result = match result {
+            Ok(w) => self
+                .branch_host_steps(spec, &w, &mut undo)
+                .await
+                .map(|()| w),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(w) => {
+                tracing::info!(veth = %w.host_veth, ip = %w.ip, vlan = spec.vlan_id, mode = ?spec.mode, "branch-ENI pod wired");
+                Ok(w)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, veth = %p.host_veth, vlan = spec.vlan_id, "branch-ENI pod setup failed; rolling back");
+                self.rollback(&pod, undo).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn teardown_branch(&self, t: &BranchTeardown) -> Result<TeardownReport> {
+        let name = vlan_link_name(t.vlan_id);
+        let table = vlan_route_table_id(t.vlan_id);
+        let ip = IpCidr::host(t.ip);
+        let family = ip.family();
+        if self.delete_branch_link(t.link, &name).await? {
+            tracing::info!(link = %name, "branch link deleted");
+        }
+        let mut rules = self
+            .host
+            .delete_rules(&RuleFilter {
+                priority: Some(VLAN_RULE_PRIORITY),
+                table: Some(table),
+                ..RuleFilter::any(family)
+            })
+            .await?;
+        // The strict-mode pod route (it would go with the host veth; removed now so that
+        // nothing of the pod is left in the VLAN table even while the netns lingers).
+        let pod_route = Route {
+            dst: ip,
+            gateway: None,
+            oif: None,
+            table,
+            scope: Scope::Link,
+            pref_src: None,
+        };
+        if let Err(e) = self.host.route_delete(&pod_route).await {
+            tracing::warn!(error = %e, %ip, table, "deleting the pod route in the VLAN table failed");
+        }
+        let mut report = self
+            .teardown_pod(&PodTeardown {
+                ip: t.ip,
+                route_table: table,
+            })
+            .await?;
+        rules += report.rules_deleted;
+        report.rules_deleted = rules;
+        Ok(report)
+    }
+
+    async fn check_branch(&self, spec: &BranchSpec) -> Result<Vec<PodDrift>> {
+        spec.validate_for_check()?;
+        let pod_ns = Netns::open(&spec.pod.netns)?;
+        let pod = Netlink::open_sharing_counter(&pod_ns, &self.host)?;
+        let family = spec.pod.family();
+        let host = NsSnapshot::read_family(&self.host, family).await?;
+        let pod = NsSnapshot::read_family(&pod, family).await?;
+        Ok(diff_branch(spec, &host, &pod))
     }
 
     async fn prepare_link(&self, link: &PodLinkSpec) -> Result<()> {
