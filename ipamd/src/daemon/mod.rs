@@ -1684,4 +1684,94 @@ mod tests {
         assert!(check("default", "web-0"));
         assert!(!check("default", "web-1"));
     }
+
+    fn sgp_state(enis: &[(&str, bool)]) -> (PoolState, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ds = DataStore::new(false, false, false, Duration::from_secs(30));
+        for (i, (id, trunk)) in enis.iter().enumerate() {
+            ds.add_eni(
+                EniSpec {
+                    id: (*id).into(),
+                    mac: format!("02:00:00:00:00:{i:02x}"),
+                    is_primary: i == 0,
+                    is_trunk: *trunk,
+                    is_efa: false,
+                    device_number: i as u32,
+                    primary_ip: std::net::Ipv4Addr::new(10, 0, 0, 5 + i as u8),
+                    subnet_id: "subnet-1".into(),
+                    subnet_cidr: "10.0.0.0/24".parse().unwrap(),
+                    excluded: false,
+                },
+                Duration::ZERO,
+            );
+        }
+        let st = PoolState::new(
+            ds,
+            Box::new(FileStore::new(dir.path().join("ipam.json"))),
+            Arc::new(TokioClock::new()),
+        );
+        (st, dir)
+    }
+
+    /// The CNINode request: made only while no trunk is known and an ENI slot is free; a
+    /// missing CNINode is counted in `awscni_pod_eni_error_count` and retried next time.
+    #[tokio::test]
+    async fn the_trunk_request_waits_for_a_slot_and_counts_failures() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (service, mut api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let k8s = K8s::new(
+            kube::Client::new(service, "default"),
+            "node-1",
+            "aws-node",
+            "kube-system",
+        );
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let t = TrunkRequest {
+            k8s,
+            max_enis: 3,
+            unmanaged: 0,
+            metrics: metrics.clone(),
+        };
+        let errors = || {
+            metrics
+                .pod_eni_error_count
+                .with_label_values(&["tryEnableSecurityGroupsForPods"])
+                .get()
+        };
+        // A slot is free: the CNINode is read; it does not exist yet.
+        let (room, _d1) = sgp_state(&[("eni-0", false), ("eni-1", false)]);
+        let server = async {
+            let (req, send) = api.next_request().await.expect("CNINode GET");
+            assert_eq!(req.method(), "GET");
+            assert_eq!(
+                req.uri().path(),
+                "/apis/vpcresources.k8s.aws/v1alpha1/cninodes/node-1"
+            );
+            let body = serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+            send.send_response(
+                Response::builder()
+                    .status(404)
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap(),
+            );
+        };
+        tokio::join!(t.try_enable(&room), server);
+        assert_eq!(errors(), 1);
+        // No slot left, or a trunk already there: no request at all.
+        let (full, _d2) = sgp_state(&[("eni-0", false), ("eni-1", false), ("eni-2", false)]);
+        let quick = Duration::from_secs(5);
+        tokio::time::timeout(quick, t.try_enable(&full))
+            .await
+            .expect("no request is made without a slot");
+        let (trunked, _d3) = sgp_state(&[("eni-0", false), ("eni-t", true)]);
+        tokio::time::timeout(quick, t.try_enable(&trunked))
+            .await
+            .expect("no request is made once the trunk is there");
+        drop(t);
+        assert!(api.next_request().await.is_none(), "no further request");
+        assert_eq!(errors(), 1);
+    }
 }
