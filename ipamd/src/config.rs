@@ -64,6 +64,17 @@ pub enum RandomizeSnat {
     None,
 }
 
+/// `POD_SECURITY_GROUP_ENFORCING_MODE`: how branch-ENI pods (security groups for pods) are
+/// routed on the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodSgMode {
+    /// `strict` (default): all of a branch pod's traffic goes through its branch ENI, even to
+    /// the node; ipamd moves the `local` table rule from priority 0 to 20.
+    Strict,
+    /// `standard`: branch pods are routed like other pods for node-local traffic.
+    Standard,
+}
+
 /// Settings of the embedded simulator backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SimSettings {
@@ -139,8 +150,11 @@ pub struct Config {
     pub disable_leaked_eni_cleanup: bool,
     /// `ENABLE_IMDS_ONLY_MODE`.
     pub imds_only: bool,
-    /// `ENABLE_POD_ENI`.
+    /// `ENABLE_POD_ENI` (security groups for pods; IPv4 only).
     pub enable_pod_eni: bool,
+    /// `POD_SECURITY_GROUP_ENFORCING_MODE` (read only with `ENABLE_POD_ENI=true`; default
+    /// strict).
+    pub pod_sg_mode: PodSgMode,
     /// `ENABLE_MULTI_NIC`.
     pub enable_multi_nic: bool,
     /// `ANNOTATE_POD_IP`.
@@ -614,11 +628,28 @@ impl Config {
             ));
         }
         let enable_pod_eni = env.bool("ENABLE_POD_ENI", false)?;
-        if enable_pod_eni {
+        if enable_pod_eni && enable_ipv6 {
             return Err(ConfigError::Combination(
-                "ENABLE_POD_ENI=true: security groups for pods are not implemented by this daemon yet".into(),
+                "ENABLE_POD_ENI=true does not work with ENABLE_IPv6=true: security groups for pods are IPv4 only in this daemon".into(),
             ));
         }
+        // Validated only when security groups for pods are on, as the reference.
+        let pod_sg_mode = if enable_pod_eni {
+            const VAR: &str = "POD_SECURITY_GROUP_ENFORCING_MODE";
+            match env.get(VAR).map(|v| v.to_ascii_lowercase()).as_deref() {
+                None | Some("strict") => PodSgMode::Strict,
+                Some("standard") => PodSgMode::Standard,
+                Some(_) => {
+                    return Err(invalid(
+                        VAR,
+                        &env.string(VAR, ""),
+                        "expected strict or standard",
+                    ))
+                }
+            }
+        } else {
+            PodSgMode::Strict
+        };
         let enable_multi_nic = env.bool("ENABLE_MULTI_NIC", false)?;
         if enable_multi_nic {
             return Err(ConfigError::Combination(
@@ -767,6 +798,7 @@ impl Config {
             disable_leaked_eni_cleanup: env.bool("DISABLE_LEAKED_ENI_CLEANUP", false)? || imds_only,
             imds_only,
             enable_pod_eni,
+            pod_sg_mode,
             enable_multi_nic,
             annotate_pod_ip: env.bool("ANNOTATE_POD_IP", false)?,
             network_policy_mode,
@@ -1136,6 +1168,45 @@ mod tests {
     }
 
     #[test]
+    fn pod_eni_is_accepted_in_ipv4_with_a_validated_enforcing_mode() {
+        let c = Config::for_test(&[("ENABLE_POD_ENI", "true")]).expect("SGP in IPv4");
+        assert!(c.enable_pod_eni);
+        assert_eq!(c.pod_sg_mode, PodSgMode::Strict, "strict by default");
+        let c = Config::for_test(&[
+            ("ENABLE_POD_ENI", "true"),
+            ("POD_SECURITY_GROUP_ENFORCING_MODE", "Standard"),
+        ])
+        .expect("standard");
+        assert_eq!(c.pod_sg_mode, PodSgMode::Standard);
+        let msg = Config::for_test(&[
+            ("ENABLE_POD_ENI", "true"),
+            ("POD_SECURITY_GROUP_ENFORCING_MODE", "loose"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("POD_SECURITY_GROUP_ENFORCING_MODE") && msg.contains("loose"),
+            "{msg}"
+        );
+        // Without ENABLE_POD_ENI the mode is not read at all (as the reference).
+        let c = Config::for_test(&[("POD_SECURITY_GROUP_ENFORCING_MODE", "loose")])
+            .expect("mode ignored without SGP");
+        assert!(!c.enable_pod_eni);
+        // IPv6 is refused, naming both variables.
+        let msg = Config::for_test(&[
+            ("ENABLE_POD_ENI", "true"),
+            ("ENABLE_IPv6", "true"),
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("ENABLE_POD_ENI") && msg.contains("ENABLE_IPv6"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn combinations_are_refused() {
         for vars in [
             &[("ENABLE_IPv4", "false")][..],
@@ -1146,7 +1217,11 @@ mod tests {
                 ("ENABLE_PREFIX_DELEGATION", "true"),
                 ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true"),
             ],
-            &[("ENABLE_POD_ENI", "true")],
+            &[
+                ("ENABLE_POD_ENI", "true"),
+                ("ENABLE_IPv6", "true"),
+                ("ENABLE_PREFIX_DELEGATION", "true"),
+            ],
             &[("ENABLE_MULTI_NIC", "true")],
             &[("ENABLE_PREFIX_DELEGATION", "true")],
         ] {

@@ -184,9 +184,18 @@ async fn run(mut cfg: Config, process_start: std::time::Instant) -> anyhow::Resu
         imds,
         veths,
     };
+    // Security groups for pods: the trunk ENI's link is looked up in this namespace.
+    let pod_eni_host: Option<Arc<dyn ipamd::io::host::PodEniHost>> = if cfg.enable_pod_eni {
+        let nl = vpc_cni_net::Netlink::current()
+            .context("netlink in the host namespace (security groups for pods)")?;
+        Some(Arc::new(ipamd::io::host::NetlinkPodEniHost(nl)))
+    } else {
+        None
+    };
     let parts = daemon::NodeParts {
         host,
         k8s,
+        pod_eni_host,
         process_start: Some(process_start),
     };
     let d = if cfg.enable_ipv6 {

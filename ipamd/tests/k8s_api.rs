@@ -552,6 +552,120 @@ async fn scenario_node_unreachable(log: &Log) {
 
 // -------------------------------------------------------------------------------------------
 
+fn cni_node_json(rv: &str, features: Value) -> Value {
+    json!({
+        "apiVersion": "vpcresources.k8s.aws/v1alpha1", "kind": "CNINode",
+        "metadata": {"name": NODE, "resourceVersion": rv},
+        "spec": {"features": features, "tags": {"cluster.k8s.amazonaws.com/name": "c1"}}
+    })
+}
+
+async fn scenario_cni_node_feature(log: &Log) {
+    let (k8s, _, mut api) = setup(log);
+    let path = format!("/apis/vpcresources.k8s.aws/v1alpha1/cninodes/{NODE}");
+    let server = tokio::spawn(async move {
+        // 1. Another feature listed: one merge patch with the resourceVersion and the list.
+        let seen = api.expect("GET", &path, None).await;
+        reply(
+            seen.send,
+            StatusCode::OK,
+            &cni_node_json(
+                "11",
+                json!([{"name": "CustomNetworking", "value": "cfg-a"},
+                       {"name": "SecurityGroupsForPods", "value": "stale"}]),
+            ),
+        );
+        let seen = api.expect("PATCH", &path, Some("")).await;
+        assert_eq!(seen.content_type.as_deref(), Some(MERGE_PATCH));
+        assert_eq!(
+            seen.body,
+            Some(json!({
+                "metadata": {"resourceVersion": "11"},
+                "spec": {"features": [{"name": "CustomNetworking", "value": "cfg-a"},
+                                      {"name": "SecurityGroupsForPods"}]}
+            }))
+        );
+        reply(seen.send, StatusCode::OK, &cni_node_json("12", json!([])));
+        // 2. Already there: no patch.
+        let seen = api.expect("GET", &path, None).await;
+        reply(
+            seen.send,
+            StatusCode::OK,
+            &cni_node_json("12", json!([{"name": "SecurityGroupsForPods"}])),
+        );
+        // 3. Not created by the controller yet.
+        let seen = api.expect("GET", &path, None).await;
+        reply(
+            seen.send,
+            StatusCode::NOT_FOUND,
+            &not_found("cninodes.vpcresources.k8s.aws", NODE),
+        );
+        // 4. Changed between GET and PATCH: the optimistic lock refuses.
+        let seen = api.expect("GET", &path, None).await;
+        reply(seen.send, StatusCode::OK, &cni_node_json("13", json!([])));
+        let seen = api.expect("PATCH", &path, Some("")).await;
+        assert_eq!(
+            seen.body,
+            Some(json!({
+                "metadata": {"resourceVersion": "13"},
+                "spec": {"features": [{"name": "SecurityGroupsForPods"}]}
+            }))
+        );
+        reply(
+            seen.send,
+            StatusCode::CONFLICT,
+            &status_body(409, "Conflict", "the object has been modified"),
+        );
+    });
+    assert!(k8s
+        .add_cni_node_feature(k8s::FEATURE_SGP, "")
+        .await
+        .expect("patched"));
+    assert!(!k8s
+        .add_cni_node_feature(k8s::FEATURE_SGP, "")
+        .await
+        .expect("already listed"));
+    let err = k8s
+        .add_cni_node_feature(k8s::FEATURE_SGP, "")
+        .await
+        .expect_err("missing CNINode");
+    assert!(err.is_not_found(), "{err:?}");
+    let err = k8s
+        .add_cni_node_feature(k8s::FEATURE_SGP, "")
+        .await
+        .expect_err("conflict");
+    assert!(
+        matches!(&err, K8sError::Request { op, .. } if *op == "patch CNINode"),
+        "{err:?}"
+    );
+    drop(k8s);
+    server.await.expect("verifier");
+}
+
+async fn scenario_get_pod(log: &Log) {
+    let (k8s, _, mut api) = setup(log);
+    let server = tokio::spawn(async move {
+        let seen = api
+            .expect("GET", "/api/v1/namespaces/default/pods/web-0", None)
+            .await;
+        reply(
+            seen.send,
+            StatusCode::OK,
+            &pod_json("default", "web-0", "u1", "8", None),
+        );
+        let seen = api
+            .expect("GET", "/api/v1/namespaces/default/pods/gone", None)
+            .await;
+        reply(seen.send, StatusCode::NOT_FOUND, &not_found("pods", "gone"));
+    });
+    let pod = k8s.pod("default", "web-0").await.expect("pod");
+    assert_eq!(pod.metadata.uid.as_deref(), Some("u1"));
+    let err = k8s.pod("default", "gone").await.expect_err("gone");
+    assert!(err.is_not_found(), "{err:?}");
+    drop(k8s);
+    server.await.expect("verifier");
+}
+
 fn log() -> Log {
     Arc::new(Mutex::new(BTreeSet::new()))
 }
@@ -611,9 +725,21 @@ async fn node_read_fails_cleanly_without_an_api_server() {
     scenario_node_unreachable(&log()).await;
 }
 
+#[tokio::test]
+async fn the_sgp_feature_is_added_to_the_cni_node_with_an_optimistic_lock() {
+    scenario_cni_node_feature(&log()).await;
+}
+
+#[tokio::test]
+async fn a_pod_is_read_by_namespace_and_name() {
+    scenario_get_pod(&log()).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn requests_made_are_exactly_the_published_set() {
     let log = log();
+    scenario_cni_node_feature(&log).await;
+    scenario_get_pod(&log).await;
     scenario_node_info(&log).await;
     scenario_eni_config(&log).await;
     scenario_set_pod_ip(&log).await;

@@ -20,6 +20,7 @@ fn resource_of(ty: &str, source: &str) -> (&'static str, &'static str) {
         "Node" => ("", "nodes"),
         "Pod" => ("", "pods"),
         "EniConfig" => ("crd.k8s.amazonaws.com", "eniconfigs"),
+        "CniNode" => ("vpcresources.k8s.aws", "cninodes"),
         "Event" if source.contains("use k8s_openapi::api::events::v1::Event;") => {
             ("events.k8s.io", "events")
         }

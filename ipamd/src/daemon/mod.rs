@@ -25,7 +25,7 @@ use crate::io::ec2::{
     Addresses, Assigned, CreateEni, Ec2Api, Ec2Error, Ec2Result, EniInfo, ErrorKind,
     InstanceTypeInfo, SubnetInfo, TAG_INSTANCE_ID, TAG_NO_MANAGE,
 };
-use crate::io::host::{HostEni, NodeHost};
+use crate::io::host::{HostEni, NodeHost, PodEniHost};
 use crate::io::imds::{Imds, ImdsError};
 use crate::io::k8s::K8s;
 use crate::plan::reconcile::AdoptedEni;
@@ -102,6 +102,9 @@ pub struct NodeParts {
     pub host: Option<Arc<dyn NodeHost>>,
     /// The Kubernetes API (own Node, ENIConfig, pod annotation, events), when reachable.
     pub k8s: Option<K8s>,
+    /// The host verbs of security groups for pods (trunk link lookup, strict mode's local
+    /// rule); required with `ENABLE_POD_ENI=true`.
+    pub pod_eni_host: Option<Arc<dyn PodEniHost>>,
     /// When the process started (`awscni_ipamd_startup_duration_seconds`); `None`: when
     /// [`start_node`] is called.
     pub process_start: Option<Instant>,
@@ -112,6 +115,7 @@ impl std::fmt::Debug for NodeParts {
         f.debug_struct("NodeParts")
             .field("host", &self.host.is_some())
             .field("k8s", &self.k8s)
+            .field("pod_eni_host", &self.pod_eni_host.is_some())
             .finish()
     }
 }
@@ -674,6 +678,15 @@ async fn start_inner(
         }
         tracing::info!("running without the Kubernetes API: no enabled feature needs it (max pods from the instance limits, no events)");
     }
+    let pod_eni_host = match (&parts.pod_eni_host, cfg.enable_pod_eni) {
+        (Some(h), true) => Some(h.clone()),
+        (None, true) => {
+            return Err(DaemonError::Unsupported(
+                "ENABLE_POD_ENI=true needs the host link lookup (NodeParts::pod_eni_host)".into(),
+            ))
+        }
+        (_, false) => None,
+    };
     let node_k8s = match &k8s {
         Some(k) => match k.node_info().await {
             Ok(n) => Some(n),
@@ -841,6 +854,12 @@ async fn start_inner(
         if n > 0 {
             tracing::info!(pods = n, "restored pods' rules normalised");
         }
+        // Strict security groups for pods: node-bound traffic of branch pods must leave
+        // through their branch ENI, so the local table is looked up after the plugin's
+        // `iif vlan...` rules at 10.
+        if let (Some(p), crate::config::PodSgMode::Strict) = (&pod_eni_host, cfg.pod_sg_mode) {
+            p.move_local_rule().await.map_err(DaemonError::Host)?;
+        }
     }
 
     // Custom networking: new ENIs go to the node's ENIConfig subnet and security groups.
@@ -895,6 +914,9 @@ async fn start_inner(
         tracing::info!(max_pods = m, "kubelet max pods caps the pool");
     }
     let node_limits = NodeLimits::new(&lim, cfg.max_eni, max_pods);
+    // Unknown types count as trunking compatible (the VPC resource controller's default).
+    let trunking_compatible =
+        subnet_calc::limits::trunk_limits(&id.instance_type).is_none_or(|t| t.trunking_compatible);
     let pool_cfg = cfg.pool_config(prefix_mode);
     let reporter = Arc::new(Reporter {
         metrics: metrics.clone(),
@@ -923,7 +945,8 @@ async fn start_inner(
         pacer.clone(),
         cfg.pool_tick,
     )
-    .with_observer(reporter.clone());
+    .with_observer(reporter.clone())
+    .with_trunk_slot(cfg.enable_pod_eni && trunking_compatible);
     if let Some(h) = &parts.host {
         pool = pool.with_host(PoolHost {
             host: h.clone(),
@@ -980,6 +1003,21 @@ async fn start_inner(
     metrics.ip_max.set(i64::from(
         node_limits.ips_per_eni(prefix_mode) * node_limits.max_enis.saturating_sub(unmanaged),
     ));
+    // Security groups for pods: ask the VPC resource controller for a trunk ENI (nodeInit's
+    // last step; reconcile repeats it until the trunk is there).
+    let trunk_request = match (&k8s, cfg.enable_pod_eni) {
+        (Some(k), true) => {
+            let t = TrunkRequest {
+                k8s: k.clone(),
+                max_enis: node_limits.max_enis,
+                unmanaged,
+                metrics: metrics.clone(),
+            };
+            t.try_enable(&state).await;
+            Some(t)
+        }
+        _ => None,
+    };
     if !cfg.disable_provisioning {
         // An ENI created by an earlier run that was killed before attaching it (or after
         // detaching it, before the delete) is ours alone: delete it before growing.
@@ -1032,6 +1070,13 @@ async fn start_inner(
         crate::serve::grpc::pool_is_low(pool_cfg, node_limits)
     })
     .with_events(reporter.clone());
+    let backend = match (&k8s, &pod_eni_host) {
+        (Some(k), Some(h)) => backend.with_pod_eni(crate::serve::grpc::PodEniSupport {
+            k8s: k.clone(),
+            host: h.clone(),
+        }),
+        _ => backend,
+    };
     let Serving {
         metrics_addr,
         introspection_addr,
@@ -1054,6 +1099,8 @@ async fn start_inner(
             metrics: metrics.clone(),
             k8s: k8s.clone(),
             manage_non_schedulable: cfg.manage_enis_non_schedulable,
+            trunk_request,
+            pool_tick: cfg.pool_tick,
         };
         let (period, rx) = (cfg.reconcile_interval, rx.clone());
         tasks.push(tokio::spawn(async move { r.run(period, rx).await }));
@@ -1285,17 +1332,88 @@ struct Reconciler {
     metrics: Arc<Metrics>,
     k8s: Option<K8s>,
     manage_non_schedulable: bool,
+    /// Security groups for pods on: the CNINode request for a trunk ENI.
+    trunk_request: Option<TrunkRequest>,
+    /// The pool loop's period: reconcile runs this often while a trunk ENI is awaited.
+    pool_tick: Duration,
+}
+
+/// Asks the VPC resource controller for a trunk ENI (the reference's
+/// `tryEnableSecurityGroupsForPods`): the `SecurityGroupsForPods` feature in the node's
+/// CNINode, when the node has an ENI slot for it.
+struct TrunkRequest {
+    k8s: K8s,
+    max_enis: u32,
+    unmanaged: u32,
+    metrics: Arc<Metrics>,
+}
+
+impl TrunkRequest {
+    /// One attempt, unless the card-0 datastore already holds a trunk ENI. A failure (the
+    /// CNINode not created yet, the API server away) is counted in
+    /// `awscni_pod_eni_error_count{fn="tryEnableSecurityGroupsForPods"}` and retried by the
+    /// next reconcile tick.
+    async fn try_enable(&self, state: &PoolState) {
+        let (enis, has_trunk) = {
+            let ds = state.lock();
+            (ds.enis().len(), ds.enis().values().any(|e| e.is_trunk))
+        };
+        if has_trunk {
+            return;
+        }
+        if !crate::plan::pool::trunk_slot_free(enis, self.max_enis, self.unmanaged) {
+            tracing::warn!(
+                enis,
+                max_enis = self.max_enis,
+                unmanaged = self.unmanaged,
+                "security groups for pods: no ENI slot left for a trunk ENI"
+            );
+            return;
+        }
+        match self
+            .k8s
+            .add_cni_node_feature(crate::io::k8s::FEATURE_SGP, "")
+            .await
+        {
+            Ok(true) => tracing::info!(
+                "CNINode: feature SecurityGroupsForPods added (the VPC resource controller attaches the trunk ENI)"
+            ),
+            Ok(false) => tracing::debug!("CNINode already lists SecurityGroupsForPods"),
+            Err(e) => {
+                self.metrics
+                    .pod_eni_error_count
+                    .with_label_values(&["tryEnableSecurityGroupsForPods"])
+                    .inc();
+                tracing::warn!(error = %e, cause = ?std::error::Error::source(&e), "CNINode: SecurityGroupsForPods not added yet; retried next tick");
+            }
+        }
+    }
 }
 
 impl Reconciler {
+    /// Whether a trunk ENI is awaited: security groups for pods on and none in the datastore.
+    fn awaiting_trunk(&self) -> bool {
+        self.trunk_request.is_some() && !self.state.lock().enis().values().any(|e| e.is_trunk)
+    }
+
     async fn run(self, period: Duration, mut rx: watch::Receiver<bool>) {
         loop {
+            // Spec 2.2: while a trunk ENI is awaited reconcile runs every pool tick, so the
+            // trunk is found soon after the controller attaches it.
+            let wait = if self.awaiting_trunk() {
+                period.min(self.pool_tick)
+            } else {
+                period
+            };
             tokio::select! {
-                _ = tokio::time::sleep(period) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = rx.changed() => return,
             }
             if self.state.terminating() {
                 continue;
+            }
+            if let Some(t) = &self.trunk_request {
+                t.try_enable(&self.state).await;
             }
             // The Node's cordon taint, re-read each period (the reference re-reads it too).
             if let Some(k) = &self.k8s {
@@ -1565,5 +1683,95 @@ mod tests {
         let check = veth_check_from_names(vec!["lo".into(), format!("abcd{hash}")]);
         assert!(check("default", "web-0"));
         assert!(!check("default", "web-1"));
+    }
+
+    fn sgp_state(enis: &[(&str, bool)]) -> (PoolState, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ds = DataStore::new(false, false, false, Duration::from_secs(30));
+        for (i, (id, trunk)) in enis.iter().enumerate() {
+            ds.add_eni(
+                EniSpec {
+                    id: (*id).into(),
+                    mac: format!("02:00:00:00:00:{i:02x}"),
+                    is_primary: i == 0,
+                    is_trunk: *trunk,
+                    is_efa: false,
+                    device_number: i as u32,
+                    primary_ip: std::net::Ipv4Addr::new(10, 0, 0, 5 + i as u8),
+                    subnet_id: "subnet-1".into(),
+                    subnet_cidr: "10.0.0.0/24".parse().unwrap(),
+                    excluded: false,
+                },
+                Duration::ZERO,
+            );
+        }
+        let st = PoolState::new(
+            ds,
+            Box::new(FileStore::new(dir.path().join("ipam.json"))),
+            Arc::new(TokioClock::new()),
+        );
+        (st, dir)
+    }
+
+    /// The CNINode request: made only while no trunk is known and an ENI slot is free; a
+    /// missing CNINode is counted in `awscni_pod_eni_error_count` and retried next time.
+    #[tokio::test]
+    async fn the_trunk_request_waits_for_a_slot_and_counts_failures() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (service, mut api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let k8s = K8s::new(
+            kube::Client::new(service, "default"),
+            "node-1",
+            "aws-node",
+            "kube-system",
+        );
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let t = TrunkRequest {
+            k8s,
+            max_enis: 3,
+            unmanaged: 0,
+            metrics: metrics.clone(),
+        };
+        let errors = || {
+            metrics
+                .pod_eni_error_count
+                .with_label_values(&["tryEnableSecurityGroupsForPods"])
+                .get()
+        };
+        // A slot is free: the CNINode is read; it does not exist yet.
+        let (room, _d1) = sgp_state(&[("eni-0", false), ("eni-1", false)]);
+        let server = async {
+            let (req, send) = api.next_request().await.expect("CNINode GET");
+            assert_eq!(req.method(), "GET");
+            assert_eq!(
+                req.uri().path(),
+                "/apis/vpcresources.k8s.aws/v1alpha1/cninodes/node-1"
+            );
+            let body = serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+            send.send_response(
+                Response::builder()
+                    .status(404)
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap(),
+            );
+        };
+        tokio::join!(t.try_enable(&room), server);
+        assert_eq!(errors(), 1);
+        // No slot left, or a trunk already there: no request at all.
+        let (full, _d2) = sgp_state(&[("eni-0", false), ("eni-1", false), ("eni-2", false)]);
+        let quick = Duration::from_secs(5);
+        tokio::time::timeout(quick, t.try_enable(&full))
+            .await
+            .expect("no request is made without a slot");
+        let (trunked, _d3) = sgp_state(&[("eni-0", false), ("eni-t", true)]);
+        tokio::time::timeout(quick, t.try_enable(&trunked))
+            .await
+            .expect("no request is made once the trunk is there");
+        drop(t);
+        assert!(api.next_request().await.is_none(), "no further request");
+        assert_eq!(errors(), 1);
     }
 }

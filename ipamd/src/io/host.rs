@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use vpc_cni_net::host::{EniSpec, HostNetwork};
 use vpc_cni_net::names::route_table_id;
 use vpc_cni_net::snat::{RandomizeSnat as NetRandomize, SnatConfig};
-use vpc_cni_net::{Family, IpCidr, Link, MacAddr, NetError};
+use vpc_cni_net::{Family, IpCidr, Link, MacAddr, NetError, Netlink, Rule};
 
 use crate::config::{Config, RandomizeSnat};
 use crate::types::Ipv4Net;
@@ -267,6 +267,102 @@ pub async fn normalize_pod_rules<H: HostNetwork>(
         n += usize::from(t.is_some());
     }
     Ok(n)
+}
+
+/// Priority of the `local` table rule in strict security-groups-for-pods mode (the
+/// reference's `localRulePriority`): above it the plugin puts the `iif vlan...` rules of
+/// branch pods at 10, so that their traffic to node addresses goes out through the branch.
+pub const LOCAL_RULE_PRIORITY: u32 = 20;
+/// The kernel's `local` routing table.
+pub const LOCAL_TABLE: u32 = 255;
+
+fn local_rule(priority: u32) -> Rule {
+    Rule::new(Family::V4, priority, LOCAL_TABLE)
+}
+
+fn is_plain_local(r: &Rule, priority: u32) -> bool {
+    r.priority == priority
+        && r.table == LOCAL_TABLE
+        && r.from.is_none()
+        && r.to.is_none()
+        && r.fwmark.is_none()
+        && r.iif.is_none()
+}
+
+/// Strict mode (spec/cni.md 2.6, 3.3): moves the IPv4 `from all lookup local` rule from
+/// priority 0 to [`LOCAL_RULE_PRIORITY`], adding the new one before deleting the old so the
+/// node is never without a local rule. Idempotent: on a restart the rule is already at 20 and
+/// nothing changes (the old rule is only deleted when it is listed, so the delete can never
+/// select the rule at 20). Returns whether anything changed.
+pub async fn move_local_rule(nl: &Netlink) -> Result<bool, HostError> {
+    let net = |op: &'static str| {
+        move |source: NetError| HostError::Net {
+            op,
+            eni: "node".into(),
+            source,
+        }
+    };
+    let rules = nl.rules(Family::V4).await.map_err(net("list rules"))?;
+    let at_zero = rules.iter().any(|r| is_plain_local(r, 0));
+    let at_new = rules.iter().any(|r| is_plain_local(r, LOCAL_RULE_PRIORITY));
+    let mut changed = false;
+    if !at_new {
+        changed |= nl
+            .rule_add(&local_rule(LOCAL_RULE_PRIORITY))
+            .await
+            .map_err(net("add the local rule at 20"))?;
+    }
+    if at_zero {
+        changed |= nl
+            .rule_delete(&local_rule(0))
+            .await
+            .map_err(net("delete the local rule at 0"))?;
+    }
+    if changed {
+        tracing::info!(
+            priority = LOCAL_RULE_PRIORITY,
+            "security groups for pods, strict mode: local table rule moved from priority 0"
+        );
+    }
+    Ok(changed)
+}
+
+/// The host verbs of security groups for pods, in the host namespace: object-safe so the
+/// gRPC backend and the daemon hold an `Arc<dyn PodEniHost>`, and tests a fake.
+#[async_trait::async_trait]
+pub trait PodEniHost: Send + Sync {
+    /// Index of the host link whose MAC is `mac` (the trunk ENI's); `None` when there is none.
+    async fn link_index_by_mac(&self, mac: &str) -> Result<Option<u32>, HostError>;
+    /// [`move_local_rule`].
+    async fn move_local_rule(&self) -> Result<bool, HostError>;
+}
+
+/// [`PodEniHost`] over a netlink handle (the daemon's own namespace, or a test's).
+#[derive(Debug)]
+pub struct NetlinkPodEniHost(pub Netlink);
+
+#[async_trait::async_trait]
+impl PodEniHost for NetlinkPodEniHost {
+    async fn link_index_by_mac(&self, mac: &str) -> Result<Option<u32>, HostError> {
+        let parsed: MacAddr = mac.parse().map_err(|_| HostError::InvalidEni {
+            eni: "trunk".into(),
+            reason: format!("MAC {mac:?}"),
+        })?;
+        let link = self
+            .0
+            .link_by_mac(parsed)
+            .await
+            .map_err(|source| HostError::Net {
+                op: "find the trunk link",
+                eni: "trunk".into(),
+                source,
+            })?;
+        Ok(link.map(|l| l.index))
+    }
+
+    async fn move_local_rule(&self) -> Result<bool, HostError> {
+        move_local_rule(&self.0).await
+    }
 }
 
 /// The host side as the daemon drives it: object-safe over any [`HostNetwork`] (the daemon
@@ -607,5 +703,70 @@ mod tests {
             .unwrap()
             .iter()
             .all(|r| r.priority != ENI_RULE_PRIORITY));
+    }
+
+    /// Strict mode's local rule move inside a test namespace (a new namespace has the
+    /// kernel's `0: from all lookup local`), twice: the second run (a restart) changes nothing
+    /// and the rule at 20 stays. The trunk's link is found by its MAC.
+    #[tokio::test]
+    async fn strict_mode_moves_the_local_rule_to_20_once_and_finds_the_trunk_link() {
+        use vpc_cni_net::testing::{skip_netns_test, TestNetns};
+        use vpc_cni_net::{Netlink, VethEnd};
+        if skip_netns_test("ipamd local rule") {
+            return;
+        }
+        let node = TestNetns::new("ipamd-sgp").unwrap();
+        let nl = Netlink::open(&node).unwrap();
+        let locals = |rules: &[Rule]| -> Vec<u32> {
+            rules
+                .iter()
+                .filter(|r| is_plain_local(r, r.priority))
+                .map(|r| r.priority)
+                .collect()
+        };
+        assert_eq!(locals(&nl.rules(Family::V4).await.unwrap()), vec![0]);
+        let host = NetlinkPodEniHost(Netlink::open(&node).unwrap());
+        assert!(host.move_local_rule().await.unwrap(), "first run moves it");
+        let after = nl.rules(Family::V4).await.unwrap();
+        assert_eq!(locals(&after), vec![LOCAL_RULE_PRIORITY], "{after:?}");
+        assert!(
+            !host.move_local_rule().await.unwrap(),
+            "a restart changes nothing"
+        );
+        assert_eq!(
+            locals(&nl.rules(Family::V4).await.unwrap()),
+            vec![LOCAL_RULE_PRIORITY]
+        );
+        let trunk_mac = "02:00:00:00:07:01";
+        nl.create_veth(
+            &VethEnd {
+                name: "eth2".into(),
+                mtu: 1500,
+                mac: Some(trunk_mac.parse().unwrap()),
+                up: false,
+            },
+            &VethEnd {
+                name: "peer2".into(),
+                mtu: 1500,
+                mac: None,
+                up: false,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+        let eth2 = nl.require_link("eth2").await.unwrap();
+        assert_eq!(
+            host.link_index_by_mac(trunk_mac).await.unwrap(),
+            Some(eth2.index)
+        );
+        assert_eq!(
+            host.link_index_by_mac("02:00:00:00:07:99").await.unwrap(),
+            None
+        );
+        assert!(host.link_index_by_mac("not-a-mac").await.is_err());
+        drop(host);
+        drop(nl);
+        node.delete().unwrap();
     }
 }

@@ -1,6 +1,7 @@
-//! Kubernetes API: the own Node, the ENIConfig CRD, the pod IP annotation and Warning events
-//! (spec/ipamd.md section 8), with the start-up decision of whether the daemon needs an API
-//! server at all.
+//! Kubernetes API: the own Node, the ENIConfig CRD, the pod IP annotation, Warning events,
+//! and for security groups for pods the pod's branch-ENI annotation and the node's CNINode
+//! feature (spec/ipamd.md section 8), with the start-up decision of whether the daemon needs
+//! an API server at all.
 //!
 //! The `kube::Client` is used directly (not wrapped); tests drive a real client over
 //! `tower_test::mock::pair()` with a verifier that asserts every request. The complete set of
@@ -24,6 +25,12 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
+/// Pod annotation holding the pod's branch ENIs, written by the VPC resource controller
+/// (security groups for pods); also the prefix of the extended resource its webhook puts in
+/// the first container's limits.
+pub const POD_ENI_ANNOTATION: &str = "vpc.amazonaws.com/pod-eni";
+/// The CNINode feature that asks the VPC resource controller for a trunk ENI.
+pub const FEATURE_SGP: &str = "SecurityGroupsForPods";
 /// Pod annotation holding the pod's IP (`ANNOTATE_POD_IP`).
 pub const POD_IPS_ANNOTATION: &str = "vpc.amazonaws.com/pod-ips";
 /// Node label naming an ENIConfig managed out of band; wins over everything else.
@@ -90,10 +97,22 @@ pub const API_REQUESTS: &[ApiRequest] = &[
         only_with: Some("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG"),
     },
     ApiRequest {
+        verb: "get",
+        group: "vpcresources.k8s.aws",
+        resource: "cninodes",
+        only_with: Some("ENABLE_POD_ENI"),
+    },
+    ApiRequest {
         verb: "patch",
         group: "",
         resource: "pods",
         only_with: Some("ANNOTATE_POD_IP"),
+    },
+    ApiRequest {
+        verb: "patch",
+        group: "vpcresources.k8s.aws",
+        resource: "cninodes",
+        only_with: Some("ENABLE_POD_ENI"),
     },
 ];
 
@@ -272,6 +291,182 @@ pub fn eni_config_crd() -> CustomResourceDefinition {
 /// [`eni_config_crd`] as a YAML document, for the manifests.
 pub fn eni_config_crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&eni_config_crd())
+}
+
+/// One feature of a CNINode (`spec.features[]`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct CniNodeFeature {
+    /// `SecurityGroupsForPods` or `CustomNetworking`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// The feature's value (`""` for `SecurityGroupsForPods`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub value: String,
+}
+
+/// Spec of a `CNINode` (`cninodes.vpcresources.k8s.aws/v1alpha1`, cluster-scoped, named after
+/// the node, created by the VPC resource controller): the features the node asks it for.
+/// Only the fields ipamd reads; the rest of the object is left as it is by the merge patch.
+#[derive(
+    CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema,
+)]
+#[kube(
+    group = "vpcresources.k8s.aws",
+    version = "v1alpha1",
+    kind = "CNINode",
+    plural = "cninodes",
+    singular = "cninode",
+    root = "CniNode",
+    doc = "CNINode: the VPC features a node delegates to the VPC resource controller"
+)]
+pub struct CniNodeSpec {
+    /// Features the node asks for.
+    #[serde(default)]
+    pub features: Vec<CniNodeFeature>,
+}
+
+/// The features a CNINode must list after adding `{name, value}`: `None` when it already
+/// lists exactly that; else the list with any feature of the same name and another value
+/// replaced (the reference's `AddFeatureToCNINode`).
+pub fn features_with(
+    current: &[CniNodeFeature],
+    name: &str,
+    value: &str,
+) -> Option<Vec<CniNodeFeature>> {
+    if current.iter().any(|f| f.name == name && f.value == value) {
+        return None;
+    }
+    let mut out: Vec<CniNodeFeature> = current.iter().filter(|f| f.name != name).cloned().collect();
+    out.push(CniNodeFeature {
+        name: name.to_owned(),
+        value: value.to_owned(),
+    });
+    Some(out)
+}
+
+/// One element of the `vpc.amazonaws.com/pod-eni` annotation (a JSON list written by the VPC
+/// resource controller). Go reads the keys case-insensitively: `vlanId` (what controllers
+/// write) and `vlanID` (the key the reference CNI declares) are both taken.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct PodEniEntry {
+    /// Branch ENI id.
+    #[serde(rename = "eniId")]
+    pub eni_id: String,
+    /// The branch ENI's MAC address.
+    #[serde(rename = "ifAddress")]
+    pub if_address: String,
+    /// Its private IPv4 address.
+    #[serde(rename = "privateIp")]
+    pub private_ip: String,
+    /// Its IPv6 address.
+    #[serde(rename = "ipv6Addr")]
+    pub ipv6_addr: String,
+    /// VLAN id on the trunk.
+    #[serde(rename = "vlanID", alias = "vlanId")]
+    pub vlan_id: i64,
+    /// The branch subnet's IPv4 CIDR.
+    #[serde(rename = "subnetCidr")]
+    pub subnet_cidr: String,
+    /// The branch subnet's IPv6 CIDR.
+    #[serde(rename = "subnetV6Cidr")]
+    pub subnet_v6_cidr: String,
+}
+
+/// A branch ENI as AddNetwork answers it: validated [`PodEniEntry`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodBranch {
+    /// The pod's IPv4 address.
+    pub ip: std::net::Ipv4Addr,
+    /// The branch ENI's MAC, as written (`aa:bb:cc:dd:ee:ff`).
+    pub mac: String,
+    /// VLAN id, 1..=4094.
+    pub vlan_id: u16,
+    /// The branch subnet.
+    pub subnet: crate::types::Ipv4Net,
+}
+
+/// Parses an annotation value into its list; the error names the field path
+/// (`vpc.amazonaws.com/pod-eni[0].vlanID: ...`).
+pub fn parse_pod_eni(value: &str) -> Result<Vec<PodEniEntry>, String> {
+    let mut de = serde_json::Deserializer::from_str(value);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        format!(
+            "{POD_ENI_ANNOTATION}{path}: {}",
+            clip_message(&e.into_inner().to_string())
+        )
+    })
+}
+
+/// The first branch of an annotation value, checked (spec/ipamd.md 4.4): an IPv4 address, a
+/// MAC, a VLAN id other than 0 and a parseable subnet; the error names the field.
+pub fn pod_branch(value: &str) -> Result<PodBranch, String> {
+    let list = parse_pod_eni(value)?;
+    let Some(first) = list.first() else {
+        return Err(format!("{POD_ENI_ANNOTATION}: an empty list"));
+    };
+    let field = |f: &str, why: String| format!("{POD_ENI_ANNOTATION}[0].{f}: {why}");
+    let ip = first
+        .private_ip
+        .parse::<std::net::Ipv4Addr>()
+        .map_err(|_| {
+            field(
+                "privateIp",
+                format!("{:?} is not an IPv4 address", clip(&first.private_ip)),
+            )
+        })?;
+    let mac_ok = first.if_address.split(':').count() == 6
+        && first
+            .if_address
+            .split(':')
+            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !mac_ok {
+        return Err(field(
+            "ifAddress",
+            format!("{:?} is not a MAC address", clip(&first.if_address)),
+        ));
+    }
+    let vlan_id = match u16::try_from(first.vlan_id) {
+        Ok(v) if (1..=4094).contains(&v) => v,
+        _ => {
+            return Err(field(
+                "vlanID",
+                format!("{} is not a VLAN id in 1..=4094", first.vlan_id),
+            ))
+        }
+    };
+    let subnet = first
+        .subnet_cidr
+        .parse::<crate::types::Ipv4Net>()
+        .map_err(|e| field("subnetCidr", format!("{:?}: {e}", clip(&first.subnet_cidr))))?;
+    Ok(PodBranch {
+        ip,
+        mac: first.if_address.to_ascii_lowercase(),
+        vlan_id,
+        subnet,
+    })
+}
+
+/// Whether the pod asks for a branch ENI: its first container's `resources.limits` has a
+/// resource named `vpc.amazonaws.com/pod-eni...` (the resource controller's webhook adds it).
+pub fn pod_wants_branch(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.resources.as_ref())
+        .and_then(|r| r.limits.as_ref())
+        .is_some_and(|l| l.keys().any(|k| k.starts_with(POD_ENI_ANNOTATION)))
+}
+
+/// The pod's `vpc.amazonaws.com/pod-eni` annotation, if any.
+pub fn pod_eni_annotation(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(POD_ENI_ANNOTATION))
+        .map(String::as_str)
 }
 
 /// Errors of the Kubernetes layer.
@@ -745,6 +940,45 @@ impl K8s {
         }
     }
 
+    /// GETs pod `namespace/name` (3 s timeout). A missing pod is an error with
+    /// [`K8sError::is_not_found`].
+    pub async fn pod(&self, namespace: &str, name: &str) -> Result<Pod, K8sError> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let object = format!("{namespace}/{name}");
+        bounded(GET_TIMEOUT, "get pod", &object, api.get(name)).await
+    }
+
+    /// Adds feature `{name, value}` to the node's CNINode (named after the node) unless it
+    /// is already listed: GET, then one merge patch carrying the object's `resourceVersion`
+    /// (optimistic lock) and the whole feature list, a same-name feature with another value
+    /// replaced. Returns whether a patch was sent. A missing CNINode (the VPC resource
+    /// controller creates it) is an error with [`K8sError::is_not_found`]; the caller retries.
+    pub async fn add_cni_node_feature(&self, name: &str, value: &str) -> Result<bool, K8sError> {
+        let node = self
+            .get_object::<CniNode>("get CNINode", "CNINode", &self.node_name)
+            .await?;
+        let Some(features) = features_with(&node.spec.features, name, value) else {
+            return Ok(false);
+        };
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": node.metadata.resource_version },
+            "spec": { "features": features },
+        });
+        let api: Api<CniNode> = Api::all(self.client.clone());
+        bounded(
+            WRITE_TIMEOUT,
+            "patch CNINode",
+            &self.node_name,
+            api.patch(
+                &self.node_name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ),
+        )
+        .await?;
+        Ok(true)
+    }
+
     /// The own pod's uid, read once (an event without it does not show in `kubectl describe`);
     /// `None` if the pod cannot be read.
     async fn own_pod_uid(&self) -> Option<String> {
@@ -1171,6 +1405,7 @@ mod tests {
                 {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
                 {"apiGroups": ["crd.k8s.amazonaws.com"], "resources": ["eniconfigs"], "verbs": ["get"]},
                 {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+                {"apiGroups": ["vpcresources.k8s.aws"], "resources": ["cninodes"], "verbs": ["get", "patch"]},
             ])
         );
         let minimal = serde_json::to_value(cluster_role_rules(|_| false)).expect("json");
@@ -1244,6 +1479,88 @@ mod tests {
         let config = kube::Config::new("https://127.0.0.1:6443".parse().expect("uri"));
         let client = client_from_config(config).expect("client");
         assert_eq!(client.default_namespace(), "default");
+    }
+
+    const BRANCH: &str = r#"[{"eniId":"eni-0b1","ifAddress":"0A:00:00:00:00:01","privateIp":"10.0.1.5","ipv6Addr":"","vlanId":3,"subnetCidr":"10.0.1.0/24","subnetV6Cidr":"","associationID":"trunk-assoc-1"}]"#;
+
+    #[test]
+    fn the_pod_eni_annotation_takes_both_vlan_spellings_and_names_a_bad_field() {
+        let b = pod_branch(BRANCH).expect("controller's spelling");
+        assert_eq!(
+            b,
+            PodBranch {
+                ip: "10.0.1.5".parse().unwrap(),
+                mac: "0a:00:00:00:00:01".into(),
+                vlan_id: 3,
+                subnet: "10.0.1.0/24".parse().unwrap(),
+            }
+        );
+        let cni_spelling = BRANCH.replace("vlanId", "vlanID");
+        assert_eq!(pod_branch(&cni_spelling).expect("CNI's spelling"), b);
+        let cases = [
+            (BRANCH.replace("10.0.1.5", ""), "[0].privateIp"),
+            (BRANCH.replace("0A:00:00:00:00:01", ""), "[0].ifAddress"),
+            (BRANCH.replace("\"vlanId\":3", "\"vlanId\":0"), "[0].vlanID"),
+            (BRANCH.replace("10.0.1.0/24", "10.0.1.0"), "[0].subnetCidr"),
+            (
+                BRANCH.replace("\"vlanId\":3", "\"vlanId\":\"x\""),
+                "[0].vlanId",
+            ),
+            ("[]".to_owned(), "empty list"),
+            ("{}".to_owned(), POD_ENI_ANNOTATION),
+        ];
+        for (value, field) in cases {
+            let err = pod_branch(&value).expect_err(&value);
+            assert!(err.contains(field), "{value}: {err}");
+            assert!(err.starts_with(POD_ENI_ANNOTATION), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_pod_wants_a_branch_only_through_its_first_containers_limits() {
+        let pod = |limits: &[&str], first: bool| -> Pod {
+            let c = serde_json::json!({
+                "name": "c", "image": "i",
+                "resources": {"limits": limits.iter().map(|k| (k.to_string(), serde_json::json!("1"))).collect::<serde_json::Map<_, _>>()}
+            });
+            let plain = serde_json::json!({"name": "p", "image": "i"});
+            let containers = if first {
+                vec![c, plain]
+            } else {
+                vec![plain, c]
+            };
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web"}, "spec": {"containers": containers}
+            }))
+            .unwrap()
+        };
+        assert!(pod_wants_branch(&pod(&["vpc.amazonaws.com/pod-eni"], true)));
+        assert!(!pod_wants_branch(&pod(
+            &["vpc.amazonaws.com/pod-eni"],
+            false
+        )));
+        assert!(!pod_wants_branch(&pod(&["cpu"], true)));
+    }
+
+    #[test]
+    fn a_cni_node_feature_is_added_once_and_replaces_a_stale_value() {
+        let f = |n: &str, v: &str| CniNodeFeature {
+            name: n.into(),
+            value: v.into(),
+        };
+        assert_eq!(
+            features_with(&[f("CustomNetworking", "a")], FEATURE_SGP, ""),
+            Some(vec![f("CustomNetworking", "a"), f(FEATURE_SGP, "")])
+        );
+        assert_eq!(features_with(&[f(FEATURE_SGP, "")], FEATURE_SGP, ""), None);
+        assert_eq!(
+            features_with(
+                &[f(FEATURE_SGP, "x"), f("CustomNetworking", "a")],
+                FEATURE_SGP,
+                ""
+            ),
+            Some(vec![f("CustomNetworking", "a"), f(FEATURE_SGP, "")])
+        );
     }
 
     #[test]

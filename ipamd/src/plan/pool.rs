@@ -94,6 +94,7 @@ pub struct PoolPlanner {
     cfg: PoolConfig,
     limits: NodeLimits,
     unmanaged_enis: u32,
+    trunk_slot: bool,
     memory: Memory,
     demand: Option<DemandMemory>,
 }
@@ -106,9 +107,23 @@ impl PoolPlanner {
             cfg,
             limits,
             unmanaged_enis,
+            trunk_slot: false,
             memory: Memory::default(),
             demand: None,
         }
+    }
+
+    /// Keeps one ENI slot free for the trunk ENI of security groups for pods until one is
+    /// attached (`hasRoomForEni`'s `trunkSlot`): call with `true` when `ENABLE_POD_ENI` is on
+    /// and the instance type is trunking compatible.
+    pub fn with_trunk_slot(mut self, reserve: bool) -> Self {
+        self.trunk_slot = reserve;
+        self
+    }
+
+    /// Whether a slot is kept for a trunk in `view`: reserved and no trunk attached yet.
+    fn reserve_trunk_slot(&self, view: &PoolView) -> bool {
+        self.trunk_slot && !view.enis.iter().any(|e| e.trunk)
     }
 
     /// Sizes the pool from the node's own demand (the calculator's demand flavour), starting
@@ -195,6 +210,7 @@ impl PoolPlanner {
         }
         let mut input = PoolInput::new(&view.enis);
         input.unmanaged_enis = self.unmanaged_enis;
+        input.reserve_trunk_slot = self.reserve_trunk_slot(view);
         input.last_decrease = last_decrease;
         input.last_insufficient_addresses = last_addresses;
         input.last_insufficient_cidr = last_cidr;
@@ -208,6 +224,7 @@ impl PoolPlanner {
     pub fn eni_to_free<'v>(&self, view: &'v PoolView, now: Duration) -> Option<&'v str> {
         let mut input = PoolInput::new(&view.enis);
         input.unmanaged_enis = self.unmanaged_enis;
+        input.reserve_trunk_slot = self.reserve_trunk_slot(view);
         input.last_decrease = self.memory.last_decrease;
         input.recent_cooling_peak = self.recent_cooling_peak();
         self.demand_input(&mut input);
@@ -224,6 +241,7 @@ impl PoolPlanner {
         }
         let mut input = PoolInput::new(&view.enis);
         input.unmanaged_enis = self.unmanaged_enis;
+        input.reserve_trunk_slot = self.reserve_trunk_slot(view);
         self.demand_input(&mut input);
         policy::below_target(&self.cfg, &self.limits, &input, now)
     }
@@ -247,6 +265,14 @@ impl PoolPlanner {
 /// Addresses in use in `view`: assigned or cooling (the demand flavour's measure).
 pub fn in_use(view: &PoolView) -> u32 {
     view.enis.iter().map(|e| e.assigned() + e.cooling()).sum()
+}
+
+/// Whether the node still has a free ENI slot for a trunk ENI (the reference's check before
+/// it advertises `SecurityGroupsForPods` in the CNINode): `enis` attached and managed on card
+/// 0 (the datastore's), below `max_enis` (`min(MAX_ENI, the instance's limit)`) less the
+/// `unmanaged` ones.
+pub fn trunk_slot_free(enis: usize, max_enis: u32, unmanaged: u32) -> bool {
+    (enis as u64) < u64::from(max_enis.saturating_sub(unmanaged))
 }
 
 /// Whether a pool with these settings and limits is below its target.
@@ -288,6 +314,102 @@ mod tests {
                 ..EniView::default()
             }],
         }
+    }
+
+    fn full(id: &str, primary: bool, trunk: bool) -> (String, EniView) {
+        (
+            id.to_owned(),
+            EniView {
+                primary,
+                trunk,
+                ips: if trunk { 0 } else { 9 },
+                ips_assigned: if trunk { 0 } else { 9 },
+                ..EniView::default()
+            },
+        )
+    }
+
+    fn view(enis: Vec<(String, EniView)>) -> PoolView {
+        let (eni_ids, enis) = enis.into_iter().unzip();
+        PoolView { eni_ids, enis }
+    }
+
+    #[test]
+    fn with_security_groups_for_pods_the_last_eni_slot_waits_for_the_trunk() {
+        let t = Duration::from_secs(1_000);
+        // m5.large: 3 ENI slots; two full ENIs leave one.
+        let two_full = view(vec![
+            full("eni-0", true, false),
+            full("eni-1", false, false),
+        ]);
+        let mut plain = planner(false);
+        let d = plain.decide(&two_full, t, false);
+        assert!(
+            matches!(d.change, Some(policy::PoolChange::CreateEni { .. })),
+            "without the reservation the third ENI is created: {d:?}"
+        );
+        let mut sgp = planner(false).with_trunk_slot(true);
+        let d = sgp.decide(&two_full, t, false);
+        assert!(
+            !matches!(d.change, Some(policy::PoolChange::CreateEni { .. })),
+            "the last slot is kept for the trunk: {d:?}"
+        );
+        // Once the trunk is attached it takes that slot: still no third pool ENI.
+        let with_trunk = view(vec![
+            full("eni-0", true, false),
+            full("eni-1", false, false),
+            full("eni-t", false, true),
+        ]);
+        let d = sgp.decide(&with_trunk, t, false);
+        assert!(
+            !matches!(d.change, Some(policy::PoolChange::CreateEni { .. })),
+            "{d:?}"
+        );
+        // One full ENI and a trunk: the reservation is over, the pool may grow.
+        let one_and_trunk = view(vec![full("eni-0", true, false), full("eni-t", false, true)]);
+        let d = sgp.decide(&one_and_trunk, t, false);
+        assert!(
+            matches!(d.change, Some(policy::PoolChange::CreateEni { .. })),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn a_trunk_eni_is_never_chosen_to_be_freed() {
+        let t = Duration::from_secs(100_000);
+        let idle = |trunk: bool| EniView {
+            trunk,
+            ..EniView::default()
+        };
+        let mk = |trunk: bool| {
+            view(vec![
+                full("eni-0", true, false),
+                (
+                    "eni-x".to_owned(),
+                    EniView {
+                        ips: 9,
+                        ips_assigned: 9,
+                        ..EniView::default()
+                    },
+                ),
+                ("eni-idle".to_owned(), idle(trunk)),
+            ])
+        };
+        let p = planner(false);
+        assert_eq!(
+            p.eni_to_free(&mk(false), t),
+            Some("eni-idle"),
+            "an idle ENI goes"
+        );
+        assert_eq!(p.eni_to_free(&mk(true), t), None, "an idle trunk stays");
+    }
+
+    #[test]
+    fn a_trunk_slot_is_free_below_the_managed_limit() {
+        assert!(trunk_slot_free(2, 3, 0));
+        assert!(!trunk_slot_free(3, 3, 0));
+        assert!(!trunk_slot_free(2, 3, 1), "an unmanaged ENI takes a slot");
+        assert!(!trunk_slot_free(0, 1, 2));
     }
 
     #[test]

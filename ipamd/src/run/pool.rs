@@ -268,6 +268,16 @@ impl PoolManager {
         lock(&self.planner).requested(key, served, now);
     }
 
+    /// Keeps an ENI slot free for the trunk ENI of security groups for pods until one is
+    /// attached ([`PoolPlanner::with_trunk_slot`]).
+    pub fn with_trunk_slot(self, reserve: bool) -> Self {
+        {
+            let mut g = lock(&self.planner);
+            *g = g.clone().with_trunk_slot(reserve);
+        }
+        self
+    }
+
     /// Runs the demand flavour (`VPC_CNI_POLICY=demand`) from `state`.
     pub fn with_demand(
         self,

@@ -1,5 +1,6 @@
 //! The gRPC services on the unix socket: `CNIBackend` (AddNetwork, DelNetwork with the
-//! reference semantics, spec/ipamd.md 4.4-4.5), `ConfigServerBackend` and gRPC health.
+//! reference semantics, spec/ipamd.md 4.4-4.5, including the branch-ENI pods of security
+//! groups for pods), `ConfigServerBackend` and gRPC health.
 
 use std::sync::Arc;
 
@@ -10,6 +11,8 @@ use vpc_cni_rpc::{
     DelNetworkRequest, IpAllocationMetadata, NetworkPolicyAgentConfigReply,
 };
 
+use crate::io::host::PodEniHost;
+use crate::io::k8s::K8s;
 use crate::store::checkpoint::IpamMetadata;
 use crate::store::commit::{PoolState, StateError};
 use crate::store::datastore::{DsError, IpamKey};
@@ -58,6 +61,25 @@ pub trait BackendEvents: Send + Sync {
     fn assigned(&self, _namespace: &str, _name: &str, _ip: std::net::IpAddr) {}
 }
 
+/// What the backend needs for security groups for pods (`ENABLE_POD_ENI`): the API server
+/// (the pod's limits, `vpc.amazonaws.com/pod-eni` annotation and uid) and the host's links
+/// (the trunk ENI's link index).
+#[derive(Clone)]
+pub struct PodEniSupport {
+    /// The Kubernetes client.
+    pub k8s: K8s,
+    /// Host link lookup.
+    pub host: Arc<dyn PodEniHost>,
+}
+
+impl std::fmt::Debug for PodEniSupport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodEniSupport")
+            .field("k8s", &self.k8s)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The gRPC backend over the datastore of one address family.
 pub struct Backend<F: Family = V4> {
     state: Arc<PoolState<F>>,
@@ -65,6 +87,7 @@ pub struct Backend<F: Family = V4> {
     version: String,
     low_check: Option<LowCheck<F>>,
     events: Option<Arc<dyn BackendEvents>>,
+    pod_eni: Option<PodEniSupport>,
 }
 
 impl<F: Family> Clone for Backend<F> {
@@ -75,8 +98,19 @@ impl<F: Family> Clone for Backend<F> {
             version: self.version.clone(),
             low_check: self.low_check.clone(),
             events: self.events.clone(),
+            pod_eni: self.pod_eni.clone(),
         }
     }
+}
+
+/// What the security-groups-for-pods step of AddNetwork decided.
+enum BranchStep {
+    /// Not a branch-ENI pod: the ordinary way.
+    Ordinary,
+    /// A branch-ENI pod, answered.
+    Reply(AddNetworkReply),
+    /// A branch-ENI pod (or a pod that could not be read) that cannot be served now.
+    Fail,
 }
 
 impl<F: Family> std::fmt::Debug for Backend<F> {
@@ -96,7 +130,15 @@ impl<F: Family> Backend<F> {
             version: VERSION.into(),
             low_check: None,
             events: None,
+            pod_eni: None,
         }
+    }
+
+    /// Serves branch-ENI pods (security groups for pods, IPv4): AddNetwork reads the pod,
+    /// DelNetwork of a pod unknown to the datastore too.
+    pub fn with_pod_eni(mut self, support: PodEniSupport) -> Self {
+        self.pod_eni = Some(support);
+        self
     }
 
     /// Reports requests to `events`.
@@ -132,6 +174,145 @@ pub fn pool_is_low(cfg: policy::PoolConfig, limits: policy::NodeLimits) -> LowCh
     })
 }
 
+impl<F: Family> Backend<F> {
+    /// Spec/ipamd.md 4.4 step 2: GET the pod; when its first container's limits ask for a
+    /// `vpc.amazonaws.com/pod-eni` resource, answer from its annotation and the trunk ENI,
+    /// without the datastore.
+    async fn branch_step(&self, sgp: &PodEniSupport, r: &AddNetworkRequest) -> BranchStep {
+        let (ns, name) = (&r.k8s_pod_namespace, &r.k8s_pod_name);
+        if ns.is_empty() || name.is_empty() {
+            tracing::warn!(namespace = %ns, pod = %name, "AddNetwork: K8S_POD_NAMESPACE and K8S_POD_NAME are needed to read the pod (ENABLE_POD_ENI)");
+            return BranchStep::Fail;
+        }
+        let pod = match sgp.k8s.pod(ns, name).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(namespace = %ns, pod = %name, error = %e, cause = ?std::error::Error::source(&e), "AddNetwork: cannot read the pod");
+                return BranchStep::Fail;
+            }
+        };
+        if !crate::io::k8s::pod_wants_branch(&pod) {
+            return BranchStep::Ordinary;
+        }
+        let trunk = {
+            let ds = self.state.lock();
+            ds.enis()
+                .values()
+                .find(|e| e.is_trunk)
+                .map(|e| (e.id.clone(), e.mac.clone()))
+        };
+        let Some((trunk_id, trunk_mac)) = trunk else {
+            tracing::warn!(namespace = %ns, pod = %name, "AddNetwork: branch-ENI pod but no trunk ENI on the node yet");
+            return BranchStep::Fail;
+        };
+        let parent = match sgp.host.link_index_by_mac(&trunk_mac).await {
+            Ok(Some(i)) => i,
+            Ok(None) => {
+                tracing::warn!(trunk = %trunk_id, mac = %trunk_mac, "AddNetwork: no host link has the trunk ENI's MAC");
+                return BranchStep::Fail;
+            }
+            Err(e) => {
+                tracing::warn!(trunk = %trunk_id, error = %e, "AddNetwork: trunk link lookup failed");
+                return BranchStep::Fail;
+            }
+        };
+        let Some(value) = crate::io::k8s::pod_eni_annotation(&pod) else {
+            tracing::info!(namespace = %ns, pod = %name, "AddNetwork: branch-ENI pod without its {} annotation yet", crate::io::k8s::POD_ENI_ANNOTATION);
+            return BranchStep::Fail;
+        };
+        let branch = match crate::io::k8s::pod_branch(value) {
+            Ok(b) => b,
+            Err(why) => {
+                tracing::warn!(namespace = %ns, pod = %name, error = %why, "AddNetwork: unusable branch-ENI annotation");
+                return BranchStep::Fail;
+            }
+        };
+        tracing::info!(ip = %branch.ip, vlan = branch.vlan_id, trunk = %trunk_id, pod = %name, namespace = %ns, "branch ENI pod");
+        self.event(|e| e.assigned(ns, name, std::net::IpAddr::V4(branch.ip)));
+        BranchStep::Reply(AddNetworkReply {
+            success: true,
+            ip_allocation_metadata: vec![IpAllocationMetadata {
+                i_pv4_addr: branch.ip.to_string(),
+                i_pv6_addr: String::new(),
+                device_number: -1,
+                route_table_id: 0,
+            }],
+            use_external_snat: self.reply.external_snat,
+            vp_cv4_cid_rs: self.reply.vpc_cidrs.clone(),
+            vp_cv6_cid_rs: self.reply.vpc_v6_cidrs.clone(),
+            pod_vlan_id: i32::from(branch.vlan_id),
+            pod_enimac: branch.mac,
+            pod_eni_subnet_gw: crate::config::subnet_gateway(branch.subnet).to_string(),
+            parent_if_index: i32::try_from(parent).unwrap_or(i32::MAX),
+            network_policy_mode: self.reply.network_policy_mode.clone(),
+        })
+    }
+
+    /// Spec/ipamd.md 4.5 step 4: DelNetwork of a pod the datastore does not know, with
+    /// security groups for pods on. `None`: not a branch-ENI pod, the unknown-pod error
+    /// stands.
+    async fn branch_del(
+        &self,
+        sgp: &PodEniSupport,
+        r: &DelNetworkRequest,
+    ) -> Option<Result<DelNetworkReply, Status>> {
+        let (ns, name) = (&r.k8s_pod_namespace, &r.k8s_pod_name);
+        if ns.is_empty() || name.is_empty() {
+            return None;
+        }
+        let pod = match sgp.k8s.pod(ns, name).await {
+            Ok(p) => p,
+            Err(e) if e.is_not_found() => {
+                tracing::info!(namespace = %ns, pod = %name, "DelNetwork: pod unknown to the datastore and gone from the API server");
+                return Some(Ok(DelNetworkReply {
+                    success: true,
+                    network_policy_mode: self.reply.network_policy_mode.clone(),
+                    ..Default::default()
+                }));
+            }
+            Err(e) => {
+                tracing::warn!(namespace = %ns, pod = %name, error = %e, "DelNetwork: cannot read the pod");
+                return Some(Err(Status::unavailable(format!(
+                    "DelNetwork {ns}/{name}: cannot read the pod: {e}"
+                ))));
+            }
+        };
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        if uid != r.k8s_pod_uid {
+            tracing::warn!(namespace = %ns, pod = %name, K8S_POD_UID = %r.k8s_pod_uid, pod_uid = %uid, "DelNetwork: pod UID mismatch");
+            return Some(Err(Status::failed_precondition(format!(
+                "DelNetwork {ns}/{name}: pod UID mismatch: K8S_POD_UID {:?}, the pod's is {uid:?}",
+                r.k8s_pod_uid
+            ))));
+        }
+        let value = crate::io::k8s::pod_eni_annotation(&pod)?;
+        let list = match crate::io::k8s::parse_pod_eni(value) {
+            Ok(l) => l,
+            Err(why) => {
+                return Some(Err(Status::internal(format!(
+                    "DelNetwork {ns}/{name}: {why}"
+                ))))
+            }
+        };
+        let Some(first) = list.first() else {
+            return Some(Err(Status::internal(format!(
+                "DelNetwork {ns}/{name}: {}: an empty list",
+                crate::io::k8s::POD_ENI_ANNOTATION
+            ))));
+        };
+        tracing::info!(ip = %first.private_ip, vlan = first.vlan_id, pod = %name, namespace = %ns, "branch ENI pod released");
+        Some(Ok(DelNetworkReply {
+            success: true,
+            ip_allocation_metadata: vec![IpAllocationMetadata {
+                i_pv4_addr: first.private_ip.clone(),
+                ..Default::default()
+            }],
+            pod_vlan_id: i32::try_from(first.vlan_id).unwrap_or(0),
+            network_policy_mode: self.reply.network_policy_mode.clone(),
+        }))
+    }
+}
+
 #[tonic::async_trait]
 impl<F: Family> CniBackend for Backend<F> {
     async fn add_network(
@@ -149,6 +330,13 @@ impl<F: Family> CniBackend for Backend<F> {
         if let Err(e) = crate::serve::request::check_add(&r) {
             tracing::warn!(error = %e.message(), "AddNetwork refused");
             return Err(e);
+        }
+        if let Some(sgp) = &self.pod_eni {
+            match self.branch_step(sgp, &r).await {
+                BranchStep::Ordinary => {}
+                BranchStep::Reply(reply) => return Ok(Response::new(reply)),
+                BranchStep::Fail => return Ok(Response::new(fail())),
+            }
         }
         if r.requires_multi_nic_attachment {
             tracing::warn!(pod = %r.k8s_pod_name, "multi-NIC attachment requested but ENABLE_MULTI_NIC is off");
@@ -230,6 +418,14 @@ impl<F: Family> CniBackend for Backend<F> {
                     network_policy_mode: self.reply.network_policy_mode.clone(),
                     ..Default::default()
                 }))
+            }
+            Err(e @ StateError::Datastore(DsError::UnknownPod)) => {
+                if let Some(sgp) = &self.pod_eni {
+                    if let Some(res) = self.branch_del(sgp, &r).await {
+                        return res.map(Response::new);
+                    }
+                }
+                Err(Status::internal(e.to_string()))
             }
             Err(e) => Err(Status::internal(e.to_string())),
         }

@@ -955,6 +955,29 @@ mod tests {
     }
 
     #[test]
+    fn a_trunk_enis_addresses_are_never_assigned() {
+        let mut ds = DataStore::new(false, false, false, Duration::from_secs(30));
+        ds.add_eni(
+            EniSpec {
+                is_trunk: true,
+                ..spec("eni-t", 1)
+            },
+            s(0),
+        );
+        ds.add_cidr("eni-t", ip("10.0.3.1"), false).unwrap();
+        let md = IpamMetadata::default();
+        assert_eq!(
+            ds.assign(&key("c1"), &md, s(1)).map(|a| a.ip),
+            Err(DsError::NoAvailableIp),
+            "only the trunk holds an address"
+        );
+        ds.add_eni(spec("eni-2", 2), s(0));
+        ds.add_cidr("eni-2", ip("10.0.4.1"), false).unwrap();
+        let a = ds.assign(&key("c1"), &md, s(1)).unwrap();
+        assert_eq!(a.eni_id, "eni-2");
+    }
+
+    #[test]
     fn assign_is_idempotent_per_key_and_prefers_the_primary() {
         let mut ds = sip_store();
         let md = IpamMetadata::default();
