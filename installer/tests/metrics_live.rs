@@ -76,7 +76,8 @@ const REFERENCE_METRICS: &[&str] = &[
 const NOT_SERVED: &[(&str, &str)] = &[
     (
         "awscni_pod_eni_error_count",
-        "security groups for pods (ENABLE_POD_ENI) is not implemented: ipamd refuses to start with it",
+        "recorded only when security groups for pods (ENABLE_POD_ENI) fail to ask for a trunk; \
+         this run has them off",
     ),
     (
         "awscni_aws_utils_error_count",
