@@ -233,6 +233,16 @@ impl State {
         self.vpc.as_ref().ok_or(FabricError::Closed)
     }
 
+    fn subnet(&self, id: &str) -> Result<Ipv4Cidr> {
+        self.subnets
+            .get(id)
+            .copied()
+            .ok_or_else(|| FabricError::Unknown {
+                what: "subnet (register it with Fabric::add_subnet)",
+                id: id.to_owned(),
+            })
+    }
+
     fn vpc_ip(&self, lines: &[String]) -> Result<()> {
         let vpc = self.vpc()?;
         ip_batch(vpc, vpc.name(), lines)
@@ -247,13 +257,7 @@ impl State {
         if self.closed {
             return Err(FabricError::Closed);
         }
-        let subnet = *self
-            .subnets
-            .get(&ev.subnet_id)
-            .ok_or_else(|| FabricError::Unknown {
-                what: "subnet (register it with Fabric::add_subnet)",
-                id: ev.subnet_id.clone(),
-            })?;
+        let subnet = self.subnet(&ev.subnet_id)?;
         if !self.nodes.contains_key(&ev.instance_id) {
             let ns = TestNetns::new("node").map_err(FabricError::net("create node namespace"))?;
             let node = NodeState {
@@ -598,13 +602,7 @@ impl State {
         if self.closed {
             return Err(FabricError::Closed);
         }
-        let subnet = *self
-            .subnets
-            .get(&ev.subnet_id)
-            .ok_or_else(|| FabricError::Unknown {
-                what: "subnet (register it with Fabric::add_subnet)",
-                id: ev.subnet_id.clone(),
-            })?;
+        let subnet = self.subnet(&ev.subnet_id)?;
         let node = self
             .nodes
             .get(&ev.instance_id)

@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -43,8 +43,9 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 
-use crate::error::{FabricError, Result};
+use crate::error::Result;
 use crate::fabric::{Fabric, SERVICE_ADDR};
+use crate::serve::spawn_in_vpc;
 
 /// Collection key of pods (`<group>/<version>/<resource>`, core group empty).
 pub const PODS: &str = "/v1/pods";
@@ -598,90 +599,50 @@ impl KubeApi {
     /// Serves this state on [`SERVICE_ADDR`] (a port the kernel picks) inside the fabric's
     /// VPC namespace, on its own thread; stops when the returned server is dropped.
     pub fn serve(&self, fabric: &Fabric) -> Result<KubeServer> {
-        let vpc = fabric.vpc_ns()?;
         let api = self.clone();
-        let (tx, rx) = mpsc::channel::<std::result::Result<SocketAddr, String>>();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("kube-api".into())
-            .spawn(move || {
-                let _guard = match vpc.enter() {
-                    Ok(g) => g,
+        let (addr, stop, thread) =
+            spawn_in_vpc(fabric, "kube-api", move |tx, stop_rx| async move {
+                let any = SocketAddr::V4(SocketAddrV4::new(SERVICE_ADDR, 0));
+                let listener = match TcpListener::bind(any).await {
+                    Ok(l) => l,
                     Err(e) => {
-                        let _ = tx.send(Err(format!("enter VPC namespace: {e}")));
+                        let _ = tx.send(Err(format!("bind {any}: {e}")));
                         return;
                     }
                 };
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
+                match listener.local_addr() {
+                    Ok(a) => {
+                        let _ = tx.send(Ok(a));
+                    }
                     Err(e) => {
-                        let _ = tx.send(Err(format!("runtime: {e}")));
+                        let _ = tx.send(Err(format!("local_addr: {e}")));
                         return;
                     }
+                }
+                let accept = async {
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let api = api.clone();
+                        tokio::spawn(async move {
+                            let svc = service_fn(move |req| api.clone().serve_one(req));
+                            let _ = http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await;
+                        });
+                    }
                 };
-                rt.block_on(async move {
-                    let any = SocketAddr::V4(SocketAddrV4::new(SERVICE_ADDR, 0));
-                    let listener = match TcpListener::bind(any).await {
-                        Ok(l) => l,
-                        Err(e) => {
-                            let _ = tx.send(Err(format!("bind {any}: {e}")));
-                            return;
-                        }
-                    };
-                    match listener.local_addr() {
-                        Ok(a) => {
-                            let _ = tx.send(Ok(a));
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(format!("local_addr: {e}")));
-                            return;
-                        }
-                    }
-                    let accept = async {
-                        loop {
-                            let Ok((stream, _)) = listener.accept().await else {
-                                continue;
-                            };
-                            let api = api.clone();
-                            tokio::spawn(async move {
-                                let svc = service_fn(move |req| api.clone().serve_one(req));
-                                let _ = http1::Builder::new()
-                                    .serve_connection(TokioIo::new(stream), svc)
-                                    .await;
-                            });
-                        }
-                    };
-                    tokio::select! {
-                        _ = accept => {}
-                        _ = stop_rx => {}
-                    }
-                });
-            })
-            .map_err(|source| FabricError::Process {
-                what: "spawn API stand-in thread".into(),
-                source,
+                tokio::select! {
+                    _ = accept => {}
+                    _ = stop_rx => {}
+                }
             })?;
-        let started = rx.recv().map_err(|_| FabricError::Sim {
-            action: "serve API stand-in",
-            message: "server thread exited before starting".into(),
-        })?;
-        match started {
-            Ok(addr) => Ok(KubeServer {
-                addr,
-                stop: Some(stop_tx),
-                thread: Some(thread),
-            }),
-            Err(message) => {
-                let _ = thread.join();
-                Err(FabricError::Sim {
-                    action: "serve API stand-in",
-                    message,
-                })
-            }
-        }
+        Ok(KubeServer {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
     }
 }
 

@@ -52,19 +52,32 @@ impl Drop for SimServer {
     }
 }
 
-type Started = std::result::Result<(SocketAddr, SocketAddr, SocketAddr), String>;
+/// A server thread started by [`spawn_in_vpc`]: what it reported when it started, the sender
+/// that stops it, and its handle.
+pub(crate) type InVpc<T> = (T, tokio::sync::oneshot::Sender<()>, JoinHandle<()>);
 
-/// Serves `shared` on [`SERVICE_ADDR`] (ports picked by the kernel) inside the fabric's VPC
-/// namespace, on a dedicated thread with its own runtime.
-pub fn serve(fabric: &Fabric, shared: Shared) -> Result<SimServer> {
+/// Runs `body` on a new thread named `name` that stays inside the fabric's VPC namespace (the
+/// listeners it binds belong to that namespace), on its own current-thread runtime. `body`
+/// reports its start on the first channel (what it listens on, or why it could not) and
+/// returns when the second fires (the server was dropped). Returns once it has reported.
+pub(crate) fn spawn_in_vpc<T, F, Fut>(fabric: &Fabric, name: &str, body: F) -> Result<InVpc<T>>
+where
+    T: Send + 'static,
+    F: FnOnce(
+            mpsc::Sender<std::result::Result<T, String>>,
+            tokio::sync::oneshot::Receiver<()>,
+        ) -> Fut
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
     let vpc = fabric.vpc_ns()?;
-    let (tx, rx) = mpsc::channel::<Started>();
+    let (tx, rx) = mpsc::channel::<std::result::Result<T, String>>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let what = name.to_owned();
     let thread = std::thread::Builder::new()
-        .name("sim-server".into())
+        .name(name.into())
         .spawn(move || {
-            // This thread stays in the VPC namespace until it exits; the listeners it binds
-            // belong to that namespace.
             let _guard = match vpc.enter() {
                 Ok(g) => g,
                 Err(e) => {
@@ -82,42 +95,50 @@ pub fn serve(fabric: &Fabric, shared: Shared) -> Result<SimServer> {
                     return;
                 }
             };
-            rt.block_on(async move {
-                let any = SocketAddr::V4(SocketAddrV4::new(SERVICE_ADDR, 0));
-                match server::start(shared, any, any, any).await {
-                    Ok(running) => {
-                        let _ = tx.send(Ok((running.ec2, running.imds, running.admin)));
-                        let _ = stop_rx.await;
-                        running.shutdown();
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(format!("start: {e}")));
-                    }
-                }
-            });
+            rt.block_on(body(tx, stop_rx));
         })
         .map_err(|source| FabricError::Process {
-            what: "spawn simulator server thread".into(),
+            what: format!("spawn {what} thread"),
             source,
         })?;
     let started = rx.recv().map_err(|_| FabricError::Sim {
         action: "serve",
-        message: "server thread exited before starting".into(),
+        message: format!("{name} thread exited before starting"),
     })?;
     match started {
-        Ok((ec2, imds, admin)) => Ok(SimServer {
-            ec2,
-            imds,
-            admin,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }),
+        Ok(v) => Ok((v, stop_tx, thread)),
         Err(message) => {
             let _ = thread.join();
             Err(FabricError::Sim {
                 action: "serve",
-                message,
+                message: format!("{name}: {message}"),
             })
         }
     }
+}
+
+/// Serves `shared` on [`SERVICE_ADDR`] (ports picked by the kernel) inside the fabric's VPC
+/// namespace, on a dedicated thread with its own runtime.
+pub fn serve(fabric: &Fabric, shared: Shared) -> Result<SimServer> {
+    let ((ec2, imds, admin), stop, thread) =
+        spawn_in_vpc(fabric, "sim-server", move |tx, stop_rx| async move {
+            let any = SocketAddr::V4(SocketAddrV4::new(SERVICE_ADDR, 0));
+            match server::start(shared, any, any, any).await {
+                Ok(running) => {
+                    let _ = tx.send(Ok((running.ec2, running.imds, running.admin)));
+                    let _ = stop_rx.await;
+                    running.shutdown();
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(format!("start: {e}")));
+                }
+            }
+        })?;
+    Ok(SimServer {
+        ec2,
+        imds,
+        admin,
+        stop: Some(stop),
+        thread: Some(thread),
+    })
 }
