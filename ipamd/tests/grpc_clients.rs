@@ -427,6 +427,7 @@ fn logs_shorten_container_ids_to_twelve_characters() {
 #[test]
 fn the_grpc_limit_variables_are_checked_and_applied_by_the_binary() {
     use ipamd::config::Config;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     for (var, bad) in [
         ("VPC_CNI_GRPC_MAX_CONNECTIONS", "0"),
         ("VPC_CNI_GRPC_MAX_STREAMS", "-1"),
@@ -498,7 +499,42 @@ fn the_grpc_limit_variables_are_checked_and_applied_by_the_binary() {
                 .map_err(|s| format!("{s:?}"))
         };
         let err = third.await.expect_err("over VPC_CNI_GRPC_MAX_CONNECTIONS");
-        assert!(err.contains(vpc_cni_rpc::TOO_MANY_CONNECTIONS), "{err}");
+        // A tonic client sees the reason when its stream was opened before the GOAWAY
+        // arrived; otherwise hyper drops the queued request as "connection closed". Either
+        // way it is refused; the reason itself is checked on the wire below.
+        assert!(
+            err.contains(vpc_cni_rpc::TOO_MANY_CONNECTIONS) || err.contains("connection closed"),
+            "{err}"
+        );
+        // The refusal on the wire: the server preface, then GOAWAY (type 7) with
+        // ENHANCE_YOUR_CALM (0xb) and the reason as debug data, then the close.
+        let mut raw = tokio::net::UnixStream::connect(&ipamd.socket)
+            .await
+            .unwrap();
+        raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let mut wire = Vec::new();
+        tokio::time::timeout(timeout, raw.read_to_end(&mut wire))
+            .await
+            .expect("the refused connection is closed within the bound")
+            .unwrap();
+        let reason = vpc_cni_rpc::TOO_MANY_CONNECTIONS.as_bytes();
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at + 9 <= wire.len() {
+            let len = u32::from_be_bytes([0, wire[at], wire[at + 1], wire[at + 2]]) as usize;
+            let end = (at + 9 + len).min(wire.len());
+            frames.push((wire[at + 3], wire[at + 9..end].to_vec()));
+            at = end;
+        }
+        let goaway = frames
+            .iter()
+            .find(|(kind, _)| *kind == 7)
+            .map(|(_, payload)| payload.clone())
+            .unwrap_or_else(|| panic!("a GOAWAY frame: {frames:?}"));
+        assert_eq!(&goaway[..8], &[0, 0, 0, 0, 0, 0, 0, 0x0b], "{frames:?}");
+        assert_eq!(&goaway[8..], reason, "GOAWAY debug data is the reason");
         // The held connection is still served.
         let ok = first.add_network(request("first".into())).await;
         assert!(ok.is_ok(), "{ok:?}");
